@@ -1,0 +1,72 @@
+"""The per-video feature file: one `.npz` per video, written atomically.
+
+Fields: `features` [clips, dim] (float16 or float32), `starts` / `ends` [clips] in seconds,
+`source` (the video's path), `pooling` (how S3D's final map was pooled), `image_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+SUFFIX = ".npz"
+
+
+@dataclasses.dataclass
+class VideoFeatures:
+  video_id: str
+  source: str
+  features: np.ndarray
+  starts: np.ndarray
+  ends: np.ndarray
+  pooling: str
+  image_size: int
+
+  @property
+  def num_clips(self) -> int:
+    return int(self.features.shape[0])
+
+
+def feature_path(folder, video_id: str) -> pathlib.Path:
+  return pathlib.Path(folder) / f"{video_id}{SUFFIX}"
+
+
+def save_features(folder, vf: VideoFeatures) -> pathlib.Path:
+  """Writes to a temporary name, then renames, so a reader never sees a partial file."""
+  if vf.features.ndim != 2 or len(vf.starts) != vf.num_clips or len(vf.ends) != vf.num_clips:
+    raise ValueError(f"{vf.video_id}: features {vf.features.shape}, starts {len(vf.starts)}, "
+                     f"ends {len(vf.ends)} do not agree")
+  path = feature_path(folder, vf.video_id)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{vf.video_id}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, features=vf.features, starts=np.asarray(vf.starts, np.float64),
+               ends=np.asarray(vf.ends, np.float64), source=np.str_(vf.source),
+               pooling=np.str_(vf.pooling), image_size=np.int32(vf.image_size))
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def load_features(path) -> VideoFeatures:
+  path = pathlib.Path(path)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return VideoFeatures(video_id=path.name[:-len(SUFFIX)], source=str(z["source"]),
+                           features=z["features"], starts=z["starts"], ends=z["ends"],
+                           pooling=str(z["pooling"]), image_size=int(z["image_size"]))
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"{path}: not a readable feature file ({e})") from e
+
+
+def list_features(folder) -> list[pathlib.Path]:
+  """Finished feature files in a folder, sorted; temporary files are not listed."""
+  return sorted(p for p in pathlib.Path(folder).glob(f"*{SUFFIX}") if not p.name.startswith("."))
