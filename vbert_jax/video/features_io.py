@@ -48,12 +48,20 @@ def save_features(folder, vf: VideoFeatures) -> pathlib.Path:
       np.savez(f, features=vf.features, starts=np.asarray(vf.starts, np.float64),
                ends=np.asarray(vf.ends, np.float64), source=np.str_(vf.source),
                pooling=np.str_(vf.pooling), image_size=np.int32(vf.image_size))
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
   return path
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def load_features(path) -> VideoFeatures:

@@ -1,0 +1,96 @@
+"""The demo world's words: verbs, nouns, narration templates and filler sentences.
+
+Later stages use these lists as label sets (zero-shot verb and noun prediction) and to check
+that narration was parsed; the renderer gives every verb its own motion and every noun its own
+look, so a clip's pixels say which step it shows.
+"""
+
+from __future__ import annotations
+
+# Each verb is one visible motion or change of the object (see render.py for the motion).
+VERBS: tuple[str, ...] = ("slide", "drop", "spin", "cut", "shrink", "shake", "pour", "flip",
+                          "stir", "mash")
+
+# Present participles for templates like "we're cutting the tomato".
+VERB_ING: dict[str, str] = {
+    "slide": "sliding", "drop": "dropping", "spin": "spinning", "cut": "cutting",
+    "shrink": "shrinking", "shake": "shaking", "pour": "pouring", "flip": "flipping",
+    "stir": "stirring", "mash": "mashing",
+}
+
+# Each noun has its own shape, colour and texture (see render.py).
+NOUNS: tuple[str, ...] = ("tomato", "egg", "carrot", "bread", "cheese", "cucumber", "onion",
+                          "potato", "lemon", "fish")
+
+# What is done to what: recipes draw each step's verb from its noun's list, as real recipes
+# crack eggs and slice bread rather than pair actions and ingredients at random.
+AFFORDANCES: dict[str, tuple[str, ...]] = {
+    "tomato": ("cut", "slide", "drop", "mash"),
+    "egg": ("drop", "flip", "spin", "stir", "pour"),
+    "carrot": ("cut", "shake", "shrink", "slide"),
+    "bread": ("flip", "cut", "slide", "spin"),
+    "cheese": ("cut", "shrink", "drop", "shake", "pour"),
+    "cucumber": ("cut", "slide", "spin", "shake"),
+    "onion": ("cut", "shrink", "stir", "flip"),
+    "potato": ("mash", "drop", "stir", "shrink"),
+    "lemon": ("pour", "spin", "shake", "mash"),
+    "fish": ("flip", "slide", "stir", "shake"),
+}
+assert set(AFFORDANCES) == set(NOUNS)
+assert {v for vs in AFFORDANCES.values() for v in vs} == set(VERBS)
+
+# Narration of one step. {verb} is the base form, {ving} the participle, {adv} an adverb with a
+# trailing space or nothing.
+TEMPLATES: tuple[str, ...] = (
+    "now we {verb} the {noun}",
+    "next, {adv}{verb} the {noun}",
+    "let's {verb} the {noun}",
+    "okay, now I'm going to {verb} the {noun}",
+    "then you {verb} the {noun}",
+    "now let me show you how to {verb} the {noun}",
+    "first, {adv}{verb} the {noun}",
+    "and now {ving} the {noun}",
+    "we're {ving} the {noun} here",
+    "you want to {adv}{verb} the {noun}",
+    "after that, {verb} the {noun}",
+    "go ahead and {verb} the {noun}",
+    "I like to {verb} the {noun} at this point",
+    "time to {verb} the {noun}",
+    "so here I'm {adv}{ving} the {noun}",
+    "make sure you {verb} the {noun}",
+    "just {verb} the {noun} like this",
+    "now {adv}{verb} your {noun}",
+    "take the {noun} and {verb} it",
+    "the {noun}, we {verb} it {adv}now",
+    "right, {ving} the {noun} now",
+    "we need to {verb} the {noun}",
+    "and then {adv}{verb} the {noun}",
+    "here we {verb} the {noun} again",
+)
+
+ADVERBS: tuple[str, ...] = ("gently ", "quickly ", "carefully ", "slowly ", "just ", "")
+
+# Sentences that describe nothing on screen; none contains a verb or noun above.
+FILLERS: tuple[str, ...] = (
+    "hi everyone, welcome back to my kitchen",
+    "this is one of my favourite recipes",
+    "don't forget to subscribe",
+    "it smells really good already",
+    "my grandmother used to make this every sunday",
+    "you can find the full recipe below",
+    "okay",
+    "so yeah",
+    "let me know in the comments what you think",
+    "this part is really easy",
+    "I'm using a little bit of everything today",
+    "it's been a long week",
+    "look at that colour",
+    "alright, moving on",
+    "that's looking pretty good",
+    "I'll explain why in a second",
+)
+
+
+def step_sentence(template: str, verb: str, noun: str, adverb: str = "") -> str:
+  """Fills one template; the result is lower-case apart from the pronoun "I"."""
+  return template.format(verb=verb, ving=VERB_ING[verb], noun=noun, adv=adverb)

@@ -1,0 +1,200 @@
+"""The demo world: files, ground truth, narration faults, distinct motions and looks, speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+
+from data import demo_world
+from data.demo_world import generate
+from data.demo_world import render
+from data.demo_world import world
+from vbert_jax.video import reader
+
+SMALL = world.WorldConfig(num_videos=3, seed=5, width=64, height=48, steps_per_video=(3, 5))
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+  out = tmp_path_factory.mktemp("world")
+  t0 = time.process_time()
+  manifest = world.generate_world(SMALL, out)
+  return out, manifest, time.process_time() - t0
+
+
+def test_files_and_manifest(small_world):
+  out, manifest, _ = small_world
+  assert [v["video_id"] for v in manifest["videos"]] == ["demo_00000", "demo_00001", "demo_00002"]
+  for v in manifest["videos"]:
+    for suffix in (".mp4", ".vtt", ".json"):
+      assert (out / f"{v['video_id']}{suffix}").stat().st_size > 0
+  assert manifest["verbs"] == list(demo_world.VERBS) and manifest["nouns"] == list(demo_world.NOUNS)
+  assert world.WorldConfig.from_dict(manifest["config"]) == SMALL
+  assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_steps_fill_whole_clips_and_match_the_video(small_world):
+  out, manifest, _ = small_world
+  for v in manifest["videos"]:
+    truth = world.load_truth(out / f"{v['video_id']}.json")
+    steps = truth["steps"]
+    assert SMALL.steps_per_video[0] <= len(steps) <= SMALL.steps_per_video[1]
+    assert steps[0]["start"] == 0.0
+    for a, b in zip(steps, steps[1:]):
+      assert a["end"] == b["start"]
+    for s in steps:
+      assert s["verb"] in demo_world.VERBS and s["noun"] in demo_world.NOUNS
+      clips = (s["end"] - s["start"]) / SMALL.clip_seconds
+      assert clips == pytest.approx(round(clips)) and 2 <= round(clips) <= 3
+    # The encoded video lasts exactly as long as its steps, and every clip lies in one step.
+    clips = list(reader.read_clips(out / truth["video"], size=32))
+    assert len(clips) == round(truth["duration"] / SMALL.clip_seconds)
+    starts = np.array([c.start for c in clips])
+    ends = np.array([c.end for c in clips])
+    verbs, nouns = world.clip_labels(steps, starts, ends)
+    step_of_clip = np.searchsorted([s["end"] for s in steps], starts, side="right")
+    assert verbs.tolist() == [demo_world.VERBS.index(steps[i]["verb"]) for i in step_of_clip]
+    assert nouns.tolist() == [demo_world.NOUNS.index(steps[i]["noun"]) for i in step_of_clip]
+
+
+def test_seeded(small_world, tmp_path):
+  out, _, _ = small_world
+  again = world.generate_video(SMALL, 1, tmp_path)
+  assert again == world.load_truth(out / "demo_00001.json")
+  a = [c.frames for c in reader.read_clips(out / "demo_00001.mp4", size=32)]
+  b = [c.frames for c in reader.read_clips(tmp_path / "demo_00001.mp4", size=32)]
+  np.testing.assert_array_equal(np.stack(a), np.stack(b))
+  other = world.generate_video(dataclasses.replace(SMALL, seed=6), 1, tmp_path / "other")
+  assert other["steps"] != again["steps"]
+
+
+def test_generation_is_fast(small_world):
+  """A few hundred clips in well under a minute: at most 0.1 s of CPU per 1.5 s clip here."""
+  out, manifest, cpu_seconds = small_world
+  clips = sum(v["duration"] / SMALL.clip_seconds for v in manifest["videos"])
+  print(f"{clips:.0f} clips in {cpu_seconds:.2f} s CPU ({cpu_seconds / clips * 1000:.1f} ms/clip)")
+  assert cpu_seconds / clips < 0.1
+
+
+def _step_frames(verb, noun, seed=0, height=64, width=64):
+  bg = render.background(np.random.default_rng(seed), height, width)
+  return render.render_step(bg, verb, noun, 60, 20, np.random.default_rng(seed + 1), 1.0)
+
+
+def test_every_verb_moves_and_moves_differently():
+  clips = {verb: _step_frames(verb, "bread").astype(np.float32) for verb in demo_world.VERBS}
+  for verb, frames in clips.items():
+    change = np.abs(np.diff(frames, axis=0)).mean()
+    assert change > 0.2, (verb, change)  # something visibly happens
+  verbs = list(clips)
+  for i, a in enumerate(verbs):
+    for b in verbs[i + 1:]:
+      diff = np.abs(clips[a] - clips[b]).mean()
+      assert diff > 2.0, (a, b, diff)
+
+
+def test_every_noun_looks_different():
+  first = {noun: _step_frames("spin", noun)[0].astype(np.float32) for noun in demo_world.NOUNS}
+  nouns = list(first)
+  for i, a in enumerate(nouns):
+    for b in nouns[i + 1:]:
+      assert np.abs(first[a] - first[b]).mean() > 3.0, (a, b)
+
+
+def _synthetic_steps(n: int) -> list[world.Step]:
+  rng = np.random.default_rng(0)
+  return [world.Step(str(rng.choice(demo_world.VERBS)), str(rng.choice(demo_world.NOUNS)),
+                     4.5 * i, 4.5 * i + 4.5, 1.0) for i in range(n)]
+
+
+def test_narration_faults_at_their_rates():
+  steps = _synthetic_steps(3000)
+  cfg = world.NarrationConfig(filler_rate=0.3, early_rate=0.1, late_rate=0.15,
+                              wrong_word_rate=0.2, missing_rate=0.1)
+  cues = world.narrate(steps, cfg, np.random.default_rng(1))
+  narrated = [c for c in cues if c.step is not None]
+  fillers = [c for c in cues if c.step is None]
+  n = len(steps)
+  assert len(fillers) / n == pytest.approx(0.3, abs=0.04)
+  assert 1 - len({c.step for c in narrated}) / n == pytest.approx(0.1, abs=0.03)
+  rate = lambda word: sum(word in c.fault for c in narrated) / len(narrated)
+  assert rate("early") == pytest.approx(0.1, abs=0.03)
+  assert rate("late") == pytest.approx(0.15, abs=0.03)
+  assert rate("wrong") == pytest.approx(0.2, abs=0.03)
+  for c in narrated:
+    step = steps[c.step]
+    words = set(re.findall(r"[a-z]+", c.text))
+    said_verb = step.verb in words or demo_world.VERB_ING[step.verb] in words
+    assert (step.noun in words) == ("wrong_noun" not in c.fault), c
+    assert said_verb == ("wrong_verb" not in c.fault), c
+    if "early" in c.fault:
+      assert c.start < step.start
+    if "late" in c.fault:
+      assert c.start >= step.end
+  for c in fillers:
+    words = set(re.findall(r"[a-z]+", c.text))
+    assert not words & (set(demo_world.VERBS) | set(demo_world.NOUNS)), c.text
+  for a, b in zip(cues, cues[1:]):
+    assert a.end <= b.start  # sorted, no overlaps
+
+
+def test_clean_narration_follows_the_steps():
+  steps = _synthetic_steps(200)
+  cues = world.narrate(steps, world.NarrationConfig(0, 0, 0, 0, 0), np.random.default_rng(2))
+  assert [c.step for c in cues] == list(range(200))
+  phrasings = set()
+  for c in cues:
+    step = steps[c.step]
+    assert step.start <= c.start < step.end and c.fault == "none"
+    assert step.noun in c.text
+    phrasings.add(re.sub(r"\b(" + "|".join(demo_world.NOUNS) + r")\b", "N", c.text))
+  assert len(demo_world.TEMPLATES) >= 20 and len(phrasings) >= 40
+
+
+def test_webvtt_file(small_world):
+  out, _, _ = small_world
+  truth = world.load_truth(out / "demo_00000.json")
+  text = (out / "demo_00000.vtt").read_text()
+  assert text.startswith("WEBVTT\n")
+  stamps = re.findall(r"(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)\n(.+)",
+                      text)
+  assert len(stamps) == len(truth["cues"])
+  for m, cue in zip(stamps, truth["cues"]):
+    h, mi, s, ms = map(int, m[:4])
+    assert h * 3600 + mi * 60 + s + ms / 1000 == pytest.approx(cue["start"], abs=1e-3)
+    assert m[8] == cue["text"]
+    assert 0 <= cue["start"] < cue["end"] <= truth["duration"]
+
+
+def test_bad_config():
+  with pytest.raises(ValueError, match="whole number of frames"):
+    world.WorldConfig(fps=25, clip_seconds=1.5)
+  with pytest.raises(ValueError, match="even"):
+    world.WorldConfig(width=65)
+
+
+def test_cli_writes_and_resumes(tmp_path, capsys):
+  args = [f"--out={tmp_path}", "--num_videos=2", "--seed=9", "--size=48", "--max_steps=4",
+          "--missing_rate=0.5"]
+  assert generate.main(args) == 0
+  assert "2 videos" in capsys.readouterr().out
+  manifest = json.loads((tmp_path / world.MANIFEST).read_text())
+  assert manifest["config"]["narration"]["missing_rate"] == 0.5
+  assert manifest["config"]["width"] == 48 and manifest["config"]["seed"] == 9
+  mtime = (tmp_path / "demo_00001.mp4").stat().st_mtime_ns
+  assert generate.main(args) == 0
+  assert (tmp_path / "demo_00001.mp4").stat().st_mtime_ns == mtime
+
+
+def test_steps_pair_verbs_with_their_nouns():
+  cfg = world.WorldConfig(steps_per_video=(30, 30))
+  steps = world.plan_steps(cfg, np.random.default_rng(0))
+  assert all(s.verb in demo_world.AFFORDANCES[s.noun] for s in steps)
+  free = world.plan_steps(dataclasses.replace(cfg, free_pair_rate=1.0, nouns_per_video=(1, 1)),
+                          np.random.default_rng(0))
+  assert len({s.verb for s in free}) > len(demo_world.AFFORDANCES[free[0].noun])
