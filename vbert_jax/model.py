@@ -89,6 +89,8 @@ class VideoBERTConfig:
   remat: bool | str | None = False
   scan_layers: bool = False
   attention_impl: str | None = None
+  # [PAD], [UNK], [CLS], [SEP], [MASK], [>] of the text tokenizer; None means BERT's ids.
+  special_ids: tuple[int, int, int, int, int, int] | None = None
 
   def __post_init__(self):
     for key in ("text_vocab_size", "visual_vocab_size", "max_position_embeddings",
@@ -120,7 +122,9 @@ class VideoBERTConfig:
 
   @property
   def vocab(self) -> sequence.JointVocab:
-    return sequence.JointVocab(self.text_vocab_size, self.visual_vocab_size)
+    specials = (sequence.SpecialIds(*self.special_ids) if self.special_ids
+                else sequence.SpecialIds.bert())
+    return sequence.JointVocab(self.text_vocab_size, self.visual_vocab_size, specials)
 
   @property
   def head_dim(self) -> int:

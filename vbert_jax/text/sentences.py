@@ -1,0 +1,145 @@
+"""Cues into sentences with start and end times, and the one text normalisation of the project.
+
+ASR has no punctuation, so a transcript is split one of two ways, chosen per transcript:
+
+- punctuated (human captions): after words ending in `.`, `!`, `?` or `…` (closing quotes and
+  brackets may follow; a few abbreviations such as "Dr." do not end a sentence);
+- unpunctuated (ASR): at pauses, where the silence between two cues is at least `max_gap`.
+
+Either way, a sentence longer than `max_words` is cut at its longest internal pause (in halves
+when it has none) until every piece fits. Word times inside a cue are spread over the cue's
+duration in proportion to the words' lengths, so a sentence that ends inside a cue ends at the
+time its last word was (probably) spoken.
+
+`normalize_text` is the single text normalisation: Unicode NFKC, control and format characters
+removed, whitespace collapsed, and an explicit case policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+from typing import NamedTuple, Sequence
+
+from vbert_jax.text import transcripts
+
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*$")
+_ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.",
+                            "approx.", "no.", "jr.", "sr.", "prof.", "tbsp.", "tsp.", "oz."})
+# Non-speech annotations in captions: [Music], [Applause], ♪ ... ♪.
+_SOUND_TAG = re.compile(r"\[[^\]]*\]|[\u266a\u266b\u266c]+")
+
+
+def normalize_text(text: str, lowercase: bool = False) -> str:
+  """NFKC, control/format characters dropped, whitespace collapsed to single spaces, stripped;
+  lowercased when `lowercase` (the case policy of the text tokenizer in use)."""
+  text = unicodedata.normalize("NFKC", text)
+  chars = []
+  for ch in text:
+    cat = unicodedata.category(ch)
+    if ch.isspace():
+      chars.append(" ")
+    elif cat in ("Cc", "Cf", "Cs", "Co", "Cn") or ch == "\ufffd":
+      continue  # zero-width marks, bidi controls, private use: invisible in speech
+    else:
+      chars.append(ch)
+  text = " ".join("".join(chars).split())
+  return text.lower() if lowercase else text
+
+
+class Sentence(NamedTuple):
+  start: float
+  end: float
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+  """How cues become sentences. `punctuated`: None decides per transcript (at least one
+  sentence-final mark per `max_words` words); True/False force the mode."""
+  max_gap: float = 1.0  # seconds of silence that end an unpunctuated sentence
+  max_words: int = 32
+  punctuated: bool | None = None
+  lowercase: bool = False
+  drop_sound_tags: bool = True
+
+  def __post_init__(self):
+    if self.max_gap <= 0 or self.max_words <= 0:
+      raise ValueError(f"sentence split config: max_gap={self.max_gap} and "
+                       f"max_words={self.max_words} must be positive")
+
+
+class _Word(NamedTuple):
+  start: float
+  end: float
+  text: str
+
+
+def _words(cues: Sequence[transcripts.Cue], drop_sound_tags: bool) -> list[_Word]:
+  words: list[_Word] = []
+  for cue in cues:
+    text = _SOUND_TAG.sub(" ", cue.text) if drop_sound_tags else cue.text
+    tokens = normalize_text(text).split()
+    if not tokens:
+      continue
+    weights = [len(t) + 1 for t in tokens]
+    total, acc = float(sum(weights)), 0
+    span = cue.end - cue.start
+    for token, w in zip(tokens, weights):
+      words.append(_Word(cue.start + span * acc / total, cue.start + span * (acc + w) / total,
+                         token))
+      acc += w
+  return words
+
+
+def _ends_sentence(word: str) -> bool:
+  return bool(_SENTENCE_END.search(word)) and word.lower() not in _ABBREVIATIONS
+
+
+def is_punctuated(cues: Sequence[transcripts.Cue], max_words: int = 32) -> bool:
+  words = [w for c in cues for w in c.text.split()]
+  ends = sum(_ends_sentence(w) for w in words)
+  return bool(words) and ends * max_words >= len(words)
+
+
+def _cut_long(words: list[_Word], max_words: int) -> list[list[_Word]]:
+  """Splits at the longest pause (or in the middle) until every piece has <= max_words."""
+  done, todo = [], [words]
+  while todo:  # a stack, not recursion: an hour of ASR without a pause is one long run
+    piece = todo.pop()
+    if len(piece) <= max_words:
+      done.append(piece)
+      continue
+    gaps = [piece[i + 1].start - piece[i].end for i in range(len(piece) - 1)]
+    widest = max(range(len(gaps)), key=lambda i: gaps[i])
+    cut = widest + 1 if gaps[widest] > 1e-9 else len(piece) // 2
+    todo.extend((piece[cut:], piece[:cut]))
+  return done
+
+
+def split_sentences(cues: Sequence[transcripts.Cue],
+                    config: SplitConfig = SplitConfig()) -> list[Sentence]:
+  """Sentences, in time order, each with the start of its first and the end of its last word."""
+  words = _words(cues, config.drop_sound_tags)
+  punctuated = config.punctuated
+  if punctuated is None:
+    punctuated = is_punctuated(cues, config.max_words)
+  groups: list[list[_Word]] = []
+  current: list[_Word] = []
+  for i, word in enumerate(words):
+    if current and not punctuated and word.start - words[i - 1].end >= config.max_gap:
+      groups.append(current)
+      current = []
+    current.append(word)
+    if punctuated and _ends_sentence(word.text):
+      groups.append(current)
+      current = []
+  if current:
+    groups.append(current)
+  out = []
+  for group in groups:
+    for piece in _cut_long(group, config.max_words):
+      text = normalize_text(" ".join(w.text for w in piece), config.lowercase)
+      out.append(Sentence(round(piece[0].start, 3), round(piece[-1].end, 3), text))
+  return out
