@@ -409,39 +409,6 @@ def count_params(params: Any) -> int:
   return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in leaves))
 
 
-def layer_params(config: VideoBERTConfig) -> int:
-  h, m = config.hidden_size, config.mlp_dim
-  attention = 4 * h * h + 4 * h
-  mlp = 2 * h * m + m + h
-  return attention + mlp + 4 * h  # + two LayerNorms
-
-
-def non_embedding_params(config: VideoBERTConfig) -> int:
-  """Parameters that every token passes through: the encoder layers and the embedding LayerNorm.
-
-  Excludes the embedding tables (lookups, not matmuls) and the heads, whose cost depends on how
-  many positions they are applied to (see `train_flops_per_sequence`).
-  """
-  return config.num_layers * layer_params(config) + 2 * config.hidden_size
-
-
-def train_flops_per_sequence(config: VideoBERTConfig, seq_len: int, text_slots: int,
-                             video_slots: int) -> float:
-  """Model FLOPs of forward + backward for one sequence (no rematerialisation counted).
-
-  6 x non-embedding parameters + 12 x layers x seq_len x hidden per token (attention scores and
-  values), plus the heads only where they are applied: the MLM / MVM transforms and tied decoders
-  at their prediction slots, the pooler and the LVA logit once per sequence.
-  """
-  h, vocab = config.hidden_size, config.vocab
-  per_token = 6 * non_embedding_params(config) + 12 * config.num_layers * seq_len * h
-  transform = h * h + 3 * h  # dense + LayerNorm
-  mlm = text_slots * (transform + h * vocab.text_padded + vocab.text_padded)
-  mvm = video_slots * (transform + h * vocab.visual_padded + vocab.visual_padded)
-  lva = h * h + h + h + 1
-  return float(seq_len * per_token + 6 * (mlm + mvm + lva))
-
-
 _LAYER_KEY = re.compile(r"^layer_(\d+)$")
 
 

@@ -1,0 +1,284 @@
+"""Train-step benchmark: our jitted VideoBERT step against transformers' BertForPreTraining.
+
+Both sides run forward + backward + AdamW on the same generated batch, in train mode (dropout
+on), f32, with 2 threads each, alternating rounds in one process. The shape is the `small`
+variant: 4 layers, hidden 512, 8 heads, MLP 2048, sequence 128, batch 16, a joint vocabulary of
+30522 text + 20736 visual tokens. The peer's vocabulary is our padded joint table
+(30592 + 20736 = 51328 rows) so that both embedding tables have the same shape.
+
+Contenders:
+  ours       jitted step: model + `objectives.compute_loss`, optax.adamw, state donated;
+             the MLM / MVM heads run only at the gathered prediction slots, each over its own
+             part of the vocabulary.
+  peer       BertForPreTraining as normally used: logits over the joint vocabulary at every
+             position, loss from `labels` / `next_sentence_label`; torch's fused AdamW.
+  peer_same  the same peer at our positions: its `bert`, then its `cls` on the states gathered
+             at our prediction slots (its head still scores the whole joint vocabulary there).
+
+Reported: tokens/s of each (batch x sequence / median step time), `ratio` = ours / peer,
+`same_work_ratio` = ours / peer_same, and `mfu` = our model FLOP/s over the peak f32 matmul
+rate measured in this run (best of 5 runs of a 2048^3 matmul, the higher of jax and torch);
+model FLOPs from `vbert_jax.flops` (heads counted at the real prediction slots only). The table
+also gives CPU time per step, which moves far less than the wall clock when other processes
+share the machine.
+
+    python bench/train_step.py                    # the benchmark (2-6 minutes on 2 cores)
+    python bench/train_step.py --demo             # one round, with what each number means
+    python bench/train_step.py --profile /tmp/p   # also: where our step's time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+common.setup(threads=2)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from vbert_jax import flops, objectives, sequence  # noqa: E402
+from vbert_jax import model as model_lib  # noqa: E402
+
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.01
+RATE = 0.15
+PEAK_N, PEAK_RUNS = 2048, 5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--demo", action="store_true",
+                 help="one round (1-2 minutes on an idle 2-core machine) that says "
+                 "what each number means")
+  p.add_argument("--variant", default="small", help="model variant (default: small)")
+  p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+  p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
+  p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
+  p.add_argument("--steps", type=int, default=1, help="steps per round (default 1)")
+  p.add_argument("--prng", default="rbg", choices=("threefry2x32", "rbg", "unsafe_rbg"),
+                 help="PRNG of our dropout masks (rbg: about 4%% less CPU time per step here "
+                 "than threefry2x32)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the batch and both models")
+  p.add_argument("--profile", metavar="DIR", default=None,
+                 help="also trace 2 of our steps into DIR and print where their time goes")
+  args = p.parse_args(argv)
+  if args.rounds is None:
+    args.rounds = 1 if args.demo else 5
+  return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The generated batch: video-text pairs, half of them LVA negatives, masked as in training.
+
+
+def make_batch(vocab: sequence.JointVocab, batch_size: int, seq_len: int, seed: int
+               ) -> tuple[dict[str, np.ndarray], int, int]:
+  """Pairs filling the sequence (text 25-40% of it); returns (batch, Pt, Pv)."""
+  rng = np.random.default_rng(seed)
+  layout = sequence.Layout(vocab, seq_len)
+  budget = seq_len - 3
+  max_text = int(0.4 * budget)
+  # Slots for 15% of the longest text and video a sequence can hold here.
+  pt = int(np.ceil(RATE * max_text))
+  pv = int(np.ceil(RATE * (budget - int(0.25 * budget))))
+  text_pool = np.setdiff1d(np.arange(vocab.text_size), vocab.specials.as_array())
+  packed = []
+  for _ in range(batch_size):
+    n_text = int(rng.integers(int(0.25 * budget), max_text + 1))
+    text = rng.choice(text_pool, n_text).tolist()
+    video = rng.integers(0, vocab.visual_size, budget - n_text).tolist()
+    packed.append(layout.pair(text, video))
+  batch = sequence.stack(packed)
+  batch.update(objectives.mask_batch(rng, batch["input_ids"], vocab, pt, pv, RATE))
+  batch["lva_label"] = (np.arange(batch_size) % 2 == 0).astype(np.int32)
+  batch["lva_weight"] = np.ones(batch_size, np.float32)
+  return batch, pt, pv
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours.
+
+
+def make_ours(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed: int,
+              prng_impl: str = "threefry2x32"):
+  """A (step, sync) pair running our jitted train step on `batch`."""
+  model = model_lib.VideoBERT(cfg)
+  tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  dropout_key = jax.random.key(seed + 1, impl=prng_impl)
+
+  def loss_fn(params, batch, rng):
+    outputs = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                          batch["position_ids"], batch["input_mask"], batch["mlm_positions"],
+                          batch["mvm_positions"], deterministic=False, rngs={"dropout": rng})
+    return objectives.compute_loss(outputs, batch)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(dropout_key, state["step"])
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, loss
+
+  train_step = jax.jit(train_step, donate_argnums=0)
+  device_batch = jax.device_put(batch)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], loss = train_step(holder["state"], device_batch)
+    return loss
+
+  def compiled_text() -> str:
+    return train_step.lower(holder["state"], device_batch).compile().as_text()
+
+  return step, lambda loss: float(loss), compiled_text
+
+
+# ----------------------------------------------------------------------------------------------
+# The peer: transformers' BertForPreTraining of the same shape.
+
+
+def make_peer(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed: int,
+              same_work: bool):
+  """A (step, sync) pair for BertForPreTraining, normal use or heads at our slots only."""
+  torch.manual_seed(seed)
+  bert_cfg = transformers.BertConfig(
+      vocab_size=cfg.vocab.total_size, hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_position_embeddings,
+      type_vocab_size=cfg.type_vocab_size, hidden_dropout_prob=cfg.dropout_rate,
+      attention_probs_dropout_prob=cfg.attention_dropout_rate, hidden_act="gelu")
+  peer = transformers.BertForPreTraining(bert_cfg).train()
+  # The fused CPU kernel: torch's default (for-loop) AdamW takes 13x the CPU time here.
+  opt = torch.optim.AdamW(peer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                          fused=True)
+  vocab = cfg.vocab
+  t = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()
+       if k in ("input_ids", "segment_ids", "position_ids", "input_mask")}
+  # Joint-id targets at our slots (-100 = padding slot, ignored), and NSP's "is next" = 0.
+  slot_pos = np.concatenate([batch["mlm_positions"], batch["mvm_positions"]], 1)
+  slot_ids = np.concatenate([batch["mlm_ids"], batch["mvm_ids"] + vocab.visual_offset], 1)
+  slot_w = np.concatenate([batch["mlm_weights"], batch["mvm_weights"]], 1)
+  slot_labels = torch.from_numpy(np.where(slot_w > 0, slot_ids, -100)).long()
+  slot_pos_t = torch.from_numpy(slot_pos).long()
+  full_labels = torch.full(t["input_ids"].shape, -100, dtype=torch.long)
+  rows = np.repeat(np.arange(slot_pos.shape[0]), slot_pos.shape[1])
+  keep = slot_w.reshape(-1) > 0
+  full_labels[rows[keep], slot_pos.reshape(-1)[keep]] = torch.from_numpy(
+      slot_ids.reshape(-1)[keep]).long()
+  nsp = torch.from_numpy(1 - batch["lva_label"]).long()
+  kwargs = dict(input_ids=t["input_ids"], attention_mask=t["input_mask"],
+                token_type_ids=t["segment_ids"], position_ids=t["position_ids"])
+  ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
+
+  def loss_full():
+    return peer(**kwargs, labels=full_labels, next_sentence_label=nsp).loss
+
+  def loss_same():
+    hidden, pooled = peer.bert(**kwargs, return_dict=False)[:2]
+    index = slot_pos_t[..., None].expand(-1, -1, hidden.shape[-1])
+    scores, relationship = peer.cls(torch.gather(hidden, 1, index), pooled)
+    return (ce(scores.reshape(-1, scores.shape[-1]), slot_labels.reshape(-1))
+            + ce(relationship, nsp))
+
+  loss_fn = loss_same if same_work else loss_full
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    return loss
+
+  return step, lambda loss: float(loss.detach())
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
+                                               max_position_embeddings=max(512, args.seq))
+  batch, _, _ = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
+  tokens = args.batch * args.seq
+  if args.demo:
+    print(f"VideoBERT '{args.variant}' ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_heads} heads, MLP {cfg.mlp_dim}), joint vocabulary "
+          f"{cfg.text_vocab_size} text + {cfg.visual_vocab_size} visual tokens.")
+    print(f"One training step = forward + backward + AdamW on {args.batch} video-text pairs of "
+          f"{args.seq} tokens, 15% masked ({int(batch['mlm_weights'].sum())} text and "
+          f"{int(batch['mvm_weights'].sum())} visual predictions).\n")
+
+  ours_step, ours_sync, ours_hlo = make_ours(cfg, batch, args.seed, args.prng)
+  peer_step, peer_sync = make_peer(cfg, batch, args.seed, same_work=False)
+  same_step, same_sync = make_peer(cfg, batch, args.seed, same_work=True)
+  contenders = {"ours": (ours_step, ours_sync), "peer": (peer_step, peer_sync),
+                "peer_same": (same_step, same_sync)}
+  losses = {name: sync(step()) for name, (step, sync) in contenders.items()}  # warm-up, compile
+  if args.demo:
+    print("first-step losses: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+
+  def on_round(r, seconds):
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+        f"{k} {seconds[k].wall:.2f} s/step" for k in contenders), flush=True)
+  # The peak matmul runs once per round, beside the steps; best of 5 runs in all.
+  matmuls = common.matmul_contenders(PEAK_N)
+  times = common.alternate({**contenders, **matmuls}, args.rounds, args.steps, on_round)
+  if args.rounds < PEAK_RUNS:
+    extra = common.alternate(matmuls, PEAK_RUNS - args.rounds, 1)
+    for name in matmuls:
+      times[name] += extra[name]
+  peak = common.peak_from_times({k: times[k][:PEAK_RUNS] for k in matmuls}, PEAK_N)
+  med = {k: common.median(times[k]) for k in contenders}
+  step_flops = flops.flops_per_step(cfg, args.batch, args.seq,
+                                    mlm_slots=float(batch["mlm_weights"].sum()),
+                                    mvm_slots=float(batch["mvm_weights"].sum()),
+                                    lva_examples=float(batch["lva_weight"].sum()))
+  if args.profile:
+    print(common.profile_breakdown(args.profile, ours_step, ours_sync, ours_hlo()))
+  report(args, cfg, med, peak, step_flops, tokens)
+
+
+def report(args, cfg, med, peak, step_flops, tokens) -> None:
+  """The table, the FLOP accounting, and the BENCH line (last)."""
+  tps = {name: tokens / t.wall for name, t in med.items()}
+  rows = [(name, f"{t.wall:.3f}", f"{tps[name]:.0f}", f"{t.cpu:.3f}",
+           f"{t.wall / med['ours'].wall:.3f}", f"{t.cpu / med['ours'].cpu:.3f}")
+          for name, t in med.items()]
+  print()
+  print(common.table(rows, ("contender", "wall s/step", "tokens/s", "cpu s/step",
+                            "ours faster x (wall)", "ours faster x (cpu)")))
+  mfu = flops.mfu(step_flops.total, med["ours"].wall, peak["peak"])
+  mfu_cpu = step_flops.total / med["ours"].cpu / peak["peak_cpu"]
+  print(f"\nmodel FLOPs/step {step_flops.total / 1e9:.1f} G (encoder "
+        f"{step_flops.encoder / 1e9:.1f}, MLM {step_flops.mlm / 1e9:.1f}, MVM "
+        f"{step_flops.mvm / 1e9:.1f}, LVA {step_flops.lva / 1e9:.3f}); ours "
+        f"{step_flops.total / med['ours'].wall / 1e9:.1f} GFLOP/s")
+  print(f"peak f32 matmul (2048^3, best of 5): jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
+        f"{peak['torch'] / 1e9:.1f} GFLOP/s; mfu {mfu:.3f} (on CPU time: {mfu_cpu:.3f})")
+  if args.demo:
+    print("\nratio: ours over the peer as normally used (logits at every position);\n"
+          "same_work_ratio: ours over the peer scoring only our prediction slots;\n"
+          "mfu: our model FLOP/s over the measured peak matmul rate. The CPU-time columns\n"
+          "divide out load from other processes; wall-clock figures on a busy machine are noisy.")
+  print(common.bench_line("train_step", ours_tokens_per_s=round(tps["ours"], 1),
+                          peer_tokens_per_s=round(tps["peer"], 1),
+                          same_work_ratio=round(tps["ours"] / tps["peer_same"], 3),
+                          mfu=round(mfu, 3), ratio=round(tps["ours"] / tps["peer"], 3)))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,189 @@
+"""Masking and the three pretraining losses (MLM, MVM, LVA) with their metrics.
+
+Masking is NumPy so that the input pipeline runs it on the host: BERT's recipe applied to each
+modality separately. Of the n eligible positions of a modality (real text tokens, or visual
+tokens; never special tokens or padding), min(round(rate * n), max_predictions) are chosen; each
+chosen position becomes [MASK] with probability 0.8, a random token of the same modality with
+probability 0.1, and stays unchanged otherwise. The chosen positions fill a fixed number of slots
+(padding slots point at position 0 with weight 0) so that shapes are static under jit.
+
+The losses are JAX: softmax cross-entropy over the MLM and MVM slots, sigmoid cross-entropy for
+LVA, combined as alpha * MLM + beta * MVM + gamma * LVA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vbert_jax import sequence
+from vbert_jax.sequence import JointVocab
+
+# Keys that `mask_example` adds to (or overwrites in) a packed example.
+MASK_KEYS = ("input_ids", "mlm_positions", "mlm_ids", "mlm_weights", "mvm_positions", "mvm_ids",
+             "mvm_weights")
+
+
+def num_to_predict(num_eligible: int, max_predictions: int, rate: float = 0.15) -> int:
+  """min(round(rate * n), max), rounding halves up (0.15 * 10 = 1.5 -> 2)."""
+  return int(min(np.floor(rate * num_eligible + 0.5), max_predictions))
+
+
+@functools.lru_cache(maxsize=16)
+def _random_text_ids(vocab: JointVocab) -> np.ndarray:
+  """The real text ids a random replacement may take: every text id but the specials."""
+  ids = np.arange(vocab.text_size, dtype=np.int32)
+  return ids[~vocab.is_special(ids)]
+
+
+def _mask_modality(rng: np.random.Generator, ids: np.ndarray, eligible: np.ndarray,
+                   max_predictions: int, rate: float, mask_prob: float, random_prob: float,
+                   mask_id: int, draw_random) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Masks one modality of `ids` in place; returns (positions, original ids, weights) slots."""
+  candidates = np.flatnonzero(eligible)
+  count = num_to_predict(len(candidates), max_predictions, rate)
+  chosen = np.sort(rng.choice(candidates, size=count, replace=False))
+  original = ids[chosen].copy()
+  u = rng.random(count)
+  replace_mask = u < mask_prob
+  replace_random = (u >= mask_prob) & (u < mask_prob + random_prob)
+  ids[chosen[replace_mask]] = mask_id
+  ids[chosen[replace_random]] = draw_random(int(replace_random.sum()))
+  positions = np.zeros(max_predictions, np.int32)
+  targets = np.zeros(max_predictions, np.int32)
+  weights = np.zeros(max_predictions, np.float32)
+  positions[:count] = chosen
+  targets[:count] = original
+  weights[:count] = 1.0
+  return positions, targets, weights
+
+
+def mask_example(rng: np.random.Generator, packed_input_ids: np.ndarray, vocab: JointVocab,
+                 max_predictions_text: int, max_predictions_video: int, rate: float = 0.15,
+                 mask_prob: float = 0.8, random_prob: float = 0.1) -> dict[str, np.ndarray]:
+  """BERT masking of one packed sequence [L], per modality.
+
+  Returns `input_ids` (masked copy), `mlm_positions` / `mlm_ids` (original text ids) /
+  `mlm_weights` with `max_predictions_text` slots, and `mvm_positions` / `mvm_ids` (original
+  visual indices in [0, visual_size)) / `mvm_weights` with `max_predictions_video` slots.
+  """
+  ids = np.array(packed_input_ids, dtype=np.int32, copy=True)
+  if ids.ndim != 1:
+    raise ValueError(f"mask_example: packed_input_ids must be one sequence [L], got shape "
+                     f"{ids.shape}")
+  if not (0 <= rate <= 1 and mask_prob >= 0 and random_prob >= 0
+          and mask_prob + random_prob <= 1):
+    raise ValueError(f"mask_example: rate={rate}, mask_prob={mask_prob}, random_prob="
+                     f"{random_prob}; expected rate in [0, 1] and mask_prob + random_prob <= 1")
+  text_pool = _random_text_ids(vocab)
+  # Eligibility is decided on the unmasked ids, before either modality is changed.
+  is_text, is_visual = vocab.is_text(ids), vocab.is_visual(ids)
+  mlm = _mask_modality(rng, ids, is_text, max_predictions_text, rate, mask_prob, random_prob,
+                       vocab.specials.mask, lambda k: rng.choice(text_pool, size=k))
+  mvm = _mask_modality(rng, ids, is_visual, max_predictions_video, rate, mask_prob, random_prob,
+                       vocab.specials.mask,
+                       lambda k: vocab.visual_offset + rng.integers(0, vocab.visual_size, size=k))
+  mvm_ids = np.where(mvm[2] > 0, mvm[1] - vocab.visual_offset, 0).astype(np.int32)
+  return {"input_ids": ids,
+          "mlm_positions": mlm[0], "mlm_ids": mlm[1], "mlm_weights": mlm[2],
+          "mvm_positions": mvm[0], "mvm_ids": mvm_ids, "mvm_weights": mvm[2]}
+
+
+def mask_batch(rng: np.random.Generator, input_ids: np.ndarray, vocab: JointVocab,
+               max_predictions_text: int, max_predictions_video: int, rate: float = 0.15,
+               mask_prob: float = 0.8, random_prob: float = 0.1) -> dict[str, np.ndarray]:
+  """`mask_example` over each row of [B, L] `input_ids`, stacked into [B, ...] arrays."""
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"mask_batch: input_ids must be [batch, length], got shape "
+                     f"{input_ids.shape}")
+  rows = [mask_example(rng, row, vocab, max_predictions_text, max_predictions_video, rate,
+                       mask_prob, random_prob) for row in input_ids]
+  return {k: np.stack([r[k] for r in rows]) for k in MASK_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+  """The masking recipe as it sits in a config: slot counts and the 15% / 80-10-10 split."""
+  max_predictions_text: int = 20
+  max_predictions_video: int = 20
+  rate: float = 0.15
+  mask_prob: float = 0.8
+  random_prob: float = 0.1
+
+  def mask_example(self, rng: np.random.Generator, packed_input_ids: np.ndarray,
+                   vocab: JointVocab) -> dict[str, np.ndarray]:
+    return mask_example(rng, packed_input_ids, vocab, self.max_predictions_text,
+                        self.max_predictions_video, self.rate, self.mask_prob, self.random_prob)
+
+  def mask_batch(self, rng: np.random.Generator, input_ids: np.ndarray,
+                 vocab: JointVocab) -> dict[str, np.ndarray]:
+    return mask_batch(rng, input_ids, vocab, self.max_predictions_text,
+                      self.max_predictions_video, self.rate, self.mask_prob, self.random_prob)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den, and 0 where nothing was counted (a batch without that modality)."""
+  return num / jnp.where(den > 0, den, 1.0)
+
+
+def _slot_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Weighted mean cross-entropy and accuracy over [B, P] slots; also their denominator."""
+  # Logits may be bf16; the softmax over tens of thousands of entries needs f32.
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  den = weights.sum()
+  return _safe_div((ce * weights).sum(), den), _safe_div((correct * weights).sum(), den), den
+
+
+def example_weights(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-example [B] weights of each loss: MLM off for video-only, MVM off for text-only."""
+  regime = jnp.asarray(batch["regime"])
+  return {"mlm": (regime != sequence.REGIME_VIDEO).astype(jnp.float32),
+          "mvm": (regime != sequence.REGIME_TEXT).astype(jnp.float32),
+          "lva": jnp.asarray(batch["lva_weight"], jnp.float32)
+                 * (regime == sequence.REGIME_PAIR).astype(jnp.float32)}
+
+
+def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """alpha * MLM + beta * MVM + gamma * LVA, and metrics with the denominators to average them.
+
+  `outputs` is the model's dict ("mlm_logits" [B,Pt,Vt], "mvm_logits" [B,Pv,Vv],
+  "lva_logits" [B]); `batch` the batch dict of the shared contract. Each mean is over real
+  slots (or LVA examples) only; a metric `<name>_count` is its denominator, so that means over
+  steps or devices are sum(value * count) / sum(count).
+  """
+  for key in ("mlm_logits", "mvm_logits", "lva_logits"):
+    if key not in outputs:
+      raise KeyError(f"compute_loss: model outputs lack {key!r}; call the model with "
+                     f"mlm_positions and mvm_positions (got keys {sorted(outputs)})")
+  w = example_weights(batch)
+  mlm_w = jnp.asarray(batch["mlm_weights"], jnp.float32) * w["mlm"][:, None]
+  mvm_w = jnp.asarray(batch["mvm_weights"], jnp.float32) * w["mvm"][:, None]
+  mlm_loss, mlm_acc, mlm_n = _slot_loss(outputs["mlm_logits"], batch["mlm_ids"], mlm_w)
+  mvm_loss, mvm_acc, mvm_n = _slot_loss(outputs["mvm_logits"], batch["mvm_ids"], mvm_w)
+
+  lva_logits = outputs["lva_logits"].astype(jnp.float32)
+  labels = jnp.asarray(batch["lva_label"], jnp.float32)
+  bce = optax.sigmoid_binary_cross_entropy(lva_logits, labels)
+  lva_correct = ((lva_logits > 0).astype(jnp.float32) == labels).astype(jnp.float32)
+  lva_n = w["lva"].sum()
+  lva_loss = _safe_div((bce * w["lva"]).sum(), lva_n)
+  lva_acc = _safe_div((lva_correct * w["lva"]).sum(), lva_n)
+
+  loss = alpha * mlm_loss + beta * mvm_loss + gamma * lva_loss
+  metrics = {"loss": loss,
+             "mlm_loss": mlm_loss, "mlm_accuracy": mlm_acc, "mlm_count": mlm_n,
+             "mvm_loss": mvm_loss, "mvm_accuracy": mvm_acc, "mvm_count": mvm_n,
+             "lva_loss": lva_loss, "lva_accuracy": lva_acc, "lva_count": lva_n}
+  return loss, metrics
