@@ -16,8 +16,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+DEMO_WORKDIR ?= demo_work/pretrain
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) bench/train_step.py --demo
+	JAX_PLATFORMS=cpu $(PY) -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal \
+	  --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

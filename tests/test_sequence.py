@@ -90,3 +90,12 @@ def test_video_then_text_and_stack():
   np.testing.assert_array_equal(p.segment_ids, [0, 1, 0, 0, 0, 0, 0, 0])
   batch = seq.stack([p, lay.text_only([200])])
   assert batch["input_ids"].shape == (2, 8) and batch["regime"].tolist() == [2, 0]
+
+
+def test_special_ids_from_config_values():
+  assert seq.SpecialIds.parse("bert") == seq.SpecialIds.bert() == seq.SpecialIds.parse(None)
+  sp = seq.SpecialIds.parse("0,1,2,3,4,5")
+  assert (sp.pad, sp.cls, sp.mask, sp.video_sep) == (0, 2, 4, 5)
+  assert seq.SpecialIds.parse(sp.as_tuple()) == sp
+  with pytest.raises(ValueError, match=r"special_ids='0,1,2': expected 'bert' or 6 ids"):
+    seq.SpecialIds.parse("0,1,2")

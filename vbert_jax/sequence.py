@@ -65,6 +65,20 @@ class SpecialIds:
     pad, unk, cls_, sep, mask, vsep = (int(lookup[t]) for t in SPECIAL_TOKENS)
     return cls(pad=pad, unk=unk, cls=cls_, sep=sep, mask=mask, video_sep=vsep)
 
+  @classmethod
+  def parse(cls, spec: str | Sequence[int] | None) -> "SpecialIds":
+    """From a config value: "bert" (or empty), or the six ids "pad,unk,cls,sep,mask,[>]"."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "bert")):
+      return cls.bert()
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    if len(parts) != len(SPECIAL_TOKENS):
+      raise ValueError(f"special_ids={spec!r}: expected 'bert' or {len(SPECIAL_TOKENS)} ids for "
+                       f"{', '.join(SPECIAL_TOKENS)}")
+    return cls(*(int(p) for p in parts))
+
+  def as_tuple(self) -> tuple[int, ...]:
+    return tuple(int(i) for i in self.as_array())
+
   def as_array(self) -> np.ndarray:
     return np.array([self.pad, self.unk, self.cls, self.sep, self.mask, self.video_sep],
                     np.int32)

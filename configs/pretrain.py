@@ -1,0 +1,140 @@
+"""VideoBERT pretraining: the paper's recipe as defaults, shrinkable for a laptop.
+
+    python -m vbert_jax.main --config=configs/pretrain.py:variant=large --workdir=gs://b/run
+    python -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal --workdir=/tmp/r
+
+Arguments (comma-separated): `variant=` mu|tiny|small|base|large (model sizes), `runlocal` (a
+short run with small sequences and vocabularies on a laptop CPU). Any field can be overridden with
+`--config.a.b=value`; the config is locked, so a mistyped key is an error that names it.
+
+Paper (Sun et al. 2019) and its secondary sources give: batch 128, 0.5M steps, Adam at 1e-5 with
+linear decay, BERT-large initialisation, 15% masking, 20736 visual tokens, text from BERT's
+30522-token WordPiece vocabulary, loss = alpha*MLM + beta*MVM + gamma*LVA with all weights 1.
+What the paper leaves open (warmup length, regime mix, max_len, prediction slots) follows BERT.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+from vbert_jax import model as model_lib
+
+# Data parallel over `data`, FSDP over `fsdp`, tensor parallel over `tensor`. Order matters:
+# `batch` claims (data, fsdp) first, so activations shard by example and parameters by `embed`.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def _model(variant: str) -> ml_collections.ConfigDict:
+  sizes = model_lib.decode_variant(variant)
+  if not sizes:  # "custom": start from the smallest sizes, overridden field by field
+    sizes = model_lib.decode_variant("mu")
+  return ml_collections.ConfigDict(dict(
+      **sizes,
+      text_vocab_size=30522,  # BERT's WordPiece vocabulary
+      visual_vocab_size=20736,  # 12^4 leaves of the hierarchical k-means
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      dropout_rate=0.1,
+      attention_dropout_rate=0.1,
+      layer_norm_eps=1e-12,
+      initializer_range=0.02,
+      dtype="float32",  # compute dtype; "bfloat16" on TPU
+      param_dtype="float32",
+      remat="none",  # "none", "full", or a jax.checkpoint_policies name
+      scan_layers=False,
+      attention_impl="xla",  # "xla" or "cudnn" (GPU)
+      # The text tokenizer's [PAD],[UNK],[CLS],[SEP],[MASK],[>] ids: "bert", or six comma-separated
+      # ids ("0,1,2,3,4,5" for a model from vbert_jax.text.train_sentencepiece).
+      special_ids="bert",
+  ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, variant="large", runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.variant = arg.variant
+  c.seed = 0
+  c.model = _model(arg.variant)
+
+  # Sequences and masking.
+  c.max_len = 512
+  c.masking = ml_collections.ConfigDict(dict(
+      rate=0.15, mask_prob=0.8, random_prob=0.1,
+      max_predictions_text=40, max_predictions_video=40))
+  # Share of each training regime (normalised): text-only MLM, video-only MVM, video-text.
+  c.regimes = ml_collections.ConfigDict(dict(text=1.0, video=1.0, pair=1.0))
+  c.lva_negative_rate = 0.5  # video-text examples whose video comes from another segment
+  c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=1.0, gamma=1.0))
+
+  # Optimisation.
+  c.batch_size = 128  # global, over all hosts
+  c.total_steps = 500_000
+  c.grad_accum_steps = 1  # micro-batches per step (scanned), for batches that do not fit
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-5, end_learning_rate=0.0, warmup_steps=10_000,
+      b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip_norm=1.0))
+
+  # Devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES
+
+  # Input.
+  c.input = ml_collections.ConfigDict(dict(
+      source="synthetic",  # "synthetic" (generated tokens) or "tfds"
+      tfds_name="", data_dir="", train_split="train", eval_split="validation",
+      # The paper's tricks: 1..max_concat neighbouring sentences, video subsampled 1..rate.
+      max_concat=3, max_subsample_rate=5, negative_other_video=0.5, examples_per_video=8,
+      worker_count=2, worker_buffer_size=2, read_threads=0, prefetch_buffer_size=64,
+      synthetic_topics=16, synthetic_min_words=4, synthetic_max_words=12))
+
+  # Evaluation, logging, checkpoints.
+  c.eval = ml_collections.ConfigDict(dict(every_steps=5_000, num_batches=8, batch_size=128))
+  c.log_every_steps = 100
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3))
+  c.checkpoint["async"] = True
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", bert_dir=""))
+  c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
+  c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
+  c.peak_flops_per_device = 0.0  # 0: from the device-kind table; set it for unknown devices
+
+  if arg.runlocal:
+    _shrink(c)
+  c.lock()
+  return c
+
+
+def _shrink(c: ml_collections.ConfigDict) -> None:
+  """A run that learns the generated task in well under a minute on two CPU cores."""
+  c.model.text_vocab_size = 512
+  c.model.visual_vocab_size = 256
+  c.model.max_position_embeddings = 64
+  c.model.dropout_rate = 0.0
+  c.model.attention_dropout_rate = 0.0
+  c.max_len = 16
+  c.masking.max_predictions_text = 2
+  c.masking.max_predictions_video = 2
+  # More video-text examples: LVA is the slowest of the three objectives to pick up.
+  c.regimes.pair = 2.0
+  c.batch_size = 32
+  c.total_steps = 300
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 20
+  c.optimizer.weight_decay = 0.0
+  c.eval.every_steps = 100
+  c.eval.num_batches = 4
+  c.eval.batch_size = 64
+  c.log_every_steps = 25
+  c.checkpoint.every_steps = 100
+  c.input.synthetic_topics = 4
+  c.input.synthetic_min_words = 3
+  c.input.synthetic_max_words = 6

@@ -1,0 +1,1 @@
+"""Support code for the tests that drive whole training runs in subprocesses."""

@@ -1,0 +1,313 @@
+"""The input pipeline: the paper's example recipe, well-formed batches, determinism and resume.
+
+Structured records make every choice readable from the batch: clip i of record r has visual
+token r * 200 + i, and sentence s of record r is the five text ids 1000 + 100 r + 5 s + (0..4),
+covering clips 3s, 3s + 1, 3s + 2. With masking off, an example's text tells which sentences
+were joined, and its visual tokens which clips (and which record) they came from.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vbert_jax import align
+from vbert_jax import input_pipeline as ip
+from vbert_jax import objectives
+from vbert_jax import sequence
+
+VOCAB = sequence.JointVocab(30522, 4096)
+SENTENCES, SILENT_CLIPS = 12, 20
+TEXT0, CLIPS_PER_RECORD = 1000, 200
+
+
+def structured_record(r: int, sentences: int = SENTENCES) -> dict:
+  """`sentences` sentences of 3 clips each, then a silent stretch of SILENT_CLIPS clips."""
+  n = 3 * sentences + SILENT_CLIPS
+  starts = np.arange(n) * 1.5
+  sents = [align.TokenizedSentence([TEXT0 + 100 * r + 5 * s + j for j in range(5)],
+                                   4.5 * s + 0.1, 4.5 * s + 4.4) for s in range(sentences)]
+  tokens = CLIPS_PER_RECORD * r + np.arange(n)
+  return align.align_video(f"video{r}", sents, starts, starts + 1.5, tokens).to_features()
+
+
+def pipeline_config(**changes) -> ip.PipelineConfig:
+  fields = dict(vocab=VOCAB, max_len=96, batch_size=16, regime_weights=(1.0, 1.0, 2.0),
+                lva_negative_rate=0.4, negative_other_video=0.5, max_concat=3,
+                max_subsample_rate=5, examples_per_video=4, seed=3, debug=True,
+                masking=objectives.MaskingConfig(max_predictions_text=12,
+                                                 max_predictions_video=12))
+  fields.update(changes)
+  return ip.PipelineConfig(**fields)
+
+
+def take(pipeline, n: int) -> list[dict]:
+  return [next(pipeline) for _ in range(n)]
+
+
+def rows(batches: list[dict]) -> list[dict]:
+  return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["regime"]))]
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+  return [structured_record(r) for r in range(12)]
+
+
+@pytest.fixture(scope="module")
+def unmasked_rows(records) -> list[dict]:
+  cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50)
+  return rows(take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 60))
+
+
+def _parts(row: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(text ids, visual tokens) of an unmasked row, read back from its layout."""
+  ids = row["input_ids"][row["input_mask"] == 1][1:-1]  # without [CLS] and [SEP]
+  visual = VOCAB.is_visual(ids)
+  text = ids[~visual & (ids != VOCAB.specials.video_sep)]
+  return text, VOCAB.joint_to_visual(ids[visual])
+
+
+def test_regime_negative_rate_and_concat_proportions(unmasked_rows):
+  n = len(unmasked_rows)
+  regime = np.array([r["regime"] for r in unmasked_rows])
+  tol = lambda p, m: 4 * np.sqrt(p * (1 - p) / m) + 1e-9
+  for code, p in zip((sequence.REGIME_TEXT, sequence.REGIME_VIDEO, sequence.REGIME_PAIR),
+                     (0.25, 0.25, 0.5)):
+    assert abs((regime == code).mean() - p) < tol(p, n), code
+  pair = [r for r in unmasked_rows if r["regime"] == sequence.REGIME_PAIR]
+  negative = np.array([r["lva_label"] == 0 for r in pair])
+  assert abs(negative.mean() - 0.4) < tol(0.4, len(pair))
+  assert all(r["lva_weight"] == 1.0 for r in pair)
+  assert all(r["lva_weight"] == 0.0 for r in unmasked_rows if r["regime"] != 2)
+  # Where the label is 0, a negative was found, and only there.
+  source = np.array([r["debug_negative_source"] for r in pair])
+  assert ((source != ip.NEGATIVE_NONE) == negative).all()
+  other = (source[negative] == ip.NEGATIVE_OTHER_VIDEO).mean()
+  assert abs(other - 0.5) < tol(0.5, negative.sum())
+  concat = np.array([r["debug_concat"] for r in unmasked_rows])
+  assert (concat == np.array([r["debug_concat_requested"] for r in unmasked_rows])).all()
+  for k in (1, 2, 3):
+    assert abs((concat == k).mean() - 1 / 3) < tol(1 / 3, n), k
+  rates = np.array([r["debug_rate"] for r in unmasked_rows if r["regime"] != 0])
+  for rate in range(1, 6):
+    assert abs((rates == rate).mean() - 0.2) < tol(0.2, len(rates)), rate
+
+
+def test_examples_follow_the_recipe(unmasked_rows):
+  """Text is k neighbouring sentences; video every r-th clip of their clips, or a negative's."""
+  seen = {"text": 0, "video": 0, "pos": 0, "same": 0, "other": 0}
+  for row in unmasked_rows:
+    text, visual = _parts(row)
+    regime, k, rate = int(row["regime"]), int(row["debug_concat"]), int(row["debug_rate"])
+    if regime != sequence.REGIME_VIDEO:
+      heads = text[::5]
+      rec, first = divmod(int(heads[0]) - TEXT0, 100)
+      expected = np.concatenate([TEXT0 + 100 * rec + np.arange(first, first + 5 * k)])
+      np.testing.assert_array_equal(text, expected)
+      assert rec == row["debug_record"] and first % 5 == 0
+    if regime == sequence.REGIME_TEXT:
+      assert not len(visual)
+      seen["text"] += 1
+      continue
+    assert len(visual) and (np.diff(visual) == rate).all()
+    vrec, clip = np.divmod(visual, CLIPS_PER_RECORD)
+    assert (vrec == vrec[0]).all()
+    if regime == sequence.REGIME_VIDEO:
+      assert not len(text) and vrec[0] == row["debug_record"]
+      seen["video"] += 1
+      continue
+    s = first // 5
+    window = (3 * s, 3 * (s + k))
+    if row["lva_label"] == 1:
+      assert vrec[0] == rec and (clip >= window[0]).all() and (clip < window[1]).all()
+      assert clip[0] - window[0] < rate  # the phase lies within the first `rate` clips
+      seen["pos"] += 1
+    elif row["debug_negative_source"] == ip.NEGATIVE_SAME_VIDEO:
+      assert vrec[0] == rec and ((clip < window[0]) | (clip >= window[1])).all()
+      seen["same"] += 1
+    else:
+      assert vrec[0] != rec and vrec[0] == row["debug_negative_record"]
+      seen["other"] += 1
+  assert min(seen.values()) > 20, seen
+
+
+def test_batches_are_well_formed_and_fit_the_training_contract(records):
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("variant=mu,runlocal")
+  with config.unlocked():
+    config.max_len = 40
+    config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
+  pipeline = ip.make_pipeline(config, records, process_index=0, process_count=1)
+  batches = take(pipeline, 6)
+  spec = train.pretrain_batch_spec(config, config.batch_size)
+  for batch in batches:
+    assert set(batch) == set(spec)  # no debug fields unless asked for
+    for name, s in spec.items():
+      assert batch[name].shape == s.shape and batch[name].dtype == s.dtype, name
+    train.check_pretrain_batch(config, VOCAB, batch, "test batch")
+  sp = VOCAB.specials
+  for row in rows(batches):
+    ids, seg, mask = row["input_ids"].copy(), row["segment_ids"], row["input_mask"]
+    n = int(mask.sum())
+    assert (mask[:n] == 1).all() and (mask[n:] == 0).all() and (ids[n:] == sp.pad).all()
+    assert ids[0] == sp.cls and (ids == sp.cls).sum() == 1
+    assert ids[n - 1] == sp.sep and (ids == sp.sep).sum() == 1
+    np.testing.assert_array_equal(row["position_ids"], np.arange(len(ids)))
+    # Undo the masking: every slot holds the original token of its modality.
+    ids[row["mlm_positions"][row["mlm_weights"] > 0]] = row["mlm_ids"][row["mlm_weights"] > 0]
+    w = row["mvm_weights"] > 0
+    ids[row["mvm_positions"][w]] = row["mvm_ids"][w] + VOCAB.visual_offset
+    body, body_seg = ids[1:n - 1], seg[1:n - 1]
+    regime = int(row["regime"])
+    n_vsep = int((body == sp.video_sep).sum())
+    assert n_vsep == (1 if regime == sequence.REGIME_PAIR else 0)
+    if regime == sequence.REGIME_PAIR:
+      cut = int(np.flatnonzero(body == sp.video_sep)[0])
+      text, video = body[:cut], body[cut + 1:]
+      assert (seg[:cut + 2] == 0).all() and (seg[cut + 2:n] == 1).all()
+    elif regime == sequence.REGIME_TEXT:
+      text, video = body, body[:0]
+      assert (seg[:n] == 0).all()
+    else:
+      text, video = body[:0], body
+      assert seg[0] == 0 and (seg[1:n] == 1).all()
+    assert (seg[n:] == 0).all() and len(body_seg) == n - 2
+    assert VOCAB.is_text(text).all() and VOCAB.is_visual(video).all()
+    m = config.masking
+    assert row["mlm_weights"].sum() == objectives.num_to_predict(len(text),
+                                                                 m.max_predictions_text)
+    assert row["mvm_weights"].sum() == objectives.num_to_predict(len(video),
+                                                                 m.max_predictions_video)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(records):
+  cfg = pipeline_config(read_threads=2)
+  a, b = (take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 4)
+          for _ in range(2))
+  c = take(ip.make_pipeline(pipeline_config(seed=4), records, process_index=0,
+                            process_count=1), 4)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+  assert any(not np.array_equal(x["input_ids"], z["input_ids"]) for x, z in zip(a, c))
+
+
+@pytest.mark.slow
+def test_resume_after_k_batches_with_workers_and_prefetch(records):
+  """Across an epoch boundary; worker processes give the batches of the in-process pipeline."""
+  small = records[:5]  # 5 records x 4 examples = 20 per epoch; 8 batches of 8 = 3.2 epochs
+  cfg = pipeline_config(batch_size=8, worker_count=2, worker_buffer_size=2, read_threads=2,
+                        prefetch_buffer_size=4)
+  reference = take(ip.make_pipeline(pipeline_config(batch_size=8), small, process_index=0,
+                                    process_count=1), 8)
+  first = ip.make_pipeline(cfg, small, process_index=0, process_count=1)
+  try:
+    head = take(first, 3)
+    state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+    take(first, 2)  # the saved state must not follow the iterator on
+  finally:
+    first.close()
+  resumed = ip.make_pipeline(cfg, small, process_index=0, process_count=1)
+  try:
+    resumed.set_state(state)
+    tail = take(resumed, 5)
+  finally:
+    resumed.close()
+  assert set(np.concatenate([b["debug_epoch"] for b in reference]).tolist()) == {0, 1, 2, 3}
+  for got, want in zip(head + tail, reference):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_processes_read_disjoint_shares(records):
+  seen = []
+  for process in range(2):
+    cfg = pipeline_config(num_epochs=1, batch_size=4, shuffle=True)
+    batches = list(ip.make_pipeline(cfg, records, process_index=process, process_count=2))
+    assert len(batches) == 6 * 4 // 4
+    keys = np.concatenate([b["debug_record"] for b in batches])
+    negatives = np.concatenate([b["debug_negative_record"] for b in batches])
+    share = set(keys.tolist())
+    assert share == set(range(6 * process, 6 * process + 6))
+    assert set(negatives[negatives >= 0].tolist()) <= share
+    seen.append(share)
+  assert not seen[0] & seen[1]
+
+
+def test_records_without_asr_give_their_regimes_to_other_records():
+  recs = [structured_record(r, sentences=0 if r % 2 else SENTENCES) for r in range(8)]
+  cfg = pipeline_config(batch_size=64)
+  batch = next(ip.make_pipeline(cfg, recs, process_index=0, process_count=1))
+  np.testing.assert_array_equal(batch["regime"], batch["debug_regime_requested"])
+  text_or_pair = batch["regime"] != sequence.REGIME_VIDEO
+  assert (batch["debug_record"][text_or_pair] % 2 == 0).all()
+
+
+def test_bad_input_is_named(records):
+  bad = dict(records[1], clip_tokens=records[1]["clip_tokens"] + 5000)
+  pipeline = ip.make_pipeline(pipeline_config(regime_weights=(0, 1, 0), examples_per_video=1,
+                                              shuffle=False, batch_size=2),
+                              [records[0], bad], process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"input record 1 \(video 'video1'\): clip_tokens"):
+    next(pipeline)
+  good = ip.make_pipeline(pipeline_config(), records, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="another stream"):
+    good.set_state(dict(good.get_state(), seed=99))
+  with pytest.raises(ValueError, match="3 records cannot give each of 4 processes"):
+    ip.make_pipeline(pipeline_config(), records[:3], process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="lva_negative_rate=1.5"):
+    pipeline_config(lva_negative_rate=1.5)
+
+
+@pytest.mark.slow
+def test_reads_a_tfds_array_record_dataset_by_name(records, tmp_path):
+  """The production path: `create_iterator` opens the built dataset from config.input."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+
+  class PipelineProbe(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The record features as the videobert builder stores them: flat 1-D tensors."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = {"video_id": tfds.features.Text()}
+      features.update({k: tfds.features.Tensor(shape=(None,), dtype=dtype)
+                       for k, dtype in align.VideoRecord.ARRAY_FIELDS.items()})
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(records[:8]),
+              "validation": self._generate_examples(records[8:])}
+
+    def _generate_examples(self, recs):
+      for r in recs:
+        yield r["video_id"], r
+
+  PipelineProbe(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = pretrain.get_config("variant=mu,runlocal")
+  with config.unlocked():
+    config.input.source, config.input.tfds_name = "tfds", "pipeline_probe"
+    config.input.data_dir = str(tmp_path)
+    config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
+  got = ip.create_iterator(config, "eval", batch_size=4, process_index=0, process_count=1)
+  assert len(got.maker.source) == 4
+  # The same records from a list, in the order the data source holds them.
+  source = got.maker.source
+  listed = [{k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
+            for i in range(len(source))]
+  assert sorted(r["video_id"] for r in listed) == sorted(f"video{r}" for r in range(8, 12))
+  want = ip.make_pipeline(config, listed, split="eval", batch_size=4, process_index=0,
+                          process_count=1)
+  for _ in range(3):
+    a, b = next(got), next(want)
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  with config.unlocked():
+    config.input.tfds_name = "no_such_dataset"
+  with pytest.raises(ValueError, match="tfds_name='no_such_dataset'"):
+    ip.create_iterator(config, "train", batch_size=4)

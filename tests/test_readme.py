@@ -1,0 +1,137 @@
+"""Every command the README shows, run as written but on small stand-ins, so the README cannot rot.
+
+Stand-ins shrink what is big (24 videos, a 20736-token vocabulary, BERT-large, a 500k-step run) to
+what runs in minutes on two cores; each is a textual substitution listed in STAND_INS, and a
+command that no longer matches its stand-in fails the test rather than running at full size.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from helpers import bert_dir
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+# Commands that this test does not run, and why.
+NOT_RUN = {"make test": "it is the test suite itself"}
+
+SHORT_RUN = (" --config.total_steps=6 --config.optimizer.warmup_steps=2 --config.eval.every_steps=6"
+             " --config.eval.num_batches=1 --config.checkpoint.every_steps=6")
+
+# (command prefix, [(pattern, replacement), ...]): every pattern must match its command.
+STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("make demo", [(r"^make demo$", "make -C {repo} demo DEMO_WORKDIR={tmp}/demo "
+                    "DEMO_ARGS='--config.total_steps=20 --config.eval.every_steps=10'")]),
+    ("python -m data.demo_world.generate", [(r"--num_videos=24 --size=112",
+                                             "--num_videos=8 --size=64 --workers=1")]),
+    ("python -m vbert_jax.video.extract", [(r"--image_size=224", "--image_size=64 --batch_size=16 "
+                                            "--no_progress")]),
+    ("python -m vbert_jax.vocab.fit", [(r"--depth=4 --branching=12", "--depth=2 --branching=3")]),
+    ("python -m vbert_jax.vocab.grid", []),
+    ("python -m vbert_jax.text.train_sentencepiece", [(r"--vocab_size=8000", "--vocab_size=100")]),
+    ("tfds build data/videobert --manual_dir=corpus --data_dir=tfds_data --config='",
+     [(r'"visual_vocab_size": 20736, "text_vocab_size": 8000',
+       '"visual_vocab_size": 9, "text_vocab_size": 100, "validation_fraction": 0.4')]),
+    # Eight videos need a larger validation fraction than the default to give a validation split.
+    ("tfds build data/videobert --manual_dir=corpus --data_dir=tfds_data --config=bert",
+     [(r"--config=bert$", """--config='{"name": "bert_small", "tokenizer": "wordpiece", "tokenizer_file": "vocab.txt", "validation_fraction": 0.4}'""")]),
+    ("python -m vbert_jax.main --config=configs/pretrain.py:variant=base", [
+        (r"variant=base", "variant=mu,runlocal"),
+        (r"text_vocab_size=8000", "text_vocab_size=100"),
+        (r"visual_vocab_size=20736", "visual_vocab_size=9"),
+        (r"$", SHORT_RUN)]),
+    ("python -m vbert_jax.main --config=configs/pretrain.py:variant=large", [
+        (r"variant=large", "variant=mu,runlocal"),
+        (r"tfds_name=videobert/bert", "tfds_name=videobert/bert_small"),
+        (r"$", " --config.model.visual_vocab_size=9" + SHORT_RUN)]),
+    ("python -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal",
+     [(r"$", " --config.total_steps=20 --config.eval.every_steps=20")]),
+    ("python -m vbert_jax.main --config=configs/pretrain.py:variant=mu,runlocal", []),
+    ("python -m vbert_jax.aot", [(r"variant=base", "variant=mu"),
+                                 (r"$", " --config.batch_size=16 --config.max_len=32")]),
+    ("python -m vbert_jax.video.convert_s3d", []),
+    ("mkdir -p corpus/videos corpus/transcripts", []),
+    ("mv corpus/raw/*.mp4 corpus/videos/", []),
+    ("cp bert-large-uncased/vocab.txt corpus/vocab.txt", []),
+]
+
+
+def readme_commands() -> list[str]:
+  """The commands of the README's ```sh blocks, in order, without comments."""
+  commands = []
+  for block in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+      if line:
+        commands.append(line)
+  return commands
+
+
+def stand_in(command: str, tmp: pathlib.Path) -> str:
+  matches = [(p, subs) for p, subs in STAND_INS if command.startswith(p)]
+  if not matches:
+    raise AssertionError(f"README command without a stand-in entry in {__file__}: {command}")
+  _, subs = max(matches, key=lambda m: len(m[0]))
+  for pattern, replacement in subs:
+    replacement = replacement.replace("{repo}", str(REPO)).replace("{tmp}", str(tmp))
+    command, n = re.subn(pattern, lambda _, r=replacement: r, command, count=1)
+    assert n == 1, f"stand-in {pattern!r} no longer matches the README command: {command}"
+  return command
+
+
+def test_every_readme_command_has_a_stand_in(tmp_path):
+  commands = readme_commands()
+  assert "make demo" in commands and "make test" in commands
+  for command in commands:
+    if command not in NOT_RUN:
+      stand_in(command, tmp_path)
+
+
+def _workspace(tmp: pathlib.Path) -> dict[str, str]:
+  """The user's folder: the repo's data/ and configs/, a BERT and an S3D file of their own."""
+  for name in ("data", "configs"):
+    (tmp / name).symlink_to(REPO / name)
+  bert_dir.write_bert_dir(tmp / "bert-large-uncased", vocab_size=512, hidden_size=32,
+                          num_layers=2, num_heads=2, mlp_dim=64, max_positions=64)
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  torch.save(torchvision.models.video.s3d().state_dict(), tmp / "S3D_kinetics400.pt")
+  venv_bin = str(pathlib.Path(sys.executable).parent)
+  return dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
+              JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+  env = _workspace(tmp_path)
+  for command in readme_commands():
+    if command in NOT_RUN:
+      continue
+    run = stand_in(command, tmp_path)
+    proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (f"README command failed: {command}\nran: {run}\n"
+                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+  # What the pipeline promised to write.
+  assert len(list((tmp_path / "corpus" / "features").glob("*.npz"))) == 8
+  assert (tmp_path / "corpus" / "vocab_grid.png").stat().st_size > 0
+  assert (tmp_path / "corpus" / "text.model").is_file()
+  assert (tmp_path / "s3d.msgpack").is_file()
+  for run in ("base", "large", "tiny", "fsdp"):
+    assert any((tmp_path / "runs" / run / "checkpoints").iterdir()), run
+  assert any((tmp_path / "demo" / "checkpoints").iterdir())
+
+
+def test_not_run_commands_are_real_make_targets():
+  targets = re.findall(r"^([a-z]+):", (REPO / "Makefile").read_text(), re.M)
+  for command in NOT_RUN:
+    assert shlex.split(command)[1] in targets

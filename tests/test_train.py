@@ -1,0 +1,349 @@
+"""The generic trainer and the loop: learning on the generated source, resume, accumulation,
+non-finite stops, bad input, metrics and the files a run leaves in its workdir."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain
+from vbert_jax import metrics
+from vbert_jax import synthetic
+from vbert_jax import train
+
+DIM = 16
+
+
+# A toy task and input source: the trainer takes any (init, loss, iterator) triple.
+
+
+def toy_task(dropout: float = 0.0) -> train.Task:
+  def init(rng):
+    w = nn.with_logical_partitioning(nn.initializers.normal(0.5), ("embed", "mlp"))
+    b = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",))
+    k1, k2 = jax.random.split(rng)
+    return {"w": w(k1, (DIM, DIM)), "b": b(k2, (DIM,))}
+
+  def loss(params, batch, rng):
+    x = batch["x"]
+    if rng is not None and dropout > 0:
+      x = x * jax.random.bernoulli(rng, 1 - dropout, x.shape) / (1 - dropout)
+    err = x @ params["w"] + params["b"] - batch["y"]
+    mse = jnp.mean(err ** 2)
+    # poison 1: the loss itself goes NaN; poison 2: a finite loss whose gradient norm overflows.
+    mse = mse + jnp.log(jnp.where(batch["poison"].max() == 1, -1.0, 1.0))
+    mse = mse + (batch["poison"].max() == 2) * 3e38 * params["b"][0]
+    hits = (jnp.abs(err) < 0.5).mean(axis=1)
+    return mse, {"mse": mse, "close_accuracy": hits.mean(),
+                 "close_count": jnp.float32(x.shape[0])}
+
+  return train.Task(init=init, loss=loss, tokens_per_example=DIM)
+
+
+class ToySource:
+  """Regression batches, each a pure function of its index; optional poison at one step."""
+
+  def __init__(self, batch_size: int, poison_step: int = 0, poison_kind: int = 1,
+               crash_at: int = 0):
+    self.batch_size, self.index = batch_size, 0
+    self.poison_step, self.poison_kind, self.crash_at = poison_step, poison_kind, crash_at
+    self.w = np.random.default_rng(99).normal(size=(DIM, DIM)).astype(np.float32)
+
+  def __next__(self):
+    if self.index + 1 == self.crash_at:
+      raise RuntimeError(f"input went away before batch {self.crash_at}")
+    rng = np.random.default_rng([5, self.index])
+    self.index += 1
+    x = rng.normal(size=(self.batch_size, DIM)).astype(np.float32)
+    poison = np.full(self.batch_size, self.poison_kind if self.index == self.poison_step else 0,
+                     np.int32)
+    return {"x": x, "y": x @ self.w, "poison": poison}
+
+  def get_state(self):
+    return {"index": self.index}
+
+  def set_state(self, state):
+    self.index = int(state["index"])
+
+
+def toy_config(total_steps=6, **changes):
+  c = pretrain.get_config("variant=mu,runlocal")
+  with c.unlocked():
+    c.batch_size = 8
+    c.total_steps = total_steps
+    c.log_every_steps = 1
+    c.eval.every_steps = 3
+    c.eval.num_batches = 2
+    c.checkpoint.every_steps = 2
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.warmup_steps = 1
+    c.compilation_cache_dir = ""
+    for key, value in changes.items():
+      node = c
+      *path, last = key.split(".")
+      for p in path:
+        node = node[p]
+      node[last] = value
+  return c
+
+
+def _toy_run(workdir, config, source=None, task=None):
+  return train.train_loop(task or toy_task(dropout=0.2), config, workdir,
+                          source or ToySource(config.batch_size),
+                          lambda: ToySource(config.batch_size, poison_step=-1))
+
+
+# The runlocal pretraining run, through the command line.
+
+
+@pytest.fixture(scope="module")
+def runlocal_run(tmp_path_factory, repo_root):
+  workdir = tmp_path_factory.mktemp("runlocal")
+  env = dict(os.environ)
+  # One CPU device: on two cores the tiny model runs fastest unsplit.
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")
+  cmd = [sys.executable, "-m", "vbert_jax.main",
+         "--config=configs/pretrain.py:variant=tiny,runlocal", f"--workdir={workdir}",
+         f"--config.compilation_cache_dir={repo_root / '.cache' / 'jax'}"]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True,
+                        timeout=600)
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, seconds, proc.stderr
+
+
+def test_runlocal_learns_the_generated_task(runlocal_run):
+  workdir, seconds, _ = runlocal_run
+  evals = metrics.read_jsonl(workdir, "eval")
+  assert [r["step"] for r in evals] == [100, 200, 300]
+  final = evals[-1]
+  print(f"runlocal: {seconds:.1f} s; held-out at step 300: mlm {final['mlm_accuracy']:.3f}, "
+        f"mvm {final['mvm_accuracy']:.3f}, lva {final['lva_accuracy']:.3f}")
+  assert final["mlm_accuracy"] >= 0.9
+  assert final["mvm_accuracy"] >= 0.9
+  assert final["lva_accuracy"] >= 0.9
+  # Evaluated over real slots and examples of every kind.
+  assert final["mlm_count"] > 50 and final["mvm_count"] > 50 and final["lva_count"] > 50
+  # Before training the task is not solved: the accuracies were learned.
+  first_train = metrics.read_jsonl(workdir, "train")[0]
+  assert first_train["lva_accuracy"] < 0.75 and first_train["mvm_accuracy"] < 0.5
+
+
+def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
+  workdir, _, log = runlocal_run
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["variant"] == "tiny" and config["max_len"] == 16
+  versions = json.loads((workdir / "versions.json").read_text())
+  assert versions["packages"]["jax"] == jax.__version__
+  assert versions["device_count"] == 1
+  rows = metrics.read_jsonl(workdir, "train")
+  assert [r["step"] for r in rows] == list(range(25, 301, 25))
+  for key in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "tokens_per_sec",
+              "tflops_per_sec", "mlm_loss", "mvm_loss", "lva_loss"):
+    assert all(np.isfinite(r[key]) for r in rows[1:]), key
+  assert rows[-1]["loss"] < rows[0]["loss"] / 3
+  assert rows[-1]["learning_rate"] < rows[1]["learning_rate"]  # decays after warmup
+  assert list((workdir).glob("events.out.tfevents*")), "no TensorBoard events"
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [100, 200, 300]
+  assert "ETA" in log and "step 300/300" in log
+
+
+# Resume, profiling, accumulation.
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+  whole = _toy_run(tmp_path / "whole", toy_config(6, **{"profile.start_step": 2,
+                                                         "profile.num_steps": 2}))
+  with pytest.raises(RuntimeError, match="input went away"):
+    _toy_run(tmp_path / "split", toy_config(6), ToySource(8, crash_at=5))
+  resumed = _toy_run(tmp_path / "split", toy_config(6))
+  assert whole.step == resumed.step == 6
+  assert [s for s, _ in resumed.train_history] == [5, 6]
+  for a, b in zip(jax.tree.leaves(whole.state.params), jax.tree.leaves(resumed.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  losses = {s: m["loss"] for s, m in whole.train_history}
+  assert [losses[s] for s in (5, 6)] == [m["loss"] for _, m in resumed.train_history]
+  assert len(set(losses.values())) == 6
+  # The profile window wrote a trace.
+  assert list((tmp_path / "whole" / "profile").rglob("*.xplane.pb"))
+  # The eval metrics: means weighted by their counts.
+  assert [s for s, _ in whole.eval_history] == [3, 6]
+  assert whole.eval_history[-1][1]["close_count"] == 16.0
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  grads, params = [], []
+  for micro in (1, 4):
+    # 32 rows over 8 devices: each of the 4 micro-batches still covers every device.
+    config = toy_config(grad_accum_steps=micro, batch_size=32)
+    trainer = train.Trainer(toy_task(), config, return_grads=True)
+    state = trainer.init_state()
+    batch = trainer.put_batch(next(ToySource(config.batch_size)))
+    state, sums, g = trainer.train_step(state, batch)
+    grads.append(jax.device_get(g))
+    params.append(jax.device_get(state.params))
+    assert float(sums["close_count"]) == 32.0
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_linearly():
+  schedule = train.make_schedule(dict(learning_rate=1e-3, end_learning_rate=0.0,
+                                      warmup_steps=10), 110)
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+  with pytest.raises(ValueError, match="config.optimizer.warmup_steps=20 with "
+                                       "config.total_steps=10"):
+    train.make_schedule(dict(learning_rate=1e-3, end_learning_rate=0.0, warmup_steps=20), 10)
+
+
+# Stops and bad input.
+
+
+@pytest.mark.parametrize("kind,quantity,value", [(1, "loss", "nan"), (2, "grad_norm", "inf")])
+def test_non_finite_stops_naming_step_and_quantity_without_saving(tmp_path, kind, quantity,
+                                                                  value):
+  config = toy_config(8, log_every_steps=10)
+  with pytest.raises(metrics.NonFiniteError,
+                     match=rf"non-finite {quantity} \({value}\) at step 5"):
+    _toy_run(tmp_path, config, ToySource(8, poison_step=5, poison_kind=kind))
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [2, 4]
+
+
+def test_empty_or_unwritable_workdir_is_named(tmp_path):
+  with pytest.raises(ValueError, match="workdir is empty"):
+    _toy_run("", toy_config())
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(PermissionError, match=rf"workdir {blocker}/run is not writable"):
+    _toy_run(blocker / "run", toy_config())
+  with pytest.raises(NotADirectoryError, match=rf"workdir {blocker} exists and is not a dir"):
+    _toy_run(blocker, toy_config())
+
+
+class _Corrupting:
+  """Wraps a source and puts one out-of-vocabulary id into its first batch."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __next__(self):
+    batch = next(self.source)
+    batch["input_ids"][1, 3] = 10 ** 6
+    return batch
+
+  def get_state(self):
+    return self.source.get_state()
+
+  def set_state(self, state):
+    self.source.set_state(state)
+
+
+def test_ids_outside_the_vocabulary_are_named(tmp_path):
+  config = toy_config(2)
+  source = _Corrupting(synthetic.from_config(config, "train", batch_size=config.batch_size))
+  with pytest.raises(ValueError, match=r"train batch of step 1: input_ids: token ids \[1000000\] "
+                                       r"are outside the joint vocabulary \(text \[0, 512\)"):
+    train.train_loop(train.videobert_task(config), config, tmp_path, source)
+  bad = next(synthetic.from_config(config, "train", batch_size=4))
+  bad["mvm_ids"][0, 0] = 256
+  with pytest.raises(ValueError, match=r"eval: mvm_ids in \[\d+, 256\] fall outside \[0, 256\)"):
+    train.videobert_task(config).check_batch(bad, "eval")
+  bad = next(synthetic.from_config(config, "train", batch_size=4))
+  bad["input_ids"] = bad["input_ids"][:, :8]
+  with pytest.raises(ValueError, match=r"x: input_ids has shape \(4, 8\); expected \(4, 16\)"):
+    train.videobert_task(config).check_batch(bad, "x")
+
+
+def test_max_len_beyond_positions_is_named():
+  config = toy_config()
+  with config.unlocked():
+    config.max_len = 100
+  with pytest.raises(ValueError, match=r"config.max_len=100 exceeds config.model."
+                                       r"max_position_embeddings=64"):
+    train.videobert_task(config)
+
+
+# The generated source.
+
+
+def test_synthetic_source_is_exact_resumable_and_split_by_process():
+  config = toy_config()
+  whole = synthetic.from_config(config, "train", batch_size=8)
+  batches = [next(whole) for _ in range(3)]
+  again = synthetic.from_config(config, "train", batch_size=8)
+  again.set_state(json.loads(json.dumps(whole.get_state())))
+  again.set_state({"step": 1, "seed": config.seed, "split": "train"})
+  for key, value in next(again).items():
+    np.testing.assert_array_equal(value, batches[1][key])
+  halves = [synthetic.from_config(config, "train", batch_size=4, process_index=i,
+                                  process_count=2) for i in range(2)]
+  joined = [next(h) for h in halves]
+  for key in batches[0]:
+    np.testing.assert_array_equal(np.concatenate([joined[0][key], joined[1][key]]),
+                                  batches[0][key])
+  held_out = next(synthetic.from_config(config, "eval", batch_size=8))
+  assert not np.array_equal(held_out["input_ids"], batches[0]["input_ids"])
+  with pytest.raises(ValueError, match="saved state .* is for another stream"):
+    again.set_state({"step": 1, "seed": config.seed, "split": "eval"})
+
+
+def test_synthetic_video_is_a_function_of_the_text():
+  config = toy_config()
+  source = synthetic.from_config(config, "train", batch_size=64)
+  world, vocab = source.world, source.vocab
+  mapping = {}
+  for text, video in zip(world.texts, world.videos):
+    assert len(text) == len(video)
+    for word, token in zip(text, video):
+      assert mapping.setdefault(word, token) == token
+  batch = next(source)
+  pair = batch["regime"] == 2
+  assert set(batch["lva_label"][pair].tolist()) == {0, 1}
+  assert (batch["lva_weight"][~pair] == 0).all()
+  vocab.check_ids(batch["input_ids"])
+  assert (batch["mlm_weights"].sum(1)[batch["regime"] == 1] == 0).all()  # video-only: no MLM
+
+
+# Metrics.
+
+
+def test_metric_sums_weight_by_counts():
+  a = metrics.to_sums({"loss": 2.0, "mlm_accuracy": 1.0, "mlm_count": 3.0})
+  b = metrics.to_sums({"loss": 4.0, "mlm_accuracy": 0.0, "mlm_count": 1.0})
+  means = metrics.from_sums(metrics.add_sums(a, b))
+  assert means == {"loss": 3.0, "mlm_accuracy": 0.75, "mlm_count": 4.0}
+  empty = metrics.from_sums(metrics.to_sums({"lva_accuracy": 0.0, "lva_count": 0.0}))
+  assert empty["lva_accuracy"] == 0.0
+
+
+def test_throughput_and_mfu():
+  assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert metrics.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics.peak_flops_per_device("cpu") == 0.0
+  assert metrics.peak_flops_per_device("cpu", override=1e11) == 1e11
+  meter = metrics.Throughput(tokens_per_step=1000, flops_per_step=2e9, num_devices=2,
+                             peak_per_device=1e10)
+  meter.start(0)
+  time.sleep(0.2)
+  out = meter.report(4)
+  seconds = 4 / out["steps_per_sec"]
+  assert 0.19 < seconds < 2.0
+  np.testing.assert_allclose(out["tokens_per_sec"], 4000 / seconds, rtol=1e-9)
+  np.testing.assert_allclose(out["mfu"], 4 * 2e9 / seconds / 2e10, rtol=1e-9)
+  line = metrics.Progress(total_steps=100, first_step=0).line(50)
+  assert line.startswith("step 50/100 (50.0%)") and "ETA" in line

@@ -1,0 +1,520 @@
+"""The input pipeline: records of the aligned dataset -> masked, packed host batches.
+
+Works over any random-access source of `VideoRecord.to_features()` dicts: a list in tests, the
+TFDS array_record data source (`builder.as_data_source(split)`) in production. Each JAX process
+reads only its own contiguous share of the records (`grain.sharding.even_split`, as
+`grain.ShardByJaxProcess` does), and each record stands for `examples_per_video` examples per
+epoch. One example, the paper's recipe:
+
+  1. a regime, text-only / video-only / video-text, drawn in the configured proportions
+     (a record that cannot give that regime, such as a video without ASR for text-only, hands
+     the example to another record of the same share; see `_MAX_TRIES`);
+  2. random concatenation: a window of 1..n neighbouring sentences (with the clips they cover)
+     for text and video-text, or of 1..n neighbouring segments for video-only;
+  3. a random video subsampling rate r in 1..max_rate: every r-th clip token, from a random phase;
+  4. for video-text, with probability `lva_negative_rate` a negative (`lva_label` 0): the text
+     with the visual tokens of a different window, from the same video where one does not overlap
+     the sentence's clips, else from another video of the share (`negative_other_video` sets how
+     often another video is preferred);
+  5. packing with `sequence.Layout` and BERT masking with `objectives.MaskingConfig`.
+
+Every choice comes from a NumPy generator seeded by (seed, split, epoch, global element index),
+never from worker or thread order, so a pipeline is a pure function of (seed, process index,
+process count): batches repeat exactly across runs, worker counts and thread counts, and a
+restored iterator continues where the saved one stood. Parallelism and prefetching are grain's
+(`ReadOptions` threads, `mp_prefetch` worker processes); its iterator state is a JSON-able dict.
+
+The iterator contract is the one of `vbert_jax/synthetic.py`: `next(it)` gives this process's rows
+of the next global batch, `get_state()` / `set_state(state)` save and restore the position.
+With `debug=True` each batch also carries the per-example choices (`debug_*` fields) so that
+their statistics can be measured; the training batch is otherwise unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Mapping, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from vbert_jax import objectives
+from vbert_jax import sequence
+
+SPLIT_CODES = {"train": 0, "eval": 1}
+# How many records an example may look at before it settles for another regime.
+_MAX_TRIES = 8
+# Per-example choices added to a batch with debug=True.
+DEBUG_KEYS = ("debug_index", "debug_epoch", "debug_record", "debug_regime_requested",
+              "debug_concat_requested", "debug_concat", "debug_rate", "debug_negative_source",
+              "debug_negative_record")
+NEGATIVE_NONE, NEGATIVE_SAME_VIDEO, NEGATIVE_OTHER_VIDEO = -1, 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """What one pipeline needs, read from a pretraining config by `PipelineConfig.from_config`."""
+  vocab: sequence.JointVocab
+  max_len: int
+  batch_size: int  # rows per host
+  masking: objectives.MaskingConfig = objectives.MaskingConfig()
+  regime_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # text, video, pair
+  lva_negative_rate: float = 0.5
+  negative_other_video: float = 0.5  # share of negatives that look in another video first
+  max_concat: int = 3  # neighbouring sentences (segments) joined into one example: 1..n
+  max_subsample_rate: int = 5  # every r-th clip token, r in 1..max_subsample_rate
+  examples_per_video: int = 1  # examples drawn from each record per epoch
+  seed: int = 0
+  split: str = "train"
+  shuffle: bool = True
+  num_epochs: int | None = None  # None: repeat for ever
+  read_threads: int = 0  # grain ReadOptions.num_threads (0: in the iterating thread)
+  prefetch_buffer_size: int = 64
+  worker_count: int = 0  # grain worker processes (mp_prefetch); 0: none
+  worker_buffer_size: int = 2
+  debug: bool = False
+
+  def __post_init__(self):
+    w = np.asarray(self.regime_weights, np.float64)
+    problems = []
+    if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
+      problems.append(f"regimes (text, video, pair)={self.regime_weights}: expected three "
+                      f"non-negative numbers, not all zero")
+    for name in ("lva_negative_rate", "negative_other_video"):
+      if not 0 <= getattr(self, name) <= 1:
+        problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
+    for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name}={getattr(self, name)}: expected at least 1")
+    if self.split not in SPLIT_CODES:
+      problems.append(f"split={self.split!r}: expected one of {sorted(SPLIT_CODES)}")
+    if self.worker_count < 0 or self.read_threads < 0:
+      problems.append(f"worker_count={self.worker_count}, read_threads={self.read_threads}: "
+                      f"expected >= 0")
+    if problems:
+      raise ValueError("input pipeline config: " + "; ".join(problems))
+
+  @property
+  def regime_p(self) -> np.ndarray:
+    w = np.asarray(self.regime_weights, np.float64)
+    return w / w.sum()
+
+  @classmethod
+  def from_config(cls, config: Any, split: str = "train", *, batch_size: int,
+                  **overrides) -> "PipelineConfig":
+    """From a pretraining config (configs/pretrain.py); `config.input.*` keys it lacks default."""
+    inp = config.input
+    m = config.masking
+    masking = objectives.MaskingConfig(
+        max_predictions_text=m.max_predictions_text,
+        max_predictions_video=m.max_predictions_video, rate=m.rate, mask_prob=m.mask_prob,
+        random_prob=m.random_prob)
+    specials = sequence.SpecialIds.parse(config.model.get("special_ids", None))
+    fields = dict(
+        vocab=sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size,
+                                  specials),
+        max_len=config.max_len, batch_size=batch_size, masking=masking,
+        regime_weights=(config.regimes.text, config.regimes.video, config.regimes.pair),
+        lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key in ("negative_other_video", "max_concat", "max_subsample_rate", "examples_per_video",
+                "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
+      fields[key] = inp.get(key, defaults[key])
+    fields.update(overrides)
+    return cls(**fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+class _Record:
+  """The arrays of one record that examples need, with its sentence / clip segment lists."""
+
+  __slots__ = ("key", "video_id", "clips", "text", "offsets", "seg_sentence", "seg_begin",
+               "seg_end", "text_segs", "pair_segs", "clip_segs")
+
+  def __init__(self, key: int, features: Any, vocab: sequence.JointVocab):
+    get = features.__getitem__ if isinstance(features, Mapping) else \
+        lambda k: getattr(features, k)
+    vid = get("video_id")
+    self.key = key
+    self.video_id = vid.decode("utf-8") if isinstance(vid, bytes) else str(vid)
+    self.clips = np.asarray(get("clip_tokens"), np.int32)
+    self.text = np.asarray(get("text_tokens"), np.int32)
+    lengths = np.asarray(get("text_lengths"), np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+    self.seg_sentence = np.asarray(get("segment_sentence"), np.int32)
+    self.seg_begin = np.asarray(get("segment_clip_begin"), np.int32)
+    self.seg_end = np.asarray(get("segment_clip_end"), np.int32)
+    self._check(vocab)
+    has_text = self.seg_sentence >= 0
+    has_clips = self.seg_end > self.seg_begin
+    self.text_segs = np.flatnonzero(has_text)
+    self.pair_segs = np.flatnonzero(has_text & has_clips)
+    self.clip_segs = np.flatnonzero(has_clips)
+
+  def _check(self, vocab: sequence.JointVocab) -> None:
+    """The ranges an example relies on; errors name the record and the field."""
+    def fail(what: str):
+      raise ValueError(f"input record {self.key} (video {self.video_id!r}): {what}")
+    c, t = len(self.clips), len(self.text)
+    if c and (self.clips.min() < 0 or self.clips.max() >= vocab.visual_size):
+      fail(f"clip_tokens in [{self.clips.min()}, {self.clips.max()}]; expected [0, "
+           f"{vocab.visual_size}) (config.model.visual_vocab_size)")
+    if t and (self.text.min() < 0 or self.text.max() >= vocab.text_size):
+      fail(f"text_tokens in [{self.text.min()}, {self.text.max()}]; expected [0, "
+           f"{vocab.text_size}) (config.model.text_vocab_size)")
+    if self.offsets[-1] != t:
+      fail(f"text_lengths sum to {self.offsets[-1]} but text_tokens has {t}")
+    g = len(self.seg_sentence)
+    if len(self.seg_begin) != g or len(self.seg_end) != g:
+      fail("segment_sentence, segment_clip_begin and segment_clip_end differ in length")
+    if g and ((self.seg_begin < 0) | (self.seg_end < self.seg_begin) | (self.seg_end > c)).any():
+      fail(f"segment clip ranges outside [0, {c}]")
+    if g and self.seg_sentence.max() >= len(self.offsets) - 1:
+      fail(f"segment_sentence refers to sentence {self.seg_sentence.max()} of "
+           f"{len(self.offsets) - 1}")
+
+  def text_of(self, segs: np.ndarray) -> np.ndarray:
+    parts = [self.text[self.offsets[s]:self.offsets[s + 1]] for s in self.seg_sentence[segs]]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+  def clip_range(self, segs: np.ndarray) -> tuple[int, int]:
+    """The clips a window of segments covers: from its first begin to its last end."""
+    return int(self.seg_begin[segs].min()), int(self.seg_end[segs].max())
+
+
+def _window(rng: np.random.Generator, candidates: np.ndarray, k: int) -> np.ndarray:
+  """k neighbouring entries of `candidates` (fewer if it is shorter), from a uniform start."""
+  k = min(k, len(candidates))
+  start = int(rng.integers(len(candidates) - k + 1))
+  return candidates[start:start + k]
+
+
+def _subsample(rng: np.random.Generator, clips: np.ndarray, rate: int) -> np.ndarray:
+  """Every `rate`-th clip token from a random phase, so each clip can appear at any rate."""
+  phase = int(rng.integers(min(rate, len(clips)))) if len(clips) else 0
+  return clips[phase::rate]
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+class ExampleMaker:
+  """Element index -> packed, masked example; a pure function of (config, share, index).
+
+  Picklable (it holds the source and plain settings), so grain's worker processes run it.
+  """
+
+  def __init__(self, config: PipelineConfig, source: Any, share: tuple[int, int]):
+    self.config = config
+    self.source = source
+    self.share = share  # [begin, end) record keys of this process
+    self.layout = sequence.Layout(config.vocab, config.max_len)
+    self.regime_cdf = np.cumsum(config.regime_p)
+    self.split_code = SPLIT_CODES[config.split]
+    self.elements_per_epoch = (share[1] - share[0]) * config.examples_per_video
+
+  def record(self, key: int) -> _Record:
+    return _Record(key, self.source[key], self.config.vocab)
+
+  def _other_key(self, rng: np.random.Generator, key: int) -> int | None:
+    begin, end = self.share
+    if end - begin < 2:
+      return None
+    other = int(rng.integers(begin, end - 1))
+    return other + 1 if other >= key else other
+
+  def batch(self, batch_index: int, elements: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples of one batch of element ids, stacked; `batch_index` counts batches."""
+    first = batch_index * len(elements)
+    rows = [self(first + j, int(e)) for j, e in enumerate(elements)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  def __call__(self, index: int, element: int) -> dict[str, np.ndarray]:
+    """`index`: position in the repeated stream; `element`: global id (record * K + slot)."""
+    c = self.config
+    epoch = index // self.elements_per_epoch
+    rng = np.random.default_rng([c.seed, self.split_code, epoch, int(element)])
+    # Inverse CDF: a tenth of the cost of rng.choice(3, p=...) per example.
+    requested = min(int(np.searchsorted(self.regime_cdf, rng.random(), side="right")), 2)
+    k_req = int(rng.integers(1, c.max_concat + 1))
+    rate = int(rng.integers(1, c.max_subsample_rate + 1))
+    negative = bool(rng.random() < c.lva_negative_rate)
+    key = int(element) // c.examples_per_video
+    rec, regime = self._record_for(rng, key, requested)
+    label, weight, neg_source, neg_key = 0, 0.0, NEGATIVE_NONE, -1
+    if regime == sequence.REGIME_TEXT:
+      window = _window(rng, rec.text_segs, k_req)
+      packed = self.layout.text_only(rec.text_of(window))
+    elif regime == sequence.REGIME_VIDEO:
+      window = _window(rng, rec.clip_segs, k_req)
+      b, e = rec.clip_range(window)
+      packed = self.layout.video_only(_subsample(rng, rec.clips[b:e], rate))
+    else:
+      window = _window(rng, rec.pair_segs, k_req)
+      b, e = rec.clip_range(window)
+      clips, label, weight = rec.clips[b:e], 1, 1.0
+      if negative:
+        found = self._negative(rng, rec, (b, e), len(window))
+        if found is not None:
+          clips, neg_source, neg_key = found
+          label = 0
+      packed = self.layout.pair(rec.text_of(window), _subsample(rng, clips, rate))
+    out = packed.as_dict()
+    out.update(c.masking.mask_example(rng, packed.input_ids, c.vocab))
+    out["lva_label"] = np.int32(label)
+    out["lva_weight"] = np.float32(weight)
+    if c.debug:
+      values = (element, epoch, rec.key, requested, k_req, len(window),
+                rate if regime != sequence.REGIME_TEXT else 0, neg_source, neg_key)
+      out.update({name: np.int32(v) for name, v in zip(DEBUG_KEYS, values)})
+    return out
+
+  def _record_for(self, rng: np.random.Generator, key: int, regime: int
+                  ) -> tuple[_Record, int]:
+    """A record able to give `regime`: this one, else others of the share, else another regime."""
+    rec = first = self.record(key)
+    for _ in range(_MAX_TRIES):
+      if _supports(rec, regime):
+        return rec, regime
+      other = self._other_key(rng, key)
+      if other is None:
+        break
+      rec = self.record(other)
+    for fallback in (sequence.REGIME_PAIR, sequence.REGIME_VIDEO, sequence.REGIME_TEXT):
+      if _supports(first, fallback):
+        return first, fallback
+    raise ValueError(f"input record {key} (video {first.video_id!r}): no sentences and no clips; "
+                     f"expected at least one segment with text or visual tokens")
+
+  def _negative(self, rng: np.random.Generator, rec: _Record, span: tuple[int, int], k: int
+                ) -> tuple[np.ndarray, int, int] | None:
+    """Visual tokens of a window that is not the sentence's: same video or another."""
+    prefer_other = rng.random() < self.config.negative_other_video
+    order = ((self._negative_other, self._negative_same) if prefer_other
+             else (self._negative_same, self._negative_other))
+    for find in order:
+      found = find(rng, rec, span, k)
+      if found is not None:
+        return found
+    return None
+
+  def _negative_same(self, rng: np.random.Generator, rec: _Record, span: tuple[int, int],
+                     k: int) -> tuple[np.ndarray, int, int] | None:
+    segs = rec.clip_segs
+    k = min(k, len(segs))
+    if not k:
+      return None
+    starts = rec.seg_begin[segs[:len(segs) - k + 1]]
+    ends = np.lib.stride_tricks.sliding_window_view(rec.seg_end[segs], k).max(axis=1)
+    # Windows sharing no clip with the sentence's (segments are in time order).
+    disjoint = np.flatnonzero((ends <= span[0]) | (starts >= span[1]))
+    if not len(disjoint):
+      return None
+    j = int(disjoint[rng.integers(len(disjoint))])
+    return rec.clips[starts[j]:ends[j]], NEGATIVE_SAME_VIDEO, rec.key
+
+  def _negative_other(self, rng: np.random.Generator, rec: _Record, span: tuple[int, int],
+                      k: int) -> tuple[np.ndarray, int, int] | None:
+    del span
+    for _ in range(_MAX_TRIES):
+      key = self._other_key(rng, rec.key)
+      if key is None:
+        return None
+      other = self.record(key)
+      if len(other.clip_segs):
+        b, e = other.clip_range(_window(rng, other.clip_segs, k))
+        return other.clips[b:e], NEGATIVE_OTHER_VIDEO, key
+    return None
+
+
+def _supports(rec: _Record, regime: int) -> bool:
+  if regime == sequence.REGIME_TEXT:
+    return len(rec.text_segs) > 0
+  if regime == sequence.REGIME_VIDEO:
+    return len(rec.clip_segs) > 0
+  return len(rec.pair_segs) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The iterator
+# --------------------------------------------------------------------------------------------
+
+
+def process_share(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[begin, end) of the records process `process_index` reads.
+
+  Contiguous and of equal size (the remainder is dropped), as `grain.ShardByJaxProcess(
+  drop_remainder=True)` splits them: every host runs the same number of steps per epoch.
+  """
+  options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+  per_shard = num_records // options.shard_count
+  begin, end = per_shard * options.shard_index, per_shard * (options.shard_index + 1)
+  if end <= begin:
+    raise ValueError(f"input pipeline: {num_records} records cannot give each of "
+                     f"{process_count} processes a share; expected at least {process_count}")
+  return begin, end
+
+
+def _shuffle_seed(seed: int, split: str) -> int:
+  return zlib.crc32(f"{seed}/{split}".encode()) % 2**32
+
+
+class Pipeline:
+  """This process's batches: `next()`, `get_state()`, `set_state()` (the input contract)."""
+
+  def __init__(self, config: PipelineConfig, source: Any, process_index: int,
+               process_count: int):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"input pipeline: process_index={process_index} outside [0, "
+                       f"{process_count})")
+    self.config = config
+    self.process_index = process_index
+    self.process_count = process_count
+    self.share = process_share(len(source), process_index, process_count)
+    self.maker = ExampleMaker(config, source, self.share)
+    self._dataset = self._build()
+    self._iter = iter(self._dataset)
+
+  def _build(self) -> grain.IterDataset:
+    c, k = self.config, self.config.examples_per_video
+    ds = grain.MapDataset.range(self.share[0] * k, self.share[1] * k)
+    if c.shuffle:
+      ds = ds.shuffle(seed=_shuffle_seed(c.seed, c.split))  # reshuffled each epoch by grain
+    # Batches of element ids, then one call makes the whole batch: stacking it ourselves costs
+    # a third of what stacking example dicts through grain's tree utilities does.
+    ds = ds.repeat(c.num_epochs).batch(c.batch_size, drop_remainder=True)
+    ds = ds.map_with_index(self.maker.batch)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
+                                              prefetch_buffer_size=c.prefetch_buffer_size))
+    if c.worker_count:
+      # grain reads absl flags in its workers; a program without absl.app has not parsed them.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=c.worker_count, per_worker_buffer_size=c.worker_buffer_size))
+    return it
+
+  def __iter__(self) -> "Pipeline":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iter)
+
+  def _identity(self) -> dict[str, Any]:
+    return {"seed": self.config.seed, "split": self.config.split,
+            "process": [self.process_index, self.process_count],
+            "examples_per_video": self.config.examples_per_video,
+            "batch_size": self.config.batch_size}
+
+  def get_state(self) -> dict[str, Any]:
+    """A JSON-able dict: grain's iterator state and what the stream is."""
+    return {"grain": self._iter.get_state(), **self._identity()}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    mine = self._identity()
+    theirs = {k: state.get(k) for k in mine}
+    theirs["process"] = list(theirs["process"] or [])
+    if theirs != mine:
+      raise ValueError(f"input pipeline: saved state {theirs} is for another stream; this one "
+                       f"is {mine}")
+    self._iter.set_state(state["grain"])
+
+  def close(self) -> None:
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
+
+
+def make_pipeline(config: Any, source: Sequence[Any], *, split: str | None = None,
+                  batch_size: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None, **overrides) -> Pipeline:
+  """The pipeline over `source` (any random-access sequence of record dicts).
+
+  `config` is a `PipelineConfig` or a pretraining config; `batch_size` is this host's rows
+  (default: config.batch_size split over the processes); process index and count default to
+  JAX's. `overrides` replace PipelineConfig fields (debug=True, worker_count=2, ...).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if isinstance(config, PipelineConfig):
+    cfg = dataclasses.replace(config, split=split or config.split, **overrides)
+  else:
+    if batch_size is None:
+      if config.batch_size % process_count:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the "
+                         f"{process_count} processes")
+      batch_size = config.batch_size // process_count
+    cfg = PipelineConfig.from_config(config, split or "train", batch_size=batch_size,
+                                     **overrides)
+  if batch_size is not None and batch_size != cfg.batch_size:
+    cfg = dataclasses.replace(cfg, batch_size=batch_size)
+  return Pipeline(cfg, source, process_index, process_count)
+
+
+def open_tfds_source(config: Any, split: str) -> Any:
+  """The array_record data source of `config.input.tfds_name` for a "train" or "eval" split."""
+  inp = config.input
+  name = {"train": inp.train_split, "eval": inp.eval_split}[split]
+  if not inp.tfds_name:
+    raise ValueError("config.input.tfds_name is empty; expected the dataset builder's name "
+                     "(with config.input.data_dir where it was built)")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(inp.tfds_name, data_dir=inp.data_dir or None)
+    return builder.as_data_source(split=name)
+  except Exception as e:  # TFDS raises several types for a missing or unprepared dataset
+    raise ValueError(f"config.input.tfds_name={inp.tfds_name!r}, data_dir={inp.data_dir!r}, "
+                     f"split {name!r}: cannot open it as an array_record data source ({e}); "
+                     f"expected a dataset built with file_format=array_record") from e
+
+
+def create_iterator(config: Any, split: str, *, batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> Pipeline:
+  """The hook `vbert_jax/train.py` calls for config.input.source == "tfds"."""
+  if split not in SPLIT_CODES:
+    raise ValueError(f"input pipeline: split={split!r}; expected one of {sorted(SPLIT_CODES)}")
+  return make_pipeline(config, open_tfds_source(config, split), split=split,
+                       batch_size=batch_size, process_index=process_index,
+                       process_count=process_count)
+
+
+def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,
+                   min_clips: int = 40, max_clips: int = 160, no_asr_rate: float = 0.0,
+                   ) -> list[dict[str, Any]]:
+  """Record dicts shaped like real ones, aligned by `align.align_video`: for tests and benches.
+
+  Videos of 1-4 minutes in 1.5 s clips; ASR sentences of 4-20 tokens lasting 1.5-6 s, with
+  silent stretches (which become 16-token video-only segments); a share of videos has no ASR.
+  """
+  from vbert_jax import align  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, 4242])
+  ids = np.arange(vocab.text_size)
+  words = ids[vocab.is_text(ids)]
+  records = []
+  for v in range(num_videos):
+    n = int(rng.integers(min_clips, max_clips + 1))
+    starts = np.arange(n) * 1.5
+    sentences, t = [], 0.0
+    has_asr = rng.random() >= no_asr_rate
+    while has_asr and t < n * 1.5 - 1.0:
+      if rng.random() < 0.1:
+        t += float(rng.uniform(5.0, 40.0))  # a silent stretch
+        continue
+      length = float(rng.uniform(1.5, 6.0))
+      text = rng.choice(words, size=int(rng.integers(4, 21)))
+      sentences.append(align.TokenizedSentence(text.tolist(), t, min(t + length, n * 1.5)))
+      t += length
+    record = align.align_video(f"video_{seed}_{v}", sentences, starts, starts + 1.5,
+                               rng.integers(0, vocab.visual_size, size=n))
+    records.append(record.to_features())
+  return records

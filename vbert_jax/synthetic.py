@@ -1,0 +1,154 @@
+"""Generated token batches with something to learn, behind the input-source interface.
+
+A seeded world holds `num_topics` sentences ("recipes"); the visual tokens of a topic are a fixed
+function of its words (each word id maps to one visual token), so a model can learn the text from
+the video, the video from the text, and whether the two belong together. Each example picks a
+regime (text-only, video-only or video-text) and a topic; a video-text example is a negative
+(video of another topic, `lva_label` 0) with probability `lva_negative_rate`. Examples are packed
+with `sequence.Layout` and masked with `objectives.mask_example`.
+
+Every example is a pure function of (seed, split, global example index), so the iterator's state is
+one number, a resumed run sees exactly the examples an uninterrupted one would, and each process of
+a multi-host run produces its own rows of the same global batch.
+
+The interface (shared with the TFDS pipeline): `next(it)` gives this process's rows of the next
+global batch as a dict of numpy arrays; `get_state()` / `set_state(state)` save and restore the
+position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from vbert_jax import objectives
+from vbert_jax import sequence
+
+SPLITS = {"train": 0, "eval": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """The topics: a sentence of text ids each, and its visual tokens (a function of the words)."""
+  texts: tuple[tuple[int, ...], ...]
+  videos: tuple[tuple[int, ...], ...]
+
+  @classmethod
+  def generate(cls, vocab: sequence.JointVocab, num_topics: int, min_words: int, max_words: int,
+               seed: int) -> "World":
+    if num_topics < 2:
+      raise ValueError(f"synthetic source: num_topics={num_topics}; LVA negatives need at least 2")
+    if not 1 <= min_words <= max_words:
+      raise ValueError(f"synthetic source: min_words={min_words}, max_words={max_words}; "
+                       f"expected 1 <= min_words <= max_words")
+    rng = np.random.default_rng([seed, 7919])
+    ids = np.arange(vocab.text_size)
+    words = ids[vocab.is_text(ids)]
+    word_to_visual = rng.integers(0, vocab.visual_size, size=vocab.text_size)
+    texts, videos = [], []
+    for _ in range(num_topics):
+      n = int(rng.integers(min_words, max_words + 1))
+      text = rng.choice(words, size=n, replace=True)
+      texts.append(tuple(int(w) for w in text))
+      videos.append(tuple(int(v) for v in word_to_visual[text]))
+    return cls(tuple(texts), tuple(videos))
+
+
+class SyntheticSource:
+  """An iterator over host-local batches of generated, masked examples."""
+
+  def __init__(self, *, vocab: sequence.JointVocab, max_len: int, batch_size: int,
+               masking: objectives.MaskingConfig, regime_weights: tuple[float, float, float],
+               lva_negative_rate: float, world: World, seed: int, split: str = "train",
+               process_index: int = 0, process_count: int = 1):
+    if split not in SPLITS:
+      raise ValueError(f"synthetic source: split={split!r}; expected one of {sorted(SPLITS)}")
+    weights = np.asarray(regime_weights, np.float64)
+    if weights.shape != (3,) or (weights < 0).any() or weights.sum() <= 0:
+      raise ValueError(f"synthetic source: regime weights (text, video, pair)={regime_weights}; "
+                       f"expected three non-negative numbers, not all zero")
+    if not 0 <= lva_negative_rate <= 1:
+      raise ValueError(f"synthetic source: lva_negative_rate={lva_negative_rate}; expected a "
+                       f"probability")
+    if batch_size <= 0 or not 0 <= process_index < process_count:
+      raise ValueError(f"synthetic source: batch_size={batch_size}, process {process_index} of "
+                       f"{process_count}")
+    self.vocab = vocab
+    self.layout = sequence.Layout(vocab, max_len)
+    self.batch_size = batch_size
+    self.masking = masking
+    self.regime_p = weights / weights.sum()
+    self.negative_rate = lva_negative_rate
+    self.world = world
+    self.seed = seed
+    self.split = split
+    self.process_index = process_index
+    self.process_count = process_count
+    self.step = 0
+
+  # The iterator contract ------------------------------------------------------------------
+
+  def __iter__(self) -> "SyntheticSource":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    global_batch = self.batch_size * self.process_count
+    first = self.step * global_batch + self.process_index * self.batch_size
+    rows = [self.example(first + i) for i in range(self.batch_size)]
+    self.step += 1
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self.step, "seed": self.seed, "split": self.split}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if state.get("seed") != self.seed or state.get("split") != self.split:
+      raise ValueError(f"synthetic source: saved state {dict(state)} is for another stream; this "
+                       f"one has seed={self.seed}, split={self.split!r}")
+    self.step = int(state["step"])
+
+  # Examples ---------------------------------------------------------------------------------
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """The example at a global index of this split: a pure function of (seed, split, index)."""
+    rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+    regime = int(rng.choice(3, p=self.regime_p))
+    topics = len(self.world.texts)
+    topic = int(rng.integers(topics))
+    text, video = self.world.texts[topic], self.world.videos[topic]
+    label, weight = 0, 0.0
+    if regime == sequence.REGIME_PAIR:
+      weight, label = 1.0, 1
+      if rng.random() < self.negative_rate:
+        label = 0
+        video = self.world.videos[(topic + int(rng.integers(1, topics))) % topics]
+      packed = self.layout.pair(text, video)
+    elif regime == sequence.REGIME_TEXT:
+      packed = self.layout.text_only(text)
+    else:
+      packed = self.layout.video_only(video)
+    out = packed.as_dict()
+    out.update(self.masking.mask_example(rng, packed.input_ids, self.vocab))
+    out["lva_label"] = np.int32(label)
+    out["lva_weight"] = np.float32(weight)
+    return out
+
+
+def from_config(config: Any, split: str, *, batch_size: int, process_index: int = 0,
+                process_count: int = 1) -> SyntheticSource:
+  """The source a pretraining config describes (`config.input.synthetic_*`, masking, regimes)."""
+  vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
+  world = World.generate(vocab, config.input.synthetic_topics, config.input.synthetic_min_words,
+                         config.input.synthetic_max_words, config.seed)
+  m = config.masking
+  masking = objectives.MaskingConfig(max_predictions_text=m.max_predictions_text,
+                                     max_predictions_video=m.max_predictions_video, rate=m.rate,
+                                     mask_prob=m.mask_prob, random_prob=m.random_prob)
+  regimes = (config.regimes.text, config.regimes.video, config.regimes.pair)
+  return SyntheticSource(vocab=vocab, max_len=config.max_len, batch_size=batch_size,
+                         masking=masking, regime_weights=regimes,
+                         lva_negative_rate=config.lva_negative_rate, world=world,
+                         seed=config.seed, split=split, process_index=process_index,
+                         process_count=process_count)

@@ -1,0 +1,596 @@
+"""The generic trainer: sharded state, one jitted step, evaluation, and the loop with resume.
+
+Any model trains through it as a `Task`: an `init(rng) -> params` (boxed with logical axis names,
+as `flax.linen.with_logical_partitioning` makes them), a `loss(params, batch, rng) -> (loss,
+metrics)` (`rng` None means evaluation: no dropout), and optional batch checks, a batch spec and a
+FLOP count. VideoBERT pretraining (`videobert_task`, `train_and_evaluate`) is one instance; the
+captioner of the tasks package is another.
+
+The config keys the trainer reads: seed, batch_size, total_steps, grad_accum_steps,
+optimizer.{learning_rate, end_learning_rate, warmup_steps, b1, b2, eps, weight_decay,
+grad_clip_norm}, mesh.{data, fsdp, tensor}, sharding_rules, log_every_steps,
+eval.{every_steps, num_batches}, checkpoint.*, init.*, profile.{start_step, num_steps},
+compilation_cache_dir, peak_flops_per_device.
+
+A step is numbered by the updates done before it: the state saved as checkpoint N has had N
+updates and its input iterator stands before batch N. The dropout key of step N is
+fold_in(key(seed), N) (folded again with the micro-batch index under gradient accumulation), so
+a run resumed from a checkpoint repeats the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from vbert_jax import checkpoints
+from vbert_jax import metrics as metrics_lib
+from vbert_jax import sequence
+from vbert_jax import sharding
+
+Batch = Mapping[str, Any]
+Params = Any
+
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
+                      "clu", "numpy", "tensorflow-cpu", "tensorflow", "tensorflow-datasets",
+                      "grain", "libtpu", "etils", "absl-py")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a checkpoint holds besides the input position."""
+  step: jax.Array
+  params: Params
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the trainer needs to know about a model and its objective."""
+  init: Callable[[jax.Array], Params]
+  loss: Callable[[Params, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
+  # Raises a ValueError naming `where` when a host batch is not what the model accepts.
+  check_batch: Callable[[Batch, str], None] | None = None
+  # {field: ShapeDtypeStruct} of a global batch of a given size (for ahead-of-time lowering).
+  batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]] | None = None
+  # Model FLOPs of one training step (forward + backward) over a global batch of a given size.
+  train_flops: Callable[[int], float] | None = None
+  tokens_per_example: int = 0
+  # Whether the model's logical constraints on activations apply (the mesh is set while
+  # tracing). Parameters and batches are sharded either way; without it XLA propagates the
+  # activation shardings from them.
+  shard_activations: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser.
+
+
+def make_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then linear decay to `end_learning_rate` at the end."""
+  warmup = int(opt["warmup_steps"])
+  if total_steps <= 0 or not 0 <= warmup <= total_steps:
+    raise ValueError(f"config.optimizer.warmup_steps={warmup} with config.total_steps="
+                     f"{total_steps}: expected 0 <= warmup_steps <= total_steps, total_steps > 0")
+  peak, end = float(opt["learning_rate"]), float(opt["end_learning_rate"])
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+       optax.linear_schedule(peak, end, max(total_steps - warmup, 1))], [warmup])
+
+
+def _decay_mask(params: Params) -> Params:
+  # BERT's recipe: no weight decay on biases and LayerNorm parameters (the vectors).
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(opt: Mapping[str, Any], total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(opt, total_steps)
+  parts = []
+  if float(opt["grad_clip_norm"]) > 0:
+    parts.append(optax.clip_by_global_norm(float(opt["grad_clip_norm"])))
+  parts.append(optax.adamw(schedule, b1=float(opt["b1"]), b2=float(opt["b2"]),
+                           eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]),
+                           mask=_decay_mask))
+  return optax.chain(*parts), schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def _loss_and_grads(task: Task, params: Params, batch: Batch, rng: jax.Array
+                    ) -> tuple[dict[str, jax.Array], Params]:
+  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+  return metrics_lib.to_sums({"loss": loss, **metrics}), grads
+
+
+def _accumulate(task: Task, params: Params, batch: Batch, rng: jax.Array, micro_steps: int,
+                batch_sharding: jax.sharding.NamedSharding) -> tuple[dict, Params]:
+  """Mean gradients over micro-batches, scanned so only one micro-batch is live at a time."""
+  # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a slice of each.
+  def split(x):
+    x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  micro = jax.tree.map(split, batch)
+
+  def body(carry, inputs):
+    index, mb = inputs
+    mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: batch_sharding, mb))
+    sums, grads = _loss_and_grads(task, params, mb, jax.random.fold_in(rng, index))
+    acc_sums, acc_grads = carry
+    return (metrics_lib.add_sums(acc_sums, sums), jax.tree.map(jnp.add, acc_grads, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  sums_shape = jax.eval_shape(lambda: _loss_and_grads(task, params, first, rng)[0])
+  zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+           jax.tree.map(jnp.zeros_like, params))
+  (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_steps), micro))
+  return sums, jax.tree.map(lambda g: g / micro_steps, grads)
+
+
+def train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               seed: int, micro_steps: int, batch_sharding: jax.sharding.NamedSharding,
+               return_grads: bool, state: TrainState, batch: Batch):
+  """One update: (new state, metric sums[, gradients])."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  if micro_steps == 1:
+    sums, grads = _loss_and_grads(task, state.params, batch, rng)
+  else:
+    sums, grads = _accumulate(task, state.params, batch, rng, micro_steps, batch_sharding)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  sums.update(metrics_lib.to_sums({"grad_norm": optax.tree.norm(grads),
+                                   "learning_rate": schedule(state.step)}))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return (new_state, sums, grads) if return_grads else (new_state, sums)
+
+
+def eval_step(task: Task, params: Params, batch: Batch) -> dict[str, jax.Array]:
+  loss, metrics = task.loss(params, batch, None)
+  return metrics_lib.to_sums({"loss": loss, **metrics})
+
+
+def _unbox_abstract(tree: Any) -> Any:
+  # Outside jit there is nothing to constrain: take the values out of the boxes.
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+class Trainer:
+  """The sharded train state and the jitted step and eval functions of a task under a config."""
+
+  def __init__(self, task: Task, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh | None = None, return_grads: bool = False):
+    jax.config.update("jax_threefry_partitionable", True)
+    self.task, self.config = task, config
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    self.rules = sharding.make_rules(config.sharding_rules)
+    self.micro_steps = int(config.grad_accum_steps)
+    if self.micro_steps < 1:
+      raise ValueError(f"config.grad_accum_steps={self.micro_steps}: expected at least 1")
+    sharding.check_batch_size(config.batch_size, self.mesh, self.rules,
+                              micro_steps=self.micro_steps)
+    self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    # Initialisation runs without the mesh in context, so that a model's initialisers need not
+    # be mesh-aware (nn.DenseGeneral, for one, constrains its flattened kernel with the names of
+    # the full rank). The out_shardings below place every value on its shards all the same.
+    boxed = jax.eval_shape(self._boxed_state, jax.random.key(0))
+    self.state_shardings = sharding.logical_to_sharding(boxed, self.mesh, self.rules)
+    self.abstract_state = _unbox_abstract(boxed)
+    self.param_shardings = self.state_shardings.params
+    replicated = sharding.replicated(self.mesh)
+    step_fn = functools.partial(train_step, task, self.tx, self.schedule, int(config.seed),
+                                self.micro_steps, self.batch_sharding, return_grads)
+    outs = (self.state_shardings, replicated)
+    if return_grads:
+      outs += (self.param_shardings,)
+    self._compiled_step = None
+    self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                               out_shardings=outs, donate_argnums=(0,))
+    self._eval_step = jax.jit(functools.partial(eval_step, task),
+                              in_shardings=(self.param_shardings, self.batch_sharding),
+                              out_shardings=replicated)
+    self._init = jax.jit(lambda rng: _unbox_abstract(self._boxed_state(rng)),
+                         out_shardings=self.state_shardings)
+    self._from_params = jax.jit(self._state_from_params, in_shardings=(self.param_shardings,),
+                                out_shardings=self.state_shardings)
+
+  def activate(self):
+    return sharding.activate(self.mesh if self.task.shard_activations else None, self.rules)
+
+  def _boxed_state(self, rng: jax.Array) -> TrainState:
+    params = self.task.init(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params))
+
+  def _state_from_params(self, params: Params) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params))
+
+  # State ---------------------------------------------------------------------------------------
+
+  def init_state(self, seed: int | None = None) -> TrainState:
+    """Fresh parameters and optimizer state, created directly on their shards."""
+    seed = self.config.seed if seed is None else seed
+    return self._init(jax.random.key(seed))
+
+  def state_from_params(self, params: Params) -> TrainState:
+    """Step 0 around given parameters (an initial checkpoint), with a fresh optimizer state."""
+    with self.activate():
+      return self._from_params(params)
+
+  def abstract_with_shardings(self) -> TrainState:
+    return sharding.with_shardings(self.abstract_state, self.state_shardings)
+
+  # Steps ---------------------------------------------------------------------------------------
+
+  def put_batch(self, local: Batch) -> dict[str, jax.Array]:
+    return sharding.global_batch(local, self.mesh, self.rules)
+
+  def train_step(self, state: TrainState, batch: Batch):
+    with self.activate():
+      return (self._compiled_step or self._train_step)(state, batch)
+
+  def compile_train_step(self) -> None:
+    """Compiles the step now rather than at its first call.
+
+    With several processes, the first step's collectives time out (gloo waits 30 s) when one
+    process is still compiling; compiling first and then meeting at a barrier avoids that.
+    """
+    self._compiled_step = self.lower_train_step().compile()
+
+  def eval_step(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    with self.activate():
+      return self._eval_step(params, batch)
+
+  def lower_train_step(self, batch_size: int | None = None):
+    """The step lowered for abstract inputs (no data, no devices needed: AOT compilation)."""
+    if self.task.batch_spec is None:
+      raise ValueError("ahead-of-time lowering needs the task's batch_spec")
+    spec = self.task.batch_spec(batch_size or self.config.batch_size)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+             for k, v in spec.items()}
+    with self.activate():
+      return self._train_step.lower(self.abstract_with_shardings(), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  step: int
+  train_history: list[tuple[int, dict[str, float]]]
+  eval_history: list[tuple[int, dict[str, float]]]
+  preempted: bool = False
+
+
+def prepare_workdir(workdir: Any) -> epath.Path:
+  """The workdir, created and checked for writing; errors name the path and the problem."""
+  if workdir is None or not str(workdir).strip():
+    raise ValueError("workdir is empty: pass --workdir=DIR, a local or gs:// directory for "
+                     "checkpoints, metrics and the resolved config")
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"workdir {path} exists and is not a directory")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f"workdir {path} is not writable ({type(e).__name__}: {e}); expected "
+                          f"a directory this process can create files in") from e
+  return path
+
+
+def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Persistent XLA cache: restarts and reruns skip compilation. An explicit setting wins."""
+  if jax.config.jax_compilation_cache_dir or not config.compilation_cache_dir:
+    return
+  path = os.path.expanduser(config.compilation_cache_dir)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def package_versions() -> dict[str, str]:
+  out = {"python": sys.version.split()[0], "platform": platform.platform()}
+  for name in VERSIONED_PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return out
+
+
+def write_run_info(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """The resolved config and the environment, next to the checkpoints (process 0)."""
+  if jax.process_index() != 0:
+    return
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  devices = jax.devices()
+  info = {"packages": package_versions(), "backend": jax.default_backend(),
+          "device_kind": devices[0].device_kind, "device_count": len(devices),
+          "process_count": jax.process_count()}
+  (workdir / "versions.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _mean_train_metrics(pending: list[tuple[int, dict]]) -> tuple[int, dict[str, float]]:
+  """Checks each step for non-finite loss / gradient norm, then averages over the interval."""
+  host = jax.device_get([sums for _, sums in pending])
+  total = None
+  for (step, _), sums in zip(pending, host):
+    metrics_lib.check_finite(step, sums, ("loss", "grad_norm"))
+    total = metrics_lib.add_sums(total, sums)
+  return pending[-1][0], metrics_lib.from_sums(total)
+
+
+def evaluate(trainer: Trainer, params: Params, batches: Iterator[Batch], num_batches: int,
+             step: int) -> dict[str, float]:
+  total = None
+  for i in range(num_batches):
+    try:
+      local = next(batches)
+    except StopIteration:
+      if i == 0:
+        raise ValueError("the eval input gave no batches") from None
+      break
+    if trainer.task.check_batch is not None:
+      trainer.task.check_batch(local, f"eval batch {i} after step {step}")
+    sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(local)))
+    total = metrics_lib.add_sums(total, sums)
+  return metrics_lib.from_sums(total)
+
+
+def _initial_state(trainer: Trainer, ckpt: Any, config: ml_collections.ConfigDict,
+                   train_iter: Any) -> TrainState:
+  """The newest checkpoint in the workdir, else the configured initial one, else fresh."""
+  state = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, train_iter)
+  if state is not None:
+    logging.info("resumed at step %d", int(state.step))
+    return state
+  # Importing BERT fills the text part of freshly initialised parameters.
+  params = checkpoints.load_initial(config, trainer.abstract_with_shardings(),
+                                    params=lambda: trainer.init_state().params)
+  if params is not None:
+    return trainer.state_from_params(params)
+  return trainer.init_state()
+
+
+def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, train_iter: Any,
+               eval_iter_fn: Callable[[], Iterator[Batch]] | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> LoopResult:
+  """Trains `task` until config.total_steps, resuming from `workdir` when it holds a checkpoint.
+
+  `train_iter` follows the input contract (next / get_state / set_state) and gives this
+  process's rows of each global batch; `eval_iter_fn()` gives a fresh iterator over held-out
+  batches for each evaluation.
+  """
+  workdir = prepare_workdir(workdir)
+  setup_compilation_cache(config)
+  trainer = Trainer(task, config, mesh)
+  if int(config.log_every_steps) < 1:
+    raise ValueError(f"config.log_every_steps={config.log_every_steps}: expected at least 1")
+  if eval_iter_fn is not None:
+    sharding.check_batch_size(config.eval.batch_size, trainer.mesh, trainer.rules,
+                              key="config.eval.batch_size")
+  write_run_info(workdir, config)
+  ckpt = checkpoints.CheckpointManager(workdir, config)
+  reporter = metrics_lib.Reporter(workdir)
+  profile = metrics_lib.ProfileWindow(str(workdir / "profile"), config.profile.start_step,
+                                      config.profile.num_steps)
+  try:
+    state = _initial_state(trainer, ckpt, config, train_iter)
+    return _run(trainer, config, state, train_iter, eval_iter_fn, ckpt, reporter, profile)
+  finally:
+    profile.close()
+    ckpt.close()
+    reporter.close()
+
+
+def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState, train_iter: Any,
+         eval_iter_fn: Callable[[], Iterator[Batch]] | None, ckpt: Any,
+         reporter: metrics_lib.Reporter, profile: metrics_lib.ProfileWindow) -> LoopResult:
+  task, total = trainer.task, int(config.total_steps)
+  step = int(jax.device_get(state.step))
+  batch_size = int(config.batch_size)
+  flops = task.train_flops(batch_size) if task.train_flops else 0.0
+  devices = trainer.mesh.devices.size
+  peak = metrics_lib.peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind,
+                                           config.peak_flops_per_device)
+  throughput = metrics_lib.Throughput(batch_size * task.tokens_per_example, flops, devices, peak)
+  progress = metrics_lib.Progress(total, step)
+  result = LoopResult(state, step, [], [])
+  pending: list[tuple[int, dict]] = []
+  log_every, eval_every = int(config.log_every_steps), int(config.eval.every_steps)
+  save_every = int(config.checkpoint.every_steps)
+
+  def flush() -> None:
+    if pending:
+      last, means = _mean_train_metrics(pending)
+      pending.clear()
+      means.update(throughput.report(last))
+      reporter.write(last, means, "train")
+      result.train_history.append((last, means))
+
+  logging.info("training from step %d to %d", step + 1, total)
+  if jax.process_count() > 1 and task.batch_spec is not None:
+    trainer.compile_train_step()
+    checkpoints.sync_processes("train_step_compiled")
+  first = step + 1
+  while step < total:
+    step += 1  # steps are numbered from 1: checkpoint N holds the state after step N
+    profile.before_step(step)
+    try:
+      local = next(train_iter)
+    except StopIteration:
+      raise ValueError(f"the train input ended before step {step} of {total}; expected an "
+                       f"endless (repeating) iterator") from None
+    if task.check_batch is not None:
+      task.check_batch(local, f"train batch of step {step}")
+    state, sums = trainer.train_step(state, trainer.put_batch(local))
+    profile.after_step(step, sums)
+    pending.append((step, sums))
+    if step == first:
+      jax.block_until_ready(sums)  # the first step includes compilation: time from here
+      throughput.start(step)
+    last = step == total
+    if step % log_every == 0 or last:
+      flush()
+      logging.info("%s", progress.line(step))
+    if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or last):
+      values = evaluate(trainer, state.params, eval_iter_fn(), int(config.eval.num_batches), step)
+      reporter.write(step, values, "eval")
+      result.eval_history.append((step, values))
+      logging.info("eval at step %d: %s", step,
+                   ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+    preempted = ckpt.reached_preemption(step)
+    if preempted or last or step % save_every == 0:
+      flush()  # never save a state whose loss or gradient norm went non-finite
+      ckpt.save(step, state, train_iter, force=preempted or last)
+    if preempted:
+      ckpt.wait()
+      logging.warning("preempted: saved step %d, exiting", step)
+      result.preempted = True
+      break
+  flush()
+  reporter.flush()
+  result.state, result.step = state, step
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# VideoBERT pretraining: one instance of the trainer.
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The VideoBERTConfig a pretraining config describes."""
+  from vbert_jax import model  # pylint: disable=g-import-not-at-top
+  fields = dict(config.model)
+  fields["remat"] = {"none": False, "full": True}.get(fields["remat"], fields["remat"])
+  fields["attention_impl"] = None if fields["attention_impl"] == "xla" else fields[
+      "attention_impl"]
+  fields["special_ids"] = sequence.SpecialIds.parse(fields.get("special_ids")).as_tuple()
+  if config.max_len > fields["max_position_embeddings"]:
+    raise ValueError(f"config.max_len={config.max_len} exceeds config.model."
+                     f"max_position_embeddings={fields['max_position_embeddings']}")
+  return model.VideoBERTConfig(**fields)
+
+
+def pretrain_batch_spec(config: ml_collections.ConfigDict, batch_size: int
+                        ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a pretraining batch (the shared batch contract)."""
+  length, pt, pv = (config.max_len, config.masking.max_predictions_text,
+                    config.masking.max_predictions_video)
+  i32, f32 = jnp.int32, jnp.float32
+  shapes = {"input_ids": ((length,), i32), "segment_ids": ((length,), i32),
+            "position_ids": ((length,), i32), "input_mask": ((length,), i32), "regime": ((), i32),
+            "mlm_positions": ((pt,), i32), "mlm_ids": ((pt,), i32), "mlm_weights": ((pt,), f32),
+            "mvm_positions": ((pv,), i32), "mvm_ids": ((pv,), i32), "mvm_weights": ((pv,), f32),
+            "lva_label": ((), i32), "lva_weight": ((), f32)}
+  return {k: jax.ShapeDtypeStruct((batch_size,) + s, d) for k, (s, d) in shapes.items()}
+
+
+def check_pretrain_batch(config: ml_collections.ConfigDict, vocab: Any, batch: Batch,
+                         where: str) -> None:
+  """Fields, shapes and id ranges of a host batch; errors name `where` and the field."""
+  spec = pretrain_batch_spec(config, len(np.asarray(batch["input_ids"])))
+  missing = sorted(set(spec) - set(batch))
+  if missing:
+    raise ValueError(f"{where}: missing fields {missing}")
+  for name, s in spec.items():
+    if tuple(np.shape(batch[name])) != s.shape:
+      raise ValueError(f"{where}: {name} has shape {tuple(np.shape(batch[name]))}; expected "
+                       f"{s.shape} (batch, max_len={config.max_len}, slots)")
+  vocab.check_ids(batch["input_ids"], where=f"{where}: input_ids")
+  for name, size in (("mlm_ids", vocab.text_size), ("mvm_ids", vocab.visual_size)):
+    ids = np.asarray(batch[name])
+    if ids.size and (ids.min() < 0 or ids.max() >= size):
+      raise ValueError(f"{where}: {name} in [{ids.min()}, {ids.max()}] fall outside [0, {size})")
+  for name in ("mlm_positions", "mvm_positions", "position_ids"):
+    pos = np.asarray(batch[name])
+    if pos.size and (pos.min() < 0 or pos.max() >= config.max_len):
+      raise ValueError(f"{where}: {name} in [{pos.min()}, {pos.max()}] fall outside "
+                       f"[0, max_len={config.max_len})")
+
+
+def videobert_task(config: ml_collections.ConfigDict) -> Task:
+  """MLM + MVM + LVA pretraining of the joint model, weighted by config.loss."""
+  from vbert_jax import flops, model, objectives  # pylint: disable=g-import-not-at-top
+  mcfg = model_config(config)
+  module = model.VideoBERT(mcfg)
+  weights = (config.loss.alpha, config.loss.beta, config.loss.gamma)
+
+  def init(rng: jax.Array) -> Params:
+    return module.init({"params": rng}, **model.dummy_inputs(mcfg))["params"]
+
+  def loss(params: Params, batch: Batch, rng: jax.Array | None):
+    outputs = module.apply(
+        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["position_ids"],
+        batch["input_mask"], batch["mlm_positions"], batch["mvm_positions"],
+        deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+    return objectives.compute_loss(outputs, batch, *weights)
+
+  def train_flops(batch_size: int) -> float:
+    # Heads counted at every slot: an upper bound by the padding slots of short sequences.
+    return flops.flops_per_step(mcfg, batch_size, config.max_len,
+                                batch_size * config.masking.max_predictions_text,
+                                batch_size * config.masking.max_predictions_video).total
+
+  return Task(init=init, loss=loss,
+              check_batch=functools.partial(check_pretrain_batch, config, mcfg.vocab),
+              batch_spec=functools.partial(pretrain_batch_spec, config),
+              train_flops=train_flops, tokens_per_example=int(config.max_len))
+
+
+def make_source(config: ml_collections.ConfigDict, split: str, batch_size: int,
+                mesh: jax.sharding.Mesh) -> Any:
+  """This process's iterator over `split` ("train" or "eval") of config.input.source."""
+  local = sharding.local_batch_size(batch_size)
+  index, count = sharding.process_batch_shard(batch_size, mesh,
+                                              sharding.make_rules(config.sharding_rules))
+  kind = config.input.source
+  if kind == "synthetic":
+    from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.from_config(config, split, batch_size=local, process_index=index,
+                                 process_count=count)
+  if kind == "tfds":
+    from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.create_iterator(config, split, batch_size=local, process_index=index,
+                                          process_count=count)
+  raise ValueError(f"config.input.source={kind!r}: expected 'synthetic' or 'tfds'")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
+                       mesh: jax.sharding.Mesh | None = None) -> LoopResult:
+  """VideoBERT pretraining as configured: the input sources, the task, the loop."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  task = videobert_task(config)
+  rules = sharding.make_rules(config.sharding_rules)
+  sharding.check_batch_size(config.batch_size, mesh, rules,
+                            micro_steps=int(config.grad_accum_steps))
+  train_iter = make_source(config, "train", config.batch_size, mesh)
+  eval_fn = None
+  if config.eval.every_steps > 0 and config.eval.num_batches > 0:
+    sharding.check_batch_size(config.eval.batch_size, mesh, rules, key="config.eval.batch_size")
+    eval_fn = functools.partial(make_source, config, "eval", config.eval.batch_size, mesh)
+  return train_loop(task, config, workdir, train_iter, eval_fn, mesh)

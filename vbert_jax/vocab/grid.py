@@ -1,0 +1,124 @@
+"""Draws the visual vocabulary as the paper does: per token, the middle frames of its clips.
+
+  python -m vbert_jax.vocab.grid --vocab=vocab.npz --out=grid.png --top=12 --clips=6
+  python -m vbert_jax.vocab.grid --vocab=vocab.npz --out=grid.png --tokens=3,17,250
+
+One row per token (chosen with --tokens, else the --top most frequent), labelled with the token and
+its number of training clips, then the middle frame of each of the training clips nearest the
+token's centroid. Videos are decoded with the same clip settings as the extractor, each video
+once; a video that cannot be read gives grey tiles and a line naming it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import sys
+import tempfile
+
+from absl import app, flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vbert_jax.video import reader
+from vbert_jax.vocab import vocabulary
+
+_VOCAB = flags.DEFINE_string("vocab", None, "Vocabulary file (.npz).")
+_OUT = flags.DEFINE_string("out", None, "PNG file to write.")
+_TOKENS = flags.DEFINE_list("tokens", [], "Tokens to show (default: the most frequent).")
+_TOP = flags.DEFINE_integer("top", 12, "How many of the most frequent tokens to show.")
+_CLIPS = flags.DEFINE_integer("clips", 6, "Clips per token.")
+_TILE = flags.DEFINE_integer("tile", 96, "Tile size in pixels.")
+_FPS = flags.DEFINE_float("fps", 20.0, "Frame rate the features were extracted at.")
+_CLIP_FRAMES = flags.DEFINE_integer("clip_frames", 30, "Frames per clip at extraction.")
+
+_LABEL_WIDTH = 110
+_GREY = (96, 96, 96)
+
+
+def middle_frames(wanted: dict[str, set[int]], *, fps: float, clip_frames: int, tile: int,
+                  log=print) -> dict[tuple[str, int], np.ndarray]:
+  """The middle frame (uint8 [tile, tile, 3]) of each wanted clip, decoding each video once."""
+  frames = {}
+  for source, clips in sorted(wanted.items()):
+    last = max(clips)
+    try:
+      for clip in reader.read_clips(source, fps=fps, clip_frames=clip_frames, size=tile):
+        if clip.index in clips:
+          frames[(source, clip.index)] = clip.frames[len(clip.frames) // 2]
+        if clip.index >= last:
+          break
+    except reader.VideoReadError as e:
+      log(f"skipped {e}")
+    missing = sorted(c for c in clips if (source, c) not in frames)
+    if missing and pathlib.Path(source).exists():
+      log(f"{source}: clips {missing} not found (video shorter than when features were made?)")
+  return frames
+
+
+def draw_grid(vocab: vocabulary.VisualVocabulary, tokens, *, clips: int, tile: int, fps: float,
+              clip_frames: int, log=print) -> Image.Image:
+  refs = {int(t): vocab.nearest_clips(int(t), clips) for t in tokens}
+  if not any(refs.values()):
+    raise ValueError("none of the chosen tokens has training clips to show")
+  wanted = collections.defaultdict(set)
+  for rs in refs.values():
+    for r in rs:
+      wanted[r.source].add(r.clip)
+  frames = middle_frames(wanted, fps=fps, clip_frames=clip_frames, tile=tile, log=log)
+  pad = 4
+  image = Image.new("RGB", (_LABEL_WIDTH + clips * (tile + pad), len(refs) * (tile + pad)),
+                    (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  for row, (token, rs) in enumerate(refs.items()):
+    y = row * (tile + pad)
+    draw.text((4, y + 4), f"token {token}", fill=(0, 0, 0))
+    draw.text((4, y + 20), f"{int(vocab.leaf_counts[token])} clips", fill=(80, 80, 80))
+    for col, r in enumerate(rs):
+      x = _LABEL_WIDTH + col * (tile + pad)
+      frame = frames.get((r.source, r.clip))
+      if frame is None:
+        image.paste(Image.new("RGB", (tile, tile), _GREY), (x, y))
+      else:
+        image.paste(Image.fromarray(frame).resize((tile, tile)), (x, y))
+      draw.text((x + 2, y + tile - 12), f"{r.start:.1f}s", fill=(255, 255, 0))
+  return image
+
+
+def save_png(image: Image.Image, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      image.save(f, format="PNG")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def main(argv) -> None:
+  del argv
+  if not _VOCAB.value or not _OUT.value:
+    raise app.UsageError("--vocab and --out are required")
+  try:
+    vocab = vocabulary.VisualVocabulary.load(_VOCAB.value)
+    if _TOKENS.value:
+      tokens = [vocab._token(int(t)) for t in _TOKENS.value]  # pylint: disable=protected-access
+    else:
+      tokens = [int(t) for t in vocab.most_frequent(_TOP.value) if vocab.leaf_counts[t] > 0]
+    image = draw_grid(vocab, tokens, clips=_CLIPS.value, tile=_TILE.value, fps=_FPS.value,
+                      clip_frames=_CLIP_FRAMES.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  save_png(image, _OUT.value)
+  print(f"wrote {_OUT.value}: {len(tokens)} tokens x up to {_CLIPS.value} clips")
+
+
+if __name__ == "__main__":
+  app.run(main)

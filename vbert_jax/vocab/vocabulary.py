@@ -1,0 +1,238 @@
+"""The visual vocabulary: a fitted k-means tree whose leaves are VideoBERT's visual tokens.
+
+One versioned `.npz` file holds the centroid tree (level l: [branching**l, branching, dim]), the
+fit settings, feature statistics (dim, count, mean, std), the number of training clips per leaf,
+and for the inverse lookup the training clips nearest each leaf: the clips assigned to the leaf,
+closest first, with their video id, source path, clip index and start/end times.
+
+Tokens are leaf indices in [0, branching**depth): the path of child indices read as a number in
+base `branching`, most significant first. `assign` descends the tree (jit-compiled, batched,
+sharded over local devices); `centroid` and `nearest_clips` go the other way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from vbert_jax.vocab import kmeans
+
+FORMAT_VERSION = 1
+_SETTINGS = ("depth", "branching", "seed", "iterations", "tol", "dim", "count")
+
+
+@dataclasses.dataclass
+class NearestClips:
+  """For every leaf, up to `per_leaf` training clips assigned to it, nearest first."""
+  video: np.ndarray  # [V, m] int32 index into `video_ids`; -1 marks an empty slot
+  clip: np.ndarray  # [V, m] int32 clip index within the video (row index for an array)
+  start: np.ndarray  # [V, m] float64 seconds (NaN when unknown)
+  end: np.ndarray  # [V, m] float64
+  dist: np.ndarray  # [V, m] float32 squared distance to the leaf centroid
+  video_ids: list[str]
+  sources: list[str]
+
+
+@dataclasses.dataclass
+class VisualVocabulary:
+  centroids: list[np.ndarray]
+  depth: int
+  branching: int
+  seed: int
+  iterations: int
+  tol: float
+  dim: int
+  count: int
+  mean: np.ndarray  # [dim] float64
+  std: np.ndarray  # [dim] float64
+  leaf_counts: np.ndarray  # [V] int64 training clips per leaf
+  nearest: NearestClips
+
+  @property
+  def size(self) -> int:
+    return self.branching**self.depth
+
+  @property
+  def leaves(self) -> np.ndarray:
+    """Leaf centroids [size, dim], row t is token t."""
+    return self.centroids[-1].reshape(self.size, self.dim)
+
+  # --------------------------------------------------------------------------- fitting
+
+  @classmethod
+  def fit(cls, features, config: kmeans.KMeansConfig = kmeans.KMeansConfig(), *,
+          nearest_per_leaf: int = 8, mesh=None, log: Callable[[str], None] | None = None,
+          on_iteration=None) -> "VisualVocabulary":
+    """Fits to a features folder, a .npy array path, an array or a `FeatureSource`."""
+    source = features if hasattr(features, "num_rows") else kmeans.open_source(features)
+    tree = kmeans.fit_tree(source, config, mesh=mesh, log=log, on_iteration=on_iteration)
+    return cls(
+        centroids=tree.centroids, depth=config.depth, branching=config.branching,
+        seed=config.seed, iterations=config.iterations, tol=config.tol, dim=source.dim,
+        count=tree.num_rows, mean=tree.mean, std=tree.std,
+        leaf_counts=np.bincount(tree.leaf, minlength=config.branching**config.depth),
+        nearest=_nearest_clips(source, tree.leaf, tree.leaf_dist,
+                               config.branching**config.depth, nearest_per_leaf))
+
+  # --------------------------------------------------------------------------- file
+
+  def save(self, path) -> pathlib.Path:
+    """Writes atomically (temporary name, then rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"format_version": np.int32(FORMAT_VERSION), "mean": self.mean, "std": self.std,
+              "leaf_counts": self.leaf_counts}
+    arrays.update({key: np.asarray(getattr(self, key)) for key in _SETTINGS})
+    arrays.update({f"centroids_{i}": c.astype(np.float32) for i, c in enumerate(self.centroids)})
+    nc = self.nearest
+    arrays.update(nearest_video=nc.video, nearest_clip=nc.clip, nearest_start=nc.start,
+                  nearest_end=nc.end, nearest_dist=nc.dist,
+                  video_ids=np.array(nc.video_ids, dtype=np.str_).reshape(-1),
+                  sources=np.array(nc.sources, dtype=np.str_).reshape(-1))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+    return path
+
+  @classmethod
+  def load(cls, path) -> "VisualVocabulary":
+    path = pathlib.Path(path)
+    try:
+      z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: not a readable vocabulary file ({e})") from e
+    with z:
+      if "format_version" not in z.files:
+        raise ValueError(f"{path}: not a vocabulary file (no 'format_version' key)")
+      version = int(z["format_version"])
+      if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: vocabulary format version {version} is newer than this "
+                         f"code reads (version {FORMAT_VERSION}); update vbert_jax")
+
+      def get(key):
+        if key not in z.files:
+          raise ValueError(f"{path}: vocabulary file lacks key {key!r}")
+        return z[key]
+
+      settings = {key: get(key).item() for key in _SETTINGS}
+      centroids = [get(f"centroids_{i}") for i in range(int(settings["depth"]))]
+      nearest = NearestClips(
+          video=get("nearest_video"), clip=get("nearest_clip"), start=get("nearest_start"),
+          end=get("nearest_end"), dist=get("nearest_dist"),
+          video_ids=[str(s) for s in get("video_ids")], sources=[str(s) for s in get("sources")])
+      vocab = cls(centroids=centroids, mean=get("mean"), std=get("std"),
+                  leaf_counts=get("leaf_counts"), nearest=nearest, **settings)
+    vocab._check(path)
+    return vocab
+
+  def _check(self, path) -> None:
+    for level, c in enumerate(self.centroids):
+      want = (self.branching**level, self.branching, self.dim)
+      if c.shape != want:
+        raise ValueError(f"{path}: centroids_{level} has shape {c.shape}, expected {want}")
+
+  # --------------------------------------------------------------------------- lookups
+
+  def assign(self, features, *, batch_size: int = 32768, mesh=None) -> np.ndarray:
+    """Visual tokens int32 [N] in [0, size) for features [N, dim] (leaf of the tree descent)."""
+    return self.assign_with_distance(features, batch_size=batch_size, mesh=mesh)[0]
+
+  def assign_with_distance(self, features, *, batch_size: int = 32768, mesh=None):
+    """(tokens int32 [N], squared distance to the token's centroid float32 [N])."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      width = x.shape[-1] if x.ndim else "scalar"
+      raise ValueError(f"features have width {width} (shape {x.shape}); this vocabulary expects "
+                       f"width {self.dim} ([N, {self.dim}])")
+    if x.shape[0] == 0:
+      return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
+
+  def centroid(self, token: int) -> np.ndarray:
+    """The leaf centroid [dim] of a visual token."""
+    return self.leaves[self._token(token)]
+
+  def nearest_clips(self, token: int, k: int = 8) -> list[kmeans.ClipRef]:
+    """Up to k training clips nearest the token's centroid (among those assigned to it)."""
+    t = self._token(token)
+    nc = self.nearest
+    out = []
+    for j in range(min(k, nc.video.shape[1])):
+      v = int(nc.video[t, j])
+      if v < 0:
+        break
+      out.append(kmeans.ClipRef(nc.video_ids[v], nc.sources[v], int(nc.clip[t, j]),
+                                float(nc.start[t, j]), float(nc.end[t, j])))
+    return out
+
+  def most_frequent(self, n: int) -> np.ndarray:
+    """The n tokens with the most training clips, most frequent first."""
+    return np.argsort(-self.leaf_counts, kind="stable")[:n].astype(np.int32)
+
+  def _token(self, token: int) -> int:
+    t = int(token)
+    if not 0 <= t < self.size:
+      raise ValueError(f"visual token {token} is outside [0, {self.size})")
+    return t
+
+
+def _nearest_clips(source, leaf: np.ndarray, dist: np.ndarray, size: int,
+                   per_leaf: int) -> NearestClips:
+  order = np.lexsort((dist, leaf))
+  sl = leaf[order]
+  first = np.searchsorted(sl, np.arange(size))
+  rank = np.arange(len(order)) - first[sl]
+  keep = rank < per_leaf
+  rows, slot_leaf, slot = order[keep], sl[keep], rank[keep]
+  shape = (size, per_leaf)
+  video = np.full(shape, -1, np.int32)
+  clip = np.full(shape, -1, np.int32)
+  start = np.full(shape, np.nan)
+  end = np.full(shape, np.nan)
+  near = np.full(shape, np.inf, np.float32)
+  near[slot_leaf, slot] = dist[rows]
+  if isinstance(source, kmeans.FolderSource):
+    files = np.searchsorted(source.offsets, rows, side="right") - 1
+    video[slot_leaf, slot] = files
+    clip[slot_leaf, slot] = rows - source.offsets[files]
+    refs = [source.clip_ref(int(r)) for r in rows]
+    start[slot_leaf, slot] = [r.start for r in refs]
+    end[slot_leaf, slot] = [r.end for r in refs]
+    video_ids, sources = list(source.video_ids), list(source.sources)
+  else:  # rows of one array: the "video" is the array, the clip index is the row
+    video[slot_leaf, slot] = 0
+    clip[slot_leaf, slot] = rows
+    name = str(getattr(source, "name", "array"))
+    video_ids, sources = [pathlib.Path(name).stem], [name]
+  return NearestClips(video, clip, start, end, near, video_ids, sources)
+
+
+def visual_embedding_init(vocab, hidden_size: int, *, std: float = 0.02, seed: int = 0,
+                          dtype=np.float32) -> np.ndarray:
+  """Initial visual embedding rows [size, hidden_size] from the leaf centroids.
+
+  The centred centroids are multiplied by a seeded Gaussian random projection (which keeps
+  their relative distances, Johnson-Lindenstrauss) and scaled so the rows' values have standard
+  deviation `std`, the model's initializer range. Row t belongs to visual token t.
+  """
+  if not isinstance(vocab, VisualVocabulary):
+    vocab = VisualVocabulary.load(vocab)
+  if hidden_size < 1 or std <= 0:
+    raise ValueError(f"hidden_size must be >= 1 and std > 0, got {hidden_size} and {std}")
+  leaves = vocab.leaves.astype(np.float64) - vocab.mean
+  proj = np.random.default_rng(seed).standard_normal((vocab.dim, hidden_size))
+  rows = leaves @ proj / np.sqrt(vocab.dim)
+  scale = rows.std()
+  rows = rows * (std / scale) if scale > 0 else rows
+  return rows.astype(dtype)
