@@ -24,7 +24,7 @@ demo: $(STAMP)
 	  --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do JAX_PLATFORMS=cpu $(PY) $$b || exit 1; done

@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="PRNG of our dropout masks (rbg: about 4%% less CPU time per step here "
                  "than threefry2x32)")
   p.add_argument("--seed", type=int, default=0, help="seed of the batch and both models")
+  p.add_argument("--sharded_steps", type=int, default=3,
+                 help="steps of the sharded trainer on 8 fake CPU devices, in a child process "
+                 "(0: skip)")
+  p.add_argument("--sharded_child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--profile", metavar="DIR", default=None,
                  help="also trace 2 of our steps into DIR and print where their time goes")
   args = p.parse_args(argv)
@@ -208,8 +212,55 @@ def make_peer(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed
 # ----------------------------------------------------------------------------------------------
 
 
+def sharded_child(args) -> None:
+  """The same step through the project's trainer on a data=2 x fsdp=2 x tensor=2 mesh."""
+  import json  # pylint: disable=g-import-not-at-top
+  import resource  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config(f"variant={args.variant}")
+  cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
+                                               max_position_embeddings=max(512, args.seq))
+  batch, pt, pv = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
+  with config.unlocked():
+    config.batch_size, config.max_len = args.batch, args.seq
+    config.model.max_position_embeddings = cfg.max_position_embeddings
+    config.masking.max_predictions_text, config.masking.max_predictions_video = pt, pv
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  trainer = train.Trainer(train.videobert_task(config), config)
+  state = trainer.init_state()
+  state, sums = trainer.train_step(state, trainer.put_batch(batch))  # compile
+  jax.block_until_ready(sums)
+  start = time.perf_counter()
+  for _ in range(args.sharded_steps):
+    state, sums = trainer.train_step(state, trainer.put_batch(batch))
+  jax.block_until_ready(sums)
+  seconds = (time.perf_counter() - start) / args.sharded_steps
+  print(json.dumps({"devices": jax.device_count(), "seconds_per_step": seconds,
+                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def run_sharded(args) -> dict:
+  """Runs `sharded_child` with 8 fake devices (they must be set before jax starts)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.abspath(__file__), "--sharded_child", "--variant", args.variant,
+         "--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed),
+         "--sharded_steps", str(args.sharded_steps)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"sharded step failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.sharded_child:
+    sharded_child(args)
+    return
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
                                                max_position_embeddings=max(512, args.seq))
   batch, _, _ = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
@@ -249,10 +300,11 @@ def main(argv=None) -> None:
                                     lva_examples=float(batch["lva_weight"].sum()))
   if args.profile:
     print(common.profile_breakdown(args.profile, ours_step, ours_sync, ours_hlo()))
-  report(args, cfg, med, peak, step_flops, tokens)
+  sharded = run_sharded(args) if args.sharded_steps else None
+  report(args, cfg, med, peak, step_flops, tokens, sharded)
 
 
-def report(args, cfg, med, peak, step_flops, tokens) -> None:
+def report(args, cfg, med, peak, step_flops, tokens, sharded=None) -> None:
   """The table, the FLOP accounting, and the BENCH line (last)."""
   tps = {name: tokens / t.wall for name, t in med.items()}
   rows = [(name, f"{t.wall:.3f}", f"{tps[name]:.0f}", f"{t.cpu:.3f}",
@@ -274,10 +326,17 @@ def report(args, cfg, med, peak, step_flops, tokens) -> None:
           "same_work_ratio: ours over the peer scoring only our prediction slots;\n"
           "mfu: our model FLOP/s over the measured peak matmul rate. The CPU-time columns\n"
           "divide out load from other processes; wall-clock figures on a busy machine are noisy.")
+  extra = {}
+  if sharded:
+    extra = dict(sharded_tokens_per_s=round(tokens / sharded["seconds_per_step"], 1),
+                 sharded_peak_rss_gb=round(sharded["peak_rss_gb"], 2))
+    print(f"\nsharded trainer (data=2 x fsdp=2 x tensor=2 over {sharded['devices']} fake CPU "
+          f"devices): {sharded['seconds_per_step']:.3f} s/step, host peak memory "
+          f"{sharded['peak_rss_gb']:.2f} GB")
   print(common.bench_line("train_step", ours_tokens_per_s=round(tps["ours"], 1),
                           peer_tokens_per_s=round(tps["peer"], 1),
                           same_work_ratio=round(tps["ours"] / tps["peer_same"], 3),
-                          mfu=round(mfu, 3), ratio=round(tps["ours"] / tps["peer"], 3)))
+                          mfu=round(mfu, 3), **extra, ratio=round(tps["ours"] / tps["peer"], 3)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import bert_dir
 from vbert_jax import bert_import
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
@@ -22,16 +23,6 @@ from vbert_jax import sequence
 TEXT_SIZE = 200
 MAX_POSITIONS = 64
 SIZES = model_lib.VARIANTS["mu"]
-
-
-def _vocab_tokens() -> list[str]:
-  """A BERT-shaped vocab.txt: the specials at BERT's ids, filler elsewhere."""
-  tokens = [f"tok{i}" for i in range(TEXT_SIZE)]
-  ids = sequence.SpecialIds.bert()
-  for name, i in (("[PAD]", ids.pad), ("[unused0]", ids.video_sep), ("[UNK]", ids.unk),
-                  ("[CLS]", ids.cls), ("[SEP]", ids.sep), ("[MASK]", ids.mask)):
-    tokens[i] = name
-  return tokens
 
 
 def _randomize(module: torch.nn.Module) -> None:
@@ -63,7 +54,7 @@ def reference(tmp_path_factory):
 
   st_dir = tmp_path_factory.mktemp("bert_st")
   torch_model.save_pretrained(st_dir)
-  (st_dir / "vocab.txt").write_text("\n".join(_vocab_tokens()) + "\n")
+  (st_dir / "vocab.txt").write_text("\n".join(bert_dir.vocab_tokens(TEXT_SIZE)) + "\n")
   assert (st_dir / "model.safetensors").is_file()
 
   # The original Google checkpoints name LayerNorm parameters gamma/beta.

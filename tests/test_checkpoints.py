@@ -376,25 +376,15 @@ def test_load_initial_from_exported_params(tmp_path, mesh_8, mu_models):
 
 
 def test_load_initial_from_a_bert_directory(tmp_path):
-  import torch
-  import transformers
   from configs import pretrain
-  from vbert_jax import sequence, train
+  from helpers import bert_dir
+  from vbert_jax import train
   config = pretrain.get_config("variant=mu,runlocal")
   m = config.model
-  hf_config = transformers.BertConfig(
-      vocab_size=m.text_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-      num_attention_heads=m.num_heads, intermediate_size=m.mlp_dim,
-      max_position_embeddings=m.max_position_embeddings, type_vocab_size=2, hidden_act="gelu")
-  torch.manual_seed(0)
-  bert = transformers.BertForPreTraining(hf_config)
-  bert.save_pretrained(tmp_path / "bert")
-  tokens = [f"tok{i}" for i in range(m.text_vocab_size)]
-  ids = sequence.SpecialIds.bert()
-  for name, i in (("[PAD]", ids.pad), ("[unused0]", ids.video_sep), ("[UNK]", ids.unk),
-                  ("[CLS]", ids.cls), ("[SEP]", ids.sep), ("[MASK]", ids.mask)):
-    tokens[i] = name
-  (tmp_path / "bert" / "vocab.txt").write_text("\n".join(tokens) + "\n")
+  bert = bert_dir.write_bert_dir(
+      tmp_path / "bert", vocab_size=m.text_vocab_size, hidden_size=m.hidden_size,
+      num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+      max_positions=m.max_position_embeddings)
 
   config.unlock()
   config.init.bert_dir = str(tmp_path / "bert")

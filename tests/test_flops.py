@@ -138,15 +138,17 @@ def test_train_step_bench_prints_its_headline(repo_root):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
       [sys.executable, str(repo_root / "bench" / "train_step.py"), "--variant", "mu",
-       "--batch", "2", "--seq", "32", "--rounds", "2"],
+       "--batch", "4", "--seq", "32", "--rounds", "2", "--sharded_steps", "1"],
       capture_output=True, text=True, timeout=600, env=env, cwd=repo_root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   match = re.fullmatch(
       r"BENCH train_step: ours_tokens_per_s=(\S+) peer_tokens_per_s=(\S+) "
-      r"same_work_ratio=(\S+) mfu=(\S+) ratio=(\S+)", lines[-1])
+      r"same_work_ratio=(\S+) mfu=(\S+) sharded_tokens_per_s=(\S+) sharded_peak_rss_gb=(\S+) "
+      r"ratio=(\S+)", lines[-1])
   assert match, lines[-1]
-  ours, peer, same_work_ratio, mfu, ratio = map(float, match.groups())
+  ours, peer, same_work_ratio, mfu, sharded, rss, ratio = map(float, match.groups())
   assert ours > 0 and peer > 0 and same_work_ratio > 0 and 0 < mfu < 1
+  assert sharded > 0 and 0.1 < rss < 20  # the 8-device trainer ran; its host peak in GB
   assert ratio == pytest.approx(ours / peer, rel=2e-3)
   assert any(line.startswith("peer_same") for line in lines)

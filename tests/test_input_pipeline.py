@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import records_dataset
 from vbert_jax import align
 from vbert_jax import input_pipeline as ip
 from vbert_jax import objectives
@@ -266,32 +267,12 @@ def test_bad_input_is_named(records):
 @pytest.mark.slow
 def test_reads_a_tfds_array_record_dataset_by_name(records, tmp_path):
   """The production path: `create_iterator` opens the built dataset from config.input."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from configs import pretrain  # pylint: disable=g-import-not-at-top
 
-  class PipelineProbe(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The record features as the videobert builder stores them: flat 1-D tensors."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      features = {"video_id": tfds.features.Text()}
-      features.update({k: tfds.features.Tensor(shape=(None,), dtype=dtype)
-                       for k, dtype in align.VideoRecord.ARRAY_FIELDS.items()})
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples(records[:8]),
-              "validation": self._generate_examples(records[8:])}
-
-    def _generate_examples(self, recs):
-      for r in recs:
-        yield r["video_id"], r
-
-  PipelineProbe(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  records_dataset.write(tmp_path, {"train": records[:8], "validation": records[8:]})
   config = pretrain.get_config("variant=mu,runlocal")
   with config.unlocked():
-    config.input.source, config.input.tfds_name = "tfds", "pipeline_probe"
+    config.input.source, config.input.tfds_name = "tfds", records_dataset.NAME
     config.input.data_dir = str(tmp_path)
     config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
   got = ip.create_iterator(config, "eval", batch_size=4, process_index=0, process_count=1)

@@ -131,3 +131,42 @@ def test_checkpoint_from_another_config_is_named(reference, tmp_path):
           "but (768, 64) in the config") in log, run.log_tail()
   # Not taken for corruption: every checkpoint is still there.
   assert not list((workdir / "checkpoints").glob("*.corrupt-*"))
+
+
+def test_sigkill_and_resume_exactly_on_the_tfds_pipeline(tmp_path):
+  """The same promise end to end through the TFDS records and the grain pipeline, workers on."""
+  from helpers import records_dataset  # pylint: disable=g-import-not-at-top
+  from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
+  vocab = sequence.JointVocab(text_size=512, visual_size=256)  # the runlocal sizes
+  recs = input_pipeline.random_records(12, vocab, seed=3, min_clips=20, max_clips=60)
+  data_dir = records_dataset.write(tmp_path / "tfds", {"train": recs[:9], "validation": recs[9:]})
+  extra = {"input.source": "tfds", "input.tfds_name": records_dataset.NAME,
+           "input.data_dir": data_dir, "input.worker_count": 2}
+  reference = tmp_path / "reference"
+  pr.run_to_end(reference, "tfds_reference", **extra)
+
+  workdir = tmp_path / "run"
+  kill_at = random.Random(os.environ.get("VBERT_RESUME_SEED", 0)).randint(
+      pr.CHECKPOINT_EVERY + 2, pr.TOTAL_STEPS - 2)
+  run = pr.Run(pr.argv(workdir, **extra), workdir, "tfds_sigkill")
+  run.wait_for_step(kill_at)
+  # The kill must find the step-4 checkpoint committed, so that the restart really resumes.
+  deadline = time.time() + 60
+  while not (workdir / "checkpoints" / str(pr.CHECKPOINT_EVERY)).is_dir():
+    assert time.time() < deadline, run.log_tail()
+    time.sleep(0.05)
+  run.signal(signal.SIGKILL)
+  run.wait()
+  resumed = pr.run_to_end(workdir, "tfds_resumed", **extra)
+  assert "resumed at step" in resumed.log_path.read_text(), resumed.log_tail()
+
+  expected, got = pr.curve(reference), pr.curve(workdir)
+  assert sorted(got) == list(range(1, pr.TOTAL_STEPS + 1))
+  for step, values in got.items():
+    for value in values:
+      assert value == expected[step][0], (kill_at, step, value, expected[step][0])
+  ref_flat = pr.flat(pr.final_state(reference)[1])
+  got_flat = pr.flat(pr.final_state(workdir)[1])
+  for key, value in ref_flat.items():
+    np.testing.assert_array_equal(got_flat[key], value, err_msg=key)

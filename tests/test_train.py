@@ -110,7 +110,7 @@ def runlocal_run(tmp_path_factory, repo_root):
   env = dict(os.environ)
   # One CPU device: on two cores the tiny model runs fastest unsplit.
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "")
+      "--xla_force_host_platform_device_count=8", "").strip()
   cmd = [sys.executable, "-m", "vbert_jax.main",
          "--config=configs/pretrain.py:variant=tiny,runlocal", f"--workdir={workdir}",
          f"--config.compilation_cache_dir={repo_root / '.cache' / 'jax'}"]

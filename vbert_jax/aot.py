@@ -9,6 +9,7 @@ shows whether a config fits a pod (memory per chip) before anyone pays for one.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import jax
@@ -51,6 +52,9 @@ class CompileReport:
 def topology_devices(topology: str = "v5e:2x2", chips_per_host_bounds: Sequence[int] = (2, 2, 1),
                      num_slices: int = 1) -> list[Any]:
   """Abstract TPU devices of a named topology, e.g. `v5e:2x2` or `v4:2x2x2`."""
+  # Compiling needs no TPU; without this, a second process compiling at the same time fails on
+  # libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                       chip_config_name="default",
                                       chips_per_host_bounds=tuple(chips_per_host_bounds),

@@ -13,9 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 from typing import Iterable, Sequence
 
 import av
@@ -23,6 +21,7 @@ import numpy as np
 
 from data.demo_world import render
 from data.demo_world import vocabulary
+from vbert_jax import atomic
 
 FORMAT = "vbert_jax.demo_world/1"
 MANIFEST = "world.json"
@@ -212,29 +211,6 @@ def webvtt(cues: Iterable[Cue]) -> str:
 # ----------------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """write(tmp) to a temporary name in the same folder, then rename: never a partial file."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, _FILE_MODE)  # mkstemp makes files private; these are ordinary outputs
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def encode_h264(path: pathlib.Path, frames: Iterable[np.ndarray], config: WorldConfig) -> None:
   def write(tmp: str):
     with av.open(tmp, "w", format="mp4") as out:
@@ -245,7 +221,7 @@ def encode_h264(path: pathlib.Path, frames: Iterable[np.ndarray], config: WorldC
         for frame in chunk:
           out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
       out.mux(stream.encode())
-  _atomic_write(path, write)
+  atomic.write_atomic(path, write)
 
 
 def generate_video(config: WorldConfig, index: int, out_dir) -> dict:
@@ -261,7 +237,8 @@ def generate_video(config: WorldConfig, index: int, out_dir) -> dict:
   frames = (render.render_step(bg, s.verb, s.noun, int(round((s.end - s.start) * config.fps)),
                                config.fps, r, s.speed) for s, r in zip(steps, step_rngs))
   encode_h264(out_dir / f"{vid}.mp4", frames, config)
-  _atomic_write(out_dir / f"{vid}.vtt", lambda tmp: pathlib.Path(tmp).write_text(webvtt(cues)))
+  atomic.write_atomic(out_dir / f"{vid}.vtt",
+                      lambda tmp: pathlib.Path(tmp).write_text(webvtt(cues)))
   truth = {
       "format": FORMAT, "video_id": vid, "video": f"{vid}.mp4", "narration": f"{vid}.vtt",
       "split": split_of(config, index), "fps": config.fps, "width": config.width,
@@ -269,8 +246,8 @@ def generate_video(config: WorldConfig, index: int, out_dir) -> dict:
       "steps": [dataclasses.asdict(s) for s in steps],
       "cues": [dataclasses.asdict(c) for c in cues],
   }
-  _atomic_write(out_dir / f"{vid}.json",
-                lambda tmp: pathlib.Path(tmp).write_text(json.dumps(truth, indent=1)))
+  atomic.write_atomic(out_dir / f"{vid}.json",
+                      lambda tmp: pathlib.Path(tmp).write_text(json.dumps(truth, indent=1)))
   return truth
 
 
@@ -307,8 +284,8 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
               "templates": list(vocabulary.TEMPLATES),
               "affordances": {k: list(v) for k, v in vocabulary.AFFORDANCES.items()},
               "videos": videos}
-  _atomic_write(out_dir / MANIFEST,
-                lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
+  atomic.write_atomic(out_dir / MANIFEST,
+                      lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
   return manifest
 
 

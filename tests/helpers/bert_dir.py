@@ -21,7 +21,8 @@ def vocab_tokens(size: int) -> list[str]:
 
 
 def write_bert_dir(path, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                   mlp_dim: int, max_positions: int, seed: int = 0) -> pathlib.Path:
+                   mlp_dim: int, max_positions: int, seed: int = 0
+                   ) -> transformers.BertForPreTraining:
   """Writes config.json, model.safetensors and vocab.txt of a random BertForPreTraining."""
   path = pathlib.Path(path)
   torch.manual_seed(seed)
@@ -29,6 +30,7 @@ def write_bert_dir(path, *, vocab_size: int, hidden_size: int, num_layers: int, 
       vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
       num_attention_heads=num_heads, intermediate_size=mlp_dim,
       max_position_embeddings=max_positions, type_vocab_size=2, hidden_act="gelu")
-  transformers.BertForPreTraining(config).save_pretrained(path)
+  model = transformers.BertForPreTraining(config)
+  model.save_pretrained(path)
   (path / "vocab.txt").write_text("\n".join(vocab_tokens(vocab_size)) + "\n")
-  return path
+  return model

@@ -7,11 +7,12 @@ Fields: `features` [clips, dim] (float16 or float32), `starts` / `ends` [clips] 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import tempfile
+import zipfile
 
 import numpy as np
+
+from vbert_jax import atomic
 
 SUFFIX = ".npz"
 
@@ -40,28 +41,14 @@ def save_features(folder, vf: VideoFeatures) -> pathlib.Path:
   if vf.features.ndim != 2 or len(vf.starts) != vf.num_clips or len(vf.ends) != vf.num_clips:
     raise ValueError(f"{vf.video_id}: features {vf.features.shape}, starts {len(vf.starts)}, "
                      f"ends {len(vf.ends)} do not agree")
-  path = feature_path(folder, vf.video_id)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{vf.video_id}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
       np.savez(f, features=vf.features, starts=np.asarray(vf.starts, np.float64),
                ends=np.asarray(vf.ends, np.float64), source=np.str_(vf.source),
                pooling=np.str_(vf.pooling), image_size=np.int32(vf.image_size))
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
 
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+  return atomic.write_atomic(feature_path(folder, vf.video_id), write)
 
 
 def load_features(path) -> VideoFeatures:
@@ -71,7 +58,7 @@ def load_features(path) -> VideoFeatures:
       return VideoFeatures(video_id=path.name[:-len(SUFFIX)], source=str(z["source"]),
                            features=z["features"], starts=z["starts"], ends=z["ends"],
                            pooling=str(z["pooling"]), image_size=int(z["image_size"]))
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: not a readable feature file ({e})") from e
 
 

@@ -12,15 +12,14 @@ once; a video that cannot be read gives grey tiles and a line naming it.
 from __future__ import annotations
 
 import collections
-import os
 import pathlib
 import sys
-import tempfile
 
 from absl import app, flags
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vbert_jax import atomic
 from vbert_jax.video import reader
 from vbert_jax.vocab import vocabulary
 
@@ -87,18 +86,7 @@ def draw_grid(vocab: vocabulary.VisualVocabulary, tokens, *, clips: int, tile: i
 
 
 def save_png(image: Image.Image, path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      image.save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  return atomic.write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def main(argv) -> None:

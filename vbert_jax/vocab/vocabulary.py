@@ -13,13 +13,12 @@ sharded over local devices); `centroid` and `nearest_clips` go the other way.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import tempfile
 from typing import Callable
 
 import numpy as np
 
+from vbert_jax import atomic
 from vbert_jax.vocab import kmeans
 
 FORMAT_VERSION = 1
@@ -83,8 +82,6 @@ class VisualVocabulary:
 
   def save(self, path) -> pathlib.Path:
     """Writes atomically (temporary name, then rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"format_version": np.int32(FORMAT_VERSION), "mean": self.mean, "std": self.std,
               "leaf_counts": self.leaf_counts}
     arrays.update({key: np.asarray(getattr(self, key)) for key in _SETTINGS})
@@ -94,16 +91,12 @@ class VisualVocabulary:
                   nearest_end=nc.end, nearest_dist=nc.dist,
                   video_ids=np.array(nc.video_ids, dtype=np.str_).reshape(-1),
                   sources=np.array(nc.sources, dtype=np.str_).reshape(-1))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-      with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+      with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
-    return path
+
+    return atomic.write_atomic(path, write)
 
   @classmethod
   def load(cls, path) -> "VisualVocabulary":
