@@ -102,7 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3))
   c.checkpoint["async"] = True
-  c.init = ml_collections.ConfigDict(dict(checkpoint="", bert_dir=""))
+  # Where a fresh run starts: an exported checkpoint or a BERT directory; and optionally the
+  # visual embedding rows from a visual vocabulary's centroids, projected to the hidden size.
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", bert_dir="", visual_vocab=""))
   c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
   c.peak_flops_per_device = 0.0  # 0: from the device-kind table; set it for unknown devices

@@ -347,3 +347,34 @@ def test_throughput_and_mfu():
   np.testing.assert_allclose(out["mfu"], 4 * 2e9 / seconds / 2e10, rtol=1e-9)
   line = metrics.Progress(total_steps=100, first_step=0).line(50)
   assert line.startswith("step 50/100 (50.0%)") and "ETA" in line
+
+
+def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import kmeans  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  features = np.random.default_rng(0).normal(size=(200, 24)).astype(np.float32)
+  vocab = vocabulary.VisualVocabulary.fit(features, kmeans.KMeansConfig(depth=2, branching=4))
+  path = vocab.save(tmp_path / "vocab.npz")
+  config = pretrain.get_config("variant=mu,runlocal")
+  with config.unlocked():
+    config.model.visual_vocab_size = 16
+    config.init.visual_vocab = str(path)
+  trainer = train.Trainer(train.videobert_task(config), config)
+  fresh = trainer.init_state().params
+  params = train.init_visual_rows(fresh, config)
+  table = np.asarray(params["embeddings"]["word_embeddings"]["embedding"])
+  before = np.asarray(fresh["embeddings"]["word_embeddings"]["embedding"])
+  offset = train.model_config(config).vocab.visual_offset
+  expected = vocabulary.visual_embedding_init(path, 32, std=0.02, seed=config.seed)
+  np.testing.assert_allclose(table[offset:offset + 16], expected, rtol=1e-6)
+  np.testing.assert_array_equal(table[:offset], before[:offset])  # text rows untouched
+  # Tokens whose centroids are near each other start near each other.
+  leaves = vocab.leaves
+  d_feat = np.linalg.norm(leaves[:, None] - leaves[None], axis=-1)
+  d_emb = np.linalg.norm(expected[:, None] - expected[None], axis=-1)
+  assert np.corrcoef(d_feat.ravel(), d_emb.ravel())[0, 1] > 0.9
+  with config.unlocked():
+    config.model.visual_vocab_size = 20
+  with pytest.raises(ValueError, match=r"has 16 tokens but config.model.visual_vocab_size=20"):
+    train.init_visual_rows(fresh, config)

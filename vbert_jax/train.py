@@ -371,9 +371,33 @@ def _initial_state(trainer: Trainer, ckpt: Any, config: ml_collections.ConfigDic
   # Importing BERT fills the text part of freshly initialised parameters.
   params = checkpoints.load_initial(config, trainer.abstract_with_shardings(),
                                     params=lambda: trainer.init_state().params)
+  if config.init.get("visual_vocab"):
+    params = init_visual_rows(params if params is not None else trainer.init_state().params,
+                              config)
   if params is not None:
     return trainer.state_from_params(params)
   return trainer.init_state()
+
+
+def init_visual_rows(params: Params, config: ml_collections.ConfigDict) -> Params:
+  """Starts the visual rows of the word embedding from `config.init.visual_vocab`'s centroids.
+
+  The centroids are projected to the hidden size (`vocabulary.visual_embedding_init`), so that
+  visual tokens that look alike start close together; the table keeps its sharding.
+  """
+  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  cfg, path = model_config(config), config.init.visual_vocab
+  rows = vocabulary.visual_embedding_init(path, cfg.hidden_size, std=cfg.initializer_range,
+                                          seed=config.seed)
+  if rows.shape[0] != cfg.visual_vocab_size:
+    raise ValueError(f"config.init.visual_vocab={path!r} has {rows.shape[0]} tokens but "
+                     f"config.model.visual_vocab_size={cfg.visual_vocab_size}")
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  start = cfg.vocab.visual_offset
+  put = jax.jit(lambda t, r: t.at[start:start + r.shape[0]].set(r.astype(t.dtype)),
+                out_shardings=getattr(table, "sharding", None))
+  word = {**params["embeddings"]["word_embeddings"], "embedding": put(table, rows)}
+  return {**params, "embeddings": {**params["embeddings"], "word_embeddings": word}}
 
 
 def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, train_iter: Any,
