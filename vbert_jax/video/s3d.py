@@ -329,11 +329,6 @@ def _flat_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flatten(dict(shapes)).items()}
 
 
-def variable_shapes() -> Variables:
-  """Shapes of every S3D variable, without computing anything."""
-  return unflatten(_flat_shapes())
-
-
 def check_variables(variables: Variables, source: str = "S3D variables") -> None:
   """Raises ValueError naming every missing, unexpected or misshapen entry."""
   want = {"/".join(k): v for k, v in _flat_shapes().items()}
