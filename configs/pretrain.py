@@ -105,6 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Where a fresh run starts: an exported checkpoint or a BERT directory; and optionally the
   # visual embedding rows from a visual vocabulary's centroids, projected to the hidden size.
   c.init = ml_collections.ConfigDict(dict(checkpoint="", bert_dir="", visual_vocab=""))
+  # The text tokenizer the data was built with (vbert_jax.text.tokenizers.load_tokenizer): kept in
+  # the run's config so that the tasks read text the way the model saw it. With init.bert_dir,
+  # "wordpiece" and an empty vocab mean the checkpoint's vocab.txt.
+  c.text = ml_collections.ConfigDict(dict(tokenizer="wordpiece", vocab="", lowercase="auto"))
   c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
   c.peak_flops_per_device = 0.0  # 0: from the device-kind table; set it for unknown devices
