@@ -94,6 +94,33 @@ def test_resize_and_centre_crop_keep_rgb(tmp_path):
     assert right[2] > 180 and right[0] < 70 and right[1] < 70, (size, right)
 
 
+def test_squash_mode_matches_torchvision_kinetics_transform(tmp_path):
+  """`resize=R` follows torchvision's VideoClassification: R x R (aspect not kept), centre crop."""
+  import av  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision.transforms import functional as tvf  # pylint: disable=g-import-not-at-top
+
+  def frame(i, width, height):  # smooth, so the two bilinear filters agree closely
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], -1).astype(np.uint8)
+  video = fw.write_video(tmp_path / "wide.mp4", fps=F(20), num_frames=32, frame_fn=frame,
+                         width=96, height=48, options={"crf": "0", "preset": "ultrafast"})
+  (clip,) = reader.read_clips(video.path, size=32, resize=40)
+  with av.open(str(video.path)) as container:
+    first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+  ref = torch.from_numpy(first).permute(2, 0, 1)[None].float()
+  ref = tvf.center_crop(tvf.resize(ref, [40, 40], antialias=False), [32, 32])
+  ref = ref[0].permute(1, 2, 0).numpy()
+  assert clip.frames.shape == (30, 32, 32, 3)
+  assert np.abs(clip.frames[0].astype(float) - ref).mean() < 4.0
+  # The short-side mode keeps the aspect: a horizontal gradient spans a narrower range.
+  (short,) = reader.read_clips(video.path, size=32)
+  span = lambda f: float(f[0, 16, -1, 0]) - float(f[0, 16, 0, 0])
+  assert span(clip.frames) > 1.5 * span(short.frames)
+  with pytest.raises(ValueError, match="resize=16"):
+    reader.read_clips(video.path, size=32, resize=16)
+
+
 def test_streams_without_holding_the_video(tmp_path):
   """30 s at 64 px would be 7 MB of frames; reading it peaks at a few clips."""
   import tracemalloc  # pylint: disable=g-import-not-at-top

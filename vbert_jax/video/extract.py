@@ -157,9 +157,10 @@ class _Decoder(threading.Thread):
   batch that holds its last clip, so the consumer sees events in a safe order."""
 
   def __init__(self, items: Sequence[tuple[str, pathlib.Path]], out: queue.Queue,
-               batch_size: int, image_size: int):
+               batch_size: int, image_size: int, resize: int | None = None):
     super().__init__(daemon=True, name="clip-decoder")
     self.items, self.out, self.batch_size, self.image_size = items, out, batch_size, image_size
+    self.resize = resize
     self.stop = threading.Event()
     self._new_buffer()
 
@@ -201,7 +202,7 @@ class _Decoder(threading.Thread):
         count = 0
         try:
           for clip in reader.read_clips(path, fps=FPS, clip_frames=CLIP_FRAMES,
-                                        size=self.image_size):
+                                        size=self.image_size, resize=self.resize):
             self.buf[len(self.owners)] = clip.frames
             self.owners.append((key, clip.start, clip.end))
             count += 1
@@ -227,8 +228,12 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
                      weights: str | os.PathLike | None = None, variables=None,
                      image_size: int = 224, batch_size: int = 32, dtype: str = "float16",
                      shard_index: int | None = None, num_shards: int | None = None,
-                     seed: int = 0, progress: bool = True, queue_batches: int = 3) -> Summary:
+                     seed: int = 0, progress: bool = True, queue_batches: int = 3,
+                     resize: int | None = None) -> Summary:
   """Writes `<out_dir>/<video stem>.npz` for every video of this host's shard of `paths`.
+
+  Frames are resized so the short side is `image_size` and centre-cropped; `resize=256` squashes
+  them to 256 x 256 first, the transform torchvision's pretrained Kinetics S3D was trained with.
 
   `variables` (S3D variables) take precedence over `weights` (a file from s3d.save_params);
   with neither, S3D is randomly initialised from `seed` and a warning is printed.
@@ -273,20 +278,20 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
       print(RANDOM_WEIGHTS_WARNING.format(seed=seed), file=sys.stderr, flush=True)
   embed, per_batch = make_embedder(variables, batch_size)
   _run(todo, out_dir, embed, per_batch, image_size, np.dtype(dtype), summary, progress,
-       queue_batches)
+       queue_batches, resize)
   summary.seconds = time.time() - t0
   return summary
 
 
 def _run(todo, out_dir, embed, per_batch, image_size, dtype, summary: Summary, progress: bool,
-         queue_batches: int) -> None:
+         queue_batches: int, resize: int | None = None) -> None:
   import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=len(todo), unit="video", desc="S3D features", disable=not progress,
                   file=sys.stderr)
   rows: dict[str, list[tuple[np.ndarray, float, float]]] = collections.defaultdict(list)
   backlog: collections.deque = collections.deque()  # batches in flight and events after them
   q: queue.Queue = queue.Queue(maxsize=queue_batches)
-  decoder = _Decoder(todo, q, per_batch, image_size)
+  decoder = _Decoder(todo, q, per_batch, image_size, resize)
   computed = [0]  # clips through S3D, for the progress bar
 
   def handle(entry):
@@ -356,7 +361,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--out", required=True, help="folder for the per-video feature files")
   ap.add_argument("--s3d_weights", default=None,
                   help="S3D variables from vbert_jax.video.convert_s3d (default: random init)")
-  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--image_size", type=int, default=224, help="side of the square crop")
+  ap.add_argument("--resize", type=int, default=0,
+                  help="squash frames to RESIZE x RESIZE before the crop (256 with the Kinetics "
+                       "S3D weights, as torchvision's transform does); 0: short side to image_size")
   ap.add_argument("--batch_size", type=int, default=32,
                   help="clips per step, rounded up to a multiple of the local device count")
   ap.add_argument("--dtype", choices=DTYPES, default="float16")
@@ -374,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = extract_features(
         paths, args.out, weights=args.s3d_weights, image_size=args.image_size,
         batch_size=args.batch_size, dtype=args.dtype, shard_index=args.shard_index,
-        num_shards=args.num_shards, seed=args.seed, progress=not args.no_progress)
+        num_shards=args.num_shards, seed=args.seed, progress=not args.no_progress,
+        resize=args.resize or None)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -8,7 +8,9 @@ the video lasts until t_k + 1 / fps; a clip is emitted once all its frames exist
 duration D gives floor(D / 1.5) clips and a trailing partial clip is dropped.
 
 Only the source frames that are shown are converted (PyAV's swscale: resize so the short side is
-`size`, RGB), then centre-cropped; at most one clip is held, never the whole video. Pixels are
+`size`, RGB), then centre-cropped; at most one clip is held, never the whole video. With
+`resize=R` frames are instead squashed to R x R before the centre crop, as torchvision's Kinetics
+transform for its pretrained S3D does (resize to 256 x 256, crop 224). Pixels are
 uint8 RGB in [0, 255]; `s3d.normalize` maps them to what S3D expects.
 """
 
@@ -43,8 +45,8 @@ class Clip:
   index: int
 
 
-def read_clips(path, fps: float = 20.0, clip_frames: int = 30, size: int = 224
-               ) -> Iterator[Clip]:
+def read_clips(path, fps: float = 20.0, clip_frames: int = 30, size: int = 224,
+               resize: int | None = None) -> Iterator[Clip]:
   """Non-overlapping clips of `path`, streamed; raises VideoReadError on bad input.
 
   The file is opened (and checked) at the call, so an unreadable file fails here; decoding
@@ -53,9 +55,11 @@ def read_clips(path, fps: float = 20.0, clip_frames: int = 30, size: int = 224
   if fps <= 0 or clip_frames <= 0 or size <= 0:
     raise ValueError(f"fps, clip_frames and size must be positive, got {fps}, {clip_frames}, "
                      f"{size}")
+  if resize is not None and resize < size:
+    raise ValueError(f"resize={resize} is smaller than the crop size={size}")
   container = open_video(path)
   return _clips(container, pathlib.Path(path), fractions.Fraction(fps).limit_denominator(100000),
-                clip_frames, size)
+                clip_frames, _Converter(size, resize))
 
 
 def open_video(path) -> av.container.InputContainer:
@@ -95,10 +99,11 @@ def _frame_time(frame: av.VideoFrame) -> fractions.Fraction | None:
 
 
 class _Converter:
-  """Resizes (short side to `size`), converts to RGB and centre-crops source frames."""
+  """Resizes (short side to `size`, or to `resize` x `resize`), converts to RGB, centre-crops."""
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, resize: int | None = None):
     self.size = size
+    self.resize = resize
     self._cache_key = None
     self._cache = None
 
@@ -106,7 +111,9 @@ class _Converter:
     if self._cache_key is frame:  # upsampling shows one source frame several times
       return self._cache
     w, h = frame.width, frame.height
-    if w <= h:
+    if self.resize:
+      nw = nh = self.resize
+    elif w <= h:
       nw, nh = self.size, max(self.size, round(h * self.size / w))
     else:
       nw, nh = max(self.size, round(w * self.size / h)), self.size
@@ -118,11 +125,11 @@ class _Converter:
 
 
 def _clips(container, path: pathlib.Path, fps: fractions.Fraction, clip_frames: int,
-           size: int) -> Iterator[Clip]:
+           convert: _Converter) -> Iterator[Clip]:
   stream = container.streams.video[0]
   stream.thread_type = "AUTO"
   nominal = 1 / stream.average_rate if stream.average_rate else 1 / fps
-  convert = _Converter(size)
+  size = convert.size
   buf = np.empty((clip_frames, size, size, 3), np.uint8)
   origin = prev = prev_time = last_step = None
   k = 0  # next output frame
