@@ -242,7 +242,9 @@ def test_empty_cluster_moves_to_the_farthest_point_of_its_node():
   dist = np.array([0.0, 1.0, 4.0, 0.0, 1.0, 9.0], np.float32)
   cents = np.zeros((2, 3, 1), np.float32)
   counts = np.array([[3, 0, 0], [3, 0, 5]])
-  moved = kmeans._reseed_empty(cents, counts, node, dist, src, np.array([[0.0], [40.0]]))
+  mean = np.zeros(1)
+  parent = np.array([[0.0], [40.0]], np.float32)
+  moved = kmeans._reseed_empty(cents, counts, node, dist, src, mean, parent)
   assert moved.tolist() == [True, True]
   np.testing.assert_array_equal(cents[0, :, 0], [0.0, 10.0, 1.0])
   np.testing.assert_array_equal(cents[1, :, 0], [0.0, 50.0, 0.0])  # 90, relative to 40

@@ -269,6 +269,25 @@ def _local_blocks(x, node, valid, *, nodes: int, nb: int, bsize: int):
   return xb, vb, bnode.astype(jnp.int32), gidx.reshape(nb, bsize)
 
 
+def _duplicate_penalty(cents):
+  """[nodes, k]: +inf for a child that repeats an earlier child of its node bit for bit, else 0.
+
+  A node with fewer points than branches repeats points as children. Which of two equal
+  centroids wins an argmin then depends on the matmul's rounding, which differs with batch and
+  device shapes; taking the repeats out makes "ties go to the lowest child" hold everywhere.
+  Children are compared by two exact integer hashes of their bits.
+  """
+  bits = jax.lax.bitcast_convert_type(cents, jnp.uint32)
+  mult = np.random.default_rng(0).integers(1, 2**32, (2, cents.shape[-1]), dtype=np.uint64)
+  h1 = jnp.sum(bits * jnp.asarray(mult[0] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
+  h2 = jnp.sum(bits * jnp.asarray(mult[1] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
+  same = (h1[:, :, None] == h1[:, None, :]) & (h2[:, :, None] == h2[:, None, :])
+  k = cents.shape[1]
+  earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, i]: i < j
+  dup = jnp.any(same & earlier[None], axis=-1)
+  return jnp.where(dup, jnp.inf, 0.0).astype(cents.dtype)
+
+
 def _block_dist(xb, bnode, cents):
   """Squared distances [nb, bsize, k] of every block row to its node's children.
 
@@ -276,7 +295,7 @@ def _block_dist(xb, bnode, cents):
   equal form that sums the gathered centroids is miscompiled by XLA:CPU 0.10.2 (YNNPACK fusion)
   when a level has a single node and blocks of 256+ rows (tests/test_kmeans.py checks both).
   """
-  cn = jnp.sum(cents * cents, axis=-1)[bnode]
+  cn = (jnp.sum(cents * cents, axis=-1) + _duplicate_penalty(cents))[bnode]
   dots = jnp.einsum("nbd,nkd->nbk", xb, cents[bnode], precision=HIGHEST)
   xn = jnp.sum(xb * xb, axis=-1)
   return cn[:, None, :] - 2.0 * dots + xn[..., None]
@@ -446,14 +465,48 @@ class _LevelPass:
       self._scatter(i, gidx, self.seed_fn(xb, vb, bnode, cands), out)
 
 
-def _first_per_node(node: np.ndarray, score: np.ndarray, nodes: int) -> np.ndarray:
-  """Row with the lowest score in every node ([nodes], -1 where a node has no rows)."""
-  order = np.lexsort((score, node))
-  sn = node[order]
-  firsts = np.flatnonzero(np.r_[True, sn[1:] != sn[:-1]])
-  out = np.full(nodes, -1, np.int64)
-  out[sn[firsts]] = order[firsts]
-  return out
+class _NodeSampler:
+  """Draws one row per node with probability proportional to a weight, for all nodes at once.
+
+  Rows are sorted by node once per level; a round is then one cumulative sum and a binary search
+  per draw (inverse-CDF sampling), rather than a sort per draw.
+  """
+
+  def __init__(self, node: np.ndarray, nodes: int):
+    self.order = np.argsort(node, kind="stable")
+    self.bounds = np.searchsorted(node[self.order], np.arange(nodes + 1))
+    self.count = np.diff(self.bounds)
+    self.nodes = nodes
+
+  def draw(self, weight: np.ndarray | None, u: np.ndarray) -> np.ndarray:
+    """Rows [trials, nodes] (-1 for a node without rows) for uniforms `u` [trials, nodes].
+
+    Rows of weight 0 (points that are already centres) are drawn only in a node whose rows all
+    have weight 0, uniformly then, so a node repeats a point only when it must; `weight=None`
+    draws uniformly.
+    """
+    lo, hi = self.bounds[:-1], self.bounds[1:]
+    uniform = lo + np.minimum((u * self.count).astype(np.int64), np.maximum(self.count - 1, 0))
+    if weight is None:
+      pos = uniform
+    else:
+      cw = np.concatenate([[0.0], np.cumsum(weight[self.order], dtype=np.float64)])
+      base, total = cw[lo], cw[hi] - cw[lo]
+      # The first sorted row whose cumulative weight exceeds the target (zero weights never do).
+      pos = np.searchsorted(cw, base + u * total, side="right") - 1
+      pos = np.where(total > 0, np.clip(pos, lo, np.maximum(hi - 1, lo)), uniform)
+    rows = self.order[np.minimum(pos, len(self.order) - 1)]
+    return np.where(self.count > 0, rows, -1)
+
+
+def _relative(source: FeatureSource, rows: np.ndarray, mean: np.ndarray, parent: np.ndarray
+              ) -> np.ndarray:
+  """Rows relative to their node's centroid, rounded exactly as the device blocks round them.
+
+  A centroid seeded on a row then equals, bit for bit, the mean of that row alone, so a point
+  repeated as two children gives two identical centroids (see `_duplicate_penalty`).
+  """
+  return (source.take(rows) - mean.astype(np.float32)) - parent
 
 
 def _seed_level(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, k: int,
@@ -466,21 +519,17 @@ def _seed_level(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, k: int,
   """
   node, nodes, n = lp.node, lp.nodes, len(lp.node)
   trials = 2 + int(math.log(k))
+  sampler = _NodeSampler(node, nodes)
   cents = np.zeros((nodes, k, source.dim), np.float32)  # a node without rows: its own centroid
   dmin = np.full(n, np.inf, np.float32)
   dcand = np.empty((n, trials), np.float32)
   for r in range(k):
+    rows = sampler.draw(None if r == 0 else dmin, rng.random((trials, nodes)))
     cands = np.zeros((nodes, trials, source.dim), np.float32)
-    for t in range(trials):
-      u = rng.random(n)
-      # Exponential race: the lowest E/d^2 in a node is a draw proportional to d^2. Rows at
-      # distance 0 (already centres) come last, so a node only repeats a point when it must.
-      with np.errstate(divide="ignore"):
-        score = u if r == 0 else np.where(dmin > 0, -np.log(u) / dmin, 1e30 + u)
-      rows = _first_per_node(node, score, nodes)
-      has = rows >= 0
-      if has.any():
-        cands[has, t] = source.take(rows[has]) - mean - lp.parent[has]
+    has = rows >= 0
+    if has.any():
+      nd, t = np.nonzero(has.T)
+      cands[nd, t] = _relative(source, rows.T[nd, t], mean, lp.parent[nd])
     lp.candidate_dist(jnp.asarray(cands), dcand)
     new_min = np.minimum(dmin[:, None], dcand)
     potential = np.stack([np.bincount(node, weights=new_min[:, t], minlength=nodes)
@@ -492,10 +541,10 @@ def _seed_level(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, k: int,
 
 
 def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, dist: np.ndarray,
-                  source: FeatureSource, offset: np.ndarray) -> np.ndarray:
+                  source: FeatureSource, mean: np.ndarray, parent: np.ndarray) -> np.ndarray:
   """Moves empty clusters onto the rows of their node farthest from their centroid.
 
-  `cents` [nodes, k, D] is relative: a row r becomes `source.take(r) - offset[node]`. Returns
+  `cents` [nodes, k, D] is relative: a row r becomes `source.take(r) - mean - parent[node]`. Returns
   the nodes [nodes] bool where a centroid moved.
   """
   empty = counts == 0
@@ -516,7 +565,8 @@ def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, dist:
     moved_rows.extend(rows[lo:lo + m])
     moved_at.extend((nd, s) for s in slots[:m])
   if moved_rows:
-    new = source.take(np.asarray(moved_rows)) - offset[[nd for nd, _ in moved_at]]
+    new = _relative(source, np.asarray(moved_rows), mean,
+                    parent[[nd for nd, _ in moved_at]])
     for (nd, s), v in zip(moved_at, new):
       cents[nd, s] = v
       touched[nd] = True
@@ -570,7 +620,7 @@ def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | No
       next_active = np.bincount(node[moved], minlength=nodes) > 0
       if (counts_np == 0).any():
         cents_np = np.array(cents)
-        reseeded = _reseed_empty(cents_np, counts_np, node, dist, source, parent + mean)
+        reseeded = _reseed_empty(cents_np, counts_np, node, dist, source, mean, parent)
         if reseeded.any():
           cents = jnp.asarray(cents_np)
           next_active |= reseeded
