@@ -1,0 +1,1 @@
+"""Video captioning on VideoBERT's features: features, the captioner, decoding, metrics, CLIs."""

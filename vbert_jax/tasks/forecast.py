@@ -1,0 +1,204 @@
+"""Forecasting: the visual tokens so far, then masked slots for the future; the top futures at
+horizons of 1, 2, 3 clips (more when asked).
+
+    python -m vbert_jax.tasks.forecast --workdir=RUN --tokens=12,12,40,7 --horizons=1,2,3 \\
+        --out=results/forecast
+
+Layouts: "video_only" ([CLS] v1 ... vN [MASK] x H [SEP], pretraining's video-only regime, the
+default) or "pair" ([CLS] v1 ... vN [>] [MASK] x H [SEP], the future after the separator).
+
+Futures are scored jointly, by the chain rule: a future's score is the sum of the
+log-probabilities of its tokens, each predicted with the slots filled before it in the input and
+the others still masked. Two orders of filling:
+
+    beam        left to right: a beam search over the slots, one batched forward pass per slot
+    iterative   each hypothesis fills next the slot it is most sure of (highest top
+                probability), also under a beam; the same future reached in two orders
+                counts once, with its better score
+
+Only real visual tokens are proposed (never text, special or padding ids); futures come back
+best first, and the result depends on nothing but the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from vbert_jax.tasks import prompts
+from vbert_jax.tasks import text_to_video
+
+METHODS = ("beam", "iterative")
+
+
+@dataclasses.dataclass
+class _Beam:
+  filled: np.ndarray  # [H] int64 visual tokens, -1 where still masked
+  score: float
+
+
+def _inputs(bundle, base, positions: np.ndarray, beams: list[_Beam], rows: int):
+  """The base prompt with each beam's filled slots written in, padded to `rows` copies."""
+  packed = []
+  offset = bundle.vocab.visual_offset
+  for beam in beams + [beams[-1]] * (rows - len(beams)):
+    p = dataclasses.replace(base, input_ids=base.input_ids.copy())
+    done = beam.filled >= 0
+    p.input_ids[positions[done]] = beam.filled[done] + offset
+    packed.append(p)
+  return packed
+
+
+def _expand(beams: list[_Beam], lp: np.ndarray, method: str, width: int) -> list[_Beam]:
+  """One more slot for every beam; the `width` best distinct hypotheses survive."""
+  candidates: dict[bytes, _Beam] = {}
+  for beam, slot_lp in zip(beams, lp):
+    open_slots = np.flatnonzero(beam.filled < 0)
+    if method == "beam":
+      slot = open_slots[0]
+    else:
+      slot = open_slots[np.argmax(slot_lp[open_slots].max(axis=1))]
+    top = np.argsort(-slot_lp[slot], kind="stable")[:width]
+    for token in top:
+      filled = beam.filled.copy()
+      filled[slot] = token
+      new = _Beam(filled, beam.score + float(slot_lp[slot, token]))
+      key = filled.tobytes()
+      if key not in candidates or candidates[key].score < new.score:
+        candidates[key] = new
+  ranked = sorted(candidates.values(), key=lambda b: (-b.score, b.filled.tolist()))
+  return ranked[:width]
+
+
+def forecast(bundle, visual_tokens: Sequence[int], horizon: int, *, top: int = 3,
+             method: str = "beam", layout: str = "video_only",
+             beam_size: int = 8) -> list[tuple[np.ndarray, float]]:
+  """The `top` most likely futures of `horizon` clips: [(tokens int32 [horizon], score)], best
+  first (score: the summed log-probability, see the module docstring)."""
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  if top < 1 or beam_size < 1:
+    raise ValueError(f"top={top} and beam_size={beam_size}: expected at least 1")
+  base, positions = prompts.forecast(bundle.layout, visual_tokens, horizon, layout)
+  width = max(beam_size, top)  # a beam narrower than `top` could not return `top` futures
+  beams = [_Beam(np.full(horizon, -1, np.int64), 0.0)]
+  for _ in range(horizon):
+    packed = _inputs(bundle, base, positions, beams, width)
+    slots = np.broadcast_to(positions, (width, horizon))
+    lp = text_to_video.visual_log_probs(bundle, packed, slots)[:len(beams)]  # [beams, H, V]
+    beams = _expand(beams, lp, method, width)
+  return [(b.filled.astype(np.int32), b.score) for b in beams[:top]]
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from e
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m vbert_jax.tasks.forecast",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Forecasting with a trained VideoBERT: given the visual tokens of the clips so far,\n"
+          "the most likely next clips, for each horizon (number of future clips). The video\n"
+          "comes from --tokens, or from a feature file (--features, its first --clips clips)\n"
+          "turned into tokens with the visual vocabulary."),
+      epilog=("Examples:\n"
+              "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
+              "      --tokens=120,120,4031,77 --out=results/forecast\n"
+              "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
+              "      --features=features/vid_a.npz --clips=12 --horizons=1,2,3,5 \\\n"
+              "      --method=iterative --out=results/forecast\n\n"
+              "Writes OUT/results.json (per horizon: the futures, best first, with their summed\n"
+              "log-probabilities) and, with a visual vocabulary, OUT/horizon_<h>.png: the last\n"
+              "clips so far, then one row per future."))
+  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
+                 "checkpoints/).")
+  p.add_argument("--out", required=True, help="Folder for results.json and the PNG strips.")
+  p.add_argument("--tokens", type=_int_list, help="The visual tokens so far, comma-separated.")
+  p.add_argument("--features", help="A feature file (<video_id>.npz) instead of --tokens.")
+  p.add_argument("--clips", type=int, help="With --features: use its first N clips (default "
+                 "all).")
+  p.add_argument("--horizons", type=_int_list, default=[1, 2, 3],
+                 help="Future lengths in clips (default 1,2,3).")
+  p.add_argument("--top", type=int, default=3, help="Futures per horizon (default 3).")
+  p.add_argument("--method", default="beam", choices=METHODS,
+                 help="beam: fill the slots left to right; iterative: most certain slot first.")
+  p.add_argument("--layout", default="video_only", choices=prompts.FORECAST_LAYOUTS,
+                 help="video_only: [CLS] video [MASK]s [SEP]; pair: [CLS] video [>] [MASK]s "
+                 "[SEP].")
+  p.add_argument("--beam_size", type=int, default=8, help="Hypotheses kept per step.")
+  p.add_argument("--text_vocab", help="Text vocabulary; default: the run's config.text.vocab.")
+  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz); default: the run's "
+                 "config.init.visual_vocab. Needed for --features and for the pictures.")
+  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+  p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
+  return p.parse_args(argv)
+
+
+def _video_tokens(args: argparse.Namespace, bundle) -> np.ndarray:
+  if (args.tokens is None) == (args.features is None):
+    raise ValueError("give the video as exactly one of --tokens or --features")
+  if args.tokens is not None:
+    return np.asarray(args.tokens, np.int64)
+  if bundle.visual_vocab is None:
+    raise ValueError("--features needs a visual vocabulary: pass --visual_vocab")
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  vf = features_io.load_features(args.features)
+  features = vf.features[:args.clips] if args.clips else vf.features
+  return bundle.visual_vocab.assign(np.asarray(features, np.float32))
+
+
+def run(args: argparse.Namespace) -> dict:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
+  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
+                                  visual_vocab=args.visual_vocab)
+  video = _video_tokens(args, bundle)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  results = {"workdir": str(args.workdir), "tokens": video.tolist(), "method": args.method,
+             "layout": args.layout, "beam_size": args.beam_size, "horizons": {}}
+  for h in args.horizons:
+    futures = forecast(bundle, video, h, top=args.top, method=args.method, layout=args.layout,
+                       beam_size=args.beam_size)
+    entry = {"futures": [{"tokens": t.tolist(), "score": s} for t, s in futures]}
+    if bundle.visual_vocab is not None:
+      context = video[-8:]
+      rows = [context] + [t for t, _ in futures]
+      labels = ["so far"] + [f"#{i + 1} {s:.2f}" for i, (_, s) in enumerate(futures)]
+      entry["picture"] = strips.token_strip(bundle.visual_vocab, rows, out / f"horizon_{h}.png",
+                                            labels=labels, tile=args.tile).name
+    results["horizons"][str(h)] = entry
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    results = run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for h, entry in results["horizons"].items():
+    print(f"horizon {h}: " + "; ".join(f"{f['tokens']} ({f['score']:.2f})"
+                                       for f in entry["futures"]))
+  print(f"wrote {pathlib.Path(args.out) / 'results.json'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,185 @@
+"""Task inputs in the layouts of `vbert_jax.sequence`, with `[MASK]` slots where the model answers.
+
+A `Template` is text with literal `[MASK]` markers ("now let me show you how to [MASK] the
+[MASK] ."), tokenized once. `build` puts a template beside a video in either order:
+
+    video_first   [CLS] v1 ... vN [>] text [SEP]   (the paper's zero-shot figure)
+    text_first    [CLS] text [>] v1 ... vN [SEP]   (the pretraining layout)
+
+The text is never cut (its masks must survive); a video longer than the room left is subsampled
+evenly, so that the whole segment stays in view. `text_to_video` and `forecast` build the inputs
+whose video part ends in masked slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from vbert_jax import sequence
+from vbert_jax.text import tokenizers
+
+ORDERS = ("video_first", "text_first")
+FORECAST_LAYOUTS = ("video_only", "pair")
+MASK_TOKEN = "[MASK]"
+# Batches are cut to their longest prompt rounded up to this, to bound the compiled shapes.
+LENGTH_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """Tokenized prompt text; `slots` are the indices of its `[MASK]` ids within `ids`."""
+  text: str
+  ids: tuple[int, ...]
+  slots: tuple[int, ...]
+  mask_id: int
+
+  @classmethod
+  def parse(cls, text: str, tokenizer: tokenizers.TextTokenizer,
+            expected_masks: int | None = None) -> "Template":
+    mask_id = tokenizer.specials.mask
+    ids = tuple(int(i) for i in tokenizer.encode(text))
+    slots = tuple(i for i, t in enumerate(ids) if t == mask_id)
+    if expected_masks is not None and len(slots) != expected_masks:
+      raise ValueError(f"template {text!r} has {len(slots)} {MASK_TOKEN} markers; expected "
+                       f"{expected_masks} (write them literally, e.g. 'now let me show you how "
+                       f"to {MASK_TOKEN} the {MASK_TOKEN} .')")
+    if not slots and expected_masks is None:
+      raise ValueError(f"template {text!r} has no {MASK_TOKEN} marker; expected at least one")
+    return cls(text, ids, slots, mask_id)
+
+  def expand(self, counts: Sequence[int]) -> "Template":
+    """The template with its j-th `[MASK]` repeated counts[j] times (for multi-piece labels)."""
+    if len(counts) != len(self.slots) or min(counts, default=1) < 1:
+      raise ValueError(f"expand: expected {len(self.slots)} counts of at least 1, got "
+                       f"{list(counts)}")
+    ids, slots = [], []
+    per_slot = dict(zip(self.slots, counts))
+    for i, t in enumerate(self.ids):
+      for _ in range(per_slot.get(i, 1)):
+        if i in per_slot:
+          slots.append(len(ids))
+        ids.append(t)
+    return Template(self.text, tuple(ids), tuple(slots), self.mask_id)
+
+  def slot_groups(self, counts: Sequence[int]) -> list[list[int]]:
+    """For `expand(counts)`: the mask indices (0-based, in order) that belong to each slot."""
+    out, start = [], 0
+    for n in counts:
+      out.append(list(range(start, start + n)))
+      start += n
+    return out
+
+
+def fit_video(visual_tokens: Sequence[int], room: int, keep: str = "spread") -> np.ndarray:
+  """At most `room` tokens: all of them, else an even subsample ("spread") or the last ones."""
+  v = np.asarray(visual_tokens, np.int64).reshape(-1)
+  if len(v) <= room:
+    return v
+  if room <= 0:
+    return v[:0]
+  if keep == "last":
+    return v[len(v) - room:]
+  return v[np.linspace(0, len(v) - 1, room).round().astype(np.int64)]
+
+
+def _check_video(visual_tokens: Sequence[int], vocab: sequence.JointVocab) -> np.ndarray:
+  v = np.asarray(visual_tokens, np.int64).reshape(-1)
+  if v.size == 0:
+    raise ValueError("empty video: no visual tokens (a segment with no clips); expected at "
+                     "least one token")
+  if v.min() < 0 or v.max() >= vocab.visual_size:
+    raise ValueError(f"visual tokens must lie in [0, {vocab.visual_size}); got range "
+                     f"[{v.min()}, {v.max()}]")
+  return v
+
+
+def build(layout: sequence.Layout, visual_tokens: Sequence[int], template: Template,
+          order: str = "video_first") -> tuple[sequence.Packed, np.ndarray]:
+  """The template beside the video in `order`; returns (packed, positions of the masks)."""
+  if order not in ORDERS:
+    raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+  video = _check_video(visual_tokens, layout.vocab)
+  room = layout.max_len - 3 - len(template.ids)
+  if room < 1:
+    raise ValueError(f"template {template.text!r} takes {len(template.ids)} tokens; with "
+                     f"[CLS], [>], [SEP] and one video token it exceeds max_len="
+                     f"{layout.max_len}")
+  video = fit_video(video, room)
+  if order == "video_first":
+    packed = layout.video_then_text(video, template.ids)
+  else:
+    packed = layout.pair(template.ids, video)
+  positions = np.flatnonzero(packed.input_ids == template.mask_id).astype(np.int32)
+  return packed, positions
+
+
+def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
+  # The slots are laid out as placeholders of the video segment, then masked: the layout code in
+  # sequence.py stays the one place that decides positions and segment ids.
+  packed.input_ids[positions] = mask_id
+  packed.segment_ids[positions] = sequence.SEGMENT_VIDEO
+
+
+def text_to_video(layout: sequence.Layout, text_ids: Sequence[int],
+                  num_slots: int) -> tuple[sequence.Packed, np.ndarray]:
+  """[CLS] text [>] [MASK] x num_slots [SEP]; returns (packed, slot positions)."""
+  if num_slots < 1:
+    raise ValueError(f"num_slots={num_slots}: expected at least 1")
+  if not len(text_ids):
+    raise ValueError("the text tokenizes to nothing; expected at least one text token")
+  if len(text_ids) + num_slots + 3 > layout.max_len:
+    raise ValueError(f"{len(text_ids)} text tokens and {num_slots} slots with [CLS], [>], "
+                     f"[SEP] exceed max_len={layout.max_len}")
+  packed = layout.pair(list(text_ids), [0] * num_slots)
+  start = len(text_ids) + 2
+  positions = np.arange(start, start + num_slots, dtype=np.int32)
+  _mask_video(packed, positions, layout.specials.mask)
+  return packed, positions
+
+
+def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int,
+             kind: str = "video_only") -> tuple[sequence.Packed, np.ndarray]:
+  """The video so far followed by `horizon` masked slots; returns (packed, slot positions).
+
+  video_only: [CLS] v1 ... vN [MASK] ... [SEP] (pretraining's video-only regime);
+  pair:       [CLS] v1 ... vN [>] [MASK] ... [SEP] (the future after the separator).
+  The most recent tokens are kept when the video does not fit.
+  """
+  if kind not in FORECAST_LAYOUTS:
+    raise ValueError(f"layout={kind!r}: expected one of {FORECAST_LAYOUTS}")
+  if horizon < 1:
+    raise ValueError(f"horizon={horizon}: expected at least 1")
+  video = _check_video(visual_tokens, layout.vocab)
+  extra = 3 if kind == "pair" else 2
+  room = layout.max_len - extra - horizon
+  if room < 1:
+    raise ValueError(f"horizon={horizon} leaves no room for the video in max_len="
+                     f"{layout.max_len}")
+  video = fit_video(video, room, keep="last")
+  n = len(video)
+  if kind == "video_only":
+    packed = layout.video_only(np.concatenate([video, np.zeros(horizon, np.int64)]))
+    start = 1 + n
+  else:
+    packed = layout.video_then_text(video, [0] * horizon)
+    start = 2 + n
+  positions = np.arange(start, start + horizon, dtype=np.int32)
+  _mask_video(packed, positions, layout.specials.mask)
+  return packed, positions
+
+
+def stack_trimmed(packed: Sequence[sequence.Packed],
+                  multiple: int = LENGTH_MULTIPLE) -> dict[str, np.ndarray]:
+  """`sequence.stack`, cut after the longest real sequence (rounded up to `multiple`).
+
+  The cut columns are padding in every row: masked out of attention, so the outputs at the
+  real positions do not change, and the forward pass costs what the prompts need.
+  """
+  batch = sequence.stack(packed)
+  max_len = batch["input_ids"].shape[1]
+  longest = int(batch["input_mask"].sum(axis=1).max())
+  keep = min(max_len, -(-longest // multiple) * multiple)
+  return {k: (v[:, :keep] if np.ndim(v) == 2 else v) for k, v in batch.items()}

@@ -1,0 +1,177 @@
+"""Text-to-video: "[CLS] text [>] [MASK] ... [MASK] [SEP]", the masked slots answered with visual
+tokens (the pretraining layout, text first).
+
+    python -m vbert_jax.tasks.text_to_video --workdir=RUN --text="cut the tomato" --num_slots=6 \\
+        --mode=topk --k=3 --out=results/t2v
+
+One forward pass gives every slot's distribution over the visual tokens (only real visual
+tokens: text, special and padding ids are never produced). The slots are predicted together from
+the same input, so a sequence's score is the sum of its slots' log-probabilities:
+
+    argmax   the best token of each slot (one row)
+    topk     the k best sequences by that score (exact: a beam of width k over the slots)
+    sample   k sequences drawn slot by slot from softmax(logits / temperature), seeded
+
+Rows come back in score order (best first); the same seed gives the same rows. With a visual
+vocabulary that keeps its nearest training clips, the command line also draws each row as a
+strip of those clips' middle frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from vbert_jax import sequence
+from vbert_jax.tasks import prompts
+
+MODES = ("argmax", "topk", "sample")
+
+
+def visual_log_probs(bundle, packed: Sequence[sequence.Packed],
+                     positions: np.ndarray) -> np.ndarray:
+  """Log-probabilities over the real visual tokens [B, P, visual_size] at `positions` [B, P]."""
+  batch = sequence.stack(list(packed))
+  lp = bundle.log_probs(batch, mvm_positions=np.asarray(positions, np.int32))["mvm_log_probs"]
+  # The padding ids are already at -1e9; they are cut off so that they cannot be picked at all.
+  return lp[..., :bundle.vocab.visual_size].astype(np.float64)
+
+
+def k_best(lp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The k best rows of independent slots lp [S, V] by summed log-probability, best first."""
+  rows = np.zeros((1, 0), np.int64)
+  scores = np.zeros(1)
+  for slot in lp:
+    top = np.argsort(-slot, kind="stable")[:k]
+    cand = scores[:, None] + slot[top][None, :]  # [beams, k]
+    flat = np.argsort(-cand.ravel(), kind="stable")[:k]
+    beam, choice = np.divmod(flat, len(top))
+    rows = np.concatenate([rows[beam], top[choice][:, None]], axis=1)
+    scores = cand.ravel()[flat]
+  return rows, scores
+
+
+def sample(lp: np.ndarray, k: int, temperature: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """k draws per slot from softmax(lp / temperature) (Gumbel-max); scored by the untempered
+  log-probabilities and sorted best first."""
+  gumbel = rng.gumbel(size=(k,) + lp.shape)
+  rows = np.argmax(lp[None] / temperature + gumbel, axis=-1)  # [k, S]
+  scores = np.take_along_axis(lp[None], rows[..., None], axis=-1)[..., 0].sum(axis=1)
+  order = np.argsort(-scores, kind="stable")
+  return rows[order], scores[order]
+
+
+def generate_scored(bundle, text: str, num_slots: int, *, mode: str = "argmax", k: int = 1,
+                    temperature: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(visual tokens int32 [k, num_slots], scores [k]) for `text`, best first."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+  if k < 1:
+    raise ValueError(f"k={k}: expected at least 1")
+  if mode == "argmax" and k != 1:
+    raise ValueError(f"mode='argmax' gives one row; got k={k} (use mode='topk' or 'sample' for "
+                     f"alternatives)")
+  if mode == "sample" and not temperature > 0:
+    raise ValueError(f"temperature={temperature}: expected a positive number")
+  if not text.strip():
+    raise ValueError("the text is empty; expected words to show")
+  text_ids = bundle.tokenizer.encode(text)
+  packed, positions = prompts.text_to_video(bundle.layout, text_ids, num_slots)
+  lp = visual_log_probs(bundle, [packed], positions[None])[0]
+  if mode == "sample":
+    rows, scores = sample(lp, k, temperature, np.random.default_rng(seed))
+  else:
+    rows, scores = k_best(lp, k)
+  return rows.astype(np.int32), scores
+
+
+def generate(bundle, text: str, num_slots: int, *, mode: str = "argmax", k: int = 1,
+             temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+  """Visual token indices [k, num_slots] (0 .. visual_size - 1) for `text`, best row first."""
+  return generate_scored(bundle, text, num_slots, mode=mode, k=k, temperature=temperature,
+                         seed=seed)[0]
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m vbert_jax.tasks.text_to_video",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Text-to-video with a trained VideoBERT: the model reads '[CLS] text [>]' followed by\n"
+          "--num_slots masked video slots and fills them with visual tokens. Each row of the\n"
+          "answer is one video of num_slots clips; rows come best first."),
+      epilog=("Example:\n"
+              "  python -m vbert_jax.tasks.text_to_video --workdir=runs/videobert \\\n"
+              "      --text='now let me show you how to cut the tomato' --num_slots=6 \\\n"
+              "      --mode=topk --k=3 --out=results/t2v\n\n"
+              "Writes OUT/results.json (per text: the token rows and their scores, the summed\n"
+              "log-probabilities) and, with a visual vocabulary, OUT/text_<i>.png: per row, the\n"
+              "middle frame of each token's nearest training clip."))
+  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
+                 "checkpoints/).")
+  p.add_argument("--out", required=True, help="Folder for results.json and the PNG strips.")
+  p.add_argument("--text", action="append", required=True,
+                 help="The text to show (repeat the flag for several texts).")
+  p.add_argument("--num_slots", type=int, default=6, help="Video tokens (clips) to generate.")
+  p.add_argument("--mode", default="argmax", choices=MODES,
+                 help="argmax: the best token per slot; topk: the k best rows; sample: k rows "
+                 "drawn with --temperature and --seed.")
+  p.add_argument("--k", type=int, default=1, help="Rows (alternatives) per text.")
+  p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (>0).")
+  p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+  p.add_argument("--text_vocab", help="Text vocabulary; default: the run's config.text.vocab.")
+  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz) for the pictures; default: "
+                 "the run's config.init.visual_vocab (no pictures when neither is set).")
+  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+  p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
+  return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
+  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
+                                  visual_vocab=args.visual_vocab)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  results = {"workdir": str(args.workdir), "mode": args.mode, "k": args.k,
+             "num_slots": args.num_slots, "temperature": args.temperature, "seed": args.seed,
+             "texts": []}
+  for i, text in enumerate(args.text):
+    rows, scores = generate_scored(bundle, text, args.num_slots, mode=args.mode, k=args.k,
+                                   temperature=args.temperature, seed=args.seed)
+    entry = {"text": text, "tokens": rows.tolist(), "scores": scores.tolist()}
+    if bundle.visual_vocab is not None:
+      labels = [f"#{r + 1} {s:.2f}" for r, s in enumerate(scores)]
+      entry["picture"] = str(strips.token_strip(bundle.visual_vocab, rows, out / f"text_{i}.png",
+                                                labels=labels, tile=args.tile).name)
+    results["texts"].append(entry)
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    results = run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for entry in results["texts"]:
+    print(f"{entry['text']!r}: " + "; ".join(
+        f"{row} ({score:.2f})" for row, score in zip(entry["tokens"], entry["scores"])))
+  print(f"wrote {pathlib.Path(args.out) / 'results.json'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,505 @@
+"""Zero-shot action classification: the video, then "now let me show you how to [MASK] the
+[MASK] ." (or the reverse order); the first mask's distribution names the verb, the second the
+noun.
+
+    python -m vbert_jax.tasks.zero_shot --workdir=RUN --features=FEATURES --labels=labels.tsv \\
+        --out=results/zero_shot
+
+Label sets. Without one, the answer is the model's top text tokens (special symbols excluded).
+With one (a list of verbs, a list of nouns), every label is scored and the best are returned. A
+label may tokenize into several pieces ("pineapple" -> "pine", "##apple"): its slot is expanded
+to as many [MASK]s as it has pieces (the other slot keeps one), and its score is the MEAN
+log-probability of its pieces at those masks, all predicted in the same forward pass (the
+pieces are not filled in one at a time). The mean, not the sum, so that long labels are not
+penalised for their length. One batched forward pass runs per distinct piece count, so a label
+set of one-piece words costs a single pass per batch of videos.
+
+Data. `read_youcook2` reads YouCook II's annotation JSON ({"database": {video_id: {"subset",
+"annotations": [{"segment": [start, end], "sentence"}]}}}); `read_labels` reads the verb/noun
+labels the user supplies (see its docstring for the format); `segment_tokens` turns a feature
+folder and a visual vocabulary into the visual tokens of the clips whose middle lies inside each
+segment. `topk_accuracy` scores predictions as the paper did (top-1 and top-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from vbert_jax.tasks import prompts
+
+DEFAULT_TEMPLATE = "now let me show you how to [MASK] the [MASK] ."
+YOUCOOK2_SUBSETS = ("training", "validation", "testing")
+
+
+@dataclasses.dataclass
+class ZeroShotPrediction:
+  """The top_k verbs and nouns, best first, with their scores (mean log-probabilities)."""
+  verbs: list[str]
+  verb_scores: list[float]
+  nouns: list[str]
+  noun_scores: list[float]
+
+
+@dataclasses.dataclass
+class Segment:
+  """A stretch of one video, in seconds, with its labels (empty when unknown)."""
+  video_id: str
+  start: float
+  end: float
+  verb: str = ""
+  noun: str = ""
+  sentence: str = ""
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+@dataclasses.dataclass
+class _LabelSet:
+  """Labels of one slot with their token pieces, grouped by piece count."""
+  names: list[str]
+  pieces: list[list[int]]
+
+  @classmethod
+  def parse(cls, labels: Sequence[str], tokenizer, what: str) -> "_LabelSet":
+    names = [str(x) for x in labels]
+    if not names:
+      raise ValueError(f"the {what} label set is empty; expected at least one {what}, or None "
+                       f"for the whole text vocabulary")
+    dupes = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+    if dupes:
+      raise ValueError(f"the {what} label set repeats {dupes}")
+    pieces = []
+    specials = set(tokenizer.specials.as_tuple())
+    for name in names:
+      ids = [int(i) for i in tokenizer.encode(name)]
+      if not ids:
+        raise ValueError(f"{what} label {name!r} tokenizes to nothing; expected a word")
+      if any(i in specials for i in ids):
+        raise ValueError(f"{what} label {name!r} holds a special symbol "
+                         f"({tokenizer.tokenize(name)}); expected plain words")
+      pieces.append(ids)
+    return cls(names, pieces)
+
+  def counts(self) -> list[int]:
+    return sorted({len(p) for p in self.pieces})
+
+  def with_count(self, n: int) -> list[int]:
+    return [i for i, p in enumerate(self.pieces) if len(p) == n]
+
+
+def _bucket(n: int, batch_size: int) -> int:
+  """Rows per forward pass: one compiled shape for every batch (a power of two up to
+  batch_size), so that short inputs do not pay for a full batch."""
+  size = 1
+  while size < min(n, batch_size):
+    size *= 2
+  return min(size, batch_size)
+
+
+def _batches(bundle, videos: Sequence[np.ndarray], template: prompts.Template, order: str,
+             batch_size: int, ids: np.ndarray | None
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(row indices, log-probabilities [rows, masks, K]) over all videos, in batches.
+
+  Videos of similar length share a batch, which is cut to its longest prompt (rounded up to
+  `prompts.LENGTH_MULTIPLE`), so that short segments do not pay for max_len. `ids`: the text
+  ids whose log-probabilities come back (None: all of them).
+  """
+  size = _bucket(len(videos), batch_size)
+  by_length = np.argsort([len(v) for v in videos], kind="stable")
+  for start in range(0, len(videos), size):
+    rows = by_length[start:start + size]
+    built = [prompts.build(bundle.layout, videos[i], template, order) for i in rows]
+    built += [built[-1]] * (size - len(built))  # padding rows, dropped below
+    batch = prompts.stack_trimmed([p for p, _ in built])
+    positions = np.stack([pos for _, pos in built])
+    lp = bundle.log_probs(batch, mlm_positions=positions, mlm_ids=ids)["mlm_log_probs"]
+    yield rows, lp[:len(rows)]
+
+
+def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet | None,
+                  nouns: _LabelSet | None, top_k: int) -> dict[str, tuple[np.ndarray, ...]]:
+  """Per slot: (scores [N, labels]) for label sets, or (ids [N, k], scores [N, k]) open."""
+  n = len(videos)
+  sides = {"verb": verbs, "noun": nouns}
+  scores = {name: np.full((n, len(s.names)), -np.inf) for name, s in sides.items() if s}
+  open_sides = [name for name, s in sides.items() if s is None]
+  # Only the label pieces come back from the device, unless a side ranks the whole vocabulary.
+  ids = None
+  if not open_sides:
+    ids = np.unique(np.concatenate([np.concatenate([np.asarray(p) for p in s.pieces])
+                                    for s in sides.values()]))
+  column = (lambda piece: np.searchsorted(ids, piece)) if ids is not None else np.asarray
+  # Which piece-count layouts to run: (verb masks, noun masks).
+  plans = {(1, 1)}
+  plans |= {(c, 1) for c in (verbs.counts() if verbs else [])}
+  plans |= {(1, c) for c in (nouns.counts() if nouns else [])}
+  text_size = bundle.vocab.text_size
+  banned = np.unique(bundle.vocab.specials.as_tuple())
+  open_k = min(top_k, text_size - len(banned))
+  open_out = {name: np.zeros((n, open_k), np.int64) for name in open_sides}
+  open_scores = {name: np.zeros((n, open_k)) for name in open_sides}
+  for counts in sorted(plans):
+    expanded = template.expand(counts)
+    groups = expanded.slot_groups(counts)
+    for rows, lp in _batches(bundle, videos, expanded, order, batch_size, ids):
+      for j, (name, side) in enumerate(sides.items()):
+        if side is None:
+          if counts == (1, 1):
+            open_out[name][rows], open_scores[name][rows] = _open_top(
+                lp[:, groups[j][0]], text_size, banned, open_k)
+          continue
+        if counts[1 - j] != 1:
+          continue  # the other slot's expansion serves the other side's labels only
+        for label in side.with_count(counts[j]):
+          cols = column(np.asarray(side.pieces[label]))
+          scores[name][rows, label] = lp[:, groups[j], cols].mean(axis=1)
+  out = {name: (s,) for name, s in scores.items()}
+  out.update({name: (open_out[name], open_scores[name]) for name in open_sides})
+  return out
+
+
+def _open_top(lp: np.ndarray, text_size: int, banned: np.ndarray,
+              top_k: int) -> tuple[np.ndarray, np.ndarray]:
+  lp = lp[:, :text_size].copy()
+  lp[:, banned] = -np.inf
+  ids = np.argsort(-lp, axis=1, kind="stable")[:, :top_k]
+  return ids, np.take_along_axis(lp, ids, axis=1)
+
+
+def classify(bundle, videos: Sequence[Sequence[int]], *, verbs: Sequence[str] | None = None,
+             nouns: Sequence[str] | None = None, template: str = DEFAULT_TEMPLATE,
+             order: str = "video_first", top_k: int = 5,
+             batch_size: int = 64) -> list[ZeroShotPrediction]:
+  """The top_k verbs and nouns of each video (visual tokens of one clip or segment).
+
+  `verbs` / `nouns` restrict the answers to a label set (None: any text token of the
+  vocabulary). `template` must hold exactly two [MASK]s: verb, then noun. `order` is
+  "video_first" ([CLS] video [>] template [SEP]) or "text_first" ([CLS] template [>] video
+  [SEP]). Batches of `batch_size` prompts run in one jitted forward pass each.
+  """
+  if top_k < 1 or batch_size < 1:
+    raise ValueError(f"top_k={top_k} and batch_size={batch_size}: expected at least 1")
+  tpl = prompts.Template.parse(template, bundle.tokenizer, expected_masks=2)
+  arrays = []
+  for i, v in enumerate(videos):
+    v = np.asarray(v, np.int64).reshape(-1)
+    if v.size == 0:
+      raise ValueError(f"video {i} is empty (no clips, so no visual tokens); expected at least "
+                       f"one visual token per video")
+    arrays.append(v)
+  if not arrays:
+    return []
+  verb_set = _LabelSet.parse(verbs, bundle.tokenizer, "verb") if verbs is not None else None
+  noun_set = _LabelSet.parse(nouns, bundle.tokenizer, "noun") if nouns is not None else None
+  scored = _label_scores(bundle, arrays, tpl, order, batch_size, verb_set, noun_set, top_k)
+  verb_names, verb_scores = _ranked(scored["verb"], verb_set, bundle.tokenizer, top_k)
+  noun_names, noun_scores = _ranked(scored["noun"], noun_set, bundle.tokenizer, top_k)
+  return [ZeroShotPrediction(vn, vs, nn, ns) for vn, vs, nn, ns in
+          zip(verb_names, verb_scores, noun_names, noun_scores)]
+
+
+def _ranked(scored: tuple[np.ndarray, ...], labels: _LabelSet | None, tokenizer,
+            top_k: int) -> tuple[list[list[str]], list[list[float]]]:
+  if labels is None:
+    ids, scores = scored
+    names = [[tokenizer.id_to_token(int(i)) for i in row] for row in ids]
+    return names, scores.astype(float).tolist()
+  (scores,) = scored
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+  names = [[labels.names[j] for j in row] for row in order]
+  return names, np.take_along_axis(scores, order, axis=1).astype(float).tolist()
+
+
+def topk_accuracy(predicted: Sequence[Sequence[str]], truth: Sequence[str], k: int) -> float:
+  """Share of examples whose true label is among the first k predictions."""
+  if len(predicted) != len(truth):
+    raise ValueError(f"{len(predicted)} predictions for {len(truth)} true labels; expected one "
+                     f"ranked list per label")
+  if not truth:
+    raise ValueError("no examples to score")
+  if k < 1:
+    raise ValueError(f"k={k}: expected at least 1")
+  return float(np.mean([t in list(p)[:k] for p, t in zip(predicted, truth)]))
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def read_youcook2(path, split: str | None = None) -> list[Segment]:
+  """Segments of YouCook II's annotation JSON (verb and noun empty), in file order.
+
+  `split`: "training", "validation" or "testing" (None: all).
+  """
+  path = pathlib.Path(path)
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+  if not isinstance(data, dict) or not isinstance(data.get("database"), dict):
+    raise ValueError(f"{path}: expected YouCook II annotations, an object with a 'database' "
+                     f"object of videos")
+  if split is not None and split not in YOUCOOK2_SUBSETS:
+    raise ValueError(f"split={split!r}: expected one of {YOUCOOK2_SUBSETS}")
+  out = []
+  for video_id, video in data["database"].items():
+    if split is not None and video.get("subset") != split:
+      continue
+    for i, ann in enumerate(video.get("annotations", [])):
+      try:
+        start, end = (float(x) for x in ann["segment"])
+        sentence = str(ann.get("sentence", ""))
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: database.{video_id}.annotations[{i}]: expected "
+                         f"{{'segment': [start, end], 'sentence': ...}} ({e})") from e
+      out.append(Segment(str(video_id), start, end, sentence=sentence))
+  return out
+
+
+LABEL_FIELDS = ("video_id", "start", "end", "verb", "noun")
+LABELS_HELP = """\
+The label file: one labelled segment a line, either JSON lines
+  {"video_id": "GLd3aX16zBg", "start": 90, "end": 102, "verb": "spread", "noun": "butter"}
+(an optional "sentence" key is kept), or tab-separated values
+  video_id <TAB> start <TAB> end <TAB> verb <TAB> noun [<TAB> sentence]
+with start and end in seconds. Blank lines, lines starting with '#', and a TSV header line that
+begins with 'video_id' are skipped. (The paper took the verb and noun of each YouCook II
+segment from its caption with a part-of-speech tagger.)"""
+
+
+def read_labels(path) -> list[Segment]:
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: cannot read the label file ({e})") from e
+  out = []
+  for number, line in enumerate(lines, 1):
+    text = line.strip()
+    if not text or text.startswith("#"):
+      continue
+    where = f"{path}:{number}"
+    if text.startswith("{"):
+      out.append(_json_label(text, where))
+    elif not text.startswith("video_id\t"):
+      out.append(_tsv_label(line, where))
+  if not out:
+    raise ValueError(f"{path}: no labelled segments.\n{LABELS_HELP}")
+  return out
+
+
+def _json_label(text: str, where: str) -> Segment:
+  try:
+    row = json.loads(text)
+    missing = [k for k in LABEL_FIELDS if k not in row]
+    if missing:
+      raise ValueError(f"missing keys {missing}")
+    return _segment(row["video_id"], row["start"], row["end"], row["verb"], row["noun"],
+                    row.get("sentence", ""), where)
+  except (json.JSONDecodeError, ValueError, TypeError) as e:
+    raise ValueError(f"{where}: expected a JSON object with {list(LABEL_FIELDS)} ({e})") from e
+
+
+def _tsv_label(line: str, where: str) -> Segment:
+  fields = line.rstrip("\r\n").split("\t")
+  if len(fields) not in (5, 6):
+    raise ValueError(f"{where}: expected 5 or 6 tab-separated fields (video_id, start, end, "
+                     f"verb, noun[, sentence]); got {len(fields)}")
+  return _segment(*fields[:5], fields[5] if len(fields) == 6 else "", where)
+
+
+def _segment(video_id, start, end, verb, noun, sentence, where: str) -> Segment:
+  try:
+    s, e = float(start), float(end)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{where}: start {start!r} and end {end!r} must be numbers of "
+                     f"seconds") from err
+  if not e > s:
+    raise ValueError(f"{where}: end {e} must be after start {s}")
+  if not str(verb).strip() or not str(noun).strip():
+    raise ValueError(f"{where}: empty verb or noun")
+  return Segment(str(video_id), s, e, str(verb).strip(), str(noun).strip(), str(sentence))
+
+
+def segment_tokens(features_dir, vocab, segments: Sequence[Segment]) -> list[np.ndarray]:
+  """Visual tokens (int32) of the clips whose middle lies in [start, end) of each segment.
+
+  Each video's feature file (`features_dir/<video_id>.npz`) is read and assigned once. A
+  segment without such clips gets an empty array (`classify` refuses it; the command line
+  skips it, naming it).
+  """
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+  out = []
+  for seg in segments:
+    if seg.video_id not in cache:
+      path = features_io.feature_path(features_dir, seg.video_id)
+      if not path.is_file():
+        raise FileNotFoundError(f"{path}: no feature file for video {seg.video_id!r} (segment "
+                                f"{seg.start:g}-{seg.end:g} s)")
+      vf = features_io.load_features(path)
+      tokens = vocab.assign(np.asarray(vf.features, np.float32))
+      cache[seg.video_id] = (tokens, (np.asarray(vf.starts) + np.asarray(vf.ends)) / 2)
+    tokens, middles = cache[seg.video_id]
+    inside = (middles >= seg.start) & (middles < seg.end)
+    out.append(tokens[inside].astype(np.int32))
+  return out
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _label_list(value: str | None) -> list[str] | None:
+  if value is None:
+    return None
+  if value.startswith("@"):
+    lines = pathlib.Path(value[1:]).read_text(encoding="utf-8").splitlines()
+    return [x.strip() for x in lines if x.strip()]
+  return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m vbert_jax.tasks.zero_shot",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Zero-shot verb and noun classification with a trained VideoBERT, as in the paper:\n"
+          "each labelled segment's visual tokens are shown to the model with the template\n"
+          f"'{DEFAULT_TEMPLATE}'; the first [MASK] gives the verb, the second the noun.\n"
+          "Each label is scored by the mean log-probability of its word pieces (a label of\n"
+          "several pieces widens its slot to as many [MASK]s). Reports top-1 and top-5\n"
+          "accuracy for each prompt order.\n\n" + LABELS_HELP),
+      epilog=("Example (YouCook II validation, labels in labels.tsv):\n"
+              "  python -m vbert_jax.tasks.zero_shot --workdir=runs/videobert \\\n"
+              "      --features=features/youcook2 --labels=labels.tsv \\\n"
+              "      --youcook2=youcookii_annotations.json --split=validation \\\n"
+              "      --out=results/zero_shot\n\n"
+              "Writes OUT/results.json (accuracies, settings, skipped segments) and\n"
+              "OUT/predictions.jsonl (one line per segment and order)."))
+  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
+                 "checkpoints/).")
+  p.add_argument("--out", required=True, help="Folder for results.json and predictions.jsonl.")
+  p.add_argument("--features", required=True, help="Folder of per-video feature files "
+                 "(<video_id>.npz from the feature extractor).")
+  p.add_argument("--labels", required=True, help="The verb/noun label file (format above).")
+  p.add_argument("--youcook2", help="Optional YouCook II annotation JSON: keeps only the "
+                 "labelled segments of --split that it lists, and takes their sentences.")
+  p.add_argument("--split", default="validation", choices=YOUCOOK2_SUBSETS,
+                 help="The YouCook II subset used with --youcook2 (default: validation).")
+  p.add_argument("--text_vocab", help="Text vocabulary (vocab.txt or .model); default: the "
+                 "run's config.text.vocab.")
+  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz); default: the run's "
+                 "config.init.visual_vocab.")
+  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+  p.add_argument("--verbs", help="Verb label set: comma-separated, or @FILE with one per line. "
+                 "Default: the verbs of the label file.")
+  p.add_argument("--nouns", help="Noun label set, as --verbs. Default: the nouns of the label "
+                 "file.")
+  p.add_argument("--open_vocabulary", action="store_true", help="Rank every text token instead "
+                 "of a label set.")
+  p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Prompt with two [MASK]s, verb "
+                 "then noun.")
+  p.add_argument("--order", default="both", choices=("video_first", "text_first", "both"),
+                 help="Prompt order: video then text (the paper's figure), text then video (the "
+                 "pretraining layout), or both (default).")
+  p.add_argument("--top_k", type=int, default=5, help="Predictions kept per segment.")
+  p.add_argument("--batch_size", type=int, default=64, help="Prompts per forward pass.")
+  return p.parse_args(argv)
+
+
+def _restrict_to_youcook2(labelled: list[Segment], annotations: list[Segment]
+                          ) -> tuple[list[Segment], list[dict]]:
+  sentences = {(s.video_id, round(s.start, 2), round(s.end, 2)): s.sentence for s in annotations}
+  videos = {s.video_id for s in annotations}
+  kept, skipped = [], []
+  for s in labelled:
+    key = (s.video_id, round(s.start, 2), round(s.end, 2))
+    if key in sentences:
+      kept.append(dataclasses.replace(s, sentence=s.sentence or sentences[key]))
+    elif s.video_id in videos:
+      skipped.append(_skip(s, "not a segment of the YouCook II annotations"))
+  return kept, skipped
+
+
+def _skip(seg: Segment, reason: str) -> dict:
+  return {"video_id": seg.video_id, "start": seg.start, "end": seg.end, "reason": reason}
+
+
+def run(args: argparse.Namespace) -> dict:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  segments = read_labels(args.labels)
+  skipped = []
+  if args.youcook2:
+    segments, skipped = _restrict_to_youcook2(segments, read_youcook2(args.youcook2, args.split))
+  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
+                                  visual_vocab=args.visual_vocab)
+  if bundle.visual_vocab is None:
+    raise ValueError("no visual vocabulary: pass --visual_vocab (the run's config has no "
+                     "init.visual_vocab)")
+  has_file = [features_io.feature_path(args.features, s.video_id).is_file() for s in segments]
+  present = [s for s, ok in zip(segments, has_file) if ok]
+  skipped += [_skip(s, f"no feature file in {args.features}")
+              for s, ok in zip(segments, has_file) if not ok]
+  tokens = segment_tokens(args.features, bundle.visual_vocab, present)
+  usable = [(s, t) for s, t in zip(present, tokens) if len(t)]
+  skipped += [_skip(s, "no clip has its middle inside the segment") for s, t
+              in zip(present, tokens) if not len(t)]
+  if not usable:
+    raise ValueError(f"none of the {len(segments)} labelled segments has clips to classify")
+  segs = [s for s, _ in usable]
+  verbs = None if args.open_vocabulary else (_label_list(args.verbs)
+                                             or sorted({s.verb for s in segs}))
+  nouns = None if args.open_vocabulary else (_label_list(args.nouns)
+                                             or sorted({s.noun for s in segs}))
+  orders = ("video_first", "text_first") if args.order == "both" else (args.order,)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  results = {"workdir": str(args.workdir), "template": args.template, "segments": len(segs),
+             "verbs": verbs, "nouns": nouns, "orders": {}, "skipped": skipped}
+  lines = []
+  for order in orders:
+    preds = classify(bundle, [t for _, t in usable], verbs=verbs, nouns=nouns,
+                     template=args.template, order=order, top_k=args.top_k,
+                     batch_size=args.batch_size)
+    results["orders"][order] = _accuracies(preds, segs, args.top_k)
+    lines += [json.dumps({"order": order, **dataclasses.asdict(s), **dataclasses.asdict(p)})
+              for s, p in zip(segs, preds)]
+  (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def _accuracies(preds: list[ZeroShotPrediction], segs: list[Segment], top_k: int) -> dict:
+  out = {}
+  for k in sorted({1, min(5, top_k)}):
+    out[f"verb_top{k}"] = topk_accuracy([p.verbs for p in preds], [s.verb for s in segs], k)
+    out[f"noun_top{k}"] = topk_accuracy([p.nouns for p in preds], [s.noun for s in segs], k)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    results = run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for order, acc in results["orders"].items():
+    print(f"{order}: " + ", ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+  print(f"{results['segments']} segments, {len(results['skipped'])} skipped; wrote "
+        f"{pathlib.Path(args.out) / 'results.json'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
