@@ -38,6 +38,20 @@ def test_files_and_manifest(small_world):
   assert not list(out.glob(".*"))  # no temporary files left
 
 
+def test_label_files_list_every_step_of_their_split(small_world):
+  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
+  out, manifest, _ = small_world
+  for split in ("train", "val"):
+    videos = [v["video_id"] for v in manifest["videos"] if v["split"] == split]
+    expected = [(vid, s["start"], s["end"], s["verb"], s["noun"]) for vid in videos
+                for s in world.load_truth(out / f"{vid}.json")["steps"]]
+    if not expected:
+      continue
+    got = [(g.video_id, g.start, g.end, g.verb, g.noun)
+           for g in zero_shot.read_labels(out / f"labels_{split}.tsv")]
+    assert got == expected
+
+
 def test_steps_fill_whole_clips_and_match_the_video(small_world):
   out, manifest, _ = small_world
   for v in manifest["videos"]:

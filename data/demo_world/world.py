@@ -284,9 +284,28 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
               "templates": list(vocabulary.TEMPLATES),
               "affordances": {k: list(v) for k, v in vocabulary.AFFORDANCES.items()},
               "videos": videos}
+  for split in ("train", "val"):
+    write_labels(out_dir, out_dir / f"labels_{split}.tsv", split)
   atomic.write_atomic(out_dir / MANIFEST,
                       lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
   return manifest
+
+
+def write_labels(world_dir, path, split: str) -> pathlib.Path:
+  """The steps of one split as a verb/noun label file (the TSV that the zero-shot task reads:
+  video_id, start, end, verb, noun), the form a user's own labelled segments take."""
+  world_dir = pathlib.Path(world_dir)
+  rows = ["video_id\tstart\tend\tverb\tnoun"]
+  for path_truth in sorted(world_dir.glob("*.json")):
+    if path_truth.name == MANIFEST:
+      continue
+    truth = load_truth(path_truth)
+    if truth["split"] != split:
+      continue
+    rows += [f"{truth['video_id']}\t{s['start']:.3f}\t{s['end']:.3f}\t{s['verb']}\t{s['noun']}"
+             for s in truth["steps"]]
+  return atomic.write_atomic(
+      path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(rows) + "\n"))
 
 
 # ----------------------------------------------------------------------------------- reading
