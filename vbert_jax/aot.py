@@ -1,25 +1,99 @@
 """Ahead-of-time compilation of the real train step for a TPU topology that is not present.
 
 With `libtpu` installed, JAX on a CPU machine can describe a TPU slice and compile for it: this
-shows whether a config fits a pod (memory per chip) before anyone pays for one.
+shows whether a config fits a pod (memory per chip against the chip's HBM), what a step costs in
+FLOPs, how long it should take at a stated MFU, and how the arguments are sharded, before anyone
+pays for one. It exits nonzero when the step does not fit.
 
-    python -m vbert_jax.aot --config=configs/pretrain.py:variant=large --topology=v5e:4x4
+    JAX_PLATFORMS=cpu python -m vbert_jax.aot --config=configs/pretrain.py:variant=large \
+        --topology=v5e:4x4 --mesh=fsdp=4 --mfu=0.4
+
+Topologies are named `<generation>:<shape>`: v4:2x2x1 (4 chips), v5e:2x2, v5e:4x4, v5p:2x2x2,
+v6e:2x2, ... (the shape counts chips).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import dataclasses
+import math
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
 from jax.experimental import topologies
 
+from vbert_jax import flops as flops_lib
 from vbert_jax import sharding
 from vbert_jax import train
 
 GIB = 1024 ** 3
+
+# HBM of one chip, from the Cloud TPU system architecture pages.
+HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+# libtpu's chip configuration: v4 chips run their two TensorCores as one device (megacore), as
+# JAX does on a v4 VM; the others have one device per chip with the default configuration.
+CHIP_CONFIG = {"v4": "megacore"}
+DEFAULT_MFU = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice named `<generation>:<shape>`, e.g. `v5e:4x4` (16 chips)."""
+  name: str
+  generation: str
+  shape: tuple[int, ...]
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def hbm_bytes(self) -> int:
+    return HBM_BYTES[self.generation]
+
+  def default_host_bounds(self) -> tuple[int, int, int]:
+    """Four chips (2x2) per host where the slice is that large, as on Cloud TPU VMs."""
+    dims = tuple(self.shape) + (1,) * (3 - len(self.shape))
+    return (min(dims[0], 2), min(dims[1], 2), 1)
+
+
+def parse_topology(name: str) -> Topology:
+  """`v5e:2x2` -> Topology; an unknown generation or a malformed shape raises, naming it."""
+  generation, _, shape = name.strip().partition(":")
+  known = ", ".join(f"{g}:..." for g in HBM_BYTES)
+  if generation not in HBM_BYTES:
+    raise ValueError(f"unknown TPU topology {name!r}: generation {generation!r} is not one of "
+                     f"{known} (e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2)")
+  dims = shape.split("x")
+  if not shape or not all(d.isdigit() and int(d) > 0 for d in dims) or len(dims) > 3:
+    raise ValueError(f"TPU topology {name!r}: shape {shape!r} is not 2 or 3 positive sizes "
+                     f"joined by 'x' (e.g. {generation}:2x2 or {generation}:2x2x1)")
+  return Topology(name.strip(), generation, tuple(int(d) for d in dims))
+
+
+def topology_devices(topology: str = "v5e:2x2",
+                     chips_per_host_bounds: Sequence[int] | None = None,
+                     num_slices: int = 1) -> list[Any]:
+  """Abstract TPU devices of a named topology, e.g. `v5e:2x2` or `v4:2x2x2`: one per chip."""
+  topo = parse_topology(topology)
+  bounds = tuple(chips_per_host_bounds or topo.default_host_bounds())
+  # Compiling needs no TPU; without this, a second process compiling at the same time fails on
+  # libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topo.name,
+        chip_config_name=CHIP_CONFIG.get(topo.generation, "default"),
+        chips_per_host_bounds=bounds, num_slices=num_slices)
+  except Exception as e:  # libtpu's own errors do not say which argument was wrong
+    raise ValueError(f"TPU topology {topology!r} with chips_per_host_bounds={bounds}: libtpu "
+                     f"cannot describe it ({type(e).__name__}: {e})") from e
+  return list(desc.devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,34 +119,21 @@ class CompileReport:
     return (f"{self.topology} ({self.num_devices} x {self.device_kind}): "
             f"{self.peak_bytes / GIB:.2f} GiB per chip (arguments {self.argument_bytes / GIB:.2f}, "
             f"outputs {self.output_bytes / GIB:.2f}, donated {self.alias_bytes / GIB:.2f}, "
-            f"temporaries {self.temp_bytes / GIB:.2f}), XLA counts {self.flops / 1e12:.2f} TFLOP per "
-            f"chip (a scanned layer once)")
+            f"temporaries {self.temp_bytes / GIB:.2f}), XLA counts {self.flops / 1e12:.2f} TFLOP "
+            f"per chip (a scanned layer once)")
 
 
-def topology_devices(topology: str = "v5e:2x2", chips_per_host_bounds: Sequence[int] = (2, 2, 1),
-                     num_slices: int = 1) -> list[Any]:
-  """Abstract TPU devices of a named topology, e.g. `v5e:2x2` or `v4:2x2x2`."""
-  # Compiling needs no TPU; without this, a second process compiling at the same time fails on
-  # libtpu's lockfile.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                      chip_config_name="default",
-                                      chips_per_host_bounds=tuple(chips_per_host_bounds),
-                                      num_slices=num_slices)
-  return list(desc.devices)
-
-
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
-                       topology: str = "") -> tuple[Any, CompileReport]:
-  """Compiles the pretraining step of `config` over `devices`; returns it and its report."""
+def make_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> train.Trainer:
   mesh = sharding.make_mesh(config.mesh, devices)
-  trainer = train.Trainer(train.videobert_task(config), config, mesh)
-  compiled = trainer.lower_train_step().compile()
+  return train.Trainer(train.videobert_task(config), config, mesh)
+
+
+def compile_report(compiled: Any, devices: Sequence[Any], topology: str = "") -> CompileReport:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0] if cost else {}
-  report = CompileReport(
+  return CompileReport(
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
@@ -80,7 +141,214 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       temp_bytes=int(memory.temp_size_in_bytes),
       generated_code_bytes=int(memory.generated_code_size_in_bytes),
       flops=float((cost or {}).get("flops", 0.0)))
-  return compiled, report
+
+
+@contextlib.contextmanager
+def _no_persistent_cache() -> Iterator[None]:
+  """An executable for absent devices cannot be read back from the persistent cache (JAX warns
+  on every try), so writing it there only costs time."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def compile_lowered(lowered: Any) -> Any:
+  with _no_persistent_cache():
+    return lowered.compile()
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                       topology: str = "") -> tuple[Any, CompileReport]:
+  """Compiles the pretraining step of `config` over `devices`; returns it and its report."""
+  compiled = compile_lowered(make_trainer(config, devices).lower_train_step())
+  return compiled, compile_report(compiled, devices, topology)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readiness: does it fit, what does it cost, how is it sharded.
+
+_SIZE = r"([0-9.]+)\s*([KMGT]?)(?:i?B)?"
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
+# XLA's TPU compiler refuses a program that does not fit; these are its two phrasings.
+_OOM_PATTERNS = (
+    re.compile(rf"required for [^(]*\({_SIZE}\) exceeds available HBM \({_SIZE}\)"),
+    re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.IGNORECASE),
+)
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+  """(bytes required, bytes available) from XLA's out-of-HBM error, or None if it is not one."""
+  if not re.search(r"RESOURCE_EXHAUSTED|HbmOom|out of memory", message, re.IGNORECASE):
+    return None
+  for pattern in _OOM_PATTERNS:
+    m = pattern.search(message)
+    if m:
+      need = float(m.group(1)) * _UNITS[m.group(2)]
+      have = float(m.group(3)) * _UNITS[m.group(4)]
+      return int(need), int(have)
+  return (0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Readiness:
+  """The verdict for one config on one topology."""
+  topology: Topology
+  mesh: dict[str, int]
+  num_devices: int
+  device_kind: str
+  hbm_bytes: int  # of one device (one chip)
+  model_flops: float  # per step, all chips (vbert_jax.flops)
+  peak_flops: float  # per chip (flops.PEAK_BF16_FLOPS)
+  mfu: float
+  shardings: tuple[str, ...]
+  compiled: Any = None  # None when XLA refused the program
+  report: CompileReport | None = None
+  required_bytes: int = 0  # from XLA's refusal when it did not compile
+  error: str = ""
+
+  @property
+  def needed_bytes(self) -> int:
+    return self.report.peak_bytes if self.report is not None else self.required_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.report is not None and self.report.peak_bytes <= self.hbm_bytes
+
+  @property
+  def step_seconds(self) -> float:
+    """Expected step time if the chips ran the model's FLOPs at `mfu` of their peak."""
+    return self.model_flops / (self.num_devices * self.peak_flops * self.mfu)
+
+  def lines(self) -> list[str]:
+    mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+    out = [f"topology {self.topology.name}: {self.num_devices} x {self.device_kind}, "
+           f"{self.hbm_bytes / GIB:.0f} GiB HBM per chip; mesh {mesh}"]
+    if self.report is not None:
+      r = self.report
+      out.append(f"memory per chip: {r.peak_bytes / GIB:.2f} GiB of {self.hbm_bytes / GIB:.0f} "
+                 f"GiB ({100 * r.peak_bytes / self.hbm_bytes:.0f}%): arguments "
+                 f"{r.argument_bytes / GIB:.2f}, outputs {r.output_bytes / GIB:.2f}, donated "
+                 f"{r.alias_bytes / GIB:.2f}, temporaries {r.temp_bytes / GIB:.2f}, code "
+                 f"{r.generated_code_bytes / GIB:.2f}")
+      xla = (f"; XLA counts {r.flops / 1e12:.3f} TFLOP per chip, "
+             f"{r.flops * self.num_devices / 1e12:.3f} in all (a scanned layer body once)")
+    else:
+      out.append(f"memory per chip: XLA needs at least {self.required_bytes / GIB:.2f} GiB, "
+                 f"more than the {self.hbm_bytes / GIB:.0f} GiB a chip has")
+      xla = ""
+    out.append(f"FLOPs per step: model {self.model_flops / 1e12:.3f} TFLOP{xla}")
+    out.append(f"expected step time at {100 * self.mfu:.0f}% MFU of {self.peak_flops / 1e12:.0f} "
+               f"TFLOP/s per chip: {1e3 * self.step_seconds:.3g} ms")
+    out.append("shardings:")
+    out.extend(f"  {s}" for s in self.shardings)
+    out.append(f"verdict: {'fits' if self.fits else 'DOES NOT FIT'}")
+    return out
+
+
+def with_mesh(config: ml_collections.ConfigDict, mesh: Mapping[str, int] | None
+              ) -> ml_collections.ConfigDict:
+  """A copy of `config` whose mesh axes are overridden; an unknown axis raises, naming it."""
+  config = copy.deepcopy(config)
+  for axis, size in (mesh or {}).items():
+    if axis not in sharding.MESH_AXES:
+      raise ValueError(f"--mesh: unknown axis {axis!r}; expected names from "
+                       f"{list(sharding.MESH_AXES)}")
+    with config.unlocked():
+      config.mesh[axis] = int(size)
+  return config
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`data=2,fsdp=-1` -> {"data": 2, "fsdp": -1}."""
+  out = {}
+  for item in filter(None, (p.strip() for p in text.split(","))):
+    axis, eq, size = item.partition("=")
+    if not eq or not re.fullmatch(r"-?\d+", size.strip()):
+      raise ValueError(f"--mesh: {item!r} is not axis=size (e.g. data=-1,fsdp=4)")
+    out[axis.strip()] = int(size)
+  return out
+
+
+def _spec_text(spec: Any) -> str:
+  parts = ["-" if p is None else (p if isinstance(p, str) else "+".join(p)) for p in spec]
+  return f"({', '.join(parts)})" if parts else "replicated"
+
+
+def sharding_summary(trainer: train.Trainer, batch_size: int, top: int = 5) -> tuple[str, ...]:
+  """The state grouped by partition spec (largest `top` groups), then the batch.
+
+  A spec lists the mesh axes each dimension is split over ("-": not split).
+  """
+  groups: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+
+  def add(key: str, abstract: Any, shard: Any) -> None:
+    size = math.prod(abstract.shape) * abstract.dtype.itemsize
+    local = math.prod(shard.shard_shape(abstract.shape)) * abstract.dtype.itemsize
+    g = groups[key]
+    g[0] += 1
+    g[1] += size
+    g[2] += local
+
+  for a, s in zip(jax.tree.leaves(trainer.abstract_state),
+                  jax.tree.leaves(trainer.state_shardings)):
+    add(_spec_text(s.spec), a, s)
+  state = sorted(groups.items(), key=lambda kv: -kv[1][1])
+  if len(state) > top + 1:
+    rest = [sum(g[i] for _, g in state[top:]) for i in range(3)]
+    state = state[:top] + [(f"{len(state) - top} other specs", rest)]
+  groups.clear()
+  for a in trainer.task.batch_spec(batch_size).values():
+    add(_spec_text(trainer.batch_sharding.spec), a, trainer.batch_sharding)
+  rows = [(f"state {k}", g) for k, g in state] + [(f"batch {k}", g) for k, g in groups.items()]
+  return tuple(f"{name}: {int(n)} arrays, {total / GIB:.3f} GiB, {local / GIB:.3f} GiB per chip"
+               for name, (n, total, local) in rows)
+
+
+def check(config: ml_collections.ConfigDict, topology: str, *,
+          mesh: Mapping[str, int] | None = None, mfu: float = DEFAULT_MFU,
+          chips_per_host_bounds: Sequence[int] | None = None) -> Readiness:
+  """Compiles the pretraining step of `config` for `topology` and judges whether it fits.
+
+  Bad input (an unknown topology, a mesh that does not divide its chips, an MFU outside (0, 1])
+  raises ValueError before anything is compiled. A step that does not fit is a verdict, not an
+  error: XLA's refusal is read for the memory it needed.
+  """
+  topo = parse_topology(topology)
+  if not 0 < mfu <= 1:
+    raise ValueError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+  config = with_mesh(config, mesh)
+  try:
+    sizes = sharding.mesh_shape(config.mesh, topo.chips)
+  except ValueError as e:
+    raise ValueError(f"topology {topo.name} has {topo.chips} chips: {e}") from e
+  devices = topology_devices(topo.name, chips_per_host_bounds)
+  kind = devices[0].device_kind
+  peak = flops_lib.peak_flops(kind)
+  if peak is None:
+    raise ValueError(f"no peak FLOP/s known for device kind {kind!r}; add it to "
+                     f"vbert_jax.flops.PEAK_BF16_FLOPS")
+  trainer = make_trainer(config, devices)
+  common = dict(topology=topo, mesh=dict(zip(sharding.MESH_AXES, sizes)),
+                num_devices=len(devices), device_kind=kind,
+                hbm_bytes=topo.hbm_bytes * topo.chips // len(devices),
+                model_flops=float(trainer.task.train_flops(config.batch_size)), peak_flops=peak,
+                mfu=mfu, shardings=sharding_summary(trainer, config.batch_size))
+  try:
+    compiled = compile_lowered(trainer.lower_train_step())
+  except jax.errors.JaxRuntimeError as e:
+    oom = parse_oom(str(e))
+    if oom is None:
+      raise
+    return Readiness(**common, required_bytes=oom[0], error=str(e).splitlines()[0])
+  return Readiness(**common, compiled=compiled,
+                   report=compile_report(compiled, devices, topo.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
 
 
 def _define_flags() -> None:
@@ -88,19 +356,41 @@ def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Pretraining config file and arguments.",
                                   lock_config=True)
-  flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:2x2, v5e:4x4.")
-  flags.DEFINE_list("chips_per_host_bounds", ["2", "2", "1"], "Chips per host along x,y,z.")
-  flags.DEFINE_integer("num_slices", 1, "Number of slices.")
+  flags.DEFINE_string("topology", "v5e:2x2", "TPU topology: v5e:2x2, v5e:4x4, v4:2x2x1, "
+                      "v5p:2x2x2, v6e:2x2, ...")
+  flags.DEFINE_string("mesh", "", "Mesh axes overriding config.mesh, e.g. data=-1,fsdp=4.")
+  flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation for the expected step time.")
+  flags.DEFINE_list("chips_per_host_bounds", [], "Chips per host along x,y,z (default: 2,2,1 "
+                    "where the slice is that large).")
 
 
 def main(argv: Sequence[str]) -> None:
+  """Prints the verdict; exits 1 when the step does not fit, 2 on bad input."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   fv = flags.FLAGS
-  devices = topology_devices(fv.topology, [int(x) for x in fv.chips_per_host_bounds],
-                             fv.num_slices)
-  _, report = compile_train_step(fv.config, devices, fv.topology)
-  print(report.summary())
+  config = fv.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py:variant=base")
+  try:
+    result = check(config, fv.topology, mesh=parse_mesh(fv.mesh), mfu=fv.mfu,
+                   chips_per_host_bounds=[int(x) for x in fv.chips_per_host_bounds] or None)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print("\n".join(result.lines()), flush=True)
+  if not result.fits:
+    name = config.get("variant", "the config")
+    at_least = "at least " if result.report is None else ""
+    print(f"error: the train step of {name} (batch {config.batch_size}, max_len "
+          f"{config.max_len}) does not fit {result.topology.name}: it needs {at_least}"
+          f"{result.needed_bytes / GIB:.2f} GiB per chip, a chip has "
+          f"{result.hbm_bytes / GIB:.0f} GiB. Shard more (--mesh=fsdp=N), rematerialise "
+          f"(--config.model.remat=full), use bfloat16, or shrink the batch.", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Scripts that launch vbert_jax on Cloud TPU VMs (run from the repository root)."""

@@ -1,0 +1,389 @@
+"""Cloud TPU VMs for vbert_jax: create, copy code, set up, run on all workers, logs, stop, delete.
+
+Run from the repository root; every subcommand takes --dry_run, which prints the exact commands
+(one per line, shell-quoted) instead of running them.
+
+    python -m launch.tpu_vm create --tpu=vb --zone=us-central2-b --accelerator_type=v4-32
+    python -m launch.tpu_vm setup  --tpu=vb --zone=us-central2-b
+    python -m launch.tpu_vm run    --tpu=vb --zone=us-central2-b --workdir=gs://bucket/run1 -- \
+        --config=configs/pretrain.py:variant=large
+    python -m launch.tpu_vm logs   --tpu=vb --zone=us-central2-b --fetch=logs/
+    python -m launch.tpu_vm delete --tpu=vb --zone=us-central2-b
+
+Flags fall back to environment variables (TPU_NAME, TPU_ZONE, TPU_PROJECT, TPU_TYPE, TPU_RUNTIME,
+TPU_QUEUED, TPU_SPOT, TPU_REMOTE_DIR, WORKDIR), so a shell can set a TPU once and name it no more.
+On the workers, launch/run_tpu.sh does the work: one venv, stale processes stopped, one log per
+worker. A pod's processes find each other through the TPU environment (vbert_jax.main calls
+`jax.distributed.initialize()`), so the same command runs on all workers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Mapping, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_REMOTE_DIR = "~/vbert_jax"
+DEFAULT_MODULE = "vbert_jax.main"
+# Local files that never go to the workers: environments, caches, outputs of local runs.
+TAR_EXCLUDES = (".git", ".venv", ".cache", ".pytest_cache", "__pycache__", "*.egg-info",
+                "demo_work", "*.pyc")
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerator types.
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One TPU generation as Cloud TPU names its slices, e.g. `v4-32` or `v5litepod-16`."""
+  name: str
+  prefix: str
+  sizes: tuple[int, ...]
+  cores_per_chip: int  # the number in a v4/v5p type counts TensorCores (two per chip)
+  chips_per_host: int  # hosts of a multi-host slice
+  single_host_chips: int  # the largest slice served by one host
+  runtime: str  # the runtime (software) version Cloud TPU documents for it
+
+  def types(self) -> list[str]:
+    return [f"{self.prefix}-{n}" for n in self.sizes]
+
+
+GENERATIONS = (
+    Generation("v4", "v4", (8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096), 2, 4, 4,
+               "tpu-ubuntu2204-base"),
+    Generation("v5e", "v5litepod", (1, 4, 8, 16, 32, 64, 128, 256), 1, 4, 8,
+               "v2-alpha-tpuv5-lite"),
+    Generation("v5p", "v5p", tuple(range(8, 12289, 8)), 2, 4, 4, "v2-alpha-tpuv5"),
+    Generation("v6e", "v6e", (1, 4, 8, 16, 32, 64, 128, 256), 1, 4, 8, "v2-alpha-tpuv6e"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  type: str
+  generation: Generation
+  chips: int
+
+  @property
+  def workers(self) -> int:
+    """Host VMs of the slice: each runs one process of the job."""
+    if self.chips <= self.generation.single_host_chips:
+      return 1
+    return self.chips // self.generation.chips_per_host
+
+
+def known_types() -> str:
+  parts = []
+  for g in GENERATIONS:
+    if len(g.sizes) > 12:
+      parts.append(f"{g.prefix}-{g.sizes[0]}..{g.prefix}-{g.sizes[-1]} (multiples of "
+                   f"{g.sizes[0]})")
+    else:
+      parts.append(", ".join(g.types()))
+  return "; ".join(parts)
+
+
+def parse_accelerator(name: str) -> Accelerator:
+  """`v4-32` -> 16 chips on 4 workers; an unknown type raises, listing the known ones."""
+  prefix, _, size = name.strip().rpartition("-")
+  for g in GENERATIONS:
+    if prefix == g.prefix and size.isdigit() and int(size) in g.sizes:
+      return Accelerator(name.strip(), g, int(size) // g.cores_per_chip)
+  raise ValueError(f"unknown accelerator type {name!r}; known types: {known_types()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: flags, else environment variables.
+
+ENV = {"tpu": "TPU_NAME", "zone": "TPU_ZONE", "project": "TPU_PROJECT",
+       "accelerator_type": "TPU_TYPE", "runtime_version": "TPU_RUNTIME", "queued": "TPU_QUEUED",
+       "spot": "TPU_SPOT", "remote_dir": "TPU_REMOTE_DIR", "workdir": "WORKDIR"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  tpu: str
+  zone: str
+  project: str = ""
+  accelerator: Accelerator | None = None
+  runtime_version: str = ""
+  queued: bool = False
+  spot: bool = False
+  remote_dir: str = DEFAULT_REMOTE_DIR
+
+
+def _truthy(value: str | None) -> bool:
+  return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+  def get(key: str) -> str:
+    value = getattr(args, key, None)
+    return str(value) if value not in (None, "") else environ.get(ENV[key], "")
+
+  missing = [f"--{k} (or ${ENV[k]})" for k in ("tpu", "zone") if not get(k)]
+  if missing:
+    raise ValueError(f"{args.command}: missing {' and '.join(missing)}")
+  accel_type = get("accelerator_type")
+  accelerator = parse_accelerator(accel_type) if accel_type else None
+  if args.command == "create" and accelerator is None:
+    raise ValueError(f"create: missing --accelerator_type (or ${ENV['accelerator_type']}); "
+                     f"known types: {known_types()}")
+  runtime = get("runtime_version") or (accelerator.generation.runtime if accelerator else "")
+  queued = args.queued if args.queued is not None else _truthy(environ.get(ENV["queued"]))
+  spot = args.spot if args.spot is not None else _truthy(environ.get(ENV["spot"]))
+  return Settings(tpu=get("tpu"), zone=get("zone"), project=get("project"),
+                  accelerator=accelerator, runtime_version=runtime, queued=queued, spot=spot,
+                  remote_dir=get("remote_dir") or DEFAULT_REMOTE_DIR)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands, as argument lists.
+
+Command = list[str]
+
+
+def remote_path(path: str) -> str:
+  """A worker path for a remote shell: `~/` stays unquoted so that the worker expands it."""
+  if path.startswith("~/"):
+    return "~/" + shlex.quote(path[2:])
+  return shlex.quote(path)
+
+
+def _where(s: Settings) -> list[str]:
+  return [f"--zone={s.zone}"] + ([f"--project={s.project}"] if s.project else [])
+
+
+def tpu_vm(s: Settings, verb: str, *extra: str) -> Command:
+  return ["gcloud", "compute", "tpus", "tpu-vm", verb, s.tpu, *_where(s), *extra]
+
+
+def queued_resource(s: Settings, verb: str, *extra: str) -> Command:
+  return ["gcloud", "compute", "tpus", "queued-resources", verb, s.tpu, *_where(s), *extra]
+
+
+def ssh(s: Settings, command: str, worker: str = "all") -> Command:
+  return tpu_vm(s, "ssh", f"--worker={worker}", f"--command={command}")
+
+
+def scp(s: Settings, source: str, destination: str, worker: str = "all") -> Command:
+  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", source, destination,
+          f"--worker={worker}", *_where(s)]
+
+
+def create_commands(s: Settings) -> list[Command]:
+  assert s.accelerator is not None
+  spot = ["--spot"] if s.spot else []
+  if s.queued:
+    # A queued resource waits for capacity; its node gets the same name as the request.
+    return [queued_resource(s, "create", f"--node-id={s.tpu}",
+                            f"--accelerator-type={s.accelerator.type}",
+                            f"--runtime-version={s.runtime_version}", *spot)]
+  return [tpu_vm(s, "create", f"--accelerator-type={s.accelerator.type}",
+                 f"--version={s.runtime_version}", *spot)]
+
+
+def tarball_path(s: Settings) -> str:
+  return os.path.join(tempfile.gettempdir(), f"vbert_jax_{s.tpu}.tar.gz")
+
+
+def copy_commands(s: Settings, repo: pathlib.Path = REPO) -> list[Command]:
+  """Packs the working tree, sends it to every worker, and swaps it in for the old copy."""
+  tarball = tarball_path(s)
+  pack = (["tar", "-czf", tarball] + [f"--exclude={e}" for e in TAR_EXCLUDES]
+          + ["-C", str(repo), "."])
+  remote_tar = "~/vbert_jax_code.tar.gz"
+  d = remote_path(s.remote_dir)
+  # A fresh directory each time, so that files deleted here do not linger on the workers.
+  unpack = (f"rm -rf {d}.new && mkdir -p {d}.new && tar -xzf {remote_tar} -C {d}.new && "
+            f"rm -rf {d} && mv {d}.new {d} && rm -f {remote_tar}")
+  return [pack, scp(s, tarball, f"{s.tpu}:{remote_tar}"), ssh(s, unpack)]
+
+
+def setup_commands(s: Settings, repo: pathlib.Path = REPO) -> list[Command]:
+  return copy_commands(s, repo) + [
+      ssh(s, f"bash {remote_path(s.remote_dir)}/launch/run_tpu.sh setup")]
+
+
+def run_commands(s: Settings, run_name: str, module: str, args: Sequence[str],
+                 foreground: bool = False) -> list[Command]:
+  """Stops stale processes and starts `python -m module args` on all workers at once."""
+  mode = "run" if foreground else "start"
+  line = shlex.join(["bash", "launch/run_tpu.sh", mode, run_name, module, *args])
+  return [ssh(s, f"cd {remote_path(s.remote_dir)} && {line}")]
+
+
+def stop_commands(s: Settings) -> list[Command]:
+  return [ssh(s, f"bash {remote_path(s.remote_dir)}/launch/run_tpu.sh stop")]
+
+
+def logs_commands(s: Settings, run_name: str, worker: str, lines: int, follow: bool,
+                  fetch: str) -> list[Command]:
+  pattern = f"~/logs/{shlex.quote(run_name)}_*.log"
+  if fetch:
+    return [scp(s, f"{s.tpu}:{pattern}", fetch, worker)]
+  tail = f"tail -n {lines}" + (" -F" if follow else "")
+  return [ssh(s, f"{tail} {pattern}", worker)]
+
+
+def delete_commands(s: Settings) -> list[Command]:
+  if s.queued:
+    return [queued_resource(s, "delete", "--force", "--quiet")]
+  return [tpu_vm(s, "delete", "--quiet")]
+
+
+def status_commands(s: Settings) -> list[Command]:
+  return [queued_resource(s, "describe") if s.queued else tpu_vm(s, "describe")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--tpu", help="TPU VM (or queued resource) name; $TPU_NAME")
+  p.add_argument("--zone", help="zone, e.g. us-central2-b; $TPU_ZONE")
+  p.add_argument("--project", help="Cloud project (gcloud's default if unset); $TPU_PROJECT")
+  p.add_argument("--accelerator_type", help="e.g. v4-32, v5litepod-16, v5p-16; $TPU_TYPE")
+  p.add_argument("--runtime_version", help="TPU software version (default: the generation's); "
+                 "$TPU_RUNTIME")
+  p.add_argument("--queued", action=argparse.BooleanOptionalAction, default=None,
+                 help="use a queued resource rather than a plain TPU VM; $TPU_QUEUED=1")
+  p.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None,
+                 help="spot capacity; $TPU_SPOT=1")
+  p.add_argument("--remote_dir", help=f"code directory on the workers (default "
+                 f"{DEFAULT_REMOTE_DIR}); $TPU_REMOTE_DIR")
+  p.add_argument("--dry_run", action="store_true",
+                 help="print the commands, one per line, instead of running them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m launch.tpu_vm", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, text in (("create", "create the TPU VM or queued resource"),
+                     ("copy", "copy the working tree to every worker"),
+                     ("setup", "copy the code and set up the venv on every worker (idempotent)"),
+                     ("run", "stop stale processes, then run on all workers; args after --"),
+                     ("logs", "tail or fetch the per-worker logs of a run"),
+                     ("stop", "stop whatever holds the TPU on every worker"),
+                     ("delete", "delete the TPU VM or queued resource"),
+                     ("status", "describe the TPU VM or queued resource")):
+    p = sub.add_parser(name, help=text, description=text)
+    _common(p)
+    if name in ("run", "logs"):
+      p.add_argument("--run_name", default="vbert", help="names the logs: "
+                     "~/logs/RUN_NAME_<hostname>.log")
+    if name == "run":
+      p.add_argument("--module", default=DEFAULT_MODULE, help="python -m MODULE")
+      p.add_argument("--workdir", help="passed as --workdir (gs://... on a pod); $WORKDIR")
+      p.add_argument("--foreground", action="store_true",
+                     help="wait for the run to end, streaming worker output")
+    if name == "logs":
+      p.add_argument("--worker", default="all", help="worker index, or all")
+      p.add_argument("--lines", type=int, default=100)
+      p.add_argument("--follow", action="store_true")
+      p.add_argument("--fetch", default="", help="local directory to copy the logs into")
+  return parser
+
+
+def _run_args(args: argparse.Namespace, rest: Sequence[str], s: Settings,
+              environ: Mapping[str, str]) -> list[str]:
+  """The module's arguments, with the workdir passed through; checked before anything runs."""
+  out = list(rest)
+  workdir = args.workdir or environ.get(ENV["workdir"], "")
+  given = [a for a in out if a.startswith("--workdir=") or a == "--workdir"]
+  if workdir and not given:
+    out.append(f"--workdir={workdir}")
+    given = [workdir]
+  if args.module == DEFAULT_MODULE:
+    if not given:
+      raise ValueError("run: missing --workdir (or $WORKDIR): where checkpoints and metrics go")
+    if not any(a.startswith("--config") for a in out):
+      raise ValueError("run: give the config after --, e.g. -- "
+                       "--config=configs/pretrain.py:variant=large")
+  if workdir and s.accelerator and s.accelerator.workers > 1 and "://" not in workdir:
+    raise ValueError(f"run: --workdir={workdir} is local to each worker, but "
+                     f"{s.accelerator.type} has {s.accelerator.workers} workers that must "
+                     f"share it; use gs://bucket/path")
+  return out
+
+
+def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None
+         ) -> tuple[argparse.Namespace, Settings, list[Command]]:
+  """Parses the command line and returns the commands it stands for; runs nothing."""
+  environ = os.environ if environ is None else environ
+  argv = list(argv)
+  rest: list[str] = []
+  if "--" in argv:
+    cut = argv.index("--")
+    argv, rest = argv[:cut], argv[cut + 1:]
+  args = build_parser().parse_args(argv)
+  if rest and args.command != "run":
+    raise ValueError(f"{args.command}: takes no arguments after --, got {rest}")
+  if "--dry_run" in rest:  # meant for this launcher, not for the workers: never run by mistake
+    raise ValueError(f"{args.command}: --dry_run comes after --, where the arguments of "
+                     f"python -m {args.module} go; put it before --")
+  s = settings_from(args, environ)
+  if args.command == "create":
+    cmds = create_commands(s)
+  elif args.command == "copy":
+    cmds = copy_commands(s)
+  elif args.command == "setup":
+    cmds = setup_commands(s)
+  elif args.command == "run":
+    cmds = run_commands(s, args.run_name, args.module, _run_args(args, rest, s, environ),
+                        args.foreground)
+  elif args.command == "logs":
+    if args.worker != "all" and s.accelerator and not (
+        args.worker.isdigit() and int(args.worker) < s.accelerator.workers):
+      raise ValueError(f"logs: --worker={args.worker}; {s.accelerator.type} has workers 0.."
+                       f"{s.accelerator.workers - 1}")
+    cmds = logs_commands(s, args.run_name, args.worker, args.lines, args.follow, args.fetch)
+  elif args.command == "stop":
+    cmds = stop_commands(s)
+  elif args.command == "delete":
+    cmds = delete_commands(s)
+  else:
+    cmds = status_commands(s)
+  return args, s, cmds
+
+
+def execute(commands: Sequence[Command]) -> None:
+  for cmd in commands:
+    print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    code = subprocess.run(cmd, check=False).returncode
+    if code:
+      raise SystemExit(f"command failed with exit status {code}: {shlex.join(cmd)}")
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, s, commands = plan(argv, environ)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if s.accelerator:
+    a = s.accelerator
+    print(f"# {a.type}: {a.chips} chips on {a.workers} worker(s)", file=sys.stderr)
+  if args.dry_run:
+    for cmd in commands:
+      print(shlex.join(cmd))
+    return 0
+  if args.command == "logs" and args.fetch:
+    os.makedirs(args.fetch, exist_ok=True)
+  execute(commands)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
