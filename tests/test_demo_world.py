@@ -43,13 +43,22 @@ def test_label_files_list_every_step_of_their_split(small_world):
   out, manifest, _ = small_world
   for split in ("train", "val"):
     videos = [v["video_id"] for v in manifest["videos"] if v["split"] == split]
-    expected = [(vid, s["start"], s["end"], s["verb"], s["noun"]) for vid in videos
-                for s in world.load_truth(out / f"{vid}.json")["steps"]]
+    truths = [world.load_truth(out / f"{vid}.json") for vid in videos]
+    expected = [(t["video_id"], s["start"], s["end"], s["verb"], s["noun"]) for t in truths
+                for s in t["steps"]]
     if not expected:
       continue
-    got = [(g.video_id, g.start, g.end, g.verb, g.noun)
-           for g in zero_shot.read_labels(out / f"labels_{split}.tsv")]
-    assert got == expected
+    labels = zero_shot.read_labels(out / f"labels_{split}.tsv")
+    assert [(g.video_id, g.start, g.end, g.verb, g.noun) for g in labels] == expected
+    # Each caption is a fault-free narration of its own step.
+    said = {}
+    for t in truths:
+      for c in t["cues"]:
+        if c["fault"] == "none" and c["step"] is not None:
+          said.setdefault((t["video_id"], c["step"]), " ".join(c["text"].split()))
+    steps = [(t["video_id"], i) for t in truths for i in range(len(t["steps"]))]
+    assert any(g.sentence for g in labels)
+    assert [g.sentence for g in labels] == [said.get(key, "") for key in steps]
 
 
 def test_steps_fill_whole_clips_and_match_the_video(small_world):

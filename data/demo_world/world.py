@@ -292,18 +292,23 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
 
 
 def write_labels(world_dir, path, split: str) -> pathlib.Path:
-  """The steps of one split as a verb/noun label file (the TSV that the zero-shot task reads:
-  video_id, start, end, verb, noun), the form a user's own labelled segments take."""
+  """The steps of one split as a label file (the TSV that the zero-shot and captioning tasks read:
+  video_id, start, end, verb, noun, sentence), the form a user's own labelled segments take. The
+  sentence is the step's first narration without a fault ("" if none), as a caption."""
   world_dir = pathlib.Path(world_dir)
-  rows = ["video_id\tstart\tend\tverb\tnoun"]
+  rows = ["video_id\tstart\tend\tverb\tnoun\tsentence"]
   for path_truth in sorted(world_dir.glob("*.json")):
     if path_truth.name == MANIFEST:
       continue
     truth = load_truth(path_truth)
     if truth["split"] != split:
       continue
+    said = {}
+    for cue in truth["cues"]:
+      if cue["step"] is not None and cue["fault"] == "none":
+        said.setdefault(cue["step"], " ".join(cue["text"].split()))
     rows += [f"{truth['video_id']}\t{s['start']:.3f}\t{s['end']:.3f}\t{s['verb']}\t{s['noun']}"
-             for s in truth["steps"]]
+             f"\t{said.get(i, '')}" for i, s in enumerate(truth["steps"])]
   return atomic.write_atomic(
       path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(rows) + "\n"))
 
