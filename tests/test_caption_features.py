@@ -1,10 +1,13 @@
 """Caption features from a (tiny, random) VideoBERT, and pairs files made from them."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from configs import pretrain
+from helpers import trained_model as tm
 from vbert_jax import model as model_lib
 from vbert_jax import train
 from vbert_jax.captioning import features as features_lib
@@ -104,3 +107,44 @@ def test_make_pairs(bundle, tmp_path):
   assert ids == ["a", "b"] and refs == captions and feats.shape == (2, 1, expected.shape[1])
   with pytest.raises(ValueError, match=r"videos without captions \['b'\]"):
     features_lib.make_pairs(bundle, videos, {"a": ["x"]}, tmp_path / "other.npz")
+
+
+def test_pairs_command_on_youcook2_segments(tmp_path, tmp_path_factory, capsys):
+  world = tm.trained_bundle(tmp_path_factory)
+  vocab_world = tm.fit_world_vocab(tmp_path)
+  rng = np.random.default_rng(0)
+  feats = tmp_path / "features"
+  clips = vocab_world.clips(rng, [*tm.step_tokens("cut", "egg"), *tm.step_tokens("stir", "egg")])
+  tm.write_video_features(feats, "v0", clips)  # 8 clips, middles 0.75 ... 11.25 s
+  database = {
+      "v0": {"subset": "training", "annotations": [
+          {"segment": [0, 6], "sentence": "cut the egg"},
+          {"segment": [6, 12], "sentence": "stir the egg"},
+          {"segment": [30, 40], "sentence": "after the end"}]},
+      "gone": {"subset": "training", "annotations": [{"segment": [0, 3], "sentence": "x"}]},
+      "v9": {"subset": "validation", "annotations": [{"segment": [0, 3], "sentence": "y"}]}}
+  annotations = tmp_path / "youcookii_annotations.json"
+  annotations.write_text(json.dumps({"database": database}))
+  out = tmp_path / "out"
+  code = features_lib.main([f"--workdir={world.workdir}", f"--features={feats}",
+                            f"--youcook2={annotations}", f"--visual_vocab={vocab_world.vocab_path}",
+                            f"--out={out}", "--s3d"])
+  assert code == 0, capsys.readouterr().err
+  pairs = task.Pairs.read(out / "pairs.npz")
+  assert pairs.video_ids == ["v0/0-6", "v0/6-12"]
+  assert pairs.captions == ["cut the egg", "stir the egg"]
+  # Each row: the library's features of the segment's clips, then their mean clip feature.
+  want = features_lib.caption_features(
+      world.bundle, [tm.step_tokens("cut", "egg"), tm.step_tokens("stir", "egg")],
+      s3d=[clips[:4], clips[4:]])
+  np.testing.assert_allclose(pairs.features[:, 0], want, rtol=1e-5, atol=1e-6)
+  results = json.loads((out / "results.json").read_text())
+  assert results["rows"] == 2 and results["s3d"]
+  assert sorted((s["video_id"], s["reason"].split()[0]) for s in results["skipped"]) == [
+      ("gone", "no"), ("v0", "no")]
+  code = features_lib.main([f"--workdir={world.workdir}", f"--features={feats}",
+                            f"--youcook2={annotations}", f"--out={out}"])
+  assert code == 1 and "pass --visual_vocab" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    features_lib.parse_args(["--help"])
+  assert "--youcook2" in capsys.readouterr().out

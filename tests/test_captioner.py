@@ -88,7 +88,8 @@ def test_beam_search(trained):
   np.testing.assert_array_equal(np.asarray(one_tokens), np.asarray(greedy_tokens))
   np.testing.assert_allclose(np.asarray(one_scores), np.asarray(greedy_scores), rtol=1e-6)
   four_tokens, four_scores = decode.beam_search(params, cfg, features, beam_size=4)
-  # A wider beam never finds a worse hypothesis than greedy's (greedy's is among its candidates).
+  # Not guaranteed in general (the beam may prune greedy's prefix), but on captions this model
+  # has learned, the wider beam finds greedy's answer or a likelier one.
   assert (np.asarray(four_scores) >= np.asarray(greedy_scores) - 1e-4).all()
   # Scores are the log-probabilities of the returned tokens under the model (teacher forcing).
   tokens = np.asarray(four_tokens)
@@ -215,6 +216,20 @@ def test_batch_check_and_config_errors(tmp_path):
     decode.beam_search({}, cfg, np.zeros((1, FEATURE_DIM)), beam_size=0)
   with pytest.raises(ValueError, match="max_len=16"):
     decode.greedy({}, cfg, np.zeros((1, FEATURE_DIM)), max_len=16)
+  with pytest.raises(ValueError, match="decode_all: batch_size=0"):
+    decode.decode_all({}, cfg, np.zeros((1, FEATURE_DIM)), batch_size=0)
+
+
+def test_evaluate_cli_names_a_wrong_workdir(tmp_path, capsys):
+  code = evaluate.main([f"--workdir={tmp_path}", f"--pairs={tmp_path / 'p.npz'}",
+                        f"--out={tmp_path / 'out'}"])
+  assert code == 1
+  assert f"{tmp_path / 'config.json'}: no run config" in capsys.readouterr().err
+  (tmp_path / "config.json").write_text('{"model": {}, "max_len": 32}')
+  assert evaluate.main([f"--workdir={tmp_path}", f"--pairs={tmp_path / 'p.npz'}",
+                        f"--out={tmp_path / 'out'}"]) == 1
+  assert "lacks the keys ['text', 'max_caption_len', 'decode'] of a captioner config" in (
+      capsys.readouterr().err)
 
 
 def _config(tmp_path):

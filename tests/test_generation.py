@@ -112,6 +112,8 @@ def test_text_to_video_bad_input(world):
     t2v.generate(b, "  ", 3)
   with pytest.raises(ValueError, match=r"exceed max_len=28"):
     t2v.generate(b, "cut the egg", 40)
+  with pytest.raises(ValueError, match=r"k=65: only 64 distinct rows of 1 slots"):
+    t2v.generate(b, "cut the egg", 1, mode="topk", k=65)
 
 
 # Forecasting.
@@ -170,6 +172,8 @@ def test_forecast_bad_input(world):
     fc.forecast(b, [1, 2], 1, layout="text")
   with pytest.raises(ValueError, match=r"visual tokens must lie in \[0, 64\)"):
     fc.forecast(b, [1, 99], 1)
+  with pytest.raises(ValueError, match=r"top=65: only 64 distinct futures of 1 clips"):
+    fc.forecast(b, [1, 2], 1, top=65)
 
 
 # Pictures and commands.

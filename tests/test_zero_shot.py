@@ -119,6 +119,8 @@ def test_bad_inputs_are_named(world):
     zs.classify(b, videos[:1], verbs=[])
   with pytest.raises(ValueError, match=r"repeats \['egg'\]"):
     zs.classify(b, videos[:1], nouns=["egg", "egg"])
+  with pytest.raises(ValueError, match=r"^order='sideways': expected one of"):
+    zs.classify(b, videos[:1], order="sideways")
 
 
 def test_topk_accuracy_on_a_hand_made_example():
@@ -192,19 +194,12 @@ def features(tmp_path_factory):
   return tm.fit_world_vocab(tmp_path_factory.mktemp("world_vocab"))
 
 
-def _write_video(folder, video_id, rows):
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
-  starts = np.arange(len(rows)) * 1.5
-  features_io.save_features(folder, features_io.VideoFeatures(
-      video_id, f"/videos/{video_id}.mp4", rows, starts, starts + 1.5, "avg", 224))
-
-
 def test_segment_tokens_take_the_clips_inside_each_segment(features, tmp_path):
   from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
   vocab = vocabulary.VisualVocabulary.load(features.vocab_path)
   rng = np.random.default_rng(0)
   tokens = [5, 9, 9, 40, 41, 63]
-  _write_video(tmp_path, "v1", features.clips(rng, tokens))
+  tm.write_video_features(tmp_path, "v1", features.clips(rng, tokens))
   # Clip middles: 0.75, 2.25, 3.75, 5.25, 6.75, 8.25 s.
   segs = [zs.Segment("v1", 2.0, 5.3), zs.Segment("v1", 0.0, 0.7), zs.Segment("v1", 6.0, 99)]
   got = zs.segment_tokens(tmp_path, vocab, segs)
@@ -222,7 +217,7 @@ def test_command_runs_the_protocol_and_writes_results(world, features, tmp_path)
     other = tm.step_tokens(tm.VERBS[(i + 1) % 4], tm.NOUNS[(i + 2) % 4])
     # Six clips of the step between two clips of another step.
     tokens = [other[0], *rng.choice(step, 6), other[1]]
-    _write_video(feats, f"v{i}", features.clips(rng, tokens))
+    tm.write_video_features(feats, f"v{i}", features.clips(rng, tokens))
     lines.append(f"v{i}\t1.5\t10.5\t{verb}\t{noun}")
   lines.append("v0\t30\t40\tcut\tegg")  # after the video's end: no clips
   lines.append("gone\t0\t3\tcut\tegg")  # no feature file

@@ -224,3 +224,11 @@ def fit_world_vocab(root: pathlib.Path, dim: int = 8) -> WorldFeatures:
   tokens = vocab.assign(x)
   path = vocab.save(root / "world_vocab.npz")
   return WorldFeatures(path, {t: x[tokens == t] for t in np.unique(tokens).tolist()})
+
+
+def write_video_features(folder: pathlib.Path, video_id: str, rows: np.ndarray) -> None:
+  """A feature file of consecutive 1.5 s clips (middles at 0.75, 2.25, 3.75, ... s)."""
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  starts = np.arange(len(rows)) * 1.5
+  features_io.save_features(folder, features_io.VideoFeatures(
+      video_id, f"/videos/{video_id}.mp4", rows, starts, starts + 1.5, "avg", 224))

@@ -53,6 +53,19 @@ def _step_log_probs(config, params, tokens, memory, feature_mask, t):
   return jax.nn.log_softmax(jnp.where(allowed, logits, NEG), axis=-1)
 
 
+def _running(max_len: int):
+  """The loop condition of both searches: a position is left and some row has no [EOS] yet."""
+  def cond(state):
+    t, _, done, _ = state
+    return (t < max_len) & ~jnp.all(done)
+  return cond
+
+
+def _inputs(features: Any, feature_mask: Any) -> tuple[jax.Array, jax.Array]:
+  mask = None if feature_mask is None else jnp.asarray(feature_mask, jnp.int32)
+  return model_lib.as_sequence(jnp.asarray(features, jnp.float32), mask)
+
+
 def _start(config, rows: int, max_len: int) -> jax.Array:
   tokens = jnp.full((rows, max_len + 1), config.pad_id, jnp.int32)
   return tokens.at[:, 0].set(config.bos_id)
@@ -62,10 +75,6 @@ def _start(config, rows: int, max_len: int) -> jax.Array:
 def _greedy(params, features, feature_mask, *, config, max_len):
   memory, feature_mask = _encode(config, params, features, feature_mask)
   rows = memory.shape[0]
-
-  def cond(state):
-    t, _, done, _ = state
-    return (t < max_len) & ~jnp.all(done)
 
   def body(state):
     t, tokens, done, score = state
@@ -79,7 +88,7 @@ def _greedy(params, features, feature_mask, *, config, max_len):
 
   state = (jnp.int32(0), _start(config, rows, max_len), jnp.zeros((rows,), bool),
            jnp.zeros((rows,), jnp.float32))
-  _, tokens, _, score = jax.lax.while_loop(cond, body, state)
+  _, tokens, _, score = jax.lax.while_loop(_running(max_len), body, state)
   return tokens[:, 1:], score
 
 
@@ -87,9 +96,7 @@ def greedy(params: Any, config: model_lib.CaptionerConfig, features: Any,
            max_len: int | None = None, feature_mask: Any = None) -> tuple[jax.Array, jax.Array]:
   """(tokens [B, max_len] after [BOS], padded after [EOS]; their total log-probability [B])."""
   max_len = _default_len(config, max_len)
-  features, feature_mask = model_lib.as_sequence(jnp.asarray(features, jnp.float32),
-                                                 None if feature_mask is None
-                                                 else jnp.asarray(feature_mask, jnp.int32))
+  features, feature_mask = _inputs(features, feature_mask)
   return _greedy(params, features, feature_mask, config=config, max_len=max_len)
 
 
@@ -109,10 +116,6 @@ def _beam_search(params, features, feature_mask, *, config, max_len, beam_size, 
   # A finished hypothesis continues with padding only, at no cost.
   pad_row = jnp.full((vocab,), NEG).at[config.pad_id].set(0.0)
 
-  def cond(state):
-    t, _, done, _ = state
-    return (t < max_len) & ~jnp.all(done)
-
   def body(state):
     t, tokens, done, scores = state
     logp = _step_log_probs(config, params, tokens.reshape(batch * k, -1), memory, feature_mask,
@@ -129,7 +132,7 @@ def _beam_search(params, features, feature_mask, *, config, max_len, beam_size, 
   # Only the first beam is live at the start, so the first step does not pick k copies.
   scores = jnp.full((batch, k), NEG).at[:, 0].set(0.0)
   state = (jnp.int32(0), tokens, jnp.zeros((batch, k), bool), scores)
-  _, tokens, _, scores = jax.lax.while_loop(cond, body, state)
+  _, tokens, _, scores = jax.lax.while_loop(_running(max_len), body, state)
   tokens = tokens[:, :, 1:]
   lengths = jnp.sum(tokens != config.pad_id, axis=-1).astype(jnp.float32)
   ranked = scores / ((5.0 + lengths) / 6.0) ** length_penalty
@@ -148,9 +151,7 @@ def beam_search(params: Any, config: model_lib.CaptionerConfig, features: Any,
   if not 1 <= beam_size <= allowed:
     raise ValueError(f"beam_size={beam_size}: expected 1 to {allowed} (the ids decoding may "
                      f"produce)")
-  features, feature_mask = model_lib.as_sequence(jnp.asarray(features, jnp.float32),
-                                                 None if feature_mask is None
-                                                 else jnp.asarray(feature_mask, jnp.int32))
+  features, feature_mask = _inputs(features, feature_mask)
   return _beam_search(params, features, feature_mask, config=config, max_len=max_len,
                       beam_size=int(beam_size), length_penalty=float(length_penalty))
 
@@ -166,22 +167,28 @@ def decode_all(params: Any, config: model_lib.CaptionerConfig, features: np.ndar
   features = np.asarray(features, np.float32)
   if len(features) == 0:
     raise ValueError("decode_all: no features given (expected at least one example)")
+  if batch_size < 1 or beam_size < 1:
+    raise ValueError(f"decode_all: batch_size={batch_size}, beam_size={beam_size}; expected at "
+                     f"least 1 each")
   mask = None if feature_mask is None else np.asarray(feature_mask, np.int32)
   batch_size = min(batch_size, len(features))
   out = []
   for start in range(0, len(features), batch_size):
-    chunk = features[start:start + batch_size]
-    n = len(chunk)
-    fill = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]) \
-        if n < batch_size else x
-    chunk_mask = None if mask is None else fill(mask[start:start + batch_size])
+    rows = slice(start, start + batch_size)
+    chunk = _fill(features[rows], batch_size)
+    chunk_mask = None if mask is None else _fill(mask[rows], batch_size)
     if beam_size == 1:
-      tokens, _ = greedy(params, config, fill(chunk), max_len, chunk_mask)
+      tokens, _ = greedy(params, config, chunk, max_len, chunk_mask)
     else:
-      tokens, _ = beam_search(params, config, fill(chunk), max_len, beam_size, chunk_mask,
+      tokens, _ = beam_search(params, config, chunk, max_len, beam_size, chunk_mask,
                               length_penalty)
-    out.append(np.asarray(tokens)[:n])
+    out.append(np.asarray(tokens)[:len(features[rows])])
   return np.concatenate(out)
+
+
+def _fill(x: np.ndarray, rows: int) -> np.ndarray:
+  """x padded to `rows` rows with copies of its first row (dropped after decoding)."""
+  return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
 
 
 def to_captions(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> list[str]:

@@ -15,8 +15,6 @@ per video the generated caption beside its references.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import sys
 from typing import Any, Sequence
 
@@ -24,28 +22,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from vbert_jax import atomic
 from vbert_jax import checkpoints
 from vbert_jax.captioning import decode
 from vbert_jax.captioning import metrics
 from vbert_jax.captioning import model as model_lib
 from vbert_jax.captioning import task as task_lib
+from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.text import tokenizers
-
-RESULTS_FILE = "results.json"
 
 
 def read_config(workdir: Any) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no run config; expected --workdir to be a workdir of "
-                            f"`python -m vbert_jax.captioning.train`")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  for key in ("model", "text", "max_caption_len", "decode"):
-    if key not in config:
-      raise ValueError(f"{path}: lacks the key {key!r} of a captioner config "
-                       f"(configs/captioner.py); is this a captioner run?")
-  return config
+  return bundle_lib.read_config(workdir, ("model", "text", "max_caption_len", "decode"),
+                                "a captioner config (configs/captioner.py)")
 
 
 def load_captioner(workdir: Any, *, step: int | None = None, text_vocab: str | None = None
@@ -57,8 +45,8 @@ def load_captioner(workdir: Any, *, step: int | None = None, text_vocab: str | N
     config.text.vocab = str(text_vocab)
   tokenizer = task_lib.load_tokenizer(config)
   cfg = task_lib.captioner_config(config, tokenizer)
-  step, state = checkpoints.read_checkpoint(workdir, step)
-  params = state["params"]
+  # The parameters alone: the optimizer state is twice their size under Adam and not needed.
+  step, params = bundle_lib.read_run_params(workdir, step)
   expected = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   checkpoints.check_shapes(params, expected, where=f"captioner checkpoint {workdir} step {step}")
   return config, cfg, params, tokenizer, step
@@ -80,16 +68,16 @@ def evaluate(workdir: Any, pairs_path: Any, *, step: int | None = None,
                      f"{pairs.feature_dim}] but the captioner of {workdir} takes "
                      f"[rows, <= {cfg.max_feature_len}, {cfg.feature_dim}]")
   d = config.decode
-  beam_size = int(d.beam_size if beam_size is None else beam_size)
-  max_len = int(max_len if max_len is not None else (d.max_len or cfg.max_caption_len - 1))
-  length_penalty = float(d.length_penalty if length_penalty is None else length_penalty)
+  settings = {
+      "beam_size": int(d.beam_size if beam_size is None else beam_size),
+      "max_len": int(max_len if max_len is not None else (d.max_len or cfg.max_caption_len - 1)),
+      "length_penalty": float(d.length_penalty if length_penalty is None else length_penalty)}
   batch_size = int(d.batch_size if batch_size is None else batch_size)
   video_ids, features, mask, references = pairs.by_video()
   pad = cfg.max_feature_len - pairs.feature_len
   features = np.pad(features, ((0, 0), (0, pad), (0, 0)))
   mask = np.pad(mask, ((0, 0), (0, pad)))
-  tokens = decode.decode_all(params, cfg, features, mask, beam_size=beam_size, max_len=max_len,
-                             batch_size=batch_size, length_penalty=length_penalty)
+  tokens = decode.decode_all(params, cfg, features, mask, batch_size=batch_size, **settings)
   captions = decode.to_captions(tokenizer, tokens, cfg.eos_id)
   candidates = dict(zip(video_ids, captions))
   java = metrics.java_available() if use_java is None else use_java
@@ -97,24 +85,14 @@ def evaluate(workdir: Any, pairs_path: Any, *, step: int | None = None,
   return {
       "metrics": scores,
       "tokenization": "ptb" if java else "python",
-      "decoding": {"method": "greedy" if beam_size == 1 else "beam_search",
-                   "beam_size": beam_size, "max_len": max_len,
-                   "length_penalty": length_penalty},
+      "decoding": {"method": "greedy" if settings["beam_size"] == 1 else "beam_search",
+                   **settings},
       "checkpoint": {"workdir": str(workdir), "step": int(step)},
       "pairs": str(pairs_path),
       "num_videos": len(video_ids),
       "captions": [{"video_id": v, "caption": candidates[v], "references": references[v]}
                    for v in video_ids],
   }
-
-
-def write_results(results: dict[str, Any], out: Any) -> pathlib.Path:
-  path = pathlib.Path(out) / RESULTS_FILE
-
-  def write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, ensure_ascii=False)
-  return atomic.write_atomic(path, write)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -147,17 +125,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+def _run(args: argparse.Namespace) -> dict[str, Any]:
   use_java = {"auto": None, "yes": True, "no": False}[args.java]
   results = evaluate(args.workdir, args.pairs, step=args.step, beam_size=args.beam_size,
                      max_len=args.max_len, length_penalty=args.length_penalty,
                      batch_size=args.batch_size, use_java=use_java, text_vocab=args.text_vocab)
-  path = write_results(results, args.out)
+  bundle_lib.write_results(results, args.out)
+  return results
+
+
+def _report(results: dict[str, Any]) -> None:
   summary = ", ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items())
   print(f"{results['num_videos']} videos, {results['decoding']['method']}: {summary}")
-  print(f"wrote {path}")
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return bundle_lib.run_command(_run, parse_args(argv), _report)
 
 
 if __name__ == "__main__":

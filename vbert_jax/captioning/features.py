@@ -10,11 +10,17 @@ with the mean of those at the five `[MASK]`s, optionally followed by the mean S3
 segment's clips: [2 * hidden] or [2 * hidden + S3D size].
 
 `make_pairs` chains this to the captioner's input: per-video visual tokens and captions ->
-a pairs file (`task.Pairs`) with one row per caption.
+a pairs file (`task.Pairs`) with one row per caption. The command line does it for YouCook II:
+
+    python -m vbert_jax.captioning.features --workdir=RUN --features=FEATURES \
+        --youcook2=youcookii_annotations.json --split=training --out=pairs/training
 """
 
 from __future__ import annotations
 
+import argparse
+import pathlib
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -55,7 +61,7 @@ def caption_features(bundle: Any, videos: Sequence[Sequence[int]], *,
   """[N, 2 * hidden (+ S3D dim)]: mean video-token output ‖ mean masked-text output (‖ S3D).
 
   `videos` holds the visual tokens (0 .. visual_size - 1) of each video or segment; `bundle` is a
-  `vbert_jax.tasks.bundle.Bundle`. Batches have one fixed shape, so one compilation serves all.
+  `vbert_jax.tasks.bundle.Bundle`.
   """
   from vbert_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
   if not len(videos):
@@ -64,25 +70,21 @@ def caption_features(bundle: Any, videos: Sequence[Sequence[int]], *,
     raise ValueError(f"caption features: batch_size={batch_size}; expected at least 1")
   prompt = _template(bundle, template)
   vocab: sequence.JointVocab = bundle.layout.vocab
+  # Every batch has the same rows and a length cut to its prompts: few compiled shapes.
+  rows = min(batch_size, len(videos))
   out = []
-  for start in range(0, len(videos), batch_size):
-    chunk = videos[start:start + batch_size]
-    packed, masks = [], []
-    for i, tokens in enumerate(chunk):
-      try:
-        p, positions = prompts.build(bundle.layout, tokens, prompt, order)
-      except ValueError as e:
-        raise ValueError(f"caption features, video {start + i}: {e}") from e
-      packed.append(p)
-      masks.append(positions)
-    n = len(packed)
-    packed += [packed[0]] * (batch_size - n)  # a fixed batch shape: one compilation
-    batch = sequence.stack(packed)
+  for start in range(0, len(videos), rows):
+    chunk = videos[start:start + rows]
+    n = len(chunk)
+    try:
+      batch, positions = prompts.build_batch(bundle.layout, chunk, prompt, order, rows,
+                                             ids=range(start, start + n))
+    except ValueError as e:
+      raise ValueError(f"caption features, {e}") from e
     hidden = np.asarray(bundle.apply(batch)["hidden"], np.float32)[:n]
     is_video = vocab.is_visual(batch["input_ids"][:n]).astype(np.float32)
     is_mask = np.zeros_like(is_video)
-    for row, positions in enumerate(masks):
-      is_mask[row, positions] = 1.0
+    np.put_along_axis(is_mask, positions[:n], 1.0, axis=1)
     video_mean = np.einsum("bl,blh->bh", is_video, hidden) / is_video.sum(1, keepdims=True)
     mask_mean = np.einsum("bl,blh->bh", is_mask, hidden) / is_mask.sum(1, keepdims=True)
     out.append(np.concatenate([video_mean, mask_mean], axis=1))
@@ -119,3 +121,82 @@ def make_pairs(bundle: Any, videos: Mapping[str, Sequence[int]],
                          [r[1] for r in rows], source=f"pairs file {path}")
   pairs.write(path)
   return pairs
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(
+      prog="python -m vbert_jax.captioning.features",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Caption features of YouCook II segments from a trained VideoBERT, written as a\n"
+          "pairs file for the captioner (python -m vbert_jax.captioning.train). Each segment's\n"
+          "clips (those whose middle lies inside it) become visual tokens; the model reads them\n"
+          f"with the template '{CAPTION_TEMPLATE}'\n"
+          "and the feature is the mean output at the video tokens beside the mean output at\n"
+          "the [MASK]s (with --s3d, also the mean clip feature). One row per segment, its\n"
+          "sentence the caption; the row's video id is '<video_id>/<start>-<end>'."),
+      epilog=("Example:\n"
+              "  python -m vbert_jax.captioning.features --workdir=runs/videobert \\\n"
+              "      --features=features/youcook2 --youcook2=youcookii_annotations.json \\\n"
+              "      --split=training --out=pairs/training\n\n"
+              "Writes OUT/pairs.npz and OUT/results.json (counts, settings, skipped segments)."))
+  bundle_lib.add_run_arguments(
+      p, out_help="Folder for pairs.npz and results.json.",
+      visual_vocab_help="Visual vocabulary (.npz) that turns --features into tokens; default: "
+      "the run's config.init.visual_vocab.")
+  p.add_argument("--features", required=True, help="Folder of per-video feature files "
+                 "(<video_id>.npz from the feature extractor).")
+  p.add_argument("--youcook2", required=True, help="YouCook II annotation JSON (segments with "
+                 "times and sentences).")
+  p.add_argument("--split", default="training", choices=zero_shot.YOUCOOK2_SUBSETS,
+                 help="The YouCook II subset to write (default: training).")
+  p.add_argument("--s3d", action="store_true", help="Append the mean clip feature of each "
+                 "segment (the paper's option).")
+  p.add_argument("--order", default="video_first", choices=("video_first", "text_first"),
+                 help="Prompt order: video then template (default), or the pretraining layout.")
+  p.add_argument("--batch_size", type=int, default=64, help="Prompts per forward pass.")
+  return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
+  segments = zero_shot.read_youcook2(args.youcook2, args.split)
+  if not segments:
+    raise ValueError(f"{args.youcook2}: no segments in the {args.split!r} subset")
+  bundle = bundle_lib.bundle_from_args(args)
+  if bundle.visual_vocab is None:
+    raise ValueError("no visual vocabulary: pass --visual_vocab (the run's config has no "
+                     "init.visual_vocab)")
+  usable, skipped = zero_shot.clips_of_segments(args.features, segments)
+  names = [f"{s.video_id}/{s.start:g}-{s.end:g}" for s, _ in usable]
+  videos = {n: bundle.visual_vocab.assign(clips) for n, (_, clips) in zip(names, usable)}
+  captions = {n: [s.sentence] for n, (s, _) in zip(names, usable)}
+  s3d = {n: clips for n, (_, clips) in zip(names, usable)} if args.s3d else None
+  path = pathlib.Path(args.out) / "pairs.npz"
+  pairs = make_pairs(bundle, videos, captions, path, s3d=s3d, order=args.order,
+                     batch_size=args.batch_size)
+  results = {"workdir": str(args.workdir), "youcook2": str(args.youcook2), "split": args.split,
+             "pairs": str(path), "rows": len(pairs), "feature_dim": pairs.feature_dim,
+             "order": args.order, "s3d": bool(args.s3d), "skipped": skipped}
+  bundle_lib.write_results(results, args.out)
+  return results
+
+
+def _report(results: dict) -> None:
+  print(f"{results['rows']} segments of {results['split']} (feature size "
+        f"{results['feature_dim']}), {len(results['skipped'])} skipped; wrote {results['pairs']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  return bundle_lib.run_command(run, parse_args(argv), _report)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -12,7 +12,9 @@ padded to a multiple of 128 rows (`sequence.round_up`) so that any mesh shards i
 rows get a large negative logit.
 
 Logical axis names are those of `vbert_jax.model` (batch, length, embed, heads, kv, mlp, vocab),
-so the generic trainer shards the captioner with the same rules as VideoBERT.
+so the generic trainer shards the captioner with the same rules as VideoBERT; the attention
+projections are that module's `Projection`, which reads only the sizes, dtypes and
+initializer range that both configs share.
 
 Parameter tree (`params` collection):
 
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbert_jax import model as videobert
 from vbert_jax import sequence
 
 # Logits of padding and banned ids: finite, so that 0 * log p stays 0 in a cross-entropy.
@@ -137,25 +140,6 @@ def _layer_norm(cfg: CaptionerConfig, name: str) -> nn.LayerNorm:
                       bias_init=_zeros(("embed",)), name=name)
 
 
-class Projection(nn.Module):
-  """Dense over `num_in` trailing axes, its kernel kept in full rank so logical axes apply."""
-  config: CaptionerConfig
-  features: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  num_in: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    in_shape = x.shape[x.ndim - self.num_in:]
-    kernel = self.param("kernel", _init(cfg, self.axes), in_shape + self.features,
-                        cfg.weight_dtype)
-    bias = self.param("bias", _zeros(self.axes[self.num_in:]), self.features, cfg.weight_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.compute_dtype)
-    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
-
-
 class Attention(nn.Module):
   """Multi-head attention of queries `x` [B, T, H] over `memory` [B, S, H]; mask [B, 1, T, S]."""
   config: CaptionerConfig
@@ -167,14 +151,14 @@ class Attention(nn.Module):
     axes = ("batch", "length", "heads", "kv")
 
     def project(name: str, source: jax.Array) -> jax.Array:
-      out = Projection(cfg, heads, ("embed", "heads", "kv"), name=name)(source)
+      out = videobert.Projection(cfg, heads, ("embed", "heads", "kv"), name=name)(source)
       return nn.with_logical_constraint(out, axes)
 
     q, k, v = project("query", x), project("key", memory), project("value", memory)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = nn.with_logical_constraint(out, axes)
-    return Projection(cfg, (cfg.hidden_size,), ("heads", "kv", "embed"), num_in=2,
-                      name="out")(out)
+    return videobert.Projection(cfg, (cfg.hidden_size,), ("heads", "kv", "embed"), num_in=2,
+                                name="out")(out)
 
 
 class MLP(nn.Module):
@@ -217,9 +201,15 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _positions(cfg: CaptionerConfig, size: int, name: str) -> nn.Embed:
-  return nn.Embed(size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                  embedding_init=_init(cfg, (None, "embed")), name=name)
+def _with_positions(cfg: CaptionerConfig, x: jax.Array, size: int,
+                    deterministic: bool) -> jax.Array:
+  """x [B, T, H] plus learned position embeddings (of `size` rows), then dropout: how both
+  stacks begin. Called inside a compact module, whose parameters it creates."""
+  table = nn.Embed(size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                   embedding_init=_init(cfg, (None, "embed")), name="position_embeddings")
+  x = x + table(jnp.arange(x.shape[1]))[None]
+  x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 class Encoder(nn.Module):
@@ -230,10 +220,7 @@ class Encoder(nn.Module):
                deterministic: bool) -> jax.Array:
     cfg = self.config
     x = _dense(cfg, cfg.hidden_size, (None, "embed"), "input")(features)
-    x = x + _positions(cfg, cfg.max_feature_len, "position_embeddings")(
-        jnp.arange(features.shape[1]))[None]
-    x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = _with_positions(cfg, x, cfg.max_feature_len, deterministic)
     mask = (feature_mask > 0)[:, None, None, :]
     for i in range(cfg.num_encoder_layers):
       x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic)
@@ -251,10 +238,7 @@ class Decoder(nn.Module):
                      param_dtype=cfg.weight_dtype, embedding_init=_init(cfg, ("vocab", "embed")),
                      name="token_embeddings")
     length = tokens.shape[1]
-    x = embed(tokens) + _positions(cfg, cfg.max_caption_len, "position_embeddings")(
-        jnp.arange(length))[None]
-    x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = _with_positions(cfg, embed(tokens), cfg.max_caption_len, deterministic)
     # Causal only: padding comes after a caption's [EOS], so no real position ever sees it.
     self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     cross_mask = (feature_mask > 0)[:, None, None, :]

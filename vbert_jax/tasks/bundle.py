@@ -8,15 +8,21 @@
 names (`config.text.vocab`, `config.init.visual_vocab`) and may be given instead. Whatever is
 given must match the model: the tokenizer's size and special ids, the vocabulary's size. A
 mismatch stops with an error that names both sides.
+
+The task command lines share their run flags (`add_run_arguments`, `bundle_from_args`), their
+exit convention (`run_command`) and their results file (`write_results`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import argparse
 import json
 import os
-from typing import Any, Mapping
+import pathlib
+import sys
+from typing import Any, Callable, Mapping
 
 from etils import epath
 import jax
@@ -25,6 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vbert_jax import atomic
 from vbert_jax import checkpoints
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
@@ -33,6 +40,7 @@ from vbert_jax.text import tokenizers
 from vbert_jax.vocab import vocabulary
 
 CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
 _OUTPUT_KEYS = ("hidden", "pooled", "lva_logits", "mlm_logits", "mvm_logits")
 _INPUT_KEYS = ("input_ids", "segment_ids", "position_ids", "input_mask")
 
@@ -169,8 +177,10 @@ def _prepare_params(params: Any, model_config: model_lib.VideoBERTConfig, source
 # ----------------------------------------------------------------------------------- loading
 
 
-def read_config(workdir: Any) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote next to its checkpoints."""
+def read_config(workdir: Any, required: tuple[str, ...] = ("model", "max_len"),
+                kind: str = "a pretraining config") -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote next to its checkpoints; it must hold the
+  `required` keys of `kind` (named in the error)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no run config (the training loop writes it into the "
@@ -179,9 +189,9 @@ def read_config(workdir: Any) -> ml_collections.ConfigDict:
     data = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
-  for key in ("model", "max_len"):
-    if key not in data:
-      raise ValueError(f"{path}: lacks the key {key!r} of a pretraining config")
+  missing = [key for key in required if key not in data]
+  if missing:
+    raise ValueError(f"{path}: lacks the keys {missing} of {kind}; is this the right run?")
   return ml_collections.ConfigDict(data)
 
 
@@ -255,3 +265,46 @@ def read_run_params(workdir: Any, step: int | None = None) -> tuple[int, Any]:
   finally:
     handler.close()
   return step, restored["params"]
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str,
+                      visual_vocab_help: str) -> None:
+  """The flags that name a trained run and the output folder, the same in every task command."""
+  parser.add_argument("--workdir", required=True, help="The training run's folder (config.json "
+                      "and checkpoints/).")
+  parser.add_argument("--out", required=True, help=out_help)
+  parser.add_argument("--text_vocab", help="Text vocabulary (vocab.txt or .model); default: the "
+                      "run's config.text.vocab.")
+  parser.add_argument("--visual_vocab", help=visual_vocab_help)
+  parser.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+
+
+def bundle_from_args(args: argparse.Namespace) -> Bundle:
+  return load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
+                     visual_vocab=args.visual_vocab)
+
+
+def write_results(results: Mapping[str, Any], out: Any) -> pathlib.Path:
+  """`out/results.json`, written atomically (a reader never sees half a file)."""
+  path = pathlib.Path(out) / RESULTS_FILE
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, ensure_ascii=False)
+  return atomic.write_atomic(path, write)
+
+
+def run_command(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
+                report: Callable[[dict], None]) -> int:
+  """A task command's exit code: bad input is one line on stderr and 1, not a traceback."""
+  try:
+    results = run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  report(results)
+  print(f"wrote {pathlib.Path(args.out) / RESULTS_FILE}")
+  return 0

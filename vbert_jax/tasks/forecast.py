@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.tasks import text_to_video
 
@@ -86,6 +86,9 @@ def forecast(bundle, visual_tokens: Sequence[int], horizon: int, *, top: int = 3
   if top < 1 or beam_size < 1:
     raise ValueError(f"top={top} and beam_size={beam_size}: expected at least 1")
   base, positions = prompts.forecast(bundle.layout, visual_tokens, horizon, layout)
+  if top > bundle.vocab.visual_size ** horizon:
+    raise ValueError(f"top={top}: only {bundle.vocab.visual_size ** horizon} distinct futures "
+                     f"of {horizon} clips exist")
   width = max(beam_size, top)  # a beam narrower than `top` could not return `top` futures
   beams = [_Beam(np.full(horizon, -1, np.int64), 0.0)]
   for _ in range(horizon):
@@ -124,9 +127,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
               "Writes OUT/results.json (per horizon: the futures, best first, with their summed\n"
               "log-probabilities) and, with a visual vocabulary, OUT/horizon_<h>.png: the last\n"
               "clips so far, then one row per future."))
-  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
-                 "checkpoints/).")
-  p.add_argument("--out", required=True, help="Folder for results.json and the PNG strips.")
+  bundle_lib.add_run_arguments(
+      p, out_help="Folder for results.json and the PNG strips.",
+      visual_vocab_help="Visual vocabulary (.npz); default: the run's "
+      "config.init.visual_vocab. Needed for --features and for the pictures.")
   p.add_argument("--tokens", type=_int_list, help="The visual tokens so far, comma-separated.")
   p.add_argument("--features", help="A feature file (<video_id>.npz) instead of --tokens.")
   p.add_argument("--clips", type=int, help="With --features: use its first N clips (default "
@@ -140,10 +144,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="video_only: [CLS] video [MASK]s [SEP]; pair: [CLS] video [>] [MASK]s "
                  "[SEP].")
   p.add_argument("--beam_size", type=int, default=8, help="Hypotheses kept per step.")
-  p.add_argument("--text_vocab", help="Text vocabulary; default: the run's config.text.vocab.")
-  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz); default: the run's "
-                 "config.init.visual_vocab. Needed for --features and for the pictures.")
-  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
   p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
   return p.parse_args(argv)
 
@@ -162,10 +162,8 @@ def _video_tokens(args: argparse.Namespace, bundle) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
-  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
-                                  visual_vocab=args.visual_vocab)
+  bundle = bundle_lib.bundle_from_args(args)
   video = _video_tokens(args, bundle)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -182,22 +180,18 @@ def run(args: argparse.Namespace) -> dict:
       entry["picture"] = strips.token_strip(bundle.visual_vocab, rows, out / f"horizon_{h}.png",
                                             labels=labels, tile=args.tile).name
     results["horizons"][str(h)] = entry
-  (out / "results.json").write_text(json.dumps(results, indent=2))
+  bundle_lib.write_results(results, out)
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    results = run(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def _report(results: dict) -> None:
   for h, entry in results["horizons"].items():
     print(f"horizon {h}: " + "; ".join(f"{f['tokens']} ({f['score']:.2f})"
                                        for f in entry["futures"]))
-  print(f"wrote {pathlib.Path(args.out) / 'results.json'}")
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return bundle_lib.run_command(run, parse_args(argv), _report)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,25 @@ def build(layout: sequence.Layout, visual_tokens: Sequence[int], template: Templ
   return packed, positions
 
 
+def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], template: Template,
+                order: str, rows: int, ids: Sequence[int] | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`build` for each video, stacked (`stack_trimmed`) into `rows` rows; returns (batch, mask
+  positions [rows, masks]).
+
+  Rows past the videos repeat the first prompt, so that every batch has one compiled shape;
+  their outputs are to be dropped. `ids` name the videos in errors (default 0, 1, ...).
+  """
+  built = []
+  for i, video in enumerate(videos):
+    try:
+      built.append(build(layout, video, template, order))
+    except ValueError as e:
+      raise ValueError(f"video {i if ids is None else ids[i]}: {e}") from e
+  built += [built[0]] * (rows - len(built))
+  return stack_trimmed([p for p, _ in built]), np.stack([pos for _, pos in built])
+
+
 def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
   # The slots are laid out as placeholders of the video segment, then masked: the layout code in
   # sequence.py stays the one place that decides positions and segment ids.

@@ -20,7 +20,6 @@ strip of those clips' middle frames.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Sequence
@@ -28,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from vbert_jax import sequence
+from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 
 MODES = ("argmax", "topk", "sample")
@@ -81,6 +81,9 @@ def generate_scored(bundle, text: str, num_slots: int, *, mode: str = "argmax", 
     raise ValueError(f"temperature={temperature}: expected a positive number")
   if not text.strip():
     raise ValueError("the text is empty; expected words to show")
+  if mode == "topk" and k > bundle.vocab.visual_size ** num_slots:
+    raise ValueError(f"k={k}: only {bundle.vocab.visual_size ** num_slots} distinct rows of "
+                     f"{num_slots} slots exist")
   text_ids = bundle.tokenizer.encode(text)
   packed, positions = prompts.text_to_video(bundle.layout, text_ids, num_slots)
   lp = visual_log_probs(bundle, [packed], positions[None])[0]
@@ -116,9 +119,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
               "Writes OUT/results.json (per text: the token rows and their scores, the summed\n"
               "log-probabilities) and, with a visual vocabulary, OUT/text_<i>.png: per row, the\n"
               "middle frame of each token's nearest training clip."))
-  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
-                 "checkpoints/).")
-  p.add_argument("--out", required=True, help="Folder for results.json and the PNG strips.")
+  bundle_lib.add_run_arguments(
+      p, out_help="Folder for results.json and the PNG strips.",
+      visual_vocab_help="Visual vocabulary (.npz) for the pictures; default: the run's "
+      "config.init.visual_vocab (no pictures when neither is set).")
   p.add_argument("--text", action="append", required=True,
                  help="The text to show (repeat the flag for several texts).")
   p.add_argument("--num_slots", type=int, default=6, help="Video tokens (clips) to generate.")
@@ -128,19 +132,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--k", type=int, default=1, help="Rows (alternatives) per text.")
   p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (>0).")
   p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-  p.add_argument("--text_vocab", help="Text vocabulary; default: the run's config.text.vocab.")
-  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz) for the pictures; default: "
-                 "the run's config.init.visual_vocab (no pictures when neither is set).")
-  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
   p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
   return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
-  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
-                                  visual_vocab=args.visual_vocab)
+  bundle = bundle_lib.bundle_from_args(args)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = {"workdir": str(args.workdir), "mode": args.mode, "k": args.k,
@@ -155,22 +153,18 @@ def run(args: argparse.Namespace) -> dict:
       entry["picture"] = str(strips.token_strip(bundle.visual_vocab, rows, out / f"text_{i}.png",
                                                 labels=labels, tile=args.tile).name)
     results["texts"].append(entry)
-  (out / "results.json").write_text(json.dumps(results, indent=2))
+  bundle_lib.write_results(results, out)
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    results = run(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def _report(results: dict) -> None:
   for entry in results["texts"]:
     print(f"{entry['text']!r}: " + "; ".join(
         f"{row} ({score:.2f})" for row, score in zip(entry["tokens"], entry["scores"])))
-  print(f"wrote {pathlib.Path(args.out) / 'results.json'}")
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return bundle_lib.run_command(run, parse_args(argv), _report)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 
 DEFAULT_TEMPLATE = "now let me show you how to [MASK] the [MASK] ."
@@ -118,10 +119,8 @@ def _batches(bundle, videos: Sequence[np.ndarray], template: prompts.Template, o
   by_length = np.argsort([len(v) for v in videos], kind="stable")
   for start in range(0, len(videos), size):
     rows = by_length[start:start + size]
-    built = [prompts.build(bundle.layout, videos[i], template, order) for i in rows]
-    built += [built[-1]] * (size - len(built))  # padding rows, dropped below
-    batch = prompts.stack_trimmed([p for p, _ in built])
-    positions = np.stack([pos for _, pos in built])
+    batch, positions = prompts.build_batch(bundle.layout, [videos[i] for i in rows], template,
+                                           order, size, ids=rows)
     lp = bundle.log_probs(batch, mlm_positions=positions, mlm_ids=ids)["mlm_log_probs"]
     yield rows, lp[:len(rows)]
 
@@ -133,22 +132,14 @@ def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet 
   sides = {"verb": verbs, "noun": nouns}
   scores = {name: np.full((n, len(s.names)), -np.inf) for name, s in sides.items() if s}
   open_sides = [name for name, s in sides.items() if s is None]
-  # Only the label pieces come back from the device, unless a side ranks the whole vocabulary.
-  ids = None
-  if not open_sides:
-    ids = np.unique(np.concatenate([np.concatenate([np.asarray(p) for p in s.pieces])
-                                    for s in sides.values()]))
+  ids = _returned_ids(sides)
   column = (lambda piece: np.searchsorted(ids, piece)) if ids is not None else np.asarray
-  # Which piece-count layouts to run: (verb masks, noun masks).
-  plans = {(1, 1)}
-  plans |= {(c, 1) for c in (verbs.counts() if verbs else [])}
-  plans |= {(1, c) for c in (nouns.counts() if nouns else [])}
   text_size = bundle.vocab.text_size
   banned = np.unique(bundle.vocab.specials.as_tuple())
   open_k = min(top_k, text_size - len(banned))
   open_out = {name: np.zeros((n, open_k), np.int64) for name in open_sides}
   open_scores = {name: np.zeros((n, open_k)) for name in open_sides}
-  for counts in sorted(plans):
+  for counts in _plans(verbs, nouns):
     expanded = template.expand(counts)
     groups = expanded.slot_groups(counts)
     for rows, lp in _batches(bundle, videos, expanded, order, batch_size, ids):
@@ -166,6 +157,24 @@ def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet 
   out = {name: (s,) for name, s in scores.items()}
   out.update({name: (open_out[name], open_scores[name]) for name in open_sides})
   return out
+
+
+def _returned_ids(sides: dict[str, _LabelSet | None]) -> np.ndarray | None:
+  """The text ids whose log-probabilities the device sends back: the label pieces only, or
+  all of them (None) when a side ranks the whole vocabulary."""
+  if any(s is None for s in sides.values()):
+    return None
+  return np.unique(np.concatenate([np.concatenate([np.asarray(p) for p in s.pieces])
+                                   for s in sides.values()]))
+
+
+def _plans(verbs: _LabelSet | None, nouns: _LabelSet | None) -> list[tuple[int, int]]:
+  """The prompt expansions to run, as (verb masks, noun masks): a multi-piece label widens its
+  own slot and leaves the other at one mask."""
+  plans = {(1, 1)}
+  plans |= {(c, 1) for c in (verbs.counts() if verbs else [])}
+  plans |= {(1, c) for c in (nouns.counts() if nouns else [])}
+  return sorted(plans)
 
 
 def _open_top(lp: np.ndarray, text_size: int, banned: np.ndarray,
@@ -189,6 +198,8 @@ def classify(bundle, videos: Sequence[Sequence[int]], *, verbs: Sequence[str] | 
   """
   if top_k < 1 or batch_size < 1:
     raise ValueError(f"top_k={top_k} and batch_size={batch_size}: expected at least 1")
+  if order not in prompts.ORDERS:
+    raise ValueError(f"order={order!r}: expected one of {prompts.ORDERS}")
   tpl = prompts.Template.parse(template, bundle.tokenizer, expected_masks=2)
   arrays = []
   for i, v in enumerate(videos):
@@ -330,13 +341,9 @@ def _segment(video_id, start, end, verb, noun, sentence, where: str) -> Segment:
   return Segment(str(video_id), s, e, str(verb).strip(), str(noun).strip(), str(sentence))
 
 
-def segment_tokens(features_dir, vocab, segments: Sequence[Segment]) -> list[np.ndarray]:
-  """Visual tokens (int32) of the clips whose middle lies in [start, end) of each segment.
-
-  Each video's feature file (`features_dir/<video_id>.npz`) is read and assigned once. A
-  segment without such clips gets an empty array (`classify` refuses it; the command line
-  skips it, naming it).
-  """
+def segment_clips(features_dir, segments: Sequence[Segment]) -> list[np.ndarray]:
+  """Feature rows float32 [clips, dim] of the clips whose middle lies in [start, end) of each
+  segment (none: [0, dim]). Each video's file (`features_dir/<video_id>.npz`) is read once."""
   from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
   out = []
@@ -347,12 +354,42 @@ def segment_tokens(features_dir, vocab, segments: Sequence[Segment]) -> list[np.
         raise FileNotFoundError(f"{path}: no feature file for video {seg.video_id!r} (segment "
                                 f"{seg.start:g}-{seg.end:g} s)")
       vf = features_io.load_features(path)
-      tokens = vocab.assign(np.asarray(vf.features, np.float32))
-      cache[seg.video_id] = (tokens, (np.asarray(vf.starts) + np.asarray(vf.ends)) / 2)
-    tokens, middles = cache[seg.video_id]
-    inside = (middles >= seg.start) & (middles < seg.end)
-    out.append(tokens[inside].astype(np.int32))
+      cache[seg.video_id] = (np.asarray(vf.features, np.float32),
+                             (np.asarray(vf.starts) + np.asarray(vf.ends)) / 2)
+    features, middles = cache[seg.video_id]
+    out.append(features[(middles >= seg.start) & (middles < seg.end)])
   return out
+
+
+def segment_tokens(features_dir, vocab, segments: Sequence[Segment]) -> list[np.ndarray]:
+  """Visual tokens (int32) of each segment's clips (`segment_clips`), assigned by `vocab`. A
+  segment without clips gets an empty array (`classify` refuses it; the command line skips
+  it, naming it)."""
+  return [vocab.assign(rows).astype(np.int32) if len(rows) else np.zeros(0, np.int32)
+          for rows in segment_clips(features_dir, segments)]
+
+
+def clips_of_segments(features_dir, segments: Sequence[Segment]
+                      ) -> tuple[list[tuple[Segment, np.ndarray]], list[dict]]:
+  """(segment, clip features) of the segments that have clips, and the others as skipped
+  entries with their reason (no feature file, or no clip inside)."""
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  has_file = [features_io.feature_path(features_dir, s.video_id).is_file() for s in segments]
+  present = [s for s, ok in zip(segments, has_file) if ok]
+  skipped = [skip_entry(s, f"no feature file in {features_dir}")
+             for s, ok in zip(segments, has_file) if not ok]
+  clips = segment_clips(features_dir, present)
+  usable = [(s, c) for s, c in zip(present, clips) if len(c)]
+  skipped += [skip_entry(s, "no clip has its middle inside the segment")
+              for s, c in zip(present, clips) if not len(c)]
+  if not usable:
+    raise ValueError(f"none of the {len(segments)} segments has clips in {features_dir}")
+  return usable, skipped
+
+
+def skip_entry(seg: Segment, reason: str) -> dict:
+  """A segment left out of a command's results, with the reason (for results.json)."""
+  return {"video_id": seg.video_id, "start": seg.start, "end": seg.end, "reason": reason}
 
 
 # ------------------------------------------------------------------------------ command line
@@ -385,9 +422,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
               "      --out=results/zero_shot\n\n"
               "Writes OUT/results.json (accuracies, settings, skipped segments) and\n"
               "OUT/predictions.jsonl (one line per segment and order)."))
-  p.add_argument("--workdir", required=True, help="The training run's folder (config.json and "
-                 "checkpoints/).")
-  p.add_argument("--out", required=True, help="Folder for results.json and predictions.jsonl.")
+  bundle_lib.add_run_arguments(
+      p, out_help="Folder for results.json and predictions.jsonl.",
+      visual_vocab_help="Visual vocabulary (.npz) that turns --features into tokens; default: "
+      "the run's config.init.visual_vocab.")
   p.add_argument("--features", required=True, help="Folder of per-video feature files "
                  "(<video_id>.npz from the feature extractor).")
   p.add_argument("--labels", required=True, help="The verb/noun label file (format above).")
@@ -395,11 +433,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "labelled segments of --split that it lists, and takes their sentences.")
   p.add_argument("--split", default="validation", choices=YOUCOOK2_SUBSETS,
                  help="The YouCook II subset used with --youcook2 (default: validation).")
-  p.add_argument("--text_vocab", help="Text vocabulary (vocab.txt or .model); default: the "
-                 "run's config.text.vocab.")
-  p.add_argument("--visual_vocab", help="Visual vocabulary (.npz); default: the run's "
-                 "config.init.visual_vocab.")
-  p.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
   p.add_argument("--verbs", help="Verb label set: comma-separated, or @FILE with one per line. "
                  "Default: the verbs of the label file.")
   p.add_argument("--nouns", help="Noun label set, as --verbs. Default: the nouns of the label "
@@ -426,37 +459,23 @@ def _restrict_to_youcook2(labelled: list[Segment], annotations: list[Segment]
     if key in sentences:
       kept.append(dataclasses.replace(s, sentence=s.sentence or sentences[key]))
     elif s.video_id in videos:
-      skipped.append(_skip(s, "not a segment of the YouCook II annotations"))
+      skipped.append(skip_entry(s, "not a segment of the YouCook II annotations"))
   return kept, skipped
 
 
-def _skip(seg: Segment, reason: str) -> dict:
-  return {"video_id": seg.video_id, "start": seg.start, "end": seg.end, "reason": reason}
-
-
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   segments = read_labels(args.labels)
   skipped = []
   if args.youcook2:
     segments, skipped = _restrict_to_youcook2(segments, read_youcook2(args.youcook2, args.split))
-  bundle = bundle_lib.load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
-                                  visual_vocab=args.visual_vocab)
+  bundle = bundle_lib.bundle_from_args(args)
   if bundle.visual_vocab is None:
     raise ValueError("no visual vocabulary: pass --visual_vocab (the run's config has no "
                      "init.visual_vocab)")
-  has_file = [features_io.feature_path(args.features, s.video_id).is_file() for s in segments]
-  present = [s for s, ok in zip(segments, has_file) if ok]
-  skipped += [_skip(s, f"no feature file in {args.features}")
-              for s, ok in zip(segments, has_file) if not ok]
-  tokens = segment_tokens(args.features, bundle.visual_vocab, present)
-  usable = [(s, t) for s, t in zip(present, tokens) if len(t)]
-  skipped += [_skip(s, "no clip has its middle inside the segment") for s, t
-              in zip(present, tokens) if not len(t)]
-  if not usable:
-    raise ValueError(f"none of the {len(segments)} labelled segments has clips to classify")
+  usable, missing = clips_of_segments(args.features, segments)
+  skipped += missing
   segs = [s for s, _ in usable]
+  tokens = [bundle.visual_vocab.assign(clips).astype(np.int32) for _, clips in usable]
   verbs = None if args.open_vocabulary else (_label_list(args.verbs)
                                              or sorted({s.verb for s in segs}))
   nouns = None if args.open_vocabulary else (_label_list(args.nouns)
@@ -468,14 +487,14 @@ def run(args: argparse.Namespace) -> dict:
              "verbs": verbs, "nouns": nouns, "orders": {}, "skipped": skipped}
   lines = []
   for order in orders:
-    preds = classify(bundle, [t for _, t in usable], verbs=verbs, nouns=nouns,
+    preds = classify(bundle, tokens, verbs=verbs, nouns=nouns,
                      template=args.template, order=order, top_k=args.top_k,
                      batch_size=args.batch_size)
     results["orders"][order] = _accuracies(preds, segs, args.top_k)
     lines += [json.dumps({"order": order, **dataclasses.asdict(s), **dataclasses.asdict(p)})
               for s, p in zip(segs, preds)]
   (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-  (out / "results.json").write_text(json.dumps(results, indent=2))
+  bundle_lib.write_results(results, out)
   return results
 
 
@@ -487,18 +506,14 @@ def _accuracies(preds: list[ZeroShotPrediction], segs: list[Segment], top_k: int
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    results = run(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def _report(results: dict) -> None:
   for order, acc in results["orders"].items():
     print(f"{order}: " + ", ".join(f"{k}={v:.3f}" for k, v in acc.items()))
-  print(f"{results['segments']} segments, {len(results['skipped'])} skipped; wrote "
-        f"{pathlib.Path(args.out) / 'results.json'}")
-  return 0
+  print(f"{results['segments']} segments, {len(results['skipped'])} skipped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return bundle_lib.run_command(run, parse_args(argv), _report)
 
 
 if __name__ == "__main__":
