@@ -148,3 +148,30 @@ def test_pairs_command_on_youcook2_segments(tmp_path, tmp_path_factory, capsys):
   with pytest.raises(SystemExit):
     features_lib.parse_args(["--help"])
   assert "--youcook2" in capsys.readouterr().out
+
+
+def test_pairs_command_on_a_label_file_with_sentences(tmp_path, tmp_path_factory, capsys):
+  world = tm.trained_bundle(tmp_path_factory)
+  vocab_world = tm.fit_world_vocab(tmp_path)
+  rng = np.random.default_rng(0)
+  feats = tmp_path / "features"
+  clips = vocab_world.clips(rng, [*tm.step_tokens("cut", "egg"), *tm.step_tokens("stir", "egg")])
+  tm.write_video_features(feats, "v0", clips)
+  labels = tmp_path / "labels.tsv"
+  labels.write_text("video_id\tstart\tend\tverb\tnoun\tsentence\n"
+                    "v0\t0\t6\tcut\tegg\tnow we cut the egg\n"
+                    "v0\t6\t12\tstir\tegg\t\n")  # no sentence: nothing to caption
+  out = tmp_path / "out"
+  code = features_lib.main([f"--workdir={world.workdir}", f"--features={feats}",
+                            f"--labels={labels}", f"--visual_vocab={vocab_world.vocab_path}",
+                            f"--out={out}"])
+  assert code == 0, capsys.readouterr().err
+  pairs = task.Pairs.read(out / "pairs.npz")
+  assert pairs.video_ids == ["v0/0-6"] and pairs.captions == ["now we cut the egg"]
+  want = features_lib.caption_features(world.bundle, [tm.step_tokens("cut", "egg")])
+  np.testing.assert_allclose(pairs.features[:, 0], want, rtol=1e-5, atol=1e-6)
+  labels.write_text("v0\t0\t6\tcut\tegg\n")
+  code = features_lib.main([f"--workdir={world.workdir}", f"--features={feats}",
+                            f"--labels={labels}", f"--visual_vocab={vocab_world.vocab_path}",
+                            f"--out={out}"])
+  assert code == 1 and "no row has a sentence" in capsys.readouterr().err

@@ -133,7 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       prog="python -m vbert_jax.captioning.features",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description=(
-          "Caption features of YouCook II segments from a trained VideoBERT, written as a\n"
+          "Caption features of captioned segments (YouCook II's annotation JSON, or a label\n"
+          "file with a sentence column) from a trained VideoBERT, written as a\n"
           "pairs file for the captioner (python -m vbert_jax.captioning.train). Each segment's\n"
           "clips (those whose middle lies inside it) become visual tokens; the model reads them\n"
           f"with the template '{CAPTION_TEMPLATE}'\n"
@@ -151,8 +152,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       "the run's config.init.visual_vocab.")
   p.add_argument("--features", required=True, help="Folder of per-video feature files "
                  "(<video_id>.npz from the feature extractor).")
-  p.add_argument("--youcook2", required=True, help="YouCook II annotation JSON (segments with "
-                 "times and sentences).")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--youcook2", help="YouCook II annotation JSON (segments with times and "
+                      "sentences).")
+  source.add_argument("--labels", help="A label file whose rows carry a sentence: TSV or JSON "
+                      "lines of video_id, start, end, verb, noun, sentence (rows without a "
+                      "sentence are skipped).")
   p.add_argument("--split", default="training", choices=zero_shot.YOUCOOK2_SUBSETS,
                  help="The YouCook II subset to write (default: training).")
   p.add_argument("--s3d", action="store_true", help="Append the mean clip feature of each "
@@ -166,9 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
   from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
-  segments = zero_shot.read_youcook2(args.youcook2, args.split)
-  if not segments:
-    raise ValueError(f"{args.youcook2}: no segments in the {args.split!r} subset")
+  segments = _captioned_segments(args)
   bundle = bundle_lib.bundle_from_args(args)
   if bundle.visual_vocab is None:
     raise ValueError("no visual vocabulary: pass --visual_vocab (the run's config has no "
@@ -181,15 +184,30 @@ def run(args: argparse.Namespace) -> dict:
   path = pathlib.Path(args.out) / "pairs.npz"
   pairs = make_pairs(bundle, videos, captions, path, s3d=s3d, order=args.order,
                      batch_size=args.batch_size)
-  results = {"workdir": str(args.workdir), "youcook2": str(args.youcook2), "split": args.split,
+  results = {"workdir": str(args.workdir), "youcook2": args.youcook2, "labels": args.labels,
+             "split": None if args.labels else args.split,
              "pairs": str(path), "rows": len(pairs), "feature_dim": pairs.feature_dim,
              "order": args.order, "s3d": bool(args.s3d), "skipped": skipped}
   bundle_lib.write_results(results, args.out)
   return results
 
 
+def _captioned_segments(args: argparse.Namespace) -> list:
+  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
+  if args.labels:
+    segments = [s for s in zero_shot.read_labels(args.labels) if s.sentence.strip()]
+    if not segments:
+      raise ValueError(f"{args.labels}: no row has a sentence (the sixth field), so there is "
+                       f"nothing to caption")
+    return segments
+  segments = zero_shot.read_youcook2(args.youcook2, args.split)
+  if not segments:
+    raise ValueError(f"{args.youcook2}: no segments in the {args.split!r} subset")
+  return segments
+
+
 def _report(results: dict) -> None:
-  print(f"{results['rows']} segments of {results['split']} (feature size "
+  print(f"{results['rows']} segments of {results['split'] or results['labels']} (feature size "
         f"{results['feature_dim']}), {len(results['skipped'])} skipped; wrote {results['pairs']}")
 
 
