@@ -67,8 +67,25 @@ def variant_of(hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int) 
   return next((name for name, v in VARIANTS.items() if v == sizes), None)
 
 
+class Precision:
+  """Head size and the compute / parameter dtypes of a frozen model config with `hidden_size`,
+  `num_heads`, `dtype` and `param_dtype` fields (shared by VideoBERT and the captioner)."""
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class VideoBERTConfig:
+class VideoBERTConfig(Precision):
   """Sizes and options of the model. Frozen, so it can be a linen attribute and a jit constant."""
   text_vocab_size: int = 30522
   visual_vocab_size: int = 20736
@@ -126,18 +143,6 @@ class VideoBERTConfig:
                 else sequence.SpecialIds.bert())
     return sequence.JointVocab(self.text_vocab_size, self.visual_vocab_size, specials)
 
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
-
 
 def remat_policy(remat: bool | str | None) -> tuple[bool, Any]:
   """(whether to rematerialise, the jax.checkpoint policy or None for 'save nothing')."""
@@ -157,27 +162,27 @@ def remat_policy(remat: bool | str | None) -> tuple[bool, Any]:
 # Building blocks.
 
 
-def _kernel_init(cfg: VideoBERTConfig, axes: tuple[str | None, ...]):
+def kernel_init(cfg: Precision, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
 
 
-def _zeros(axes: tuple[str | None, ...]):
+def zeros_init(axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _dense(cfg: VideoBERTConfig, features: int, axes: tuple[str | None, str | None],
+def dense(cfg: Precision, features: int, axes: tuple[str | None, str | None],
            name: str) -> nn.Dense:
   return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                  kernel_init=_kernel_init(cfg, axes), bias_init=_zeros((axes[1],)), name=name)
+                  kernel_init=kernel_init(cfg, axes), bias_init=zeros_init((axes[1],)), name=name)
 
 
-def _layer_norm(cfg: VideoBERTConfig, name: str) -> nn.LayerNorm:
+def layer_norm(cfg: Precision, name: str) -> nn.LayerNorm:
   # The exact two-pass variance, as torch computes it: the fast one loses digits BERT keeps.
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                       param_dtype=cfg.weight_dtype, use_fast_variance=False,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                               ("embed",)),
-                      bias_init=_zeros(("embed",)), name=name)
+                      bias_init=zeros_init(("embed",)), name=name)
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -193,12 +198,12 @@ class Embeddings(nn.Module):
     embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=cfg.compute_dtype,
                               param_dtype=cfg.weight_dtype)
     self.word_embeddings = embed(cfg.vocab.total_size,
-                                 embedding_init=_kernel_init(cfg, ("vocab", "embed")))
+                                 embedding_init=kernel_init(cfg, ("vocab", "embed")))
     self.position_embeddings = embed(cfg.max_position_embeddings,
-                                     embedding_init=_kernel_init(cfg, (None, "embed")))
+                                     embedding_init=kernel_init(cfg, (None, "embed")))
     self.token_type_embeddings = embed(cfg.type_vocab_size,
-                                       embedding_init=_kernel_init(cfg, (None, "embed")))
-    self.layer_norm = _layer_norm(cfg, "layer_norm")
+                                       embedding_init=kernel_init(cfg, (None, "embed")))
+    self.layer_norm = layer_norm(cfg, "layer_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, position_ids: jax.Array,
@@ -238,9 +243,9 @@ class Projection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     in_shape = x.shape[x.ndim - self.num_in:]
-    kernel = self.param("kernel", _kernel_init(cfg, self.axes), in_shape + self.features,
+    kernel = self.param("kernel", kernel_init(cfg, self.axes), in_shape + self.features,
                         cfg.weight_dtype)
-    bias = self.param("bias", _zeros(self.axes[self.num_in:]), self.features, cfg.weight_dtype)
+    bias = self.param("bias", zeros_init(self.axes[self.num_in:]), self.features, cfg.weight_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.compute_dtype)
     contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
@@ -278,11 +283,11 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate)
     attn = SelfAttention(cfg, name="attention")(x, mask, deterministic)
-    x = _layer_norm(cfg, "attention_norm")(x + drop(attn, deterministic=deterministic))
-    h = _gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x))
+    x = layer_norm(cfg, "attention_norm")(x + drop(attn, deterministic=deterministic))
+    h = _gelu(dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
-    x = _layer_norm(cfg, "output_norm")(x + drop(h, deterministic=deterministic))
+    h = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
+    x = layer_norm(cfg, "output_norm")(x + drop(h, deterministic=deterministic))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
 
@@ -320,9 +325,9 @@ class PredictionHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
     cfg = self.config
-    h = _gelu(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(x))
-    h = _layer_norm(cfg, "layer_norm")(h)
-    bias = self.param("bias", _zeros(("vocab",)), (table.shape[0],), cfg.weight_dtype)
+    h = _gelu(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(x))
+    h = layer_norm(cfg, "layer_norm")(h)
+    bias = self.param("bias", zeros_init(("vocab",)), (table.shape[0],), cfg.weight_dtype)
     logits = jnp.einsum("bph,vh->bpv", h, table.astype(cfg.compute_dtype),
                         preferred_element_type=jnp.float32)
     logits = logits + bias.astype(jnp.float32)
@@ -338,8 +343,8 @@ class AlignmentHead(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
-    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(hidden[:, 0]))
-    logit = _dense(cfg, 1, ("embed", None), "classifier")(pooled)
+    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(hidden[:, 0]))
+    logit = dense(cfg, 1, ("embed", None), "classifier")(pooled)
     return pooled, logit[:, 0].astype(jnp.float32)
 
 

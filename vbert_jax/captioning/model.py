@@ -44,7 +44,7 @@ PAD_LOGIT = -1e9
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionerConfig:
+class CaptionerConfig(videobert.Precision):
   """Sizes, token ids and options. Frozen: a linen attribute and a static jit argument."""
   vocab_size: int  # the text tokenizer's vocabulary size
   feature_dim: int  # D of one feature vector
@@ -94,18 +94,6 @@ class CaptionerConfig:
   def padded_vocab(self) -> int:
     return sequence.round_up(self.vocab_size)
 
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
-
   def generation_mask(self) -> np.ndarray:
     """[padded_vocab] bool: the ids decoding may produce (real text ids and [EOS])."""
     allowed = np.arange(self.padded_vocab) < self.vocab_size
@@ -116,28 +104,6 @@ class CaptionerConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks.
-
-
-def _init(cfg: CaptionerConfig, axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), tuple(axes))
-
-
-def _zeros(axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
-
-
-def _dense(cfg: CaptionerConfig, features: int, axes: tuple[str | None, str | None],
-           name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                  kernel_init=_init(cfg, axes), bias_init=_zeros((axes[1],)), name=name)
-
-
-def _layer_norm(cfg: CaptionerConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                      param_dtype=cfg.weight_dtype,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                              ("embed",)),
-                      bias_init=_zeros(("embed",)), name=name)
 
 
 class Attention(nn.Module):
@@ -167,9 +133,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    h = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x))
+    h = nn.gelu(videobert.dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
+    return videobert.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -179,9 +145,9 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-    h = _layer_norm(cfg, "attention_norm")(x)
+    h = videobert.layer_norm(cfg, "attention_norm")(x)
     x = x + drop(Attention(cfg, name="attention")(h, h, mask))
-    x = x + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "mlp_norm")(x)))
+    x = x + drop(MLP(cfg, name="mlp")(videobert.layer_norm(cfg, "mlp_norm")(x)))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -193,11 +159,11 @@ class DecoderLayer(nn.Module):
                cross_mask: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-    h = _layer_norm(cfg, "self_norm")(x)
+    h = videobert.layer_norm(cfg, "self_norm")(x)
     x = x + drop(Attention(cfg, name="self_attention")(h, h, self_mask))
-    h = _layer_norm(cfg, "cross_norm")(x)
+    h = videobert.layer_norm(cfg, "cross_norm")(x)
     x = x + drop(Attention(cfg, name="cross_attention")(h, memory, cross_mask))
-    x = x + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "mlp_norm")(x)))
+    x = x + drop(MLP(cfg, name="mlp")(videobert.layer_norm(cfg, "mlp_norm")(x)))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -206,7 +172,8 @@ def _with_positions(cfg: CaptionerConfig, x: jax.Array, size: int,
   """x [B, T, H] plus learned position embeddings (of `size` rows), then dropout: how both
   stacks begin. Called inside a compact module, whose parameters it creates."""
   table = nn.Embed(size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                   embedding_init=_init(cfg, (None, "embed")), name="position_embeddings")
+                   embedding_init=videobert.kernel_init(cfg, (None, "embed")),
+                   name="position_embeddings")
   x = x + table(jnp.arange(x.shape[1]))[None]
   x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
   return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -219,12 +186,12 @@ class Encoder(nn.Module):
   def __call__(self, features: jax.Array, feature_mask: jax.Array,
                deterministic: bool) -> jax.Array:
     cfg = self.config
-    x = _dense(cfg, cfg.hidden_size, (None, "embed"), "input")(features)
+    x = videobert.dense(cfg, cfg.hidden_size, (None, "embed"), "input")(features)
     x = _with_positions(cfg, x, cfg.max_feature_len, deterministic)
     mask = (feature_mask > 0)[:, None, None, :]
     for i in range(cfg.num_encoder_layers):
       x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic)
-    return _layer_norm(cfg, "final_norm")(x)
+    return videobert.layer_norm(cfg, "final_norm")(x)
 
 
 class Decoder(nn.Module):
@@ -235,7 +202,8 @@ class Decoder(nn.Module):
                deterministic: bool) -> jax.Array:
     cfg = self.config
     embed = nn.Embed(cfg.padded_vocab, cfg.hidden_size, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, embedding_init=_init(cfg, ("vocab", "embed")),
+                     param_dtype=cfg.weight_dtype,
+                     embedding_init=videobert.kernel_init(cfg, ("vocab", "embed")),
                      name="token_embeddings")
     length = tokens.shape[1]
     x = _with_positions(cfg, embed(tokens), cfg.max_caption_len, deterministic)
@@ -244,8 +212,9 @@ class Decoder(nn.Module):
     cross_mask = (feature_mask > 0)[:, None, None, :]
     for i in range(cfg.num_decoder_layers):
       x = DecoderLayer(cfg, name=f"layer_{i}")(x, memory, self_mask, cross_mask, deterministic)
-    x = _layer_norm(cfg, "final_norm")(x)
-    bias = self.param("logits_bias", _zeros(("vocab",)), (cfg.padded_vocab,), cfg.weight_dtype)
+    x = videobert.layer_norm(cfg, "final_norm")(x)
+    bias = self.param("logits_bias", videobert.zeros_init(("vocab",)), (cfg.padded_vocab,),
+                      cfg.weight_dtype)
     logits = jnp.einsum("blh,vh->blv", x, embed.embedding.astype(cfg.compute_dtype),
                         preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
