@@ -48,7 +48,8 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
         (r"variant=base", "variant=mu,runlocal"),
         (r"text_vocab_size=8000", "text_vocab_size=100"),
         (r"visual_vocab_size=20736", "visual_vocab_size=9"),
-        (r"$", SHORT_RUN)]),
+        # The tasks' templates need more room than runlocal's 16 tokens.
+        (r"$", " --config.max_len=64" + SHORT_RUN)]),
     ("python -m vbert_jax.main --config=configs/pretrain.py:variant=large", [
         (r"variant=large", "variant=mu,runlocal"),
         (r"tfds_name=videobert/bert", "tfds_name=videobert/bert_small"),
@@ -58,7 +59,19 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
     ("python -m vbert_jax.main --config=configs/pretrain.py:variant=mu,runlocal", []),
     ("python -m vbert_jax.aot", [(r"variant=base", "variant=mu"),
                                  (r"$", " --config.batch_size=16 --config.max_len=32")]),
+    ("python -m vbert_jax.aot --config=configs/pretrain.py:variant=large",
+     [(r"$", "; test $? -eq 1")]),  # the README shows it not fitting: exit status 1
     ("python -m vbert_jax.video.convert_s3d", []),
+    ("python -m vbert_jax.tasks.", []),
+    ("python -m vbert_jax.captioning.features", []),
+    ("python -m vbert_jax.captioning.train", [(r"variant=small", "variant=tiny,runlocal"),
+                                              (r"$", SHORT_RUN)]),
+    ("python -m vbert_jax.captioning.evaluate", []),
+    ("python -m vbert_jax.sweep --sweep=configs/sweeps/mu_lr_loss.py --workdir=runs/mu_lr_loss --",
+     [(r"--config.total_steps=100", "--config.total_steps=4 --config.optimizer.warmup_steps=2")]),
+    ("python -m vbert_jax.sweep --sweep=configs/sweeps/mu_lr_loss.py --workdir=runs/mu_lr_loss "
+     "--collect_only", []),
+    ("python -m launch.tpu_vm", [(r"--dry_run", "--dry_run")]),
     ("mkdir -p corpus/videos corpus/transcripts", []),
     ("mv corpus/raw/*.mp4 corpus/videos/", []),
     ("cp bert-large-uncased/vocab.txt corpus/vocab.txt", []),
@@ -126,8 +139,12 @@ def test_readme_commands_run(tmp_path):
   assert (tmp_path / "corpus" / "vocab_grid.png").stat().st_size > 0
   assert (tmp_path / "corpus" / "text.model").is_file()
   assert (tmp_path / "s3d.msgpack").is_file()
-  for run in ("base", "large", "tiny", "fsdp"):
+  for run in ("base", "large", "tiny", "fsdp", "captioner"):
     assert any((tmp_path / "runs" / run / "checkpoints").iterdir()), run
+  for task in ("zero_shot", "t2v", "forecast", "captions"):
+    assert (tmp_path / "results" / task / "results.json").is_file(), task
+  assert len(list((tmp_path / "runs" / "mu_lr_loss").glob("*/checkpoints"))) == 4
+  assert (tmp_path / "runs" / "mu_lr_loss" / "results.csv").is_file()
   assert any((tmp_path / "demo" / "checkpoints").iterdir())
 
 
