@@ -211,6 +211,9 @@ def test_generation_prompts_mask_video_slots(small):
   packed, pos = prompts.forecast(layout, [1, 2, 3], 2, "pair")
   assert packed.input_ids[4] == sp.video_sep
   np.testing.assert_array_equal(pos, [5, 6])
+  # Past and future are video; only [CLS] and [>] carry the text segment.
+  assert packed.segment_ids[:8].tolist() == [sequence.SEGMENT_TEXT] + [
+      sequence.SEGMENT_VIDEO] * 3 + [sequence.SEGMENT_TEXT] + [sequence.SEGMENT_VIDEO] * 3
   # The most recent clips are kept when the past does not fit.
   packed, pos = prompts.forecast(layout, np.arange(60), 3, "video_only")
   past = layout.vocab.joint_to_visual(packed.input_ids[1:pos[0]])

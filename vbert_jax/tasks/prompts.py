@@ -186,6 +186,8 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
     packed = layout.video_then_text(video, [0] * horizon)
     start = 2 + n
   positions = np.arange(start, start + horizon, dtype=np.int32)
+  # The future is video, as is the [SEP] that closes it in pretraining's layouts.
+  packed.segment_ids[start:start + horizon + 1] = sequence.SEGMENT_VIDEO
   _mask_video(packed, positions, layout.specials.mask)
   return packed, positions
 
