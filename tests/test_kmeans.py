@@ -49,13 +49,27 @@ def test_block_distances_match_numpy(nodes, bsize, dim, k):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * want.max())
   mesh = one_device_mesh()
   lab, mind, sums, counts, _ = kmeans._kernels(mesh, nodes, nb, bsize)[1](
-      xb, np.ones((nb, bsize), bool), bnode, cents)
+      xb, np.ones((nb, bsize), bool), bnode, cents, kmeans._norms(cents))
   np.testing.assert_array_equal(np.asarray(lab), want.argmin(-1))
   np.testing.assert_allclose(np.asarray(mind), want.min(-1), rtol=1e-4, atol=1e-3 * want.max())
   onehot = want.argmin(-1)[..., None] == np.arange(k)
   want_counts = np.zeros((nodes, k))
   np.add.at(want_counts, bnode, onehot.sum(1))
   np.testing.assert_array_equal(np.asarray(counts), want_counts)
+
+
+def test_a_repeated_child_never_wins_an_assignment():
+  """A child equal bit for bit to an earlier one of its node gets +inf, so ties cannot depend on
+  rounding; a child equal to another node's child is not a repeat."""
+  rng = np.random.default_rng(3)
+  cents = rng.normal(size=(2, 4, 8)).astype(np.float32)
+  cents[0, 3] = cents[0, 1]
+  cents[1, 0] = cents[0, 2]
+  norms = np.asarray(kmeans._norms(cents))
+  assert np.isinf(norms[0, 3]) and np.isfinite(norms[0, :3]).all() and np.isfinite(norms[1]).all()
+  xb = np.repeat(cents[0, 1][None, None], 4, axis=1)  # rows exactly at the repeated point
+  d = np.asarray(kmeans._block_dist(xb, np.zeros(1, np.int32), cents, norms))
+  assert (d.argmin(-1) == 1).all()
 
 
 def test_blocks_hold_every_row_once_and_never_mix_nodes():

@@ -288,22 +288,30 @@ def _duplicate_penalty(cents):
   return jnp.where(dup, jnp.inf, 0.0).astype(cents.dtype)
 
 
-def _block_dist(xb, bnode, cents):
+@jax.jit
+def _norms(cents):
+  """[nodes, k] squared norms of the children, +inf for repeats: what `_block_dist` adds."""
+  return jnp.sum(cents * cents, axis=-1) + _duplicate_penalty(cents)
+
+
+def _block_dist(xb, bnode, cents, norms=None):
   """Squared distances [nb, bsize, k] of every block row to its node's children.
 
-  The centroid norms are taken on the small [nodes, k] table and then gathered: the algebraically
-  equal form that sums the gathered centroids is miscompiled by XLA:CPU 0.10.2 (YNNPACK fusion)
-  when a level has a single node and blocks of 256+ rows (tests/test_kmeans.py checks both).
+  `norms` [nodes, k] (from `_norms`, once per set of centroids) are gathered rather than summed
+  from the gathered centroids: that algebraically equal form is miscompiled by XLA:CPU 0.10.2
+  (YNNPACK fusion) when a level has a single node and blocks of 256+ rows (tests/test_kmeans.py
+  checks both). Without `norms` (seeding candidates) repeats are not taken out.
   """
-  cn = (jnp.sum(cents * cents, axis=-1) + _duplicate_penalty(cents))[bnode]
+  norms = jnp.sum(cents * cents, axis=-1) if norms is None else norms
+  cn = norms[bnode]
   dots = jnp.einsum("nbd,nkd->nbk", xb, cents[bnode], precision=HIGHEST)
   xn = jnp.sum(xb * xb, axis=-1)
   return cn[:, None, :] - 2.0 * dots + xn[..., None]
 
 
-def _local_stats(xb, vb, bnode, cents, *, nodes: int):
+def _local_stats(xb, vb, bnode, cents, norms, *, nodes: int):
   k = cents.shape[1]
-  d = _block_dist(xb, bnode, cents)
+  d = _block_dist(xb, bnode, cents, norms)
   lab = jnp.argmin(d, axis=-1).astype(jnp.int32)  # ties -> lowest child
   mind = jnp.where(vb, jnp.maximum(jnp.min(d, axis=-1), 0.0), 0.0)
   onehot = ((lab[..., None] == jnp.arange(k)) & vb[..., None]).astype(xb.dtype)
@@ -336,7 +344,7 @@ def _kernels(mesh: Mesh, nodes: int, nb: int, bsize: int):
 
   make = jax.jit(smap(blocks, in_specs=(rows, rows, rows, rep), out_specs=(rows,) * 4))
   stats = jax.jit(smap(functools.partial(_local_stats, nodes=nodes),
-                       in_specs=(rows, rows, rows, rep),
+                       in_specs=(rows, rows, rows, rep, rep),
                        out_specs=(rows, rows, rep, rep, rep)))
   seed = jax.jit(smap(_local_candidate_dist, in_specs=(rows, rows, rows, rep),
                       out_specs=rows))
@@ -449,9 +457,10 @@ class _LevelPass:
   def lloyd(self, cents, labels: np.ndarray, dist: np.ndarray):
     """Assigns the active rows (into `labels`/`dist`) and returns their summed statistics."""
     total = None
+    norms = _norms(cents)
     for i in range(len(self.chunks.ranges)):
       xb, vb, bnode, gidx = self.blocks(i)
-      lab, mind, sums, counts, inertia = self.stats_fn(xb, vb, bnode, cents)
+      lab, mind, sums, counts, inertia = self.stats_fn(xb, vb, bnode, cents, norms)
       self._scatter(i, gidx, lab, labels)
       self._scatter(i, gidx, mind, dist)
       part = (sums, counts, inertia)
@@ -662,23 +671,24 @@ def feature_stats(source: FeatureSource, chunk_size: int = 65536):
 def _local_descend(x, *levels, batch_rows: int):
   """Leaf and squared leaf distance of every row, descending one level at a time.
 
-  `levels` alternates (children relative to their node [nodes, k, D], node centroids [nodes, D]).
+  `levels` repeats (children relative to their node [nodes, k, D], their `_norms` [nodes, k],
+  node centroids [nodes, D]).
   """
   n = x.shape[0]
   node = jnp.zeros(n, jnp.int32)
   valid = jnp.ones(n, bool)
   mind = jnp.zeros(n, x.dtype)
-  for cents, parent in zip(levels[::2], levels[1::2]):
+  for cents, norms, parent in zip(levels[::3], levels[1::3], levels[2::3]):
     nodes, k = cents.shape[0], cents.shape[1]
     if nodes == 1:  # the root: every row in one block, no grouping needed
-      d = _block_dist((x - parent)[None], jnp.zeros(1, jnp.int32), cents)[0]
+      d = _block_dist((x - parent)[None], jnp.zeros(1, jnp.int32), cents, norms)[0]
       node = jnp.argmin(d, axis=-1).astype(jnp.int32)
       mind = jnp.min(d, axis=-1)
       continue
     bsize = _block_size(batch_rows, nodes)
     nb = -(-n // bsize) + min(nodes, n)
     xb, vb, bnode, gidx = _local_blocks(x, node, valid, nodes=nodes, nb=nb, bsize=bsize)
-    d = _block_dist(xb - parent[bnode][:, None, :], bnode, cents)
+    d = _block_dist(xb - parent[bnode][:, None, :], bnode, cents, norms)
     lab = jnp.argmin(d, axis=-1).astype(jnp.int32)
     flat = gidx.reshape(-1)
     lab_rows = jnp.zeros(n, jnp.int32).at[flat].set(lab.reshape(-1), mode="drop")
@@ -691,7 +701,7 @@ def _local_descend(x, *levels, batch_rows: int):
 def _descend_fn(mesh: Mesh, depth: int, batch_rows: int):
   rows, rep = P(AXIS), P()
   fn = functools.partial(_local_descend, batch_rows=batch_rows)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (rep,) * (2 * depth),
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (rep,) * (3 * depth),
                                out_specs=(rows, rows), check_vma=False))
 
 
@@ -707,8 +717,8 @@ def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_siz
   levels, parent = [], np.zeros((1, x.shape[1]), np.float32)
   for c in centroids:
     c = np.asarray(c, np.float32) - center
-    levels += [jax.device_put(c - parent[:, None, :], replicated),
-               jax.device_put(parent, replicated)]
+    rel = jax.device_put(c - parent[:, None, :], replicated)
+    levels += [rel, jax.device_put(_norms(rel), replicated), jax.device_put(parent, replicated)]
     parent = c.reshape(-1, x.shape[1])
   fn = _descend_fn(mesh, len(centroids), batch // ndev)
   sharding = NamedSharding(mesh, P(AXIS))
