@@ -74,7 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Share of each training regime (normalised): text-only MLM, video-only MVM, video-text.
   c.regimes = ml_collections.ConfigDict(dict(text=1.0, video=1.0, pair=1.0))
   c.lva_negative_rate = 0.5  # video-text examples whose video comes from another segment
-  c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=1.0, gamma=1.0))
+  # masked_on_negatives: whether MLM/MVM also train on LVA negatives (as BERT's MLM does on its
+  # next-sentence negatives); False keeps them to text and video that belong together.
+  c.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=1.0, gamma=1.0,
+                                          masked_on_negatives=True))
 
   # Optimisation.
   c.batch_size = 128  # global, over all hosts

@@ -242,6 +242,27 @@ def test_regime_overrides_slot_weights():
   assert float(m["lva_count"]) == 0 and float(m["lva_loss"]) == 0
 
 
+def test_masked_losses_can_skip_alignment_negatives():
+  """Pair examples 0 (positive) and 1 (negative): without masked_on_negatives only 0 counts."""
+  rng = np.random.default_rng(14)
+  batch = _fake_batch(rng, [2, 2])
+  batch["mlm_weights"][:] = 1.0
+  batch["mvm_weights"][:] = 1.0
+  batch["lva_weight"][:] = 1.0
+  batch["lva_label"][:] = [1, 0]
+  outputs = _fake_outputs(rng, batch)
+  _, both = objectives.compute_loss(outputs, batch)
+  _, kept = objectives.compute_loss(outputs, batch, masked_on_negatives=False)
+  for head, ids in (("mlm", "mlm_ids"), ("mvm", "mvm_ids")):
+    logits = outputs[f"{head}_logits"]
+    np.testing.assert_allclose(both[f"{head}_loss"], np.concatenate(
+        [_np_ce(logits[i], batch[ids][i]) for i in (0, 1)]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(kept[f"{head}_loss"], _np_ce(logits[0], batch[ids][0]).mean(),
+                               rtol=1e-5)
+  # Alignment itself still learns from both.
+  assert float(kept["lva_count"]) == 2 and float(kept["lva_loss"]) == float(both["lva_loss"])
+
+
 def test_missing_head_output_is_named():
   rng = np.random.default_rng(13)
   batch = _fake_batch(rng, [2])

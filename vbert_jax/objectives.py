@@ -144,18 +144,28 @@ def _slot_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
   return _safe_div((ce * weights).sum(), den), _safe_div((correct * weights).sum(), den), den
 
 
-def example_weights(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Per-example [B] weights of each loss: MLM off for video-only, MVM off for text-only."""
+def example_weights(batch: Mapping[str, jax.Array], masked_on_negatives: bool = True
+                    ) -> dict[str, jax.Array]:
+  """Per-example [B] weights of each loss: MLM off for video-only, MVM off for text-only.
+
+  With `masked_on_negatives=False`, an alignment negative (text beside another segment's video)
+  trains neither masked loss: there the video misleads about the words and the text about the
+  video, which on a small corpus teaches the model to ignore the other modality.
+  """
   regime = jnp.asarray(batch["regime"])
-  return {"mlm": (regime != sequence.REGIME_VIDEO).astype(jnp.float32),
-          "mvm": (regime != sequence.REGIME_TEXT).astype(jnp.float32),
-          "lva": jnp.asarray(batch["lva_weight"], jnp.float32)
-                 * (regime == sequence.REGIME_PAIR).astype(jnp.float32)}
+  lva = (jnp.asarray(batch["lva_weight"], jnp.float32)
+         * (regime == sequence.REGIME_PAIR).astype(jnp.float32))
+  keep = jnp.ones_like(lva)
+  if not masked_on_negatives:
+    keep = 1.0 - lva * (jnp.asarray(batch["lva_label"]) == 0).astype(jnp.float32)
+  return {"mlm": (regime != sequence.REGIME_VIDEO).astype(jnp.float32) * keep,
+          "mvm": (regime != sequence.REGIME_TEXT).astype(jnp.float32) * keep,
+          "lva": lva}
 
 
 def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                 masked_on_negatives: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """alpha * MLM + beta * MVM + gamma * LVA, and metrics with the denominators to average them.
 
   `outputs` is the model's dict ("mlm_logits" [B,Pt,Vt], "mvm_logits" [B,Pv,Vv],
@@ -167,7 +177,7 @@ def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     if key not in outputs:
       raise KeyError(f"compute_loss: model outputs lack {key!r}; call the model with "
                      f"mlm_positions and mvm_positions (got keys {sorted(outputs)})")
-  w = example_weights(batch)
+  w = example_weights(batch, masked_on_negatives)
   mlm_w = jnp.asarray(batch["mlm_weights"], jnp.float32) * w["mlm"][:, None]
   mvm_w = jnp.asarray(batch["mvm_weights"], jnp.float32) * w["mvm"][:, None]
   mlm_loss, mlm_acc, mlm_n = _slot_loss(outputs["mlm_logits"], batch["mlm_ids"], mlm_w)

@@ -572,7 +572,8 @@ def videobert_task(config: ml_collections.ConfigDict) -> Task:
         {"params": params}, batch["input_ids"], batch["segment_ids"], batch["position_ids"],
         batch["input_mask"], batch["mlm_positions"], batch["mvm_positions"],
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    return objectives.compute_loss(outputs, batch, *weights)
+    return objectives.compute_loss(outputs, batch, *weights,
+                                   masked_on_negatives=config.loss.masked_on_negatives)
 
   def train_flops(batch_size: int) -> float:
     # Heads counted at every slot: an upper bound by the padding slots of short sequences.
