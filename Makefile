@@ -16,11 +16,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-DEMO_WORKDIR ?= demo_work/pretrain
+DEMO_WORKDIR ?= demo_work
+DEMO_CONFIG ?= configs/demo.py
 DEMO_ARGS ?=
 
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal \
+	JAX_PLATFORMS=cpu $(PY) -m vbert_jax.demo.main --config=$(DEMO_CONFIG) \
 	  --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
 
 test: $(STAMP)

@@ -115,6 +115,10 @@ def test_bad_inputs_are_named(world):
     zs.classify(b, [videos[0], []])
   with pytest.raises(ValueError, match=r"noun label '  ' tokenizes to nothing"):
     zs.classify(b, videos[:1], nouns=["egg", "  "])
+  unknown = next(w for w in ("qzx", "§", "\u4e00") if b.tokenizer.specials.unk in
+                 b.tokenizer.encode(w))
+  with pytest.raises(ValueError, match=r"is unknown to the text tokenizer"):
+    zs.classify(b, videos[:1], verbs=["cut", unknown])
   with pytest.raises(ValueError, match=r"verb label set is empty"):
     zs.classify(b, videos[:1], verbs=[])
   with pytest.raises(ValueError, match=r"repeats \['egg'\]"):

@@ -84,6 +84,9 @@ class _LabelSet:
       ids = [int(i) for i in tokenizer.encode(name)]
       if not ids:
         raise ValueError(f"{what} label {name!r} tokenizes to nothing; expected a word")
+      if tokenizer.specials.unk in ids:
+        raise ValueError(f"{what} label {name!r} is unknown to the text tokenizer (it becomes "
+                         f"[UNK]); expected words of its vocabulary")
       if any(i in specials for i in ids):
         raise ValueError(f"{what} label {name!r} holds a special symbol "
                          f"({tokenizer.tokenize(name)}); expected plain words")
