@@ -1,0 +1,129 @@
+"""`make demo`: every stage of the pipeline on the generated world, with held-out videos.
+
+    python -m vbert_jax.demo.main --config=configs/demo.py --workdir=demo_work
+    python -m vbert_jax.demo.main --config=configs/demo.py:size=small --workdir=/tmp/demo_small
+
+Arguments (comma-separated): `size=` full (about 700 clips at 112 px, the `make demo` run) or
+small (a shorter world at 64 px and fewer steps, the end-to-end test). Every other choice is a
+key below, overridable with `--config.a.b=value`; the config is locked, so a mistyped key is an
+error that names it.
+
+Stages and the keys they read: `world` (the generated corpus and its held-out split), `extract`
+(S3D), `vocab` (the hierarchical k-means tree: branching**depth visual tokens), `text`
+(SentencePiece), `dataset` (the TFDS records: only training videos go in), `pretrain` (a
+configs/pretrain.py config; its input, text and vocabulary keys are filled in by the demo), and
+`tasks` / `captioning` (the evaluations on held-out videos). To scale up: more `world.num_videos`,
+a deeper `vocab` tree, a larger `pretrain.model` and more `pretrain.total_steps`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+from configs import pretrain
+
+
+def _pretrain(size: str) -> ml_collections.ConfigDict:
+  """The pretraining run: the `tiny` model for a few minutes of a laptop CPU."""
+  c = pretrain.get_config("variant=tiny,runlocal")
+  c.unlock()
+  c.model.max_position_embeddings = 64
+  # Against memorising the ~230 training sentences word for word, which would make the video
+  # unnecessary for the masked words.
+  c.model.dropout_rate = 0.2
+  c.model.attention_dropout_rate = 0.0
+  c.max_len = 40
+  # The narration is a few hundred short sentences: with BERT's 15% a model learns them by
+  # heart and never needs the video. Masking 40% often hides both the verb and the noun, which
+  # then only the video can tell, as in the zero-shot prompt. No text-only examples: they
+  # teach only the sentences.
+  c.masking.rate = 0.4
+  c.masking.max_predictions_text = 8
+  c.masking.max_predictions_video = 4
+  c.regimes.text = 0.0
+  c.regimes.video = 0.5
+  c.regimes.pair = 3.0
+  # Negatives still train MLM on text beside the wrong video; fewer of them keep the video
+  # worth reading.
+  c.lva_negative_rate = 0.3
+  c.input.source = "tfds"
+  # One sentence with all its clips: the clearest pairs for a small corpus.
+  c.input.max_concat = 1
+  c.input.max_subsample_rate = 1
+  c.input.examples_per_video = 32
+  c.input.worker_count = 0
+  c.batch_size = 64
+  c.total_steps = 1500 if size == "full" else 800
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.01
+  c.eval.every_steps = 0
+  c.eval.num_batches = 0
+  c.log_every_steps = 50
+  c.checkpoint.every_steps = 200
+  c.checkpoint.keep = 1
+  c.checkpoint["async"] = False
+  c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, size="full")
+  if arg.size not in ("full", "small"):
+    raise ValueError(f"configs/demo.py: size={arg.size!r}; expected 'full' or 'small'")
+  full = arg.size == "full"
+  c = ml_collections.ConfigDict()
+  c.size = arg.size
+  c.seed = 0
+
+  # The generated world (data/demo_world): every round(1 / val_fraction)-th video is held out.
+  c.world = ml_collections.ConfigDict(dict(
+      num_videos=48 if full else 36, seed=0, size=112 if full else 64,
+      val_fraction=0.25 if full else 0.34, min_steps=4, max_steps=7,
+      workers=2,
+      # Narration faults, as probabilities per step (data/demo_world/world.py NarrationConfig).
+      filler_rate=0.3, early_rate=0.1, late_rate=0.1, wrong_word_rate=0.1, missing_rate=0.1,
+      # Honesty check: True pairs every training video with another video's narration.
+      shuffle_narration=False))
+
+  # S3D features: random weights unless a converted file is given (vbert_jax.video.convert_s3d).
+  c.extract = ml_collections.ConfigDict(dict(
+      s3d_weights="", seed=0, batch_size=16, dtype="float32"))
+
+  # Visual vocabulary: branching**depth tokens. 12^4 (the paper's) would leave most of the
+  # 20736 tokens without a single clip of ~500 training clips. With 6^2 = 36 each token has about
+  # a dozen clips, narrated in many different sentences: a model then learns what a token shows
+  # instead of memorising which sentence went with which clip. (Counting words beside tokens on
+  # the training narration predicts held-out verbs about as well with 36 tokens as with 144.)
+  c.vocab = ml_collections.ConfigDict(dict(
+      depth=2, branching=6, iterations=20, tol=1e-4, seed=0, nearest=8))
+
+  # SentencePiece on the training videos' narration: "word" pieces, as many as the narration
+  # has (vocab_size=0); the world's words are few, so each verb and noun is one piece.
+  c.text = ml_collections.ConfigDict(dict(vocab_size=0, model_type="word", lowercase=True))
+
+  # TFDS records (data/videobert): only training videos are written.
+  c.dataset = ml_collections.ConfigDict(dict(
+      validation_fraction=0.0,
+      # The narration has one cue per phrase: split at every cue (cues are >= 0.05 s apart)
+      # rather than at ASR-like pauses, which would join a step's sentence to the next one's.
+      max_gap=0.04, max_words=32, video_segment_tokens=16))
+
+  c.pretrain = _pretrain(arg.size)
+
+  # Evaluations on held-out videos.
+  c.tasks = ml_collections.ConfigDict(dict(
+      orders=("video_first", "text_first"), top_k=5, batch_size=64,
+      verbs="", nouns="",  # comma-separated label sets; empty: all of the world's
+      frames_videos=4,  # held-out videos drawn beside their predicted verb and noun
+      t2v_slots=4, t2v_prompts=12, forecast_horizon=1, forecast_beam=8,
+      lva_pairs=200))
+
+  # Captioning: a small encoder-decoder on (VideoBERT features, narration) of training steps.
+  c.captioning = ml_collections.ConfigDict(dict(
+      enabled=True, total_steps=400 if full else 200, batch_size=32, learning_rate=1e-3,
+      max_caption_len=16, beam_size=1))
+
+  c.lock()
+  return c

@@ -1,0 +1,162 @@
+"""The demo's stage runner, baselines, results table and config checks (fast, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import demo as demo_config
+from vbert_jax.demo import baselines
+from vbert_jax.demo import pipeline
+from vbert_jax.demo import report
+from vbert_jax.demo import stages
+
+
+def _stage(name, calls, config=None, inputs=(), resumable=False, fail=False, files=("out.txt",)):
+  def run(folder):
+    calls.append(name)
+    for f in files:
+      (folder / f).write_text(f"{name}:{config}")
+    if fail:
+      raise RuntimeError(f"{name} interrupted")
+    return {"name": name, "config": config}
+  return stages.Stage(name, run, config=config, inputs=inputs, resumable=resumable)
+
+
+def test_second_run_skips_finished_stages(tmp_path):
+  calls = []
+  first = stages.Runner(tmp_path, log=lambda s: None).run_all(
+      [_stage("a", calls, 1), _stage("b", calls, 2, inputs=("a",))])
+  assert calls == ["a", "b"] and not first["a"].reused
+  assert json.loads((tmp_path / f"a.{stages.DONE}").read_text())["summary"] == {
+      "name": "a", "config": 1}
+  again = stages.Runner(tmp_path, log=lambda s: None).run_all(
+      [_stage("a", calls, 1), _stage("b", calls, 2, inputs=("a",))])
+  assert calls == ["a", "b"]  # nothing ran
+  assert again["b"].reused and again["b"].summary == {"name": "b", "config": 2}
+
+
+def test_interrupted_stage_is_rebuilt_not_mixed(tmp_path):
+  calls, lines = [], []
+  runner = stages.Runner(tmp_path, log=lines.append)
+  runner.run(_stage("a", calls, 1))
+  with pytest.raises(RuntimeError, match="interrupted"):
+    runner.run(_stage("b", calls, 1, inputs=("a",), fail=True, files=("half.txt",)))
+  assert (tmp_path / "b" / "half.txt").exists() and not (tmp_path / f"b.{stages.DONE}").exists()
+  runner = stages.Runner(tmp_path, log=lines.append)
+  runner.run(_stage("a", calls, 1))
+  runner.run(_stage("b", calls, 1, inputs=("a",), files=("whole.txt",)))
+  # The half-written file of the interrupted run is gone: the folder was rebuilt from nothing.
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["whole.txt"]
+  assert (tmp_path / f"b.{stages.DONE}").exists()
+  assert any("interrupted run; removing it and rebuilding" in line for line in lines)
+
+
+def test_resumable_stage_continues_in_place(tmp_path):
+  calls = []
+  runner = stages.Runner(tmp_path, log=lambda s: None)
+  with pytest.raises(RuntimeError):
+    runner.run(_stage("a", calls, 1, resumable=True, fail=True, files=("part1.txt",)))
+  runner = stages.Runner(tmp_path, log=lambda s: None)
+  assert runner.status(_stage("a", calls, 1, resumable=True)) == "resume"
+  assert runner.status(_stage("a", calls, 2, resumable=True)) == "rebuild"  # other config
+  runner.run(_stage("a", calls, 1, resumable=True, files=("part2.txt",)))
+  assert {"part1.txt", "part2.txt"} <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+def test_changed_config_rebuilds_the_stage_and_those_after_it(tmp_path):
+  calls = []
+  stages.Runner(tmp_path, log=lambda s: None).run_all(
+      [_stage("a", calls, 1), _stage("b", calls, 1, inputs=("a",)), _stage("c", calls, 1)])
+  calls.clear()
+  stages.Runner(tmp_path, log=lambda s: None).run_all(
+      [_stage("a", calls, 2), _stage("b", calls, 1, inputs=("a",)), _stage("c", calls, 1)])
+  assert calls == ["a", "b"]  # c reads nothing of a
+  assert (tmp_path / "a" / "out.txt").read_text() == "a:2"
+
+
+def test_rebuilt_stage_rebuilds_the_stages_that_read_it(tmp_path):
+  calls = []
+  first = [_stage("a", calls, 1), _stage("b", calls, 1, inputs=("a",)), _stage("c", calls, 1)]
+  stages.Runner(tmp_path, log=lambda s: None).run_all(first)
+  (tmp_path / f"a.{stages.DONE}").unlink()  # as if a's run had been interrupted
+  calls.clear()
+  stages.Runner(tmp_path, log=lambda s: None).run_all(first)
+  assert calls == ["a", "b"]
+
+
+def test_stage_reading_a_stage_that_has_not_run_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="reads stages \\['x'\\]"):
+    stages.Runner(tmp_path, log=lambda s: None).run(_stage("a", [], inputs=("x",)))
+
+
+def test_nearest_neighbour_is_cosine():
+  train = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 10.5]])
+  test = np.array([[0.9, 0.1], [0.1, 3.0], [1.0, 1.0]])
+  np.testing.assert_array_equal(baselines.nearest_neighbour(train, test), [0, 1, 2])
+  assert baselines.nearest_neighbour_accuracy(train, np.array([5, 6, 7]), test,
+                                              np.array([5, 7, 7])) == pytest.approx(2 / 3)
+
+
+def test_bigram_counts_successors_by_hand():
+  model = baselines.Bigram([[1, 2, 1, 2, 1, 3], [4, 4, 1, 3]])
+  # 1 -> 2 twice, 1 -> 3 twice: the tie goes to the smaller token; 4 -> 4 once, 4 -> 1 once.
+  assert model.predict(1) == 2 and model.predict(2) == 1 and model.predict(4) == 1
+  assert model.fallback == 1 and model.predict(99) == 1
+  accuracy, n = model.accuracy([[1, 2, 1, 3], [5, 1]])
+  assert n == 4 and accuracy == pytest.approx(3 / 4)  # 1->2 yes, 2->1 yes, 1->3 no, 5->1 yes
+
+
+def test_most_frequent_caption_and_label_prior():
+  assert baselines.most_frequent(["b", "a", "b", "a", "c"]) == "a"
+  np.testing.assert_allclose(baselines.label_prior(np.array([0, 2, 2, -1]), 3), [1 / 3, 0, 2 / 3])
+
+
+def test_results_table_puts_chance_and_baselines_beside_each_figure():
+  tasks = {
+      "zero_shot": {"steps": 10, "verb_chance": 0.1, "noun_chance": 0.1, "top_k": 5,
+                    "nn_verb_top1": 0.8, "nn_noun_top1": 0.6,
+                    "orders": {"video_first": {"verb_top1": 0.4, "noun_top1": 0.5,
+                                               "verb_top5": 0.9, "noun_top5": 0.95}}},
+      "alignment": {"accuracy": 0.9, "chance": 0.5},
+      "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
+                        "noun_chance": 0.12},
+      "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2}}
+  caps = {"model": {"Bleu_4": 0.2, "CIDEr": 1.5}, "most_frequent": {"Bleu_4": 0.1, "CIDEr": 0.2},
+          "shuffled_features": {"Bleu_4": 0.12, "CIDEr": 0.3}}
+  table = report.rows(tasks, caps)
+  text = report.markdown(table)
+  assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) |" in text
+  assert "| zero-shot verb (video_first) | top-5 | 0.900 | 0.500 |" in text
+  assert "| forecasting next clip token | top-1 | 0.300 |  | 0.200 (bigram) | > bigram |" in text
+  assert "| captioning CIDEr | score | 1.500 |  | 0.300 (shuffled features) |" in text
+  assert len(table) == 4 + 1 + 2 + 1 + 4
+
+
+def test_config_that_asks_for_more_than_the_world_has_says_so():
+  c = demo_config.get_config("size=small")
+  pipeline.check_config(c)
+  with c.unlocked():
+    c.tasks.verbs = "cut,juggle"
+  with pytest.raises(ValueError, match="tasks.verbs='cut,juggle': \\['juggle'\\] not among"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
+  c.world.min_steps, c.world.max_steps = 5, 3
+  with pytest.raises(ValueError, match="world.min_steps=5, world.max_steps=3"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
+  c.vocab.branching, c.vocab.depth = 12, 4
+  with pytest.raises(ValueError, match="20736 visual tokens but the training videos"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
+  c.tasks.t2v_prompts = 500
+  with pytest.raises(ValueError, match="tasks.t2v_prompts=500: the world has only 42"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
+  c.world.num_videos = 1
+  with pytest.raises(ValueError, match="expected at least one of each"):
+    pipeline.check_config(c)
+  with pytest.raises(ValueError, match="size='huge'"):
+    demo_config.get_config("size=huge")

@@ -1,0 +1,135 @@
+"""The demo's captioning: VideoBERT features of each step -> a small captioner -> caption metrics.
+
+Training pairs are the training videos' steps with what the narration says during them (the cue
+that overlaps the step longest, read from the transcript by time, fillers and faults included:
+no ground truth). References for a held-out step are the sentences that narrate it correctly,
+as a captioning set's human annotations would be. Two baselines are scored the same way: every
+held-out step captioned with the most frequent training caption, and the same captioner trained
+on features shuffled across the training pairs (so that it can learn only the language).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from vbert_jax.demo import baselines
+from vbert_jax.demo import evaluate
+
+METRIC_KEYS = ("Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def step_id(step: evaluate.Step) -> str:
+  return f"{step.video_id}/{step.index}"
+
+
+def narration_captions(video: evaluate.Video, transcript: pathlib.Path) -> dict[int, str]:
+  """Step index -> the cue of `transcript` said during it the longest (by times only)."""
+  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import transcripts  # pylint: disable=g-import-not-at-top
+  cues = transcripts.read_vtt(transcript)
+  out = {}
+  for step in video.steps:
+    overlap = [(min(c.end, step.end) - max(c.start, step.start), c.text) for c in cues]
+    best = max(overlap, default=(0.0, ""))
+    if best[0] > 0:
+      out[step.index] = sentences.normalize_text(best[1], lowercase=True)
+  return out
+
+
+def references(video: evaluate.Video) -> dict[int, list[str]]:
+  """Step index -> the sentences that narrate it without a fault (scoring only)."""
+  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
+  out: dict[int, list[str]] = {}
+  for cue in video.truth["cues"]:
+    if cue["step"] is not None and cue["fault"] == "none":
+      out.setdefault(cue["step"], []).append(sentences.normalize_text(cue["text"],
+                                                                      lowercase=True))
+  return out
+
+
+def captioner_config(config: ml_collections.ConfigDict, bundle, pairs_path: pathlib.Path
+                     ) -> ml_collections.ConfigDict:
+  from configs import captioner  # pylint: disable=g-import-not-at-top
+  k = config.captioning
+  c = captioner.get_config("variant=tiny,runlocal")
+  c.seed = config.seed
+  c.text.tokenizer, c.text.vocab = bundle.config.text.tokenizer, bundle.config.text.vocab
+  c.text.lowercase = bundle.config.text.lowercase
+  c.input.pairs = str(pairs_path)
+  c.max_caption_len = k.max_caption_len
+  c.batch_size = k.batch_size
+  c.total_steps = k.total_steps
+  c.optimizer.learning_rate = k.learning_rate
+  c.eval.every_steps = 0
+  c.eval.num_batches = 0
+  c.log_every_steps = 50
+  c.checkpoint.every_steps = k.total_steps
+  c.checkpoint.keep = 1
+  c.checkpoint["async"] = False
+  c.decode.beam_size = k.beam_size
+  c.compilation_cache_dir = config.pretrain.compilation_cache_dir
+  return c
+
+
+def _train_and_score(config, bundle, pairs, pairs_path: pathlib.Path,
+                     test_path: pathlib.Path, workdir: pathlib.Path) -> dict:
+  from vbert_jax.captioning import evaluate as cap_eval  # pylint: disable=g-import-not-at-top
+  from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
+  pairs.write(pairs_path)
+  task.train_captioner(captioner_config(config, bundle, pairs_path), workdir)
+  return cap_eval.evaluate(workdir, test_path, beam_size=config.captioning.beam_size)
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder: pathlib.Path) -> dict:
+  from vbert_jax.captioning import features  # pylint: disable=g-import-not-at-top
+  from vbert_jax.captioning import metrics  # pylint: disable=g-import-not-at-top
+  from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
+  from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
+  bundle = evaluate.load_model(workdir)
+  videos = evaluate.load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
+                                bundle.visual_vocab)
+  train_tokens, train_caps, test_tokens, test_refs = {}, {}, {}, {}
+  for v in videos:
+    if v.split == "train":
+      # The narration pretraining read (another video's, with world.shuffle_narration).
+      said = narration_captions(v, workdir / pipeline.CORPUS / "transcripts" / f"{v.video_id}.vtt")
+      for s in v.steps:
+        if s.index in said:
+          train_tokens[step_id(s)], train_caps[step_id(s)] = s.tokens, [said[s.index]]
+    else:
+      refs = references(v)
+      for s in v.steps:
+        if refs.get(s.index):
+          test_tokens[step_id(s)], test_refs[step_id(s)] = s.tokens, refs[s.index]
+  pairs = features.make_pairs(bundle, train_tokens, train_caps, folder / "train_pairs.npz",
+                              batch_size=config.tasks.batch_size)
+  features.make_pairs(bundle, test_tokens, test_refs, folder / "test_pairs.npz",
+                      batch_size=config.tasks.batch_size)
+  model = _train_and_score(config, bundle, pairs, folder / "train_pairs.npz",
+                           folder / "test_pairs.npz", folder / "captioner")
+  perm = np.random.default_rng([config.seed, 11]).permutation(len(pairs))
+  shuffled = task.Pairs(pairs.features[perm], pairs.feature_mask[perm], pairs.captions,
+                        pairs.video_ids, source="shuffled training pairs")
+  control = _train_and_score(config, bundle, shuffled, folder / "shuffled_pairs.npz",
+                             folder / "test_pairs.npz", folder / "shuffled_captioner")
+  frequent = baselines.most_frequent([c for cs in train_caps.values() for c in cs])
+  frequent_scores = metrics.score_captions({k: frequent for k in test_refs}, test_refs)
+  result = {
+      "train_pairs": len(pairs), "test_steps": len(test_refs),
+      "tokenization": model["tokenization"], "decoding": model["decoding"],
+      "model": {k: model["metrics"].get(k) for k in METRIC_KEYS},
+      "shuffled_features": {k: control["metrics"].get(k) for k in METRIC_KEYS},
+      "most_frequent": {k: frequent_scores.get(k) for k in METRIC_KEYS},
+      "most_frequent_caption": frequent,
+      "examples": model["captions"][:8]}
+  (folder / "captioning.json").write_text(json.dumps(result, indent=1))
+  print(f"captioning on {len(test_refs)} held-out steps: BLEU-4 "
+        f"{result['model']['Bleu_4']:.4f} CIDEr {result['model']['CIDEr']:.3f} (shuffled "
+        f"features {result['shuffled_features']['CIDEr']:.3f}, most frequent caption "
+        f"{result['most_frequent']['CIDEr']:.3f})", flush=True)
+  return {k: result[k] for k in ("train_pairs", "test_steps", "model", "shuffled_features",
+                                 "most_frequent")}

@@ -1,0 +1,346 @@
+"""The evaluations of the demo, on held-out videos only, each beside its chance and baseline.
+
+- zero-shot verb and noun of every held-out step (vbert_jax.tasks.zero_shot), in both prompt
+  orders, beside 1-NN on the raw S3D features of the training steps;
+- alignment (LVA): held-out narration with its own step's visual tokens or with those of a step
+  that shares neither verb nor noun, half and half;
+- text-to-video (vbert_jax.tasks.text_to_video): for prompts naming a verb and a noun, the ground
+  truth of the training clips nearest the generated tokens, beside how often that verb or noun
+  occurs among training clips;
+- forecasting: the next clip's token from the tokens so far, beside a bigram baseline fitted on
+  the training videos' tokens (vbert_jax.tasks.forecast draws the strip).
+
+The ground truth is read here, for scoring, and nowhere upstream of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from vbert_jax.demo import baselines
+from vbert_jax.demo import pipeline
+from vbert_jax.demo import stages as stages_lib
+
+TASKS, CAPTIONING, RESULTS = "tasks", "captioning", "results"
+STEP_TEMPLATE = "now let me show you how to {verb} the {noun}"
+
+
+@dataclasses.dataclass
+class Step:
+  """One step of a video with the visual tokens and mean S3D feature of its clips."""
+  video_id: str
+  index: int
+  verb: str
+  noun: str
+  start: float
+  end: float
+  tokens: np.ndarray  # int32 [clips]
+  feature: np.ndarray  # float32 [1024], mean over the clips
+  clips: np.ndarray  # clip indices within the video
+
+
+@dataclasses.dataclass
+class Video:
+  video_id: str
+  split: str
+  source: str  # the .mp4
+  tokens: np.ndarray
+  verbs: np.ndarray  # per clip, index into VERBS
+  nouns: np.ndarray
+  truth: dict
+  steps: list[Step]
+
+
+def load_videos(world_dir: pathlib.Path, features_dir: pathlib.Path, vocab) -> list[Video]:
+  """Every video of the world with its clips' tokens (from the training vocabulary) and truth."""
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
+  out = []
+  for entry in world.load_manifest(world_dir)["videos"]:
+    vid = entry["video_id"]
+    truth = world.load_truth(world_dir / f"{vid}.json")
+    vf = features_io.load_features(features_io.feature_path(features_dir, vid))
+    feats = np.asarray(vf.features, np.float32)
+    tokens = vocab.assign(feats).astype(np.int32)
+    verbs, nouns = world.clip_labels(truth["steps"], vf.starts, vf.ends)
+    middles = (np.asarray(vf.starts) + np.asarray(vf.ends)) / 2
+    steps = []
+    for i, s in enumerate(truth["steps"]):
+      inside = np.flatnonzero((middles >= s["start"]) & (middles < s["end"]))
+      if len(inside):
+        steps.append(Step(vid, i, s["verb"], s["noun"], s["start"], s["end"], tokens[inside],
+                          feats[inside].mean(0), inside))
+    out.append(Video(vid, entry["split"], str(world_dir / truth["video"]), tokens, verbs, nouns,
+                     truth, steps))
+  return out
+
+
+def _held_out(videos: Sequence[Video]) -> list[Video]:
+  return [v for v in videos if v.split == "val"]
+
+
+def _training(videos: Sequence[Video]) -> list[Video]:
+  return [v for v in videos if v.split == "train"]
+
+
+# ---------------------------------------------------------------------------------- zero-shot
+
+
+def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
+              ) -> tuple[dict, list[Step], dict[str, list]]:
+  """Accuracies (both prompt orders, and 1-NN on raw features), the steps, the predictions."""
+  from vbert_jax.tasks import zero_shot as zs  # pylint: disable=g-import-not-at-top
+  verbs, nouns = pipeline.label_sets(config)
+  steps = [s for v in _held_out(videos) for s in v.steps if s.verb in verbs and s.noun in nouns]
+  if not steps:
+    raise ValueError("no held-out steps carry the configured verbs and nouns (tasks.verbs, "
+                     "tasks.nouns)")
+  k = config.tasks.top_k
+  out: dict[str, Any] = {"steps": len(steps), "verb_chance": 1 / len(verbs),
+                         "noun_chance": 1 / len(nouns), "top_k": k, "orders": {}}
+  predictions = {}
+  for order in config.tasks.orders:
+    preds = zs.classify(bundle, [s.tokens for s in steps], verbs=verbs, nouns=nouns, order=order,
+                        top_k=k, batch_size=config.tasks.batch_size)
+    predictions[order] = preds
+    out["orders"][order] = {
+        "verb_top1": zs.topk_accuracy([p.verbs for p in preds], [s.verb for s in steps], 1),
+        "noun_top1": zs.topk_accuracy([p.nouns for p in preds], [s.noun for s in steps], 1),
+        f"verb_top{k}": zs.topk_accuracy([p.verbs for p in preds], [s.verb for s in steps], k),
+        f"noun_top{k}": zs.topk_accuracy([p.nouns for p in preds], [s.noun for s in steps], k)}
+  train_steps = [s for v in _training(videos) for s in v.steps]
+  feats = np.stack([s.feature for s in train_steps])
+  test = np.stack([s.feature for s in steps])
+  for key in ("verb", "noun"):
+    out[f"nn_{key}_top1"] = baselines.nearest_neighbour_accuracy(
+        feats, np.array([getattr(s, key) for s in train_steps]), test,
+        np.array([getattr(s, key) for s in steps]))
+  return out, steps, predictions
+
+
+def frames_figure(steps: Sequence[Step], predictions, videos: Sequence[Video], path,
+                  num_videos: int, tile: int = 80) -> pathlib.Path:
+  """For a few held-out videos: one row each, a frame per step with truth and prediction."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import grid  # pylint: disable=g-import-not-at-top
+  sources = {v.video_id: v.source for v in videos}
+  chosen = list(dict.fromkeys(s.video_id for s in steps))[:num_videos]
+  rows = [[(s, p) for s, p in zip(steps, predictions) if s.video_id == vid] for vid in chosen]
+  wanted: dict[str, set[int]] = {}
+  for row in rows:
+    for s, _ in row:
+      wanted.setdefault(sources[s.video_id], set()).add(int(s.clips[len(s.clips) // 2]))
+  frames = grid.middle_frames(wanted, fps=20.0, clip_frames=30, tile=tile)
+  cell_w, cell_h, label_w = tile + 70, tile + 34, 90
+  width = label_w + max(len(r) for r in rows) * cell_w
+  image = Image.new("RGB", (width, len(rows) * cell_h), (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  for r, row in enumerate(rows):
+    y = r * cell_h
+    draw.text((4, y + 4), chosen[r], fill=(0, 0, 0))
+    draw.text((4, y + tile + 2), "truth:", fill=(0, 0, 0))
+    draw.text((4, y + tile + 16), "predicted:", fill=(0, 0, 0))
+    for c, (s, p) in enumerate(row):
+      x = label_w + c * cell_w
+      frame = frames.get((sources[s.video_id], int(s.clips[len(s.clips) // 2])))
+      if frame is not None:
+        image.paste(Image.fromarray(np.asarray(frame)), (x, y))
+      ok = (p.verbs[0] == s.verb, p.nouns[0] == s.noun)
+      draw.text((x, y + tile + 2), f"{s.verb} {s.noun}", fill=(0, 0, 0))
+      draw.text((x, y + tile + 16), f"{p.verbs[0]} {p.nouns[0]}",
+                fill=(0, 130, 0) if all(ok) else (200, 120, 0) if any(ok) else (200, 0, 0))
+  return grid.save_png(image, path)
+
+
+# --------------------------------------------------------------------------------------- LVA
+
+
+def _narration(video: Video) -> dict[int, str]:
+  """Step index -> the sentence said for it, where it was said correctly and on time."""
+  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
+  out = {}
+  for cue in video.truth["cues"]:
+    if cue["step"] is not None and cue["fault"] == "none" and cue["step"] not in out:
+      out[cue["step"]] = sentences.normalize_text(cue["text"])
+  return out
+
+
+def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]) -> dict:
+  """LVA accuracy on held-out (sentence, clips) pairs: half true, half from a step that shares
+  neither verb nor noun."""
+  from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([config.seed, 5])
+  steps = [s for v in _held_out(videos) for s in v.steps]
+  said = [(s, text) for v in _held_out(videos) for s in v.steps
+          if (text := _narration(v).get(s.index))]
+  packed, labels = [], []
+  for j, (step, text) in enumerate(said[:config.tasks.lva_pairs]):
+    ids = bundle.tokenizer.encode(text)
+    if j % 2:
+      others = [o for o in steps if o.verb != step.verb and o.noun != step.noun]
+      video = others[int(rng.integers(len(others)))].tokens
+    else:
+      video = step.tokens
+    packed.append(bundle.layout.pair(ids, video))
+    labels.append(1 - j % 2)
+  logits = []
+  for i in range(0, len(packed), config.tasks.batch_size):
+    out = bundle.apply(sequence.stack(packed[i:i + config.tasks.batch_size]))
+    logits.append(np.asarray(out["lva_logits"]).reshape(-1))
+  logits, labels = np.concatenate(logits), np.array(labels)
+  return {"pairs": len(labels), "positives": int(labels.sum()),
+          "accuracy": float(np.mean((logits > 0) == (labels == 1))), "chance": 0.5}
+
+
+# ------------------------------------------------------------------------------ text-to-video
+
+
+def _clip_truth(videos: Sequence[Video]) -> dict[tuple[str, int], tuple[int, int]]:
+  return {(v.video_id, int(c)): (int(v.verbs[c]), int(v.nouns[c]))
+          for v in videos for c in range(len(v.tokens))}
+
+
+def text_to_video(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video],
+                  folder: pathlib.Path) -> dict:
+  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import text_to_video as t2v  # pylint: disable=g-import-not-at-top
+  train = _training(videos)
+  truth = _clip_truth(train)
+  verb_prior = baselines.label_prior(np.concatenate([v.verbs for v in train]), len(words.VERBS))
+  noun_prior = baselines.label_prior(np.concatenate([v.nouns for v in train]), len(words.NOUNS))
+  # The most frequent (verb, noun) steps of the training videos, as a user would ask for them.
+  counts: dict[tuple[str, str], int] = {}
+  for v in train:
+    for s in v.steps:
+      counts[(s.verb, s.noun)] = counts.get((s.verb, s.noun), 0) + 1
+  pairs = sorted(counts, key=lambda p: (-counts[p], p))[:config.tasks.t2v_prompts]
+  hits_v, hits_n, chance_v, chance_n, rows, labels = [], [], [], [], [], []
+  for verb, noun in pairs:
+    text = STEP_TEMPLATE.format(verb=verb, noun=noun)
+    tokens = t2v.generate(bundle, text, config.tasks.t2v_slots, mode="argmax")[0]
+    rows.append(tokens.tolist())
+    labels.append(f"{verb} {noun}")
+    for token in tokens:
+      for ref in bundle.visual_vocab.nearest_clips(int(token), config.vocab.nearest):
+        v, n = truth[(ref.video_id, ref.clip)]
+        hits_v.append(v == words.VERBS.index(verb))
+        hits_n.append(n == words.NOUNS.index(noun))
+        chance_v.append(verb_prior[words.VERBS.index(verb)])
+        chance_n.append(noun_prior[words.NOUNS.index(noun)])
+  strips.token_strip(bundle.visual_vocab, rows[:6], folder / "text_to_video.png",
+                     labels=labels[:6], tile=64)
+  return {"prompts": len(pairs), "clips": len(hits_v), "verb_match": float(np.mean(hits_v)),
+          "noun_match": float(np.mean(hits_n)), "verb_chance": float(np.mean(chance_v)),
+          "noun_chance": float(np.mean(chance_n)),
+          "examples": [{"prompt": lab, "tokens": row} for lab, row in zip(labels, rows)]}
+
+
+# -------------------------------------------------------------------------------- forecasting
+
+
+def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video],
+                folder: pathlib.Path) -> dict:
+  """Top-1 accuracy of the next clip's token given every earlier clip of a held-out video."""
+  from vbert_jax.tasks import forecast as fc  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
+  from vbert_jax.tasks import text_to_video as t2v  # pylint: disable=g-import-not-at-top
+  bigram = baselines.Bigram([v.tokens for v in _training(videos)])
+  held = _held_out(videos)
+  base_acc, n = bigram.accuracy([v.tokens for v in held])
+  packed, slots, truth = [], [], []
+  for v in held:
+    for t in range(1, len(v.tokens)):
+      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only")
+      packed.append(p)
+      slots.append(pos)
+      truth.append(int(v.tokens[t]))
+  preds = []
+  size = config.tasks.batch_size
+  for i in range(0, len(packed), size):
+    lp = t2v.visual_log_probs(bundle, packed[i:i + size], np.stack(slots[i:i + size]))
+    preds.append(np.asarray(lp)[:, 0].argmax(-1))
+  accuracy = float(np.mean(np.concatenate(preds) == np.array(truth)))
+  # The strip: a held-out video's last clips and the top futures after them.
+  video = max(held, key=lambda v: len(v.tokens))
+  cut = len(video.tokens) - config.tasks.forecast_horizon
+  futures = fc.forecast(bundle, video.tokens[:cut], config.tasks.forecast_horizon, top=3,
+                        beam_size=config.tasks.forecast_beam)
+  context = video.tokens[max(0, cut - 4):cut].tolist()
+  rows = [context + video.tokens[cut:].tolist()] + [context + f.tolist() for f, _ in futures]
+  strips.token_strip(bundle.visual_vocab, rows, folder / "forecast.png",
+                     labels=["truth"] + [f"future {i + 1}" for i in range(len(futures))], tile=64)
+  return {"predictions": len(truth), "accuracy": accuracy, "bigram_accuracy": base_acc,
+          "bigram_predictions": n, "video": video.video_id}
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def load_model(workdir: pathlib.Path):
+  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  return bundle_lib.load_bundle(workdir / pipeline.PRETRAIN)
+
+
+def run_tasks(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+              folder: pathlib.Path) -> dict:
+  bundle = load_model(workdir)
+  videos = load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
+                       bundle.visual_vocab)
+  zs, steps, preds = zero_shot(config, bundle, videos)
+  print(f"zero-shot on {zs['steps']} held-out steps: " + ", ".join(
+      f"{o}: verb {r['verb_top1']:.3f} noun {r['noun_top1']:.3f}"
+      for o, r in zs["orders"].items()), flush=True)
+  first = config.tasks.orders[0]
+  frames_figure(steps, preds[first], videos, folder / "zero_shot_frames.png",
+                config.tasks.frames_videos)
+  lva = alignment(config, bundle, videos)
+  print(f"alignment on {lva['pairs']} held-out pairs: {lva['accuracy']:.3f}", flush=True)
+  t2v = text_to_video(config, bundle, videos, folder)
+  print(f"text-to-video: verb match {t2v['verb_match']:.3f}, noun match {t2v['noun_match']:.3f}",
+        flush=True)
+  fc = forecasting(config, bundle, videos, folder)
+  print(f"forecasting: {fc['accuracy']:.3f} (bigram {fc['bigram_accuracy']:.3f})", flush=True)
+  result = {"zero_shot": zs, "alignment": lva, "text_to_video": t2v, "forecast": fc}
+  (folder / "tasks.json").write_text(json.dumps(result, indent=1))
+  return result
+
+
+def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                folder: pathlib.Path) -> dict:
+  from vbert_jax.demo import report  # pylint: disable=g-import-not-at-top
+  tasks = json.loads((workdir / TASKS / "tasks.json").read_text())
+  caption_file = workdir / CAPTIONING / "captioning.json"
+  captioning = json.loads(caption_file.read_text()) if caption_file.exists() else None
+  rows = report.rows(tasks, captioning)
+  text = report.markdown(rows, title=f"VideoBERT demo ({config.size}): held-out videos")
+  (folder / "results.md").write_text(text)
+  (folder / "results.json").write_text(json.dumps({"rows": rows, "tasks": tasks,
+                                                   "captioning": captioning}, indent=1))
+  return {"rows": len(rows)}
+
+
+def build_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                 ) -> list[stages_lib.Stage]:
+  from vbert_jax.demo import captioning  # pylint: disable=g-import-not-at-top
+  tasks_config = {**config.tasks.to_dict(), "seed": config.seed}
+  out = [stages_lib.Stage(TASKS, lambda f: run_tasks(config, workdir, f), config=tasks_config,
+                          inputs=(pipeline.PRETRAIN,),
+                          description="zero-shot, alignment, text-to-video, forecasting")]
+  names = [TASKS]
+  if config.captioning.enabled:
+    out.append(stages_lib.Stage(CAPTIONING, lambda f: captioning.run(config, workdir, f),
+                                config=config.captioning.to_dict(), inputs=(pipeline.PRETRAIN,),
+                                description="captioning held-out steps"))
+    names.append(CAPTIONING)
+  out.append(stages_lib.Stage(RESULTS, lambda f: run_results(config, workdir, f),
+                              config={"size": config.size}, inputs=tuple(names),
+                              description="the results table"))
+  return out

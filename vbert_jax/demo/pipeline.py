@@ -1,0 +1,308 @@
+"""The demo's stages, from generated videos to a pretrained model, each through the library.
+
+world -> features -> corpus (the training videos only) -> vocab -> text -> dataset -> pretrain,
+then `evaluate` (vbert_jax.demo.evaluate) on the held-out videos. The ground truth of the world
+enters only the narration (written by the generator) and the evaluation: features come from the
+pixels, the vocabulary from the training features, the tokenizer and the dataset from the
+training narration.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vbert_jax.demo import stages as stages_lib
+
+WORLD, FEATURES, CORPUS, VOCAB, TEXT, DATASET, PRETRAIN = (
+    "world", "features", "corpus", "vocab", "text", "dataset", "pretrain")
+VOCAB_FILE = "visual_vocab.npz"
+TEXT_PREFIX = "text"
+TFDS_NAME = "videobert/demo"
+
+
+def _plain(node: Any) -> Any:
+  return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def world_config(config: ml_collections.ConfigDict):
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  w = config.world
+  narration = world.NarrationConfig(
+      filler_rate=w.filler_rate, early_rate=w.early_rate, late_rate=w.late_rate,
+      wrong_word_rate=w.wrong_word_rate, missing_rate=w.missing_rate)
+  return world.WorldConfig(num_videos=w.num_videos, seed=w.seed, width=w.size, height=w.size,
+                           steps_per_video=(w.min_steps, w.max_steps),
+                           val_fraction=w.val_fraction, narration=narration)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key when the config asks for what the world cannot give."""
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
+  w = config.world
+  problems = []
+  if not 1 <= w.min_steps <= w.max_steps:
+    problems.append(f"world.min_steps={w.min_steps}, world.max_steps={w.max_steps}: expected "
+                    f"1 <= min_steps <= max_steps")
+  try:
+    wc = world_config(config)
+  except ValueError as e:
+    problems.append(f"world: {e}")
+    wc = None
+  if wc is not None:
+    splits = [world.split_of(wc, i) for i in range(w.num_videos)]
+    if "val" not in splits or "train" not in splits:
+      problems.append(f"world.num_videos={w.num_videos} with world.val_fraction="
+                      f"{w.val_fraction} gives {splits.count('train')} training and "
+                      f"{splits.count('val')} held-out videos; expected at least one of each")
+    else:
+      # A step lasts at least clips_per_step[0] clips; the tree needs clips to fill its leaves.
+      fewest = splits.count("train") * w.min_steps * wc.clips_per_step[0]
+      leaves = config.vocab.branching ** config.vocab.depth
+      if leaves > fewest:
+        problems.append(f"vocab.branching={config.vocab.branching}, vocab.depth="
+                        f"{config.vocab.depth}: {leaves} visual tokens but the training videos "
+                        f"may have as few as {fewest} clips; expected at most one token per clip")
+  pairs = sum(len(v) for v in words.AFFORDANCES.values())
+  if config.tasks.t2v_prompts > pairs:
+    problems.append(f"tasks.t2v_prompts={config.tasks.t2v_prompts}: the world has only {pairs} "
+                    f"(verb, noun) pairs that recipes use")
+  for key, known in (("verbs", words.VERBS), ("nouns", words.NOUNS)):
+    asked = [s.strip() for s in config.tasks[key].split(",") if s.strip()]
+    unknown = [a for a in asked if a not in known]
+    if unknown or len(asked) > len(known):
+      problems.append(f"tasks.{key}={config.tasks[key]!r}: {unknown or asked} not among the "
+                      f"world's {len(known)} {key} {list(known)}")
+  if problems:
+    raise ValueError("configs/demo.py: " + "; ".join(problems))
+
+
+def label_sets(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """The verbs and nouns zero-shot chooses among: the config's, else all of the world's."""
+  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
+  out = []
+  for key, known in (("verbs", words.VERBS), ("nouns", words.NOUNS)):
+    asked = [s.strip() for s in config.tasks[key].split(",") if s.strip()]
+    out.append(asked or list(known))
+  return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def run_world(config: ml_collections.ConfigDict, folder: pathlib.Path) -> dict:
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  wc = world_config(config)
+  manifest = world.generate_world(wc, folder, progress=True, workers=config.world.workers)
+  videos = manifest["videos"]
+  val = [v for v in videos if v["split"] == "val"]
+  return {"videos": len(videos), "held_out_videos": len(val),
+          "steps": sum(v["steps"] for v in videos),
+          "held_out_steps": sum(v["steps"] for v in val),
+          "clips": int(sum(round(v["duration"] / wc.clip_seconds) for v in videos))}
+
+
+def run_features(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
+                 folder: pathlib.Path) -> dict:
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  from vbert_jax.video import extract  # pylint: disable=g-import-not-at-top
+  manifest = world.load_manifest(world_dir)
+  paths = [world_dir / f"{v['video_id']}.mp4" for v in manifest["videos"]]
+  e = config.extract
+  summary = extract.extract_features(
+      paths, folder, weights=e.s3d_weights or None, image_size=config.world.size,
+      batch_size=e.batch_size, dtype=e.dtype, shard_index=0, num_shards=1, seed=e.seed,
+      progress=True)
+  print(summary.format(), flush=True)
+  if summary.skipped:
+    raise RuntimeError(f"feature extraction into {folder} skipped videos: {summary.skipped}")
+  return {"clips": summary.num_clips, "random_weights": summary.random_weights,
+          "videos": len(summary.written) + len(summary.already_done)}
+
+
+def _derangement(n: int, seed: int) -> np.ndarray:
+  """A permutation with no fixed point (n >= 2): every video gets another video's narration."""
+  rng = np.random.default_rng([seed, 77])
+  while True:
+    perm = rng.permutation(n)
+    if n < 2 or not (perm == np.arange(n)).any():
+      return perm
+
+
+def run_corpus(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
+               features_dir: pathlib.Path, folder: pathlib.Path) -> dict:
+  """The manual directory of the dataset builder: the training videos' features and narration.
+
+  Held-out videos are left out here, so nothing downstream (vocabulary, tokenizer, dataset,
+  pretraining) can see them. With world.shuffle_narration, narration is dealt to other videos.
+  """
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  manifest = world.load_manifest(world_dir)
+  train = [v["video_id"] for v in manifest["videos"] if v["split"] == "train"]
+  (folder / "features").mkdir(parents=True, exist_ok=True)
+  (folder / "transcripts").mkdir(parents=True, exist_ok=True)
+  narration = list(train)
+  if config.world.shuffle_narration:
+    narration = [train[i] for i in _derangement(len(train), config.seed)]
+  for vid, told in zip(train, narration):
+    shutil.copyfile(features_dir / f"{vid}.npz", folder / "features" / f"{vid}.npz")
+    shutil.copyfile(world_dir / f"{told}.vtt", folder / "transcripts" / f"{vid}.vtt")
+  (folder / "narration.json").write_text(json.dumps(dict(zip(train, narration)), indent=1))
+  return {"training_videos": len(train), "shuffled_narration": bool(
+      config.world.shuffle_narration)}
+
+
+def run_vocab(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
+              folder: pathlib.Path) -> dict:
+  from vbert_jax.vocab import grid  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import kmeans  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  v = config.vocab
+  km = kmeans.KMeansConfig(depth=v.depth, branching=v.branching, iterations=v.iterations,
+                           tol=v.tol, seed=v.seed)
+  km.validate()
+  vocab = vocabulary.VisualVocabulary.fit(corpus_dir / "features", km, nearest_per_leaf=v.nearest,
+                                          log=lambda s: print(s, flush=True))
+  vocab.save(folder / VOCAB_FILE)
+  used = int(np.count_nonzero(vocab.leaf_counts))
+  tokens = [int(t) for t in vocab.most_frequent(12) if vocab.leaf_counts[t] > 0]
+  image = grid.draw_grid(vocab, tokens, clips=6, tile=64, fps=20.0, clip_frames=30)
+  grid.save_png(image, folder / "vocabulary_grid.png")
+  print(f"visual vocabulary: {vocab.size} tokens, {used} used by {vocab.count} training clips",
+        flush=True)
+  return {"tokens": vocab.size, "used": used, "clips": int(vocab.count)}
+
+
+def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
+             folder: pathlib.Path) -> dict:
+  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  t = config.text
+  split = sentences.SplitConfig(max_gap=config.dataset.max_gap,
+                                max_words=config.dataset.max_words, lowercase=t.lowercase)
+  texts, skipped = train_sentencepiece.corpus_sentences(
+      sorted((corpus_dir / "transcripts").glob("*.vtt")), split)
+  if skipped:
+    raise ValueError(f"training narration in {corpus_dir / 'transcripts'}: unreadable {skipped}")
+  model = _train_pieces(texts, str(folder / TEXT_PREFIX), t.vocab_size, t.model_type,
+                        config.seed)
+  tok = tokenizers.SentencePieceTokenizer(model)
+  print(f"SentencePiece: {tok.vocab_size} pieces from {len(texts)} training sentences",
+        flush=True)
+  return {"pieces": tok.vocab_size, "sentences": len(texts)}
+
+
+def _train_pieces(texts, prefix: str, vocab_size: int, model_type: str, seed: int):
+  """SentencePiece with `vocab_size` pieces; 0 asks for as many as the narration allows (every
+  word, with model_type "word"), the largest size SentencePiece accepts on this corpus."""
+  import re  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  size = vocab_size or 1_000_000
+  try:
+    return train_sentencepiece.train(texts, prefix, size, model_type=model_type, seed=seed)
+  except tokenizers.TokenizerError as e:
+    limit = re.search(r"value <= (\d+)", str(e))
+    if vocab_size or limit is None:
+      raise ValueError(f"config text.vocab_size={vocab_size}: {e}") from e
+    return train_sentencepiece.train(texts, prefix, int(limit.group(1)), model_type=model_type,
+                                     seed=seed)
+
+
+def run_dataset(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
+                vocab_file: pathlib.Path, text_model: pathlib.Path,
+                folder: pathlib.Path) -> dict:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data.videobert import videobert_dataset_builder as vb  # pylint: disable=g-import-not-at-top
+  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  vocab = vocabulary.VisualVocabulary.load(vocab_file)
+  tok = tokenizers.SentencePieceTokenizer(text_model)
+  builder_config = vb.VideoBertConfig(
+      name=TFDS_NAME.split("/")[1], source="features", vocabulary=str(vocab_file.resolve()),
+      tokenizer="sentencepiece", tokenizer_file=str(text_model.resolve()),
+      visual_vocab_size=vocab.size, text_vocab_size=tok.vocab_size,
+      validation_fraction=d.validation_fraction, max_gap=d.max_gap, max_words=d.max_words,
+      video_segment_tokens=d.video_segment_tokens)
+  builder = vb.Builder(config=builder_config, data_dir=str(folder))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(corpus_dir)))
+  counts = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
+  return {"records": counts}
+
+
+def pretrain_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                    ) -> ml_collections.ConfigDict:
+  """configs/pretrain.py's run as the demo sets it, pointed at this work folder's files."""
+  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config.pretrain.to_dict())
+  vocab_file = (workdir / VOCAB / VOCAB_FILE).resolve()
+  text_model = (workdir / TEXT / f"{TEXT_PREFIX}.model").resolve()
+  tok = tokenizers.SentencePieceTokenizer(text_model)
+  c.seed = config.seed
+  c.model.text_vocab_size = tok.vocab_size
+  c.model.visual_vocab_size = vocabulary.VisualVocabulary.load(vocab_file).size
+  c.model.special_ids = ",".join(str(i) for i in tok.specials.as_tuple())
+  c.text.tokenizer, c.text.vocab, c.text.lowercase = "sentencepiece", str(text_model), "auto"
+  c.init.visual_vocab = str(vocab_file)
+  c.input.source, c.input.tfds_name = "tfds", TFDS_NAME
+  c.input.data_dir = str((workdir / DATASET).resolve())
+  c.compilation_cache_dir = config.pretrain.compilation_cache_dir
+  c.lock()
+  return c
+
+
+def run_pretrain(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 folder: pathlib.Path) -> dict:
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  # Registers the builder, so that the input pipeline opens the dataset by name.
+  # pylint: disable-next=g-import-not-at-top,unused-import
+  from data.videobert import videobert_dataset_builder
+  c = pretrain_config(config, workdir)
+  result = train.train_and_evaluate(c, folder)
+  last = result.train_history[-1][1] if result.train_history else {}
+  keys = ("loss", "mlm_accuracy", "mvm_accuracy", "lva_accuracy")
+  return {"step": int(result.step), **{k: float(last[k]) for k in keys if k in last}}
+
+
+def build_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                 ) -> list[stages_lib.Stage]:
+  """The stages before the evaluations, in order."""
+  w = lambda name: workdir / name  # noqa: E731
+  return [
+      stages_lib.Stage(WORLD, lambda f: run_world(config, f),
+                       config={k: v for k, v in _plain(config.world).items()
+                               if k not in ("workers", "shuffle_narration")},
+                       resumable=True, description="generating the demo world"),
+      stages_lib.Stage(FEATURES, lambda f: run_features(config, w(WORLD), f),
+                       config=_plain(config.extract), inputs=(WORLD,), resumable=True,
+                       description="S3D features of every clip"),
+      stages_lib.Stage(CORPUS, lambda f: run_corpus(config, w(WORLD), w(FEATURES), f),
+                       config={"shuffle_narration": config.world.shuffle_narration,
+                               "seed": config.seed},
+                       inputs=(WORLD, FEATURES), description="training videos only"),
+      stages_lib.Stage(VOCAB, lambda f: run_vocab(config, w(CORPUS), f),
+                       config=_plain(config.vocab), inputs=(CORPUS,),
+                       description="hierarchical k-means on the training clips"),
+      stages_lib.Stage(TEXT, lambda f: run_text(config, w(CORPUS), f),
+                       config={**_plain(config.text), "seed": config.seed,
+                               "max_gap": config.dataset.max_gap,
+                               "max_words": config.dataset.max_words},
+                       inputs=(CORPUS,), description="SentencePiece on the training narration"),
+      stages_lib.Stage(DATASET, lambda f: run_dataset(
+          config, w(CORPUS), w(VOCAB) / VOCAB_FILE, w(TEXT) / f"{TEXT_PREFIX}.model", f),
+                       config=_plain(config.dataset), inputs=(CORPUS, VOCAB, TEXT),
+                       description="TFDS records of the training videos"),
+      stages_lib.Stage(PRETRAIN, lambda f: run_pretrain(config, workdir, f),
+                       config={**_plain(config.pretrain), "seed": config.seed},
+                       inputs=(DATASET,), resumable=True, description="pretraining VideoBERT"),
+  ]

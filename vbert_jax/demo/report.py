@@ -1,0 +1,68 @@
+"""The results table: each figure of the demo beside its chance level and its baseline."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+Row = dict[str, Any]
+
+
+def _row(task: str, metric: str, value: float, chance: float | None = None,
+         baseline: float | None = None, baseline_name: str = "", target: str = "") -> Row:
+  return {"task": task, "metric": metric, "value": value, "chance": chance,
+          "baseline": baseline, "baseline_name": baseline_name, "target": target}
+
+
+def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
+  rows = []
+  k = zs["top_k"]
+  for order, r in zs["orders"].items():
+    for key in ("verb", "noun"):
+      times = 2 if key == "verb" else 3
+      rows.append(_row(f"zero-shot {key} ({order})", "top-1", r[f"{key}_top1"],
+                       zs[f"{key}_chance"], zs[f"nn_{key}_top1"], "1-NN raw S3D",
+                       f">= {times}x chance"))
+      rows.append(_row(f"zero-shot {key} ({order})", f"top-{k}", r[f"{key}_top{k}"],
+                       min(1.0, k * zs[f"{key}_chance"])))
+  return rows
+
+
+def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) -> list[Row]:
+  """All rows of the table, from the tasks stage's and the captioning stage's results."""
+  out = zero_shot_rows(tasks["zero_shot"])
+  lva = tasks["alignment"]
+  out.append(_row("alignment (LVA), balanced", "accuracy", lva["accuracy"], lva["chance"],
+                  target=">= 0.8"))
+  t2v = tasks["text_to_video"]
+  for key in ("verb", "noun"):
+    out.append(_row(f"text-to-video: nearest clips' {key}", "share", t2v[f"{key}_match"],
+                    t2v[f"{key}_chance"], target="> chance"))
+  fc = tasks["forecast"]
+  out.append(_row("forecasting next clip token", "top-1", fc["accuracy"], None,
+                  fc["bigram_accuracy"], "bigram", "> bigram"))
+  if captioning:
+    for key in ("Bleu_4", "CIDEr", "Bleu_3", "METEOR", "ROUGE_L"):
+      value = captioning["model"].get(key)
+      if value is None:
+        continue
+      target = "> both baselines" if key in ("Bleu_4", "CIDEr") else ""
+      out.append(_row(f"captioning {key}", "score", value, None,
+                      captioning["most_frequent"].get(key), "most frequent caption", target))
+      out.append(_row(f"captioning {key}", "score", value, None,
+                      captioning["shuffled_features"].get(key), "shuffled features", ""))
+  return out
+
+
+def _fmt(x: float | None) -> str:
+  return "" if x is None else f"{x:.3f}"
+
+
+def markdown(table: Sequence[Row], title: str = "") -> str:
+  lines = [f"## {title}", ""] if title else []
+  lines += ["| task | metric | model | chance | baseline | target |",
+            "| --- | --- | --- | --- | --- | --- |"]
+  for r in table:
+    base = f"{_fmt(r['baseline'])} ({r['baseline_name']})" if r["baseline"] is not None else ""
+    lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['chance'])} | "
+                 f"{base} | {r['target']} |")
+  return "\n".join(lines) + "\n"
