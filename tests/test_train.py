@@ -163,8 +163,7 @@ def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
-  whole = _toy_run(tmp_path / "whole", toy_config(6, **{"profile.start_step": 2,
-                                                         "profile.num_steps": 2}))
+  whole = _toy_run(tmp_path / "whole", toy_config(6))
   with pytest.raises(RuntimeError, match="input went away"):
     _toy_run(tmp_path / "split", toy_config(6), ToySource(8, crash_at=5))
   resumed = _toy_run(tmp_path / "split", toy_config(6))
@@ -175,11 +174,25 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
   losses = {s: m["loss"] for s, m in whole.train_history}
   assert [losses[s] for s in (5, 6)] == [m["loss"] for _, m in resumed.train_history]
   assert len(set(losses.values())) == 6
-  # The profile window wrote a trace.
-  assert list((tmp_path / "whole" / "profile").rglob("*.xplane.pb"))
   # The eval metrics: means weighted by their counts.
   assert [s for s, _ in whole.eval_history] == [3, 6]
   assert whole.eval_history[-1][1]["close_count"] == 16.0
+
+
+@pytest.mark.slow
+def test_profile_window_writes_a_trace(tmp_path):
+  """In a process of its own: the profiler's native session has crashed a test worker that
+  earlier tests had loaded other native libraries into."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from helpers import pretrain_runs  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  cmd = pretrain_runs.argv(workdir, **{"total_steps": 4, "profile.start_step": 2,
+                                       "profile.num_steps": 2})
+  proc = subprocess.run(cmd, env=pretrain_runs.env(), cwd=pretrain_runs.REPO,
+                        capture_output=True, text=True, timeout=pretrain_runs.RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert list((workdir / "profile").rglob("*.xplane.pb"))
+  assert "profiler trace of steps 2-3" in proc.stderr
 
 
 def test_gradient_accumulation_matches_the_full_batch():
