@@ -30,7 +30,9 @@ SHORT_RUN = (" --config.total_steps=6 --config.optimizer.warmup_steps=2 --config
 # (command prefix, [(pattern, replacement), ...]): every pattern must match its command.
 STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
     ("make demo", [(r"^make demo$", "make -C {repo} demo DEMO_WORKDIR={tmp}/demo "
-                    "DEMO_ARGS='--config.total_steps=20 --config.eval.every_steps=10'")]),
+                    "DEMO_CONFIG=configs/demo.py:size=small DEMO_ARGS='--config.world.num_videos=12 "
+                    "--config.vocab.branching=3 --config.pretrain.total_steps=20 "
+                    "--config.pretrain.optimizer.warmup_steps=2 --config.captioning.total_steps=20'")]),
     ("python -m data.demo_world.generate", [(r"--num_videos=24 --size=112",
                                              "--num_videos=8 --size=64 --workers=1")]),
     ("python -m vbert_jax.video.extract", [(r"--image_size=224", "--image_size=64 --batch_size=16 "
@@ -145,7 +147,8 @@ def test_readme_commands_run(tmp_path):
     assert (tmp_path / "results" / task / "results.json").is_file(), task
   assert len(list((tmp_path / "runs" / "mu_lr_loss").glob("*/checkpoints"))) == 4
   assert (tmp_path / "runs" / "mu_lr_loss" / "results.csv").is_file()
-  assert any((tmp_path / "demo" / "checkpoints").iterdir())
+  assert any((tmp_path / "demo" / "pretrain" / "checkpoints").iterdir())
+  assert (tmp_path / "demo" / "results" / "results.md").is_file()
 
 
 def test_not_run_commands_are_real_make_targets():

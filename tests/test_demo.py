@@ -1,0 +1,118 @@
+"""The demo end to end on a smaller world: it learns, it resumes, and it is honest.
+
+One run of every stage (captioning aside, which its own tests cover) is shared by the tests of
+this file; a second run with the narration dealt to other videos checks that zero-shot accuracy
+comes from the link between video and narration, not from anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from configs import demo as demo_config
+from vbert_jax.demo import main as demo_main
+from vbert_jax.demo import pipeline
+from vbert_jax.demo import stages
+
+pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(shuffle: bool = False):
+  c = demo_config.get_config("size=small")
+  c.captioning.enabled = False
+  c.world.workers = 1
+  c.world.shuffle_narration = shuffle
+  c.pretrain.compilation_cache_dir = str(REPO / ".cache" / "jax")
+  return c
+
+
+def _quiet(_: str) -> None:
+  pass
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo") / "work"
+  results = demo_main.run(_config(), workdir, log=_quiet)
+  return workdir, results
+
+
+def _tasks(workdir) -> dict:
+  return json.loads((workdir / "tasks" / "tasks.json").read_text())
+
+
+def test_zero_shot_learns_on_held_out_steps(small_run):
+  workdir, _ = small_run
+  zs = _tasks(workdir)["zero_shot"]
+  assert zs["steps"] >= 50
+  # The best prompt order: the model pretrains on [CLS] text [>] video [SEP] only.
+  best = max(zs["orders"].values(), key=lambda r: r["verb_top1"] + r["noun_top1"])
+  assert best["verb_top1"] >= 2 * zs["verb_chance"], zs
+  assert best["noun_top1"] >= 2 * zs["noun_chance"], zs
+  results = (workdir / "results" / "results.md").read_text()
+  assert "| zero-shot noun (video_first) | top-1 |" in results
+  assert "1-NN raw S3D" in results
+
+
+def test_held_out_videos_never_reach_pretraining(small_run):
+  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  workdir, results = small_run
+  manifest = world.load_manifest(workdir / "world")
+  held = {v["video_id"] for v in manifest["videos"] if v["split"] == "val"}
+  trained = {p.stem for p in (workdir / "corpus" / "features").glob("*.npz")}
+  assert held and trained and not held & trained
+  assert {p.stem for p in (workdir / "corpus" / "transcripts").glob("*.vtt")} == trained
+  assert results["dataset"].summary["records"] == {"train": len(trained)}
+
+
+def test_second_run_reuses_every_stage(small_run):
+  workdir, first = small_run
+  before = (workdir / "results" / "results.md").read_text()
+  lines = []
+  again = demo_main.run(_config(), workdir, log=lines.append)
+  assert all(r.reused for r in again.values()), lines
+  assert list(again) == list(first)
+  assert (workdir / "results" / "results.md").read_text() == before
+
+
+def test_interrupted_stage_is_rebuilt(small_run):
+  workdir, _ = small_run
+  before = _tasks(workdir)
+  # An interrupted run: the stage folder has a stray file and no done-marker.
+  (workdir / f"tasks.{stages.DONE}").unlink()
+  (workdir / "tasks" / "half_written.json").write_text("{")
+  lines = []
+  again = demo_main.run(_config(), workdir, log=lines.append)
+  assert not again["tasks"].reused and not again["results"].reused
+  assert all(again[n].reused for n in (pipeline.WORLD, pipeline.FEATURES, pipeline.PRETRAIN))
+  assert not (workdir / "tasks" / "half_written.json").exists()
+  assert _tasks(workdir)["zero_shot"] == before["zero_shot"]
+  assert any("tasks was left by an interrupted run" in line for line in lines)
+
+
+def test_shuffled_narration_falls_to_chance(small_run, tmp_path):
+  """Honesty: with every training video narrated by another video, the video no longer says
+  what the narration says, and zero-shot accuracy falls to chance."""
+  workdir, _ = small_run
+  shuffled = tmp_path / "shuffled"
+  shuffled.mkdir()
+  for name in (pipeline.WORLD, pipeline.FEATURES):  # pixels and features do not change
+    shutil.copytree(workdir / name, shuffled / name, symlinks=True)
+    for kind in (stages.DONE, stages.STARTED):
+      shutil.copy(workdir / f"{name}.{kind}", shuffled / f"{name}.{kind}")
+  results = demo_main.run(_config(shuffle=True), shuffled, log=_quiet)
+  assert results[pipeline.WORLD].reused and not results[pipeline.CORPUS].reused
+  told = json.loads((shuffled / "corpus" / "narration.json").read_text())
+  assert all(video != narrator for video, narrator in told.items())
+  real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]
+  for key in ("verb", "noun"):
+    chance = control[f"{key}_chance"]
+    for order, r in control["orders"].items():
+      assert r[f"{key}_top1"] < 2 * chance, (order, key, control)
+      assert r[f"{key}_top1"] < real["orders"][order][f"{key}_top1"] or \
+          real["orders"][order][f"{key}_top1"] < 2 * chance, (order, key, real, control)
