@@ -175,6 +175,29 @@ def test_build_in_both_orders_through_the_layouts(small):
     prompts.build(layout, video, tpl, "sideways")
 
 
+@pytest.mark.parametrize("order", prompts.ORDERS)
+def test_build_batch_equals_the_rows_built_one_by_one(small, order):
+  tok, layout = small
+  tpl = prompts.Template.parse("now let me show you how to [MASK] the [MASK] .", tok, 2)
+  rng = np.random.default_rng(3)
+  videos = [rng.integers(0, 64, n) for n in (5, 1, 17, 40, 9)]  # 40 is subsampled
+  batch, positions = prompts.build_batch(layout, videos, tpl, order, rows=8)
+  built = [prompts.build(layout, v, tpl, order) for v in videos]
+  built += [built[0]] * 3
+  ref = sequence.stack([p for p, _ in built])
+  width = batch["input_ids"].shape[1]
+  longest = int(ref["input_mask"].sum(axis=1).max())
+  multiple = prompts.LENGTH_MULTIPLE
+  assert width == min(layout.max_len, -(-longest // multiple) * multiple)
+  assert ref["input_mask"][:, width:].sum() == 0  # only padding columns were cut
+  for key in ("input_ids", "segment_ids", "position_ids", "input_mask"):
+    np.testing.assert_array_equal(batch[key], ref[key][:, :width], err_msg=key)
+  np.testing.assert_array_equal(batch["regime"], ref["regime"])
+  np.testing.assert_array_equal(positions, np.stack([p for _, p in built]))
+  with pytest.raises(ValueError, match=r"video 7: visual tokens must lie in \[0, 64\)"):
+    prompts.build_batch(layout, [[1], [64]], tpl, order, rows=2, ids=[6, 7])
+
+
 def test_long_video_is_subsampled_evenly_and_the_text_kept_whole(small):
   tok, layout = small
   tpl = prompts.Template.parse("now let me show you how to [MASK] the [MASK] .", tok, 2)

@@ -244,6 +244,44 @@ class Layout:
     segments = [SEGMENT_TEXT] + [SEGMENT_VIDEO] * n_v + [SEGMENT_TEXT] * (n_t + 2)
     return _pad(tokens, segments, self.max_len, sp.pad, REGIME_PAIR)
 
+  def stack_with_text(self, visual_rows: Sequence[np.ndarray], text_ids: Sequence[int],
+                      video_first: bool, width: int) -> dict[str, np.ndarray]:
+    """`stack` of `video_then_text(v, text_ids)` (or `pair(text_ids, v)`) for every v, built
+    with array operations rather than row by row, `width` columns wide.
+
+    For prompts, where one text goes beside many videos: every row must fit whole (nothing is
+    cut, unlike the row-by-row layouts), and `width` must hold the longest row.
+    """
+    sp = self.specials
+    text = np.asarray(text_ids, np.int32).reshape(-1)
+    n_v = np.array([len(v) for v in visual_rows], np.int64)
+    longest = int(n_v.max()) + len(text) + 3
+    if longest > min(width, self.max_len):
+      raise ValueError(f"a row of {longest} tokens does not fit width={width} and max_len="
+                       f"{self.max_len}")
+    rows = np.arange(len(n_v))
+    video_start = np.ones_like(n_v) if video_first else np.full_like(n_v, len(text) + 2)
+    text_start = n_v + 2 if video_first else np.ones_like(n_v)
+    ends = n_v + len(text) + 2  # the [SEP] column
+    cols = np.arange(width)
+    ids = np.full((len(n_v), width), sp.pad, np.int32)
+    ids[:, 0] = sp.cls
+    ids[rows, (n_v + 1) if video_first else len(text) + 1] = sp.video_sep
+    ids[rows, ends] = sp.sep
+    ids[rows[:, None], text_start[:, None] + np.arange(len(text))] = text
+    video_cols = np.repeat(video_start, n_v) + np.arange(n_v.sum()) - np.repeat(
+        np.cumsum(n_v) - n_v, n_v)
+    ids[np.repeat(rows, n_v), video_cols] = self.vocab.visual_to_joint(
+        np.concatenate(visual_rows))
+    in_video = (cols >= video_start[:, None]) & (cols < (video_start + n_v)[:, None])
+    if not video_first:  # pair(): the closing [SEP] belongs to the video segment
+      in_video |= cols == ends[:, None]
+    return {"input_ids": ids,
+            "segment_ids": np.where(in_video, SEGMENT_VIDEO, SEGMENT_TEXT).astype(np.int32),
+            "position_ids": np.broadcast_to(cols.astype(np.int32), ids.shape).copy(),
+            "input_mask": (cols <= ends[:, None]).astype(np.int32),
+            "regime": np.full(len(n_v), REGIME_PAIR, np.int32)}
+
 
 def stack(packed: Sequence[Packed]) -> dict[str, np.ndarray]:
   """Stacks packed sequences into a batch dict of [batch, ...] arrays."""

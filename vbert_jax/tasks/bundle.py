@@ -117,10 +117,18 @@ class Bundle:
     With `mlm_ids` / `mvm_ids` ([K] ids of that part of the vocabulary), only those columns
     come back: [B, P, K] (normalised over the whole vocabulary all the same).
     """
-    ids = {"mlm": _positions(mlm_ids), "mvm": _positions(mvm_ids)}
-    out = self._jitted(self.params, _inputs(batch), _positions(mlm_positions),
-                       _positions(mvm_positions), ids, log_probs=True)
+    out = self.log_probs_async(batch, mlm_positions, mvm_positions, mlm_ids=mlm_ids,
+                               mvm_ids=mvm_ids)
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+  def log_probs_async(self, batch: Mapping[str, np.ndarray], mlm_positions=None,
+                      mvm_positions=None, *, mlm_ids=None,
+                      mvm_ids=None) -> dict[str, jax.Array]:
+    """`log_probs` without waiting: device arrays, whose computation runs while the caller
+    prepares the next batch (reading them, e.g. with np.asarray, waits for it)."""
+    ids = {"mlm": _positions(mlm_ids), "mvm": _positions(mvm_ids)}
+    return self._jitted(self.params, _inputs(batch), _positions(mlm_positions),
+                        _positions(mvm_positions), ids, log_probs=True)
 
 
 def _inputs(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

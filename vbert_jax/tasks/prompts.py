@@ -25,7 +25,7 @@ ORDERS = ("video_first", "text_first")
 FORECAST_LAYOUTS = ("video_only", "pair")
 MASK_TOKEN = "[MASK]"
 # Batches are cut to their longest prompt rounded up to this, to bound the compiled shapes.
-LENGTH_MULTIPLE = 8
+LENGTH_MULTIPLE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +96,21 @@ def _check_video(visual_tokens: Sequence[int], vocab: sequence.JointVocab) -> np
   return v
 
 
-def build(layout: sequence.Layout, visual_tokens: Sequence[int], template: Template,
-          order: str = "video_first") -> tuple[sequence.Packed, np.ndarray]:
-  """The template beside the video in `order`; returns (packed, positions of the masks)."""
-  if order not in ORDERS:
-    raise ValueError(f"order={order!r}: expected one of {ORDERS}")
-  video = _check_video(visual_tokens, layout.vocab)
+def _video_room(layout: sequence.Layout, template: Template) -> int:
   room = layout.max_len - 3 - len(template.ids)
   if room < 1:
     raise ValueError(f"template {template.text!r} takes {len(template.ids)} tokens; with "
                      f"[CLS], [>], [SEP] and one video token it exceeds max_len="
                      f"{layout.max_len}")
-  video = fit_video(video, room)
+  return room
+
+
+def build(layout: sequence.Layout, visual_tokens: Sequence[int], template: Template,
+          order: str = "video_first") -> tuple[sequence.Packed, np.ndarray]:
+  """The template beside the video in `order`; returns (packed, positions of the masks)."""
+  if order not in ORDERS:
+    raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+  video = fit_video(_check_video(visual_tokens, layout.vocab), _video_room(layout, template))
   if order == "video_first":
     packed = layout.video_then_text(video, template.ids)
   else:
@@ -119,20 +122,33 @@ def build(layout: sequence.Layout, visual_tokens: Sequence[int], template: Templ
 def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], template: Template,
                 order: str, rows: int, ids: Sequence[int] | None = None
                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """`build` for each video, stacked (`stack_trimmed`) into `rows` rows; returns (batch, mask
-  positions [rows, masks]).
+  """`build` for each video, stacked into `rows` rows and cut after the longest prompt
+  (rounded up to `LENGTH_MULTIPLE`: the cut columns are padding in every row, masked out of
+  attention, so the answers do not change and the pass costs what the prompts need); returns
+  (batch, mask positions [rows, masks]).
 
   Rows past the videos repeat the first prompt, so that every batch has one compiled shape;
   their outputs are to be dropped. `ids` name the videos in errors (default 0, 1, ...).
   """
-  built = []
+  if order not in ORDERS:
+    raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+  room = _video_room(layout, template)
+  fitted = []
   for i, video in enumerate(videos):
     try:
-      built.append(build(layout, video, template, order))
+      fitted.append(fit_video(_check_video(video, layout.vocab), room))
     except ValueError as e:
       raise ValueError(f"video {i if ids is None else ids[i]}: {e}") from e
-  built += [built[0]] * (rows - len(built))
-  return stack_trimmed([p for p, _ in built]), np.stack([pos for _, pos in built])
+  fitted += [fitted[0]] * (rows - len(fitted))
+  longest = max(len(v) for v in fitted) + len(template.ids) + 3
+  width = min(layout.max_len, -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+  video_first = order == "video_first"
+  batch = layout.stack_with_text(fitted, template.ids, video_first, width)
+  slots = np.asarray(template.slots, np.int32)
+  n_v = np.array([len(v) for v in fitted], np.int32)[:, None]
+  positions = (n_v + 2 + slots) if video_first else np.broadcast_to(1 + slots, n_v.shape[:1] +
+                                                                    slots.shape)
+  return batch, np.ascontiguousarray(positions, np.int32)
 
 
 def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
@@ -190,17 +206,3 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
   packed.segment_ids[start:start + horizon + 1] = sequence.SEGMENT_VIDEO
   _mask_video(packed, positions, layout.specials.mask)
   return packed, positions
-
-
-def stack_trimmed(packed: Sequence[sequence.Packed],
-                  multiple: int = LENGTH_MULTIPLE) -> dict[str, np.ndarray]:
-  """`sequence.stack`, cut after the longest real sequence (rounded up to `multiple`).
-
-  The cut columns are padding in every row: masked out of attention, so the outputs at the
-  real positions do not change, and the forward pass costs what the prompts need.
-  """
-  batch = sequence.stack(packed)
-  max_len = batch["input_ids"].shape[1]
-  longest = int(batch["input_mask"].sum(axis=1).max())
-  keep = min(max_len, -(-longest // multiple) * multiple)
-  return {k: (v[:, :keep] if np.ndim(v) == 2 else v) for k, v in batch.items()}

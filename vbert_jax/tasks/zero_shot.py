@@ -120,12 +120,23 @@ def _batches(bundle, videos: Sequence[np.ndarray], template: prompts.Template, o
   """
   size = _bucket(len(videos), batch_size)
   by_length = np.argsort([len(v) for v in videos], kind="stable")
+  pending = None
   for start in range(0, len(videos), size):
     rows = by_length[start:start + size]
     batch, positions = prompts.build_batch(bundle.layout, [videos[i] for i in rows], template,
                                            order, size, ids=rows)
-    lp = bundle.log_probs(batch, mlm_positions=positions, mlm_ids=ids)["mlm_log_probs"]
-    yield rows, lp[:len(rows)]
+    # Dispatched before the previous batch is read: its prompts are built while the device
+    # computes, rather than in turn.
+    out = bundle.log_probs_async(batch, mlm_positions=positions, mlm_ids=ids)
+    if pending is not None:
+      yield _fetch(*pending)
+    pending = rows, out
+  if pending is not None:
+    yield _fetch(*pending)
+
+
+def _fetch(rows: np.ndarray, out: dict) -> tuple[np.ndarray, np.ndarray]:
+  return rows, np.asarray(out["mlm_log_probs"])[:len(rows)]
 
 
 def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet | None,
