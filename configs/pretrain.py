@@ -68,9 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Sequences and masking.
   c.max_len = 512
+  # video_suffix_rate: how often the masked visual tokens are the video's last ones (a
+  # forecast) rather than BERT's random choice; 0 is the paper's recipe.
   c.masking = ml_collections.ConfigDict(dict(
       rate=0.15, mask_prob=0.8, random_prob=0.1,
-      max_predictions_text=40, max_predictions_video=40))
+      max_predictions_text=40, max_predictions_video=40, video_suffix_rate=0.0))
   # Share of each training regime (normalised): text-only MLM, video-only MVM, video-text.
   c.regimes = ml_collections.ConfigDict(dict(text=1.0, video=1.0, pair=1.0))
   c.lva_negative_rate = 0.5  # video-text examples whose video comes from another segment

@@ -147,10 +147,42 @@ def test_masking_config_matches_function():
     np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_video_suffix_masking_hides_the_last_clips_only():
+  video = Layout(VOCAB, 48).video_only(list(range(100, 120)))
+  pair = _pair(np.random.default_rng(6), 10, 12)
+  for packed in (video, pair):
+    visual = np.flatnonzero(VOCAB.is_visual(packed.input_ids))
+    suffixed, plain = [], []
+    for seed in range(200):
+      m = objectives.mask_example(np.random.default_rng(seed), packed.input_ids, VOCAB, 8, 4,
+                                  rate=0.4, video_suffix_rate=0.5)
+      pos = m["mvm_positions"][m["mvm_weights"] > 0]
+      is_suffix = np.array_equal(pos, visual[-len(pos):])
+      (suffixed if is_suffix else plain).append(m)
+      if is_suffix:  # always [MASK] (no 80-10-10), targets are the originals
+        assert (m["input_ids"][pos] == VOCAB.specials.mask).all()
+        np.testing.assert_array_equal(m["mvm_ids"][:len(pos)],
+                                      VOCAB.joint_to_visual(packed.input_ids[pos]))
+        past = visual[:len(visual) - len(pos)]  # the clips before the masked ones are intact
+        np.testing.assert_array_equal(m["input_ids"][past], packed.input_ids[past])
+    assert 70 < len(suffixed) < 130, len(suffixed)  # about half of 200
+  # Rate 0 (the paper's recipe) draws exactly what masking without the option draws.
+  a = objectives.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4)
+  b = objectives.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4,
+                              video_suffix_rate=0.0)
+  for key in objectives.MASK_KEYS:
+    np.testing.assert_array_equal(a[key], b[key])
+  cfg = objectives.MaskingConfig.from_config({"rate": 0.4, "video_suffix_rate": 1.0})
+  assert (cfg.rate, cfg.video_suffix_rate, cfg.max_predictions_text) == (0.4, 1.0, 20)
+
+
 def test_bad_masking_arguments_are_named():
   with pytest.raises(ValueError, match="mask_prob"):
     objectives.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
                             mask_prob=0.95, random_prob=0.1)
+  with pytest.raises(ValueError, match="video_suffix_rate=1.5"):
+    objectives.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
+                            video_suffix_rate=1.5)
   with pytest.raises(ValueError, match=r"\[batch, length\]"):
     objectives.mask_batch(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2)
 

@@ -241,6 +241,13 @@ def test_generation_prompts_mask_video_slots(small):
   packed, pos = prompts.forecast(layout, np.arange(60), 3, "video_only")
   past = layout.vocab.joint_to_visual(packed.input_ids[1:pos[0]])
   assert past[-1] == 59 and len(past) == layout.max_len - 5
+  # ... and only the last `context` clips when asked.
+  packed, pos = prompts.forecast(layout, np.arange(60), 1, "video_only", context=4)
+  np.testing.assert_array_equal(layout.vocab.joint_to_visual(packed.input_ids[1:pos[0]]),
+                                [56, 57, 58, 59])
+  assert pos.tolist() == [5] and packed.input_mask.sum() == 7
+  with pytest.raises(ValueError, match=r"context=0: expected at least 1"):
+    prompts.forecast(layout, [1, 2], 1, context=0)
   with pytest.raises(ValueError, match=r"num_slots=0"):
     prompts.text_to_video(layout, [7], 0)
   with pytest.raises(ValueError, match=r"exceed max_len"):

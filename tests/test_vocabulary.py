@@ -128,6 +128,44 @@ def test_newer_format_version_names_both_versions(fitted, tmp_path):
     vocabulary.VisualVocabulary.load(tmp_path / "junk.npz")
 
 
+def test_l2_vocabulary_clusters_directions_and_assigns_any_length(tmp_path):
+  # Three directions, each at lengths spread over two orders of magnitude: raw k-means splits
+  # on length, l2 on direction.
+  rng = np.random.default_rng(4)
+  axes = np.eye(8, dtype=np.float32)[:3] * 10
+  label = rng.integers(0, 3, 120)
+  length = np.exp(rng.uniform(np.log(0.1), np.log(10), 120)).astype(np.float32)
+  x = (axes[label] + rng.normal(size=(120, 8)).astype(np.float32)) * length[:, None]
+  cfg = kmeans.KMeansConfig(depth=1, branching=3, iterations=20, seed=0)
+  l2 = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2, normalize="l2")
+  raw = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2)
+  assert kmeans.adjusted_rand_index(l2.assign(x), label) == 1.0
+  assert kmeans.adjusted_rand_index(raw.assign(x), label) < 0.5
+  norms = np.linalg.norm(l2.leaves, axis=1)  # means of unit rows: inside the unit ball
+  assert np.all(norms <= 1 + 1e-5) and np.all(norms > 0.9), norms
+  # A clip's token does not depend on its feature's length, and matches brute force on unit rows.
+  np.testing.assert_array_equal(l2.assign(x * 7.5), l2.assign(x))
+  unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+  np.testing.assert_array_equal(l2.assign(x), kmeans.brute_force_leaf(unit, l2.leaves))
+  loaded = vocabulary.VisualVocabulary.load(l2.save(tmp_path / "l2.npz"))
+  assert loaded.normalize == "l2"
+  np.testing.assert_array_equal(loaded.assign(x), l2.assign(x))
+  with pytest.raises(ValueError, match=r"normalize='l1': expected one of \('none', 'l2'\)"):
+    vocabulary.VisualVocabulary.fit(x, cfg, normalize="l1")
+
+
+def test_version_1_file_loads_without_normalisation(fitted, tmp_path):
+  _, x, vocab = fitted
+  with np.load(vocab.save(tmp_path / "v2.npz")) as z:
+    arrays = dict(z)
+  assert str(arrays.pop("normalize")) == "none"
+  arrays["format_version"] = np.int32(1)
+  np.savez(tmp_path / "v1.npz", **arrays)
+  old = vocabulary.VisualVocabulary.load(tmp_path / "v1.npz")
+  assert old.normalize == "none"
+  np.testing.assert_array_equal(old.assign(x), vocab.assign(x))
+
+
 def test_visual_embedding_init(fitted, tmp_path):
   _, _, vocab = fitted
   emb = vocabulary.visual_embedding_init(vocab, 256, std=0.02, seed=3)

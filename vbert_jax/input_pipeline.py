@@ -106,11 +106,7 @@ class PipelineConfig:
                   **overrides) -> "PipelineConfig":
     """From a pretraining config (configs/pretrain.py); `config.input.*` keys it lacks default."""
     inp = config.input
-    m = config.masking
-    masking = objectives.MaskingConfig(
-        max_predictions_text=m.max_predictions_text,
-        max_predictions_video=m.max_predictions_video, rate=m.rate, mask_prob=m.mask_prob,
-        random_prob=m.random_prob)
+    masking = objectives.MaskingConfig.from_config(config.masking)
     specials = sequence.SpecialIds.parse(config.model.get("special_ids", None))
     fields = dict(
         vocab=sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size,

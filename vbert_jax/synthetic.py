@@ -142,10 +142,7 @@ def from_config(config: Any, split: str, *, batch_size: int, process_index: int 
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
   world = World.generate(vocab, config.input.synthetic_topics, config.input.synthetic_min_words,
                          config.input.synthetic_max_words, config.seed)
-  m = config.masking
-  masking = objectives.MaskingConfig(max_predictions_text=m.max_predictions_text,
-                                     max_predictions_video=m.max_predictions_video, rate=m.rate,
-                                     mask_prob=m.mask_prob, random_prob=m.random_prob)
+  masking = objectives.MaskingConfig.from_config(config.masking)
   regimes = (config.regimes.text, config.regimes.video, config.regimes.pair)
   return SyntheticSource(vocab=vocab, max_len=config.max_len, batch_size=batch_size,
                          masking=masking, regime_weights=regimes,

@@ -77,15 +77,16 @@ def _expand(beams: list[_Beam], lp: np.ndarray, method: str, width: int) -> list
 
 
 def forecast(bundle, visual_tokens: Sequence[int], horizon: int, *, top: int = 3,
-             method: str = "beam", layout: str = "video_only",
-             beam_size: int = 8) -> list[tuple[np.ndarray, float]]:
+             method: str = "beam", layout: str = "video_only", beam_size: int = 8,
+             context: int | None = None) -> list[tuple[np.ndarray, float]]:
   """The `top` most likely futures of `horizon` clips: [(tokens int32 [horizon], score)], best
-  first (score: the summed log-probability, see the module docstring)."""
+  first (score: the summed log-probability, see the module docstring). `context`: the most
+  recent tokens the prompt keeps (None: as many as fit; see `prompts.forecast`)."""
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
   if top < 1 or beam_size < 1:
     raise ValueError(f"top={top} and beam_size={beam_size}: expected at least 1")
-  base, positions = prompts.forecast(bundle.layout, visual_tokens, horizon, layout)
+  base, positions = prompts.forecast(bundle.layout, visual_tokens, horizon, layout, context)
   if top > bundle.vocab.visual_size ** horizon:
     raise ValueError(f"top={top}: only {bundle.vocab.visual_size ** horizon} distinct futures "
                      f"of {horizon} clips exist")
@@ -144,6 +145,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="video_only: [CLS] video [MASK]s [SEP]; pair: [CLS] video [>] [MASK]s "
                  "[SEP].")
   p.add_argument("--beam_size", type=int, default=8, help="Hypotheses kept per step.")
+  p.add_argument("--context", type=int, default=None,
+                 help="Keep only the last N tokens so far (default: as many as fit max_len). "
+                 "Pretraining's video-only sequences are 16 tokens: N = 16 - horizon keeps the "
+                 "prompt at positions the model was trained at.")
   p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
   return p.parse_args(argv)
 
@@ -168,14 +173,15 @@ def run(args: argparse.Namespace) -> dict:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = {"workdir": str(args.workdir), "tokens": video.tolist(), "method": args.method,
-             "layout": args.layout, "beam_size": args.beam_size, "horizons": {}}
+             "layout": args.layout, "beam_size": args.beam_size, "context": args.context,
+             "horizons": {}}
   for h in args.horizons:
     futures = forecast(bundle, video, h, top=args.top, method=args.method, layout=args.layout,
-                       beam_size=args.beam_size)
+                       beam_size=args.beam_size, context=args.context)
     entry = {"futures": [{"tokens": t.tolist(), "score": s} for t, s in futures]}
     if bundle.visual_vocab is not None:
-      context = video[-8:]
-      rows = [context] + [t for t, _ in futures]
+      so_far = video[-8:]
+      rows = [so_far] + [t for t, _ in futures]
       labels = ["so far"] + [f"#{i + 1} {s:.2f}" for i, (_, s) in enumerate(futures)]
       entry["picture"] = strips.token_strip(bundle.visual_vocab, rows, out / f"horizon_{h}.png",
                                             labels=labels, tile=args.tile).name

@@ -176,13 +176,18 @@ def text_to_video(layout: sequence.Layout, text_ids: Sequence[int],
 
 
 def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int,
-             kind: str = "video_only") -> tuple[sequence.Packed, np.ndarray]:
+             kind: str = "video_only",
+             context: int | None = None) -> tuple[sequence.Packed, np.ndarray]:
   """The video so far followed by `horizon` masked slots; returns (packed, slot positions).
 
   video_only: [CLS] v1 ... vN [MASK] ... [SEP] (pretraining's video-only regime);
   pair:       [CLS] v1 ... vN [>] [MASK] ... [SEP] (the future after the separator).
-  The most recent tokens are kept when the video does not fit.
+  The most recent tokens are kept when the video does not fit, or when it is longer than
+  `context` (None: as many as fit). A context as long as pretraining's video-only sequences
+  (`video_segment_tokens` minus the horizon) keeps every position one the model was trained at.
   """
+  if context is not None and context < 1:
+    raise ValueError(f"context={context}: expected at least 1 token, or None")
   if kind not in FORECAST_LAYOUTS:
     raise ValueError(f"layout={kind!r}: expected one of {FORECAST_LAYOUTS}")
   if horizon < 1:
@@ -193,7 +198,7 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
   if room < 1:
     raise ValueError(f"horizon={horizon} leaves no room for the video in max_len="
                      f"{layout.max_len}")
-  video = fit_video(video, room, keep="last")
+  video = fit_video(video, room if context is None else min(room, context), keep="last")
   n = len(video)
   if kind == "video_only":
     packed = layout.video_only(np.concatenate([video, np.zeros(horizon, np.int64)]))

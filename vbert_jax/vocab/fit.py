@@ -27,9 +27,13 @@ _TOL = flags.DEFINE_float("tol", 1e-4, "Stop a level when inertia falls by at mo
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means++ seeding.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 65536, "Rows per streamed chunk.")
 _NEAREST = flags.DEFINE_integer("nearest", 8, "Training clips kept per token for lookups.")
+_NORMALIZE = flags.DEFINE_enum("normalize", "none", list(vocabulary.NORMALIZE),
+                               "Feature transform before fitting and assigning: none, or l2 "
+                               "(unit-length rows: clusters of directions, not lengths).")
 
 
-def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int) -> int:
+def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int,
+        normalize: str = "none") -> int:
   t0 = time.time()
   source = kmeans.open_source(features)
   print(f"features: {features}: {source.num_rows} clips of width {source.dim}"
@@ -48,13 +52,15 @@ def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int) -> i
     bar.set_postfix(level=level, inertia=f"{inertia:.4g}", changed=changed)
 
   vocab = vocabulary.VisualVocabulary.fit(source, config, nearest_per_leaf=nearest,
-                                          log=bar.write, on_iteration=on_iteration)
+                                          normalize=normalize, log=bar.write,
+                                          on_iteration=on_iteration)
   bar.update(bar.total - bar.n)
   bar.close()
   vocab.save(out)
   used = int(np.count_nonzero(vocab.leaf_counts))
   print(f"wrote {out}: {vocab.size} tokens ({used} used by training clips), depth "
-        f"{config.depth}, branching {config.branching}, {time.time() - t0:.1f} s")
+        f"{config.depth}, branching {config.branching}, normalize {normalize}, "
+        f"{time.time() - t0:.1f} s")
   skipped = getattr(source, "skipped", [])
   print(f"summary: {source.num_rows} clips used, {len(skipped)} files skipped")
   for path, reason in skipped:
@@ -71,7 +77,7 @@ def main(argv) -> None:
                                chunk_size=_CHUNK.value)
   try:
     config.validate()
-    code = run(_FEATURES.value, _OUT.value, config, _NEAREST.value)
+    code = run(_FEATURES.value, _OUT.value, config, _NEAREST.value, _NORMALIZE.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     code = 1

@@ -8,6 +8,12 @@ closest first, with their video id, source path, clip index and start/end times.
 Tokens are leaf indices in [0, branching**depth): the path of child indices read as a number in
 base `branching`, most significant first. `assign` descends the tree (jit-compiled, batched,
 sharded over local devices); `centroid` and `nearest_clips` go the other way.
+
+`normalize` ("none" or "l2", recorded in the file) is applied to features before the fit and
+before every assignment: with "l2" the tree clusters the directions of the features, not their
+lengths. (With randomly initialised S3D weights a clip's feature length follows its brightness
+and contrast, and k-means on raw features then spends most of its leaves on that.) Centroids and
+distances are in the normalised space.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import numpy as np
 from vbert_jax import atomic
 from vbert_jax.vocab import kmeans
 
-FORMAT_VERSION = 1
+# Version 2 added `normalize`; version 1 files load with normalize="none".
+FORMAT_VERSION = 2
+NORMALIZE = ("none", "l2")
 _SETTINGS = ("depth", "branching", "seed", "iterations", "tol", "dim", "count")
 
 
@@ -51,6 +59,7 @@ class VisualVocabulary:
   std: np.ndarray  # [dim] float64
   leaf_counts: np.ndarray  # [V] int64 training clips per leaf
   nearest: NearestClips
+  normalize: str = "none"  # one of NORMALIZE, applied before fitting and assigning
 
   @property
   def size(self) -> int:
@@ -65,25 +74,28 @@ class VisualVocabulary:
 
   @classmethod
   def fit(cls, features, config: kmeans.KMeansConfig = kmeans.KMeansConfig(), *,
-          nearest_per_leaf: int = 8, mesh=None, log: Callable[[str], None] | None = None,
-          on_iteration=None) -> "VisualVocabulary":
+          nearest_per_leaf: int = 8, normalize: str = "none", mesh=None,
+          log: Callable[[str], None] | None = None, on_iteration=None) -> "VisualVocabulary":
     """Fits to a features folder, a .npy array path, an array or a `FeatureSource`."""
+    _check_normalize(normalize)
     source = features if hasattr(features, "num_rows") else kmeans.open_source(features)
-    tree = kmeans.fit_tree(source, config, mesh=mesh, log=log, on_iteration=on_iteration)
+    fitted = _UnitRows(source) if normalize == "l2" else source
+    tree = kmeans.fit_tree(fitted, config, mesh=mesh, log=log, on_iteration=on_iteration)
     return cls(
         centroids=tree.centroids, depth=config.depth, branching=config.branching,
         seed=config.seed, iterations=config.iterations, tol=config.tol, dim=source.dim,
         count=tree.num_rows, mean=tree.mean, std=tree.std,
         leaf_counts=np.bincount(tree.leaf, minlength=config.branching**config.depth),
         nearest=_nearest_clips(source, tree.leaf, tree.leaf_dist,
-                               config.branching**config.depth, nearest_per_leaf))
+                               config.branching**config.depth, nearest_per_leaf),
+        normalize=normalize)
 
   # --------------------------------------------------------------------------- file
 
   def save(self, path) -> pathlib.Path:
     """Writes atomically (temporary name, then rename)."""
     arrays = {"format_version": np.int32(FORMAT_VERSION), "mean": self.mean, "std": self.std,
-              "leaf_counts": self.leaf_counts}
+              "leaf_counts": self.leaf_counts, "normalize": np.str_(self.normalize)}
     arrays.update({key: np.asarray(getattr(self, key)) for key in _SETTINGS})
     arrays.update({f"centroids_{i}": c.astype(np.float32) for i, c in enumerate(self.centroids)})
     nc = self.nearest
@@ -124,12 +136,16 @@ class VisualVocabulary:
           video=get("nearest_video"), clip=get("nearest_clip"), start=get("nearest_start"),
           end=get("nearest_end"), dist=get("nearest_dist"),
           video_ids=[str(s) for s in get("video_ids")], sources=[str(s) for s in get("sources")])
+      normalize = str(get("normalize")) if version >= 2 else "none"
       vocab = cls(centroids=centroids, mean=get("mean"), std=get("std"),
-                  leaf_counts=get("leaf_counts"), nearest=nearest, **settings)
+                  leaf_counts=get("leaf_counts"), nearest=nearest, normalize=normalize,
+                  **settings)
     vocab._check(path)
     return vocab
 
   def _check(self, path) -> None:
+    if self.normalize not in NORMALIZE:
+      raise ValueError(f"{path}: normalize={self.normalize!r}; expected one of {NORMALIZE}")
     for level, c in enumerate(self.centroids):
       want = (self.branching**level, self.branching, self.dim)
       if c.shape != want:
@@ -150,6 +166,8 @@ class VisualVocabulary:
                        f"width {self.dim} ([N, {self.dim}])")
     if x.shape[0] == 0:
       return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    if self.normalize == "l2":
+      x = unit_rows(x)
     return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
 
   def centroid(self, token: int) -> np.ndarray:
@@ -178,6 +196,32 @@ class VisualVocabulary:
     if not 0 <= t < self.size:
       raise ValueError(f"visual token {token} is outside [0, {self.size})")
     return t
+
+
+def _check_normalize(normalize: str) -> None:
+  if normalize not in NORMALIZE:
+    raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZE}")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
+  x = np.asarray(x, np.float32)
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  return x / np.where(norm > 0, norm, 1.0)
+
+
+class _UnitRows:
+  """A `kmeans.FeatureSource` whose rows are those of `source` scaled to unit L2 norm."""
+
+  def __init__(self, source):
+    self.source = source
+    self.num_rows, self.dim = source.num_rows, source.dim
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    return unit_rows(self.source.read(start, stop))
+
+  def take(self, rows: np.ndarray) -> np.ndarray:
+    return unit_rows(self.source.take(rows))
 
 
 def _nearest_clips(source, leaf: np.ndarray, dist: np.ndarray, size: int,
