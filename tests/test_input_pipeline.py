@@ -97,6 +97,29 @@ def test_regime_negative_rate_and_concat_proportions(unmasked_rows):
     assert abs((rates == rate).mean() - 0.2) < tol(0.2, len(rates)), rate
 
 
+def test_video_only_examples_join_their_own_number_of_segments(records):
+  cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
+                        max_concat_video=5, max_subsample_rate=1)
+  got = rows(take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 20))
+  video = [r for r in got if r["regime"] == sequence.REGIME_VIDEO]
+  concat = np.array([r["debug_concat"] for r in video])
+  tol = 4 * np.sqrt(0.2 * 0.8 / len(video))
+  for k in range(1, 6):
+    assert abs((concat == k).mean() - 0.2) < tol, k
+  for r in video:  # consecutive clips of one record, over that many segments
+    _, clips = _parts(r)
+    np.testing.assert_array_equal(np.diff(clips), 1)
+    assert len(clips) >= r["debug_concat"]
+  assert all(r["debug_concat"] == 1 for r in got if r["regime"] != sequence.REGIME_VIDEO)
+  with pytest.raises(ValueError, match=r"max_concat_video=-1: expected >= 0"):
+    pipeline_config(max_concat_video=-1)
+
+
+def test_video_only_examples_default_to_max_concat(unmasked_rows):
+  concat = {int(r["debug_concat"]) for r in unmasked_rows if r["regime"] == sequence.REGIME_VIDEO}
+  assert concat == {1, 2, 3}
+
+
 def test_examples_follow_the_recipe(unmasked_rows):
   """Text is k neighbouring sentences; video every r-th clip of their clips, or a negative's."""
   seen = {"text": 0, "video": 0, "pos": 0, "same": 0, "other": 0}

@@ -64,6 +64,9 @@ class PipelineConfig:
   lva_negative_rate: float = 0.5
   negative_other_video: float = 0.5  # share of negatives that look in another video first
   max_concat: int = 3  # neighbouring sentences (segments) joined into one example: 1..n
+  # Neighbouring segments joined into a video-only example: 1..n (0: as max_concat). Longer
+  # video-only windows than sentence windows give masked clips a past to be predicted from.
+  max_concat_video: int = 0
   max_subsample_rate: int = 5  # every r-th clip token, r in 1..max_subsample_rate
   examples_per_video: int = 1  # examples drawn from each record per epoch
   seed: int = 0
@@ -90,6 +93,9 @@ class PipelineConfig:
         problems.append(f"{name}={getattr(self, name)}: expected at least 1")
     if self.split not in SPLIT_CODES:
       problems.append(f"split={self.split!r}: expected one of {sorted(SPLIT_CODES)}")
+    if self.max_concat_video < 0:
+      problems.append(f"max_concat_video={self.max_concat_video}: expected >= 0 (0: as "
+                      f"max_concat)")
     if self.worker_count < 0 or self.read_threads < 0:
       problems.append(f"worker_count={self.worker_count}, read_threads={self.read_threads}: "
                       f"expected >= 0")
@@ -115,7 +121,8 @@ class PipelineConfig:
         regime_weights=(config.regimes.text, config.regimes.video, config.regimes.pair),
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for key in ("negative_other_video", "max_concat", "max_subsample_rate", "examples_per_video",
+    for key in ("negative_other_video", "max_concat", "max_concat_video", "max_subsample_rate",
+                "examples_per_video",
                 "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
     fields.update(overrides)
@@ -250,6 +257,8 @@ class ExampleMaker:
       window = _window(rng, rec.text_segs, k_req)
       packed = self.layout.text_only(rec.text_of(window))
     elif regime == sequence.REGIME_VIDEO:
+      if c.max_concat_video:  # a draw of its own, so that other streams stay as they were
+        k_req = int(rng.integers(1, c.max_concat_video + 1))
       window = _window(rng, rec.clip_segs, k_req)
       b, e = rec.clip_range(window)
       packed = self.layout.video_only(_subsample(rng, rec.clips[b:e], rate))
