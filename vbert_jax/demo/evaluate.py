@@ -266,7 +266,8 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   packed, slots, truth = [], [], []
   for v in held:
     for t in range(1, len(v.tokens)):
-      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only")
+      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only",
+                                config.tasks.forecast_context)
       packed.append(p)
       slots.append(pos)
       truth.append(int(v.tokens[t]))
@@ -280,7 +281,8 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   video = max(held, key=lambda v: len(v.tokens))
   cut = len(video.tokens) - config.tasks.forecast_horizon
   futures = fc.forecast(bundle, video.tokens[:cut], config.tasks.forecast_horizon, top=3,
-                        beam_size=config.tasks.forecast_beam)
+                        beam_size=config.tasks.forecast_beam,
+                        context=config.tasks.forecast_context)
   context = video.tokens[max(0, cut - 4):cut].tolist()
   rows = [context + video.tokens[cut:].tolist()] + [context + f.tolist() for f, _ in futures]
   strips.token_strip(bundle.visual_vocab, rows, folder / "forecast.png",

@@ -168,6 +168,7 @@ def run_vocab(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
                            tol=v.tol, seed=v.seed)
   km.validate()
   vocab = vocabulary.VisualVocabulary.fit(corpus_dir / "features", km, nearest_per_leaf=v.nearest,
+                                          normalize=v.normalize,
                                           log=lambda s: print(s, flush=True))
   vocab.save(folder / VOCAB_FILE)
   used = int(np.count_nonzero(vocab.leaf_counts))
