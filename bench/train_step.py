@@ -155,8 +155,9 @@ def make_ours(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed
 
 
 def make_peer(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed: int,
-              same_work: bool):
-  """A (step, sync) pair for BertForPreTraining, normal use or heads at our slots only."""
+              same_work: bool, device: str = "cpu", bf16: bool = False):
+  """A (step, sync) pair for BertForPreTraining, normal use or heads at our slots only
+  (`bf16`: the forward pass under torch.autocast in bfloat16)."""
   torch.manual_seed(seed)
   bert_cfg = transformers.BertConfig(
       vocab_size=cfg.vocab.total_size, hidden_size=cfg.hidden_size,
@@ -164,25 +165,25 @@ def make_peer(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed
       intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_position_embeddings,
       type_vocab_size=cfg.type_vocab_size, hidden_dropout_prob=cfg.dropout_rate,
       attention_probs_dropout_prob=cfg.attention_dropout_rate, hidden_act="gelu")
-  peer = transformers.BertForPreTraining(bert_cfg).train()
+  peer = transformers.BertForPreTraining(bert_cfg).train().to(device)
   # The fused CPU kernel: torch's default (for-loop) AdamW takes 13x the CPU time here.
   opt = torch.optim.AdamW(peer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                           fused=True)
   vocab = cfg.vocab
-  t = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()
+  t = {k: torch.from_numpy(np.asarray(v)).long().to(device) for k, v in batch.items()
        if k in ("input_ids", "segment_ids", "position_ids", "input_mask")}
   # Joint-id targets at our slots (-100 = padding slot, ignored), and NSP's "is next" = 0.
   slot_pos = np.concatenate([batch["mlm_positions"], batch["mvm_positions"]], 1)
   slot_ids = np.concatenate([batch["mlm_ids"], batch["mvm_ids"] + vocab.visual_offset], 1)
   slot_w = np.concatenate([batch["mlm_weights"], batch["mvm_weights"]], 1)
-  slot_labels = torch.from_numpy(np.where(slot_w > 0, slot_ids, -100)).long()
-  slot_pos_t = torch.from_numpy(slot_pos).long()
-  full_labels = torch.full(t["input_ids"].shape, -100, dtype=torch.long)
+  slot_labels = torch.from_numpy(np.where(slot_w > 0, slot_ids, -100)).long().to(device)
+  slot_pos_t = torch.from_numpy(slot_pos).long().to(device)
+  full_labels = torch.full(t["input_ids"].shape, -100, dtype=torch.long, device=device)
   rows = np.repeat(np.arange(slot_pos.shape[0]), slot_pos.shape[1])
   keep = slot_w.reshape(-1) > 0
   full_labels[rows[keep], slot_pos.reshape(-1)[keep]] = torch.from_numpy(
-      slot_ids.reshape(-1)[keep]).long()
-  nsp = torch.from_numpy(1 - batch["lva_label"]).long()
+      slot_ids.reshape(-1)[keep]).long().to(device)
+  nsp = torch.from_numpy(1 - batch["lva_label"]).long().to(device)
   kwargs = dict(input_ids=t["input_ids"], attention_mask=t["input_mask"],
                 token_type_ids=t["segment_ids"], position_ids=t["position_ids"])
   ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
@@ -201,7 +202,8 @@ def make_peer(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn()
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn()
     loss.backward()
     opt.step()
     return loss

@@ -264,6 +264,10 @@ class SelfAttention(nn.Module):
         Projection(cfg, heads, ("embed", "heads", "kv"), name=name)(x), axes)
                for name in ("query", "key", "value"))
     if deterministic or cfg.attention_dropout_rate == 0.0:
+      if cfg.attention_impl == "cudnn":
+        # cuDNN takes a mask only in its full [batch, heads, query, key] shape ("Bias must have
+        # same seq length as QKV" for the broadcast [batch, 1, 1, key] padding mask).
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
     else:
       drop = functools.partial(nn.Dropout(cfg.attention_dropout_rate), deterministic=False)

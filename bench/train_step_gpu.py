@@ -1,0 +1,112 @@
+"""Train-step throughput and MFU on one GPU: our jitted step against transformers'
+BertForPreTraining, in bfloat16, in one process.
+
+The `base` variant (12 layers, hidden 768, 12 heads, MLP 3072) at sequence 512, batch 32, with
+the joint vocabulary of bench/train_step.py (30522 text + 20736 visual tokens), dropout on,
+AdamW, on the same generated batch (that benchmark's `make_batch`, `make_ours`, `make_peer`),
+alternating rounds.
+
+Contenders:
+  ours        bf16 compute, f32 parameters; attention by XLA, with attention dropout 0.1
+  ours_no_attn_dropout  the same without attention dropout (XLA's dot_product_attention)
+  ours_cudnn  the same with attention_impl="cudnn" (jax.nn.dot_product_attention's fused cuDNN
+              kernel), also without attention dropout, which that kernel's path in model.py skips
+  peer        BertForPreTraining as normally used (logits over the joint vocabulary at every
+              position), torch.autocast bf16, torch's scaled-dot-product attention, fused AdamW
+  peer_same   its heads at our prediction slots only
+
+Reported: tokens/s and milliseconds per step, `ratio` = ours / peer, and MFU = model FLOPs
+(`vbert_jax.flops`, heads at the real prediction slots) over the device's dense bf16 peak
+(`flops.peak_flops`). It needs a CUDA GPU with jax's CUDA plugin and torch; no test runs it.
+
+    python bench/train_step_gpu.py [--variant=base] [--batch=32] [--seq=512] [--rounds=5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cuda")  # before bench.common's CPU default
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+from bench import train_step as ts  # noqa: E402
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+
+from vbert_jax import flops  # noqa: E402
+from vbert_jax import model as model_lib  # noqa: E402
+
+
+def contenders(args, batch):
+  shape = dict(max_position_embeddings=max(512, args.seq), dtype="bfloat16")
+  cfg = model_lib.VideoBERTConfig.from_variant(args.variant, **shape)
+  out, failed = {}, {}
+  makers = {
+      "ours": lambda: ts.make_ours(cfg, batch, args.seed, "rbg")[:2],
+      "ours_no_attn_dropout": lambda: ts.make_ours(model_lib.VideoBERTConfig.from_variant(
+          args.variant, attention_dropout_rate=0.0, **shape), batch, args.seed, "rbg")[:2],
+      "ours_cudnn": lambda: ts.make_ours(model_lib.VideoBERTConfig.from_variant(
+          args.variant, attention_impl="cudnn", attention_dropout_rate=0.0, **shape),
+                                         batch, args.seed, "rbg")[:2],
+      "peer": lambda: ts.make_peer(cfg, batch, args.seed, False, device="cuda", bf16=True),
+      "peer_same": lambda: ts.make_peer(cfg, batch, args.seed, True, device="cuda", bf16=True),
+  }
+  for name, make in makers.items():
+    try:
+      step, sync = make()
+      for _ in range(2):  # compile, then one warm step
+        sync(step())
+      out[name] = (step, sync)
+    except Exception as e:  # pylint: disable=broad-except
+      failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      print(f"{name}: could not run ({failed[name]})", flush=True)
+  return cfg, out, failed
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--variant", default="base")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=512)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps", type=int, default=5, help="steps per round")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args()
+  if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+    raise SystemExit(f"needs a CUDA GPU for both jax (backend: {jax.default_backend()}) and "
+                     f"torch (cuda available: {torch.cuda.is_available()})")
+  vocab = model_lib.VideoBERTConfig.from_variant(args.variant).vocab
+  batch, _, _ = ts.make_batch(vocab, args.batch, args.seq, args.seed)
+  cfg, runs, failed = contenders(args, batch)
+  times = common.alternate(runs, args.rounds, args.steps)
+  med = {name: common.median(t).wall for name, t in times.items()}
+  tokens = args.batch * args.seq
+  step_flops = flops.flops_per_step(cfg, args.batch, args.seq, float(batch["mlm_weights"].sum()),
+                                    float(batch["mvm_weights"].sum())).total
+  kind = jax.devices()[0].device_kind
+  peak = flops.peak_flops(kind)
+  rows = [(name, f"{sec * 1e3:.1f}", f"{tokens / sec:,.0f}",
+           f"{flops.mfu(step_flops, sec, peak):.3f}" if peak else "?") for name, sec in med.items()]
+  print(common.table(rows, ("contender", "ms/step", "tokens/s", "MFU (our model FLOPs)")))
+  print(f"{args.variant}, batch {args.batch} x seq {args.seq}, bf16; {kind}, dense bf16 peak "
+        f"{(peak or 0) / 1e12:.0f} TFLOP/s; model {step_flops / 1e12:.2f} TFLOP per step; "
+        f"jax {jax.__version__}, torch {torch.__version__}")
+  for name, why in failed.items():
+    print(f"not run: {name}: {why}")
+  value = lambda name, f: f(med[name]) if name in med else float("nan")
+  print(common.bench_line(
+      "train_step_gpu",
+      ours_tokens_per_s=value("ours", lambda s: tokens / s),
+      cudnn_tokens_per_s=value("ours_cudnn", lambda s: tokens / s),
+      peer_tokens_per_s=value("peer", lambda s: tokens / s),
+      mfu=value("ours", lambda s: flops.mfu(step_flops, s, peak) if peak else float("nan")),
+      mfu_cudnn=value("ours_cudnn",
+                      lambda s: flops.mfu(step_flops, s, peak) if peak else float("nan")),
+      ratio=value("ours", lambda s: med["peer"] / s if "peer" in med else float("nan"))))
+
+
+if __name__ == "__main__":
+  main()
