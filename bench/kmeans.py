@@ -2,18 +2,16 @@
 
 Both fit depth 4 x branching 12 (20736 leaves) to the same 50,000 seeded 1024-d vectors from a
 Gaussian mixture, with the same number of Lloyd iterations per node and every point of a node used
-(faiss: max_points_per_centroid >= node size, one redo, 2 threads). Ours runs with tol=0, so a node
-only stops early at a fixed point, where further iterations change nothing; it seeds with greedy
-k-means++ drawn from a seeded subsample of at most 64 x 12 rows per node (KMeansConfig.seed_sample),
-faiss with random rows. A node with fewer points than branches gets its points repeated as
-centroids on both sides.
+(faiss: max_points_per_centroid >= node size, one redo, 2 threads). Ours runs with tol=0, so it
+only stops early at a fixed point, where further iterations change nothing. A node with fewer points
+than branches gets its points repeated as centroids on both sides.
 
 Reported: fit seconds and their ratio, leaf inertia ratio, our tree assignment in vectors/s and
-against faiss IndexFlatL2 search over the 20736 leaves, and (with --fit_1m or --only_1m) the peak
-anonymous resident memory (RssAnon, sampled every 50 ms) of a fit over 1,000,000 float16 vectors
-memory-mapped from disk, measured in a child process, in GB (1e9 bytes).
+against faiss IndexFlatL2 search over the 20736 leaves, and (with --fit_1m) the peak anonymous
+resident memory (RssAnon) of a fit over 1,000,000 float16 vectors memory-mapped from disk,
+measured in a child process.
 
-  python bench/kmeans.py [--fit_1m] [--only_1m] [--rows=50000] [--repeats=2]
+  python bench/kmeans.py [--fit_1m] [--rows=50000] [--repeats=2]
 """
 
 from __future__ import annotations
@@ -85,11 +83,10 @@ def ours_tree(x: np.ndarray, depth: int, k: int, niter: int, seed: int, chunk: i
 
 
 def rss_anon_gb() -> float:
-  """This process's anonymous resident memory (RssAnon) in GB (1e9 bytes)."""
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith("RssAnon:"):
-        return int(line.split()[1]) * 1024 / 1e9  # the kernel reports kB (1024 bytes)
+        return int(line.split()[1]) / 2**20
   raise RuntimeError("/proc/self/status has no RssAnon line")
 
 
@@ -109,8 +106,7 @@ def child_fit(path: str, chunk: int) -> None:
   cfg = kmeans.KMeansConfig(depth=DEPTH, branching=BRANCHING, iterations=ITERATIONS,
                             seed=SEED, chunk_size=chunk)
   t = time.perf_counter()
-  fit = kmeans.fit_tree(path, cfg, log=lambda m: print(
-      f"{time.perf_counter() - t:.1f} s: {m} (RssAnon peak so far {peak[0]:.3f} GB)", flush=True))
+  fit = kmeans.fit_tree(path, cfg, log=lambda m: print(m, flush=True))
   secs = time.perf_counter() - t
   stop.set()
   thread.join()

@@ -3,11 +3,9 @@
 Level l splits each of its branching**l nodes into `branching` clusters, and all nodes of a level
 are fitted together. A point only needs the distances to its own node's children, so the points
 are grouped by node into fixed-size blocks (a block never mixes two nodes): the distances are one
-batched matrix product of [blocks, block_size, D] with the blocks' centroids [blocks, k, D] (each
-block reads its node's centroids once, not once per row), and the new centroids are one segment
-sum of per-block sums. That is N*k*D work per Lloyd iteration at every level, whatever the number
-of nodes. The blocks and the rows' squared norms are built once per level and kept on the devices
-while the set of rows they hold stays close to the rows still in play.
+batched matrix product of [blocks, block_size, D] with the blocks' centroids [blocks, k, D], and
+the new centroids are one segment sum of per-block sums. That is N*k*D work per Lloyd iteration
+at every level, whatever the number of nodes.
 
 Rows are streamed from a `FeatureSource` (an array, a memory-mapped .npy, or a folder of per-video
 feature files) in chunks of static shape, and every chunk is split over a 1-D mesh of all local
@@ -16,22 +14,16 @@ stays on the devices for the whole fit. Within a level, rows are taken relative 
 centroid, so float32 distances stay accurate deep in the tree.
 
 Per level: greedy k-means++ seeding (sampling on the host with a seeded numpy generator,
-distances on the devices) whose draws come from a seeded uniform subsample of at most
-`seed_sample * branching` rows per node, then Lloyd iterations over all rows until the assignment
-stops changing, the relative drop in inertia is at most `tol`, or `iterations` updates were made.
-Nodes are independent problems, so a node whose assignment did not change is at a fixed point
-and leaves the later passes; a pass sends only the still active nodes' centroids to the devices
-and gets only their sums back. An empty cluster is re-seeded with the point of its node farthest
-from its centroid.
+distances on the devices), then Lloyd iterations until the assignment stops changing, the
+relative drop in inertia is at most `tol`, or `iterations` updates were made. Nodes are
+independent problems, so a node whose assignment did not change is at a fixed point and leaves
+the later passes. An empty cluster is re-seeded with the point of its node farthest from its
+centroid.
 
 Nodes with fewer distinct points than `branching`: seeding takes each distinct point once and then
 repeats points, so every node keeps `branching` children and the tree stays complete; ties in the
 assignment go to the lowest child index, so the assignment stays well defined. A node without
 any points (below a repeated child) gets `branching` copies of its own centroid.
-
-Assignment (`descend`) groups each batch by node at every level in the same blocks, scoring a
-child c of node p as |c|^2 + 2 p.c - 2 x.c so that rows are not shifted per node (except at
-the last level, whose distances are returned).
 """
 
 from __future__ import annotations
@@ -210,12 +202,9 @@ class KMeansConfig:
   tol: float = 1e-4  # a level stops when inertia falls by at most this fraction; 0: fixed point
   seed: int = 0
   chunk_size: int = 65536  # rows per streamed chunk (rounded up to a multiple of the devices)
-  # k-means++ draws its centres from at most seed_sample * branching rows of each node, a seeded
-  # uniform subsample; Lloyd then uses every row.
-  seed_sample: int = 64
 
   def validate(self) -> None:
-    for key in ("depth", "branching", "iterations", "chunk_size", "seed_sample"):
+    for key in ("depth", "branching", "iterations", "chunk_size"):
       if getattr(self, key) < 1:
         raise ValueError(f"k-means {key} must be at least 1, got {getattr(self, key)}")
     if self.branching < 2:
@@ -257,11 +246,6 @@ def _bucket(n: int, multiple: int = 8) -> int:
   return -(-n // step) * step
 
 
-def _pow2(n: int, cap: int) -> int:
-  """The power of 2 at or above n, at most cap: few distinct shapes to compile."""
-  return int(min(1 << (max(n, 1) - 1).bit_length(), cap))
-
-
 def _local_blocks(x, node, valid, *, nodes: int, nb: int, bsize: int):
   """Groups one device's rows by node into `nb` blocks of `bsize` rows (padding is invalid)."""
   n = x.shape[0]
@@ -285,125 +269,62 @@ def _local_blocks(x, node, valid, *, nodes: int, nb: int, bsize: int):
   return xb, vb, bnode.astype(jnp.int32), gidx.reshape(nb, bsize)
 
 
-def _duplicate_penalty(cents: np.ndarray) -> np.ndarray:
+def _duplicate_penalty(cents):
   """[nodes, k]: +inf for a child that repeats an earlier child of its node bit for bit, else 0.
 
   A node with fewer points than branches repeats points as children. Which of two equal
   centroids wins an argmin then depends on the matmul's rounding, which differs with batch and
   device shapes; taking the repeats out makes "ties go to the lowest child" hold everywhere.
-  The sum of a child's bits as integers (exact in any order) finds the candidate pairs, which
-  are then compared bit for bit.
+  Children are compared by two exact integer hashes of their bits.
   """
-  nodes, k, dim = cents.shape
-  bits = np.ascontiguousarray(cents, np.float32).view(np.uint32)
-  key = bits.sum(axis=-1, dtype=np.uint64)
-  pairs = np.argwhere((key[:, :, None] == key[:, None, :]) & np.tri(k, k, -1, bool))
-  dup = np.zeros((nodes, k), bool)
-  for lo in range(0, len(pairs), 4096):  # bounded temporary memory
-    nd, j, i = pairs[lo:lo + 4096].T
-    equal = np.all(bits[nd, j] == bits[nd, i], axis=-1)
-    dup[nd[equal], j[equal]] = True
-  return np.where(dup, np.inf, 0.0).astype(np.float32)
+  bits = jax.lax.bitcast_convert_type(cents, jnp.uint32)
+  mult = np.random.default_rng(0).integers(1, 2**32, (2, cents.shape[-1]), dtype=np.uint64)
+  h1 = jnp.sum(bits * jnp.asarray(mult[0] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
+  h2 = jnp.sum(bits * jnp.asarray(mult[1] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
+  same = (h1[:, :, None] == h1[:, None, :]) & (h2[:, :, None] == h2[:, None, :])
+  k = cents.shape[1]
+  earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, i]: i < j
+  dup = jnp.any(same & earlier[None], axis=-1)
+  return jnp.where(dup, jnp.inf, 0.0).astype(cents.dtype)
 
 
-def _norms(cents) -> np.ndarray:
-  """[nodes, k] squared norms of the children, +inf for repeats: what `_block_dist` adds.
-
-  Computed on the host from the host copy of the centroids, once per set of centroids: the fit
-  and `descend` then add the same numbers to their distances.
-  """
-  cents = np.ascontiguousarray(cents, np.float32)
-  return np.einsum("nkd,nkd->nk", cents, cents) + _duplicate_penalty(cents)
+@jax.jit
+def _norms(cents):
+  """[nodes, k] squared norms of the children, +inf for repeats: what `_block_dist` adds."""
+  return jnp.sum(cents * cents, axis=-1) + _duplicate_penalty(cents)
 
 
-def _block_dist(xb, bnode, cents, norms=None, xn=None):
+def _block_dist(xb, bnode, cents, norms=None):
   """Squared distances [nb, bsize, k] of every block row to its node's children.
 
   `norms` [nodes, k] (from `_norms`, once per set of centroids) are gathered rather than summed
   from the gathered centroids: that algebraically equal form is miscompiled by XLA:CPU 0.10.2
   (YNNPACK fusion) when a level has a single node and blocks of 256+ rows (tests/test_kmeans.py
-  checks both). Without `norms` (seeding candidates) repeats are not taken out. `xn` [nb, bsize]
-  are the rows' squared norms when already known (the fit keeps them with its blocks).
+  checks both). Without `norms` (seeding candidates) repeats are not taken out.
   """
   norms = jnp.sum(cents * cents, axis=-1) if norms is None else norms
   cn = norms[bnode]
   dots = jnp.einsum("nbd,nkd->nbk", xb, cents[bnode], precision=HIGHEST)
-  xn = jnp.sum(xb * xb, axis=-1) if xn is None else xn
+  xn = jnp.sum(xb * xb, axis=-1)
   return cn[:, None, :] - 2.0 * dots + xn[..., None]
 
 
-def _step_tiles(nb: int, bsize: int, rows: int = 1024) -> int:
-  """Blocks per step when a pass walks its blocks in steps of about `rows` rows.
-
-  Short blocks are many, and the centroids gathered for all of them at once ([nb, k, D]) would
-  be as large as the blocks themselves; a step's worth stays in cache. A power of two that
-  divides nb (block counts are multiples of 8).
-  """
-  return int(min(max(rows // bsize, 1), nb & -nb))
-
-
-def _map_steps(fn, nb: int, bsize: int, *tiles):
-  """`fn` over consecutive groups of blocks (see `_step_tiles`); outputs concatenated."""
-  g = _step_tiles(nb, bsize)
-  if g >= nb:
-    return fn(*tiles)
-  out = jax.lax.map(lambda t: fn(*t), tuple(t.reshape((nb // g, g) + t.shape[1:]) for t in tiles))
-  return jax.tree.map(lambda o: o.reshape((nb,) + o.shape[2:]), out)
-
-
-def _local_stats(xb, xn, vb, bnode, cents, norms, cmap):
-  """Assignment and Lloyd statistics of the rows of the nodes that `cmap` keeps.
-
-  `cmap` [nodes] maps a node to its row of the compact `cents` [A, k, D] (-1: left out), so a
-  pass touches only the centroids of the nodes still moving. Returns per block row the child
-  (-1 when left out) and squared distance, and per compact child the summed rows and counts.
-  Short blocks are walked in steps (see `_step_tiles`), the sums carried from step to step.
-  """
-  a, k, dim = cents.shape
-  nb, bsize = xb.shape[:2]
-  per_block = bsize >= 4 * k  # long blocks: per-block sums first, a fast product
-
-  def step(carry, tiles):
-    sums, counts = carry
-    x, x_norm, v, bn = tiles
-    cb = cmap[bn]
-    kept = cb >= 0
-    live = v & kept[:, None]
-    cb = jnp.maximum(cb, 0)
-    d = _block_dist(x, cb, cents, norms, x_norm)
-    lab = jnp.argmin(d, axis=-1).astype(jnp.int32)  # ties -> lowest child
-    mind = jnp.where(live, jnp.maximum(jnp.min(d, axis=-1), 0.0), 0.0)
-    onehot = ((lab[..., None] == jnp.arange(k)) & live[..., None]).astype(x.dtype)
-    seg = jnp.where(kept, cb, a)  # blocks of left-out nodes: dropped
-    counts = counts.at[seg].add(onehot.sum(1), mode="drop")
-    if per_block:
-      sums = sums.at[seg].add(jnp.einsum("nbk,nbd->nkd", onehot, x, precision=HIGHEST),
-                              mode="drop")
-    else:  # per-block sums would be as large as the blocks: add the rows directly
-      child = jnp.where(live, seg[:, None] * k + lab, a * k).reshape(-1)
-      sums = sums.reshape(a * k, dim).at[child].add(x.reshape(-1, dim), mode="drop")
-      sums = sums.reshape(a, k, dim)
-    return (sums, counts), (jnp.where(live, lab, -1), mind)
-
-  init = (jnp.zeros((a, k, dim), xb.dtype), jnp.zeros((a, k), xb.dtype))
-  g = _step_tiles(nb, bsize)
-  tiles = (xb, xn, vb, bnode)
-  if g >= nb:
-    (sums, counts), (lab, mind) = step(init, tiles)
-  else:
-    steps = tuple(t.reshape((nb // g, g) + t.shape[1:]) for t in tiles)
-    (sums, counts), (lab, mind) = jax.lax.scan(step, init, steps)
-    lab, mind = lab.reshape(nb, bsize), mind.reshape(nb, bsize)
+def _local_stats(xb, vb, bnode, cents, norms, *, nodes: int):
+  k = cents.shape[1]
+  d = _block_dist(xb, bnode, cents, norms)
+  lab = jnp.argmin(d, axis=-1).astype(jnp.int32)  # ties -> lowest child
+  mind = jnp.where(vb, jnp.maximum(jnp.min(d, axis=-1), 0.0), 0.0)
+  onehot = ((lab[..., None] == jnp.arange(k)) & vb[..., None]).astype(xb.dtype)
+  bsum = jnp.einsum("nbk,nbd->nkd", onehot, xb, precision=HIGHEST)
+  sums = jax.ops.segment_sum(bsum, bnode, nodes, indices_are_sorted=True)
+  counts = jax.ops.segment_sum(onehot.sum(1), bnode, nodes, indices_are_sorted=True)
   sums, counts, inertia = jax.lax.psum((sums, counts, mind.sum()), AXIS)
   return lab, mind, sums, counts, inertia
 
 
-def _local_candidate_dist(xb, xn, vb, bnode, cands):
+def _local_candidate_dist(xb, vb, bnode, cands):
   """Squared distances [nb, bsize, L] of every row to its node's L seeding candidates."""
-  def dist(x, x_norm, v, bn):
-    d = _block_dist(x, bn, cands, xn=x_norm)
-    return jnp.where(v[..., None], jnp.maximum(d, 0.0), jnp.inf)
-  return _map_steps(dist, xb.shape[0], xb.shape[1], xb, xn, vb, bnode)
+  return jnp.where(vb[..., None], jnp.maximum(_block_dist(xb, bnode, cands), 0.0), jnp.inf)
 
 
 @functools.lru_cache(maxsize=None)
@@ -419,15 +340,21 @@ def _kernels(mesh: Mesh, nodes: int, nb: int, bsize: int):
     xb = jnp.where(vb[..., None], xb - parent[bnode][:, None, :], 0.0)
     # Row index within the chunk, for mapping block results back on the host.
     gidx = jnp.where(vb, gidx + jax.lax.axis_index(AXIS) * x.shape[0], -1)
-    # The rows' squared norms, kept with the blocks: every pass needs them.
-    return xb, jnp.sum(xb * xb, axis=-1), vb, bnode, gidx
+    return xb, vb, bnode, gidx
 
-  make = jax.jit(smap(blocks, in_specs=(rows, rows, rows, rep), out_specs=(rows,) * 5))
-  stats = jax.jit(smap(_local_stats, in_specs=(rows, rows, rows, rows, rep, rep, rep),
+  make = jax.jit(smap(blocks, in_specs=(rows, rows, rows, rep), out_specs=(rows,) * 4))
+  stats = jax.jit(smap(functools.partial(_local_stats, nodes=nodes),
+                       in_specs=(rows, rows, rows, rep, rep),
                        out_specs=(rows, rows, rep, rep, rep)))
-  seed = jax.jit(smap(_local_candidate_dist, in_specs=(rows, rows, rows, rows, rep),
+  seed = jax.jit(smap(_local_candidate_dist, in_specs=(rows, rows, rows, rep),
                       out_specs=rows))
   return make, stats, seed
+
+
+@jax.jit
+def _update(sums, counts, cents):
+  new = sums / jnp.maximum(counts, 1.0)[..., None]
+  return jnp.where((counts > 0)[..., None], new, cents)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -448,69 +375,54 @@ class _Chunks:
 
   def _load(self, i: int):
     start, stop = self.ranges[i]
-    x = self.source.read(start, stop)
-    if stop - start < self.size:  # only the last chunk is padded (into a new array)
-      x = np.concatenate([x, np.zeros((self.size - (stop - start), x.shape[1]), np.float32)])
-    elif not (x.flags.owndata and x.flags.writeable):  # a view of the caller's data
-      x = np.array(x, np.float32)
-    x[:stop - start] -= self.mean  # in place: one host buffer per chunk
+    x = np.zeros((self.size, self.source.dim), np.float32)
+    x[:stop - start] = self.source.read(start, stop)
+    x[:stop - start] -= self.mean
     return jax.device_put(x, self.sharding)
 
   def x(self, i: int):
     return self._resident if self._resident is not None else self._load(i)
 
-  def node_valid(self, i: int, node: np.ndarray, valid_rows: np.ndarray | None):
+  def node_valid(self, i: int, node: np.ndarray, active: np.ndarray | None):
     start, stop = self.ranges[i]
     nd = np.zeros(self.size, np.int32)
     nd[:stop - start] = node[start:stop]
-    valid = np.zeros(self.size, bool)
-    valid[:stop - start] = True if valid_rows is None else valid_rows[start:stop]
+    valid = np.arange(self.size) < stop - start
+    if active is not None:
+      valid &= active[nd]
     return (jax.device_put(nd, self.sharding), jax.device_put(valid, self.sharding))
 
 
 class _LevelPass:
   """One level's chunks grouped into blocks; blocks stay on device when there is one chunk.
 
-  `rows` [N] bool (None: all) picks the rows the pass visits (the seeding subsample). `restrict`
-  narrows it further to the rows of active nodes: a node whose assignment stopped changing is at
-  a fixed point of Lloyd's iteration and drops out of later passes.
+  Only the rows of active nodes are grouped: a node whose assignment stopped changing is at a
+  fixed point of Lloyd's iteration and drops out of later passes.
   """
 
-  def __init__(self, chunks: _Chunks, node: np.ndarray, nodes: int, parent: np.ndarray,
-               rows: np.ndarray | None = None):
+  def __init__(self, chunks: _Chunks, node: np.ndarray, nodes: int, parent: np.ndarray):
     self.chunks, self.node, self.nodes, self.parent = chunks, node, nodes, parent
-    self.rows = rows
     self._parent = jax.device_put(parent, NamedSharding(chunks.mesh, P()))
-    visited = len(node) if rows is None else int(np.count_nonzero(rows))
-    per_device = min(chunks.size, visited) // chunks.mesh.size
-    self.bsize = _block_size(per_device, nodes)
+    self.bsize = _block_size(chunks.size // chunks.mesh.size, nodes)
     self.active: np.ndarray | None = None
     self._set_blocks(_bucket(self._need(None)))
-
-  def _valid(self, active: np.ndarray | None) -> np.ndarray | None:
-    if active is None:
-      return self.rows
-    valid = active[self.node]
-    return valid if self.rows is None else valid & self.rows
 
   def _need(self, active: np.ndarray | None) -> int:
     """The most blocks any device needs for any chunk."""
     ndev, need = self.chunks.mesh.size, 1
-    valid = self._valid(active)
     for start, stop in self.chunks.ranges:
-      nd = np.full(self.chunks.size, self.nodes, np.int32)
+      nd = np.full(self.chunks.size, -1, np.int64)
       nd[:stop - start] = self.node[start:stop]
-      if valid is not None:
-        nd[:stop - start][~valid[start:stop]] = self.nodes
+      if active is not None:
+        nd[nd >= 0] = np.where(active[nd[nd >= 0]], nd[nd >= 0], -1)
       for part in nd.reshape(ndev, -1):
-        cnt = np.bincount(part, minlength=self.nodes + 1)[:self.nodes]
+        cnt = np.bincount(part[part >= 0], minlength=self.nodes)
         need = max(need, int(np.sum(-(-cnt // self.bsize))))
     return need
 
   def _set_blocks(self, nb: int) -> None:
-    step = max(1024 // self.bsize, 1)  # whole steps of `_step_tiles` once there are several
-    self.nb = nb if nb <= step else -(-nb // step) * step
-    self.make, self.stats_fn, self.seed_fn = _kernels(self.chunks.mesh, self.nodes, self.nb,
+    self.nb = nb
+    self.make, self.stats_fn, self.seed_fn = _kernels(self.chunks.mesh, self.nodes, nb,
                                                       self.bsize)
     self._cached, self._cached_rows = None, 0
 
@@ -521,69 +433,45 @@ class _LevelPass:
     if need <= self.nb // 2:  # shrink by powers of two: few shapes to compile
       self._set_blocks(max(8, 1 << (need - 1).bit_length()))
     elif self._cached is not None:
-      valid = self._valid(active)
-      if int(np.count_nonzero(valid)) < 0.5 * self._cached_rows:
+      rows = int(np.count_nonzero(active[self.node]))
+      if rows < 0.7 * self._cached_rows:
         self._cached = None
 
   def blocks(self, i: int):
     if self._cached is not None:
       return self._cached
-    valid = self._valid(self.active)
-    nd, vd = self.chunks.node_valid(i, self.node, valid)
-    out = self.make(self.chunks.x(i), nd, vd, self._parent)
+    nd, valid = self.chunks.node_valid(i, self.node, self.active)
+    out = self.make(self.chunks.x(i), nd, valid, self._parent)
     if len(self.chunks.ranges) == 1:
       self._cached = out
-      self._cached_rows = len(self.node) if valid is None else int(np.count_nonzero(valid))
+      self._cached_rows = len(self.node) if self.active is None else int(
+          np.count_nonzero(self.active[self.node]))
     return out
 
-  def lloyd(self, cents: np.ndarray, active: np.ndarray, labels: np.ndarray, dist: np.ndarray):
-    """Assigns the rows of the `active` nodes (into `labels`/`dist`); their summed statistics.
-
-    `cents` [nodes, k, D] stays on the host; only the active nodes' children go to the devices
-    (padded to a power of 2 of nodes). Returns sums [A, k, D] and counts [A, k] for
-    the nodes `np.flatnonzero(active)`, in that order.
-    """
-    ids = np.flatnonzero(active)
-    a = _pow2(len(ids), self.nodes)
-    compact = np.zeros((a,) + cents.shape[1:], np.float32)
-    np.take(cents, ids, axis=0, out=compact[:len(ids)])
-    cmap = np.full(self.nodes, -1, np.int32)
-    cmap[ids] = np.arange(len(ids), dtype=np.int32)
-    rep = NamedSharding(self.chunks.mesh, P())
-    norms = jax.device_put(_norms(compact), rep)
-    compact, cmap = jax.device_put(compact, rep), jax.device_put(cmap, rep)
-    sums = counts = None
-    for i in range(len(self.chunks.ranges)):
-      s, c = self._lloyd_chunk(i, compact, norms, cmap, labels, dist)
-      if sums is None:
-        sums, counts = np.array(s[:len(ids)]), np.array(c[:len(ids)])
-      else:  # in place: one [A, k, D] buffer however many chunks
-        sums += s[:len(ids)]
-        counts += c[:len(ids)]
-    return sums, counts
-
-  def _lloyd_chunk(self, i: int, compact, norms, cmap, labels: np.ndarray, dist: np.ndarray):
-    # One chunk per call: its blocks are released before the next chunk's are made.
-    xb, xn, vb, bnode, gidx = self.blocks(i)
-    lab, mind, s, c, _ = self.stats_fn(xb, xn, vb, bnode, compact, norms, cmap)
-    g, lab = np.asarray(gidx).reshape(-1), np.asarray(lab).reshape(-1)
-    keep = lab >= 0
-    rows = self.chunks.ranges[i][0] + g[keep]
-    labels[rows] = lab[keep]
-    dist[rows] = np.asarray(mind).reshape(-1)[keep]
-    return np.asarray(s), np.asarray(c)
-
-  def candidate_dist(self, cands, out: np.ndarray) -> None:
-    """Distances [N, L] of every visited row to its node's candidates `cands` [nodes, L, D]."""
-    for i in range(len(self.chunks.ranges)):
-      self._candidate_chunk(i, cands, out)
-
-  def _candidate_chunk(self, i: int, cands, out: np.ndarray) -> None:
-    xb, xn, vb, bnode, gidx = self.blocks(i)
-    d = np.asarray(self.seed_fn(xb, xn, vb, bnode, cands))
+  def _scatter(self, i: int, gidx, values, out: np.ndarray) -> None:
     g = np.asarray(gidx).reshape(-1)
     keep = g >= 0
-    out[self.chunks.ranges[i][0] + g[keep]] = d.reshape(len(g), -1)[keep]
+    values = np.asarray(values).reshape((len(g),) + out.shape[1:])
+    out[self.chunks.ranges[i][0] + g[keep]] = values[keep]
+
+  def lloyd(self, cents, labels: np.ndarray, dist: np.ndarray):
+    """Assigns the active rows (into `labels`/`dist`) and returns their summed statistics."""
+    total = None
+    norms = _norms(cents)
+    for i in range(len(self.chunks.ranges)):
+      xb, vb, bnode, gidx = self.blocks(i)
+      lab, mind, sums, counts, inertia = self.stats_fn(xb, vb, bnode, cents, norms)
+      self._scatter(i, gidx, lab, labels)
+      self._scatter(i, gidx, mind, dist)
+      part = (sums, counts, inertia)
+      total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return total
+
+  def candidate_dist(self, cands, out: np.ndarray) -> None:
+    """Distances [N, L] of every row to its node's candidates `cands` [nodes, L, D]."""
+    for i in range(len(self.chunks.ranges)):
+      xb, vb, bnode, gidx = self.blocks(i)
+      self._scatter(i, gidx, self.seed_fn(xb, vb, bnode, cands), out)
 
 
 class _NodeSampler:
@@ -620,19 +508,6 @@ class _NodeSampler:
     return np.where(self.count > 0, rows, -1)
 
 
-def _seed_sample(node: np.ndarray, nodes: int, cap: int, rng: np.random.Generator
-                 ) -> np.ndarray | None:
-  """[N] bool: a uniform random subset of at most `cap` rows of every node (None: all rows)."""
-  if np.bincount(node, minlength=nodes).max(initial=0) <= cap:
-    return None
-  order = np.lexsort((rng.random(len(node)), node))  # by node, then in random order
-  sorted_node = node[order]
-  first = np.searchsorted(sorted_node, sorted_node, side="left")
-  keep = np.zeros(len(node), bool)
-  keep[order[np.arange(len(node)) - first < cap]] = True
-  return keep
-
-
 def _relative(source: FeatureSource, rows: np.ndarray, mean: np.ndarray, parent: np.ndarray
               ) -> np.ndarray:
   """Rows relative to their node's centroid, rounded exactly as the device blocks round them.
@@ -649,27 +524,23 @@ def _seed_level(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, k: int,
 
   Each round draws `trials` candidates per node with probability proportional to the squared
   distance to the node's nearest chosen centre (the first round: uniformly) and keeps the one
-  that lowers the node's potential most, as scikit-learn's k-means++ does. Only the rows that
-  `lp` visits (the seeding subsample) are candidates and count in the potential.
+  that lowers the node's potential most, as scikit-learn's k-means++ does.
   """
-  nodes = lp.nodes
-  sample = np.arange(len(lp.node)) if lp.rows is None else np.flatnonzero(lp.rows)
-  node = lp.node[sample]
-  n = len(sample)
+  node, nodes, n = lp.node, lp.nodes, len(lp.node)
   trials = 2 + int(math.log(k))
   sampler = _NodeSampler(node, nodes)
   cents = np.zeros((nodes, k, source.dim), np.float32)  # a node without rows: its own centroid
   dmin = np.full(n, np.inf, np.float32)
-  dcand_rows = np.empty((len(lp.node), trials), np.float32)
+  dcand = np.empty((n, trials), np.float32)
   for r in range(k):
-    picks = sampler.draw(None if r == 0 else dmin, rng.random((trials, nodes)))
+    rows = sampler.draw(None if r == 0 else dmin, rng.random((trials, nodes)))
     cands = np.zeros((nodes, trials, source.dim), np.float32)
-    has = picks >= 0
+    has = rows >= 0
     if has.any():
       nd, t = np.nonzero(has.T)
-      cands[nd, t] = _relative(source, sample[picks.T[nd, t]], mean, lp.parent[nd])
-    lp.candidate_dist(jnp.asarray(cands), dcand_rows)
-    new_min = np.minimum(dmin[:, None], dcand_rows[sample])
+      cands[nd, t] = _relative(source, rows.T[nd, t], mean, lp.parent[nd])
+    lp.candidate_dist(jnp.asarray(cands), dcand)
+    new_min = np.minimum(dmin[:, None], dcand)
     potential = np.stack([np.bincount(node, weights=new_min[:, t], minlength=nodes)
                           for t in range(trials)], axis=1)
     best = np.argmin(potential, axis=1)
@@ -735,75 +606,46 @@ def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | No
   out_cents, inertias, iters = [], [], []
   for level in range(config.depth):
     nodes = k**level
-    rng = np.random.default_rng([config.seed, level])
     lp = _LevelPass(chunks, node, nodes, parent)
-    seed_lp, seed_source = _seeding_pass(lp, source, mean, config, rng)
-    cents = _seed_level(seed_lp, seed_source, mean, k, rng)
-    del seed_lp, seed_source
-    cents, inertia, done = _lloyd_level(lp, cents, labels, dist, source, mean, config, level,
-                                        on_iteration)
+    rng = np.random.default_rng([config.seed, level])
+    cents_np = _seed_level(lp, source, mean, k, rng)
+    cents = jnp.asarray(cents_np)
+    prev_labels = np.full(n, -1, np.int32)
+    prev_inertia, done = np.inf, 0
+    active = np.ones(nodes, bool)
+    while True:
+      sums, counts, _ = lp.lloyd(cents, labels, dist)
+      inertia = float(dist.sum(dtype=np.float64))  # frozen nodes' rows keep their distances
+      moved = labels != prev_labels
+      changed = int(np.count_nonzero(moved))
+      if on_iteration is not None:
+        on_iteration(level, done, inertia, changed)
+      converged = changed == 0 or prev_inertia - inertia <= config.tol * inertia
+      if converged or done == config.iterations:
+        break
+      cents = _update(sums, counts, cents)  # nodes without rows in the pass keep theirs
+      counts_np = np.array(counts)
+      counts_np[~active] = 1  # frozen nodes have no rows in the pass, not empty clusters
+      next_active = np.bincount(node[moved], minlength=nodes) > 0
+      if (counts_np == 0).any():
+        cents_np = np.array(cents)
+        reseeded = _reseed_empty(cents_np, counts_np, node, dist, source, mean, parent)
+        if reseeded.any():
+          cents = jnp.asarray(cents_np)
+          next_active |= reseeded
+      active = next_active
+      lp.restrict(active)
+      prev_labels[:] = labels
+      prev_inertia = inertia
+      done += 1
     log(f"level {level}: {nodes} nodes, {done} iterations, inertia {inertia:.6g}")
-    cents += parent[:, None, :]
-    out_cents.append(cents + mean.astype(np.float32))
+    cents_np = np.asarray(cents) + parent[:, None, :]
+    out_cents.append(cents_np + mean.astype(np.float32))
     inertias.append(inertia)
     iters.append(done)
     node = node * k + labels
-    parent = cents.reshape(-1, source.dim)
-  return TreeFit(out_cents, node, dist, inertias, iters, mean, std, n)
-
-
-def _seeding_pass(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, config: KMeansConfig,
-                  rng: np.random.Generator) -> tuple[_LevelPass, FeatureSource]:
-  """The pass (and its source) that seeding visits: the level's rows, or their subsample.
-
-  A subsample that fits in one chunk is read once into memory and stays on the devices, so the
-  k rounds of seeding do not stream the whole source k times.
-  """
-  sample = _seed_sample(lp.node, lp.nodes, config.seed_sample * config.branching, rng)
-  if sample is None:
-    return lp, source
-  if np.count_nonzero(sample) > lp.chunks.size:
-    return _LevelPass(lp.chunks, lp.node, lp.nodes, lp.parent, rows=sample), source
-  rows = np.flatnonzero(sample)
-  sub = ArraySource(source.take(rows), name=f"{getattr(source, 'name', 'features')} (sample)")
-  chunks = _Chunks(sub, len(rows), lp.chunks.mesh, mean)
-  return _LevelPass(chunks, lp.node[rows], lp.nodes, lp.parent), sub
-
-
-def _lloyd_level(lp: _LevelPass, cents: np.ndarray, labels: np.ndarray, dist: np.ndarray,
-                 source: FeatureSource, mean: np.ndarray, config: KMeansConfig, level: int,
-                 on_iteration) -> tuple[np.ndarray, float, int]:
-  """Lloyd iterations of one level from the seeded `cents` (relative, updated in place)."""
-  node, nodes = lp.node, lp.nodes
-  prev_labels = np.full(len(node), -1, np.int32)
-  prev_inertia, done = np.inf, 0
-  active = np.bincount(node, minlength=nodes) > 0
-  while True:
-    sums, counts = lp.lloyd(cents, active, labels, dist)
-    inertia = float(dist.sum(dtype=np.float64))  # frozen nodes' rows keep their distances
-    moved = labels != prev_labels
-    changed = int(np.count_nonzero(moved))
-    if on_iteration is not None:
-      on_iteration(level, done, inertia, changed)
-    converged = changed == 0 or prev_inertia - inertia <= config.tol * inertia
-    if converged or done == config.iterations:
-      return cents, inertia, done
-    ids = np.flatnonzero(active)
-    filled = counts > 0
-    new = np.divide(sums, np.maximum(counts, 1.0)[..., None], out=sums)  # in place: no copies
-    empty_at, empty_child = np.nonzero(~filled)
-    new[empty_at, empty_child] = cents[ids[empty_at], empty_child]  # kept until re-seeded
-    cents[ids] = new
-    next_active = np.bincount(node[moved], minlength=nodes) > 0
-    if not filled.all():
-      all_counts = np.ones((nodes, cents.shape[1]))  # frozen nodes have no empty children
-      all_counts[ids] = counts
-      next_active |= _reseed_empty(cents, all_counts, node, dist, source, mean, lp.parent)
-    active = next_active
-    lp.restrict(active)
-    prev_labels[:] = labels
-    prev_inertia = inertia
-    done += 1
+    parent = cents_np.reshape(-1, source.dim)
+  return TreeFit(out_cents, node.astype(np.int32), dist.copy(), inertias, iters, mean, std, n)
 
 
 def feature_stats(source: FeatureSource, chunk_size: int = 65536):
@@ -826,51 +668,32 @@ def feature_stats(source: FeatureSource, chunk_size: int = 65536):
 # ----------------------------------------------------------------------------- assignment
 
 
-def _descend_block_size(rows: int, nodes: int) -> int:
-  """About a node's rows per block, as a power of two in [8, 1024]."""
-  per_node = max(rows // max(nodes, 1), 1)
-  return int(min(max(1 << (per_node.bit_length() - 1), 8), 1024))
-
-
 def _local_descend(x, *levels, batch_rows: int):
   """Leaf and squared leaf distance of every row, descending one level at a time.
 
-  `levels` repeats (children relative to their node [nodes, k, D], their offsets [nodes, k],
-  node centroids [nodes, D]). A row x picks the child c of its node p that minimises
-  |x - p - c|^2, that is offset(c) - 2 x.c with offset(c) = |c|^2 + 2 p.c (+inf for a repeated
-  child): the rows are used as they are, not shifted per node. Only the last level, whose
-  distance is returned, takes the rows relative to their node, as the fit does, so that small
-  distances far from the origin stay accurate.
+  `levels` repeats (children relative to their node [nodes, k, D], their `_norms` [nodes, k],
+  node centroids [nodes, D]).
   """
   n = x.shape[0]
   node = jnp.zeros(n, jnp.int32)
   valid = jnp.ones(n, bool)
-  depth = len(levels) // 3
-  for level in range(depth):
-    cents, offsets, parent = levels[3 * level:3 * level + 3]
+  mind = jnp.zeros(n, x.dtype)
+  for cents, norms, parent in zip(levels[::3], levels[1::3], levels[2::3]):
     nodes, k = cents.shape[0], cents.shape[1]
-    last = level == depth - 1
-    if nodes == 1 and not last:  # the root: one dense product, no grouping needed
-      score = offsets[0] - 2.0 * jnp.einsum("nd,kd->nk", x, cents[0], precision=HIGHEST)
-      node = jnp.argmin(score, axis=-1).astype(jnp.int32)
+    if nodes == 1:  # the root: every row in one block, no grouping needed
+      d = _block_dist((x - parent)[None], jnp.zeros(1, jnp.int32), cents, norms)[0]
+      node = jnp.argmin(d, axis=-1).astype(jnp.int32)
+      mind = jnp.min(d, axis=-1)
       continue
-    bsize = _descend_block_size(batch_rows, nodes)
-    step = max(1024 // bsize, 1)  # whole steps of `_step_tiles`
-    nb = -(-(-(-n // bsize) + min(nodes, n)) // step) * step
+    bsize = _block_size(batch_rows, nodes)
+    nb = -(-n // bsize) + min(nodes, n)
     xb, vb, bnode, gidx = _local_blocks(x, node, valid, nodes=nodes, nb=nb, bsize=bsize)
-    if last:
-      # The barrier keeps the shift out of the product's operand, which XLA:CPU then computes
-      # several times slower.
-      xb = jax.lax.optimization_barrier(xb - parent[bnode][:, None, :])
-      d = _map_steps(lambda x, bn: _block_dist(x, bn, cents, offsets), nb, bsize, xb, bnode)
-    else:
-      d = _map_steps(lambda x, bn: offsets[bn][:, None, :] - 2.0 * jnp.einsum(
-          "nbd,nkd->nbk", x, cents[bn], precision=HIGHEST), nb, bsize, xb, bnode)
+    d = _block_dist(xb - parent[bnode][:, None, :], bnode, cents, norms)
     lab = jnp.argmin(d, axis=-1).astype(jnp.int32)
     flat = gidx.reshape(-1)
     lab_rows = jnp.zeros(n, jnp.int32).at[flat].set(lab.reshape(-1), mode="drop")
+    mind = jnp.zeros(n, x.dtype).at[flat].set(jnp.min(d, -1).reshape(-1), mode="drop")
     node = node * k + lab_rows
-  mind = jnp.zeros(n, x.dtype).at[flat].set(jnp.min(d, -1).reshape(-1), mode="drop")
   return node, jnp.maximum(mind, 0.0)
 
 
@@ -882,23 +705,7 @@ def _descend_fn(mesh: Mesh, depth: int, batch_rows: int):
                                out_specs=(rows, rows), check_vma=False))
 
 
-def _descend_levels(centroids: Sequence, center: np.ndarray) -> list[np.ndarray]:
-  """Per level: children relative to their node, their offsets (see `_local_descend`) and the
-  node centroids, all centred by `center`."""
-  levels, parent = [], np.zeros((1, center.shape[0]), np.float32)
-  for level, c in enumerate(centroids):
-    c = np.asarray(c, np.float32) - center
-    rel = c - parent[:, None, :]
-    offsets = _norms(rel)
-    if level < len(centroids) - 1:  # the last level works relative to its nodes
-      pc = np.einsum("nkd,nd->nk", rel.astype(np.float64), parent.astype(np.float64))
-      offsets = (offsets + 2.0 * pc).astype(np.float32)
-    levels += [rel, offsets, parent]
-    parent = c.reshape(-1, center.shape[0])
-  return levels
-
-
-def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_size: int = 65536,
+def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_size: int = 32768,
             mesh: Mesh | None = None):
   """Leaf token [N] int32 and squared distance [N] float32 of every row of `x` ([N, D])."""
   mesh = mesh or default_mesh()
@@ -907,22 +714,24 @@ def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_siz
   batch = -(-min(batch_size, max(n, 1)) // ndev) * ndev
   center = np.asarray(center, np.float32)
   replicated = NamedSharding(mesh, P())
-  args = [jax.device_put(a, replicated) for a in _descend_levels(centroids, center)]
+  levels, parent = [], np.zeros((1, x.shape[1]), np.float32)
+  for c in centroids:
+    c = np.asarray(c, np.float32) - center
+    rel = jax.device_put(c - parent[:, None, :], replicated)
+    levels += [rel, jax.device_put(_norms(rel), replicated), jax.device_put(parent, replicated)]
+    parent = c.reshape(-1, x.shape[1])
   fn = _descend_fn(mesh, len(centroids), batch // ndev)
   sharding = NamedSharding(mesh, P(AXIS))
   leaf = np.empty(n, np.int32)
   dist = np.empty(n, np.float32)
-  # Two host buffers in turn: one batch runs while the next is centred into the other; a
-  # buffer is refilled only after the batch that used it has been drained.
-  buffers = [np.zeros((batch, x.shape[1]), np.float32) for _ in range(min(2, -(-n // batch)))]
   pending = []
-  for i, start in enumerate(range(0, n, batch)):
+  for start in range(0, n, batch):
     stop = min(start + batch, n)
-    xb = buffers[i % len(buffers)]
-    np.subtract(x[start:stop], center, out=xb[:stop - start])
-    xb[stop - start:] = 0.0
-    pending.append((start, stop, fn(jax.device_put(xb, sharding), *args)))
-    if len(pending) > 1:
+    xb = np.zeros((batch, x.shape[1]), np.float32)
+    xb[:stop - start] = x[start:stop]
+    xb[:stop - start] -= center
+    pending.append((start, stop, fn(jax.device_put(xb, sharding), *levels)))
+    if len(pending) > 1:  # keep one batch in flight while the next is prepared
       _drain(pending.pop(0), leaf, dist)
   for item in pending:
     _drain(item, leaf, dist)
