@@ -283,8 +283,8 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   futures = fc.forecast(bundle, video.tokens[:cut], config.tasks.forecast_horizon, top=3,
                         beam_size=config.tasks.forecast_beam,
                         context=config.tasks.forecast_context)
-  context = video.tokens[max(0, cut - 4):cut].tolist()
-  rows = [context + video.tokens[cut:].tolist()] + [context + f.tolist() for f, _ in futures]
+  shown = video.tokens[max(0, cut - 4):cut].tolist()
+  rows = [shown + video.tokens[cut:].tolist()] + [shown + f.tolist() for f, _ in futures]
   strips.token_strip(bundle.visual_vocab, rows, folder / "forecast.png",
                      labels=["truth"] + [f"future {i + 1}" for i in range(len(futures))], tile=64)
   return {"predictions": len(truth), "accuracy": accuracy, "bigram_accuracy": base_acc,

@@ -147,8 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--beam_size", type=int, default=8, help="Hypotheses kept per step.")
   p.add_argument("--context", type=int, default=None,
                  help="Keep only the last N tokens so far (default: as many as fit max_len). "
-                 "Pretraining's video-only sequences are 16 tokens: N = 16 - horizon keeps the "
-                 "prompt at positions the model was trained at.")
+                 "N no larger than pretraining's video-only examples minus the horizon keeps "
+                 "the prompt at positions the model was trained at.")
   p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
   return p.parse_args(argv)
 

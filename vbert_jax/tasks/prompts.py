@@ -146,9 +146,8 @@ def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], templa
   batch = layout.stack_with_text(fitted, template.ids, video_first, width)
   slots = np.asarray(template.slots, np.int32)
   n_v = np.array([len(v) for v in fitted], np.int32)[:, None]
-  positions = (n_v + 2 + slots) if video_first else np.broadcast_to(1 + slots, n_v.shape[:1] +
-                                                                    slots.shape)
-  return batch, np.ascontiguousarray(positions, np.int32)
+  positions = n_v + 2 + slots if video_first else np.tile(1 + slots, (len(fitted), 1))
+  return batch, positions.astype(np.int32)
 
 
 def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
@@ -183,8 +182,8 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
   video_only: [CLS] v1 ... vN [MASK] ... [SEP] (pretraining's video-only regime);
   pair:       [CLS] v1 ... vN [>] [MASK] ... [SEP] (the future after the separator).
   The most recent tokens are kept when the video does not fit, or when it is longer than
-  `context` (None: as many as fit). A context as long as pretraining's video-only sequences
-  (`video_segment_tokens` minus the horizon) keeps every position one the model was trained at.
+  `context` (None: as many as fit). A context no longer than pretraining's video-only examples
+  (minus the horizon) keeps the prompt at positions the model was trained at.
   """
   if context is not None and context < 1:
     raise ValueError(f"context={context}: expected at least 1 token, or None")

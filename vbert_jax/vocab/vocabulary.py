@@ -12,8 +12,8 @@ sharded over local devices); `centroid` and `nearest_clips` go the other way.
 `normalize` ("none" or "l2", recorded in the file) is applied to features before the fit and
 before every assignment: with "l2" the tree clusters the directions of the features, not their
 lengths. (With randomly initialised S3D weights a clip's feature length follows its brightness
-and contrast, and k-means on raw features then spends most of its leaves on that.) Centroids and
-distances are in the normalised space.
+and contrast, and k-means on raw features then spends most of its leaves on that.) Centroids,
+distances and the feature statistics are in the normalised space.
 """
 
 from __future__ import annotations
@@ -144,8 +144,7 @@ class VisualVocabulary:
     return vocab
 
   def _check(self, path) -> None:
-    if self.normalize not in NORMALIZE:
-      raise ValueError(f"{path}: normalize={self.normalize!r}; expected one of {NORMALIZE}")
+    _check_normalize(self.normalize, f"{path}: ")
     for level, c in enumerate(self.centroids):
       want = (self.branching**level, self.branching, self.dim)
       if c.shape != want:
@@ -198,9 +197,9 @@ class VisualVocabulary:
     return t
 
 
-def _check_normalize(normalize: str) -> None:
+def _check_normalize(normalize: str, where: str = "") -> None:
   if normalize not in NORMALIZE:
-    raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZE}")
+    raise ValueError(f"{where}normalize={normalize!r}: expected one of {NORMALIZE}")
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
