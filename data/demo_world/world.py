@@ -217,9 +217,16 @@ def encode_h264(path: pathlib.Path, frames: Iterable[np.ndarray], config: WorldC
       stream = out.add_stream("libx264", rate=config.fps)
       stream.width, stream.height, stream.pix_fmt = config.width, config.height, "yuv420p"
       stream.options = {"crf": str(config.crf), "preset": config.preset}
+      # Byte-identical files for a seed: a threaded x264 encodes the same frames differently
+      # from run to run, and so does handing it frames that PyAV converts to YUV on the fly.
+      stream.codec_context.thread_count = 1
+      index = 0
       for chunk in frames:
-        for frame in chunk:
-          out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for rgb in chunk:
+          frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+          frame.pts = index
+          index += 1
+          out.mux(stream.encode(frame))
       out.mux(stream.encode())
   atomic.write_atomic(path, write)
 
