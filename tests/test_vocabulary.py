@@ -150,8 +150,40 @@ def test_l2_vocabulary_clusters_directions_and_assigns_any_length(tmp_path):
   loaded = vocabulary.VisualVocabulary.load(l2.save(tmp_path / "l2.npz"))
   assert loaded.normalize == "l2"
   np.testing.assert_array_equal(loaded.assign(x), l2.assign(x))
-  with pytest.raises(ValueError, match=r"normalize='l1': expected one of \('none', 'l2'\)"):
+  with pytest.raises(ValueError, match=r"normalize='l1': expected one of \('none', 'l2', "):
     vocabulary.VisualVocabulary.fit(x, cfg, normalize="l1")
+
+
+def test_standardized_vocabulary_clusters_low_variance_dimensions(tmp_path):
+  # Three clusters about 1 apart in four dimensions (std 0.05), beside a dimension of pure
+  # noise with std 10: raw k-means splits the noise, standardised k-means the clusters.
+  rng = np.random.default_rng(5)
+  label = rng.integers(0, 3, 150)
+  centers = rng.choice([-0.5, 0.5], size=(3, 4))
+  x = np.zeros((150, 6), np.float32)
+  x[:, :4] = centers[label] + rng.normal(0, 0.05, (150, 4))
+  x[:, 4] = rng.normal(0, 10, 150)
+  x[:, 5] = 3.0  # a constant dimension: centred, never divided by zero
+  cfg = kmeans.KMeansConfig(depth=1, branching=3, iterations=30, seed=0)
+  std = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2, normalize="standardize")
+  raw = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2)
+  assert kmeans.adjusted_rand_index(raw.assign(x), label) < 0.5
+  assert kmeans.adjusted_rand_index(std.assign(x), label) == 1.0
+  np.testing.assert_allclose(std.input_mean, x.mean(0, dtype=np.float64), rtol=1e-6)
+  np.testing.assert_allclose(std.input_std, x.std(0, dtype=np.float64), rtol=1e-4, atol=1e-6)
+  assert std.input_std[5] == 0
+  z = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1)
+  np.testing.assert_allclose(std.mean, z.mean(0), atol=1e-5)  # statistics of the fitted space
+  np.testing.assert_array_equal(std.assign(x), kmeans.brute_force_leaf(z, std.leaves))
+  loaded = vocabulary.VisualVocabulary.load(std.save(tmp_path / "std.npz"))
+  assert loaded.normalize == "standardize"
+  np.testing.assert_array_equal(loaded.input_std, std.input_std)
+  np.testing.assert_array_equal(loaded.assign(x), std.assign(x))
+  with np.load(tmp_path / "std.npz") as f:
+    arrays = {k: v for k, v in f.items() if k != "input_std"}
+  np.savez(tmp_path / "no_std.npz", **arrays)
+  with pytest.raises(ValueError, match="no_std.npz: vocabulary file lacks key 'input_std'"):
+    vocabulary.VisualVocabulary.load(tmp_path / "no_std.npz")
 
 
 def test_version_1_file_loads_without_normalisation(fitted, tmp_path):

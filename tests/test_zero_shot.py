@@ -106,6 +106,31 @@ def test_batched_and_one_at_a_time_agree(world):
     np.testing.assert_allclose(a.verb_scores, b.verb_scores, atol=1e-5)
 
 
+def test_prompt_ensemble_averages_each_labels_scores(world):
+  videos, pairs = _videos(6)
+  other = "next , [MASK] the [MASK] now"
+  both = zs.classify(world.bundle, videos, verbs=tm.VERBS, nouns=tm.NOUNS,
+                     template=[zs.DEFAULT_TEMPLATE, other], top_k=4)
+  alone = [zs.classify(world.bundle, videos, verbs=tm.VERBS, nouns=tm.NOUNS, template=t,
+                       top_k=4) for t in (zs.DEFAULT_TEMPLATE, other)]
+  for i, p in enumerate(both):
+    for key in ("verb", "noun"):
+      mine = dict(zip(getattr(p, f"{key}s"), getattr(p, f"{key}_scores")))
+      each = [dict(zip(getattr(a[i], f"{key}s"), getattr(a[i], f"{key}_scores"))) for a in alone]
+      for label, score in mine.items():
+        assert score == pytest.approx((each[0][label] + each[1][label]) / 2, abs=1e-5)
+      assert getattr(p, f"{key}_scores") == sorted(mine.values(), reverse=True)
+  # One template in a list is that template.
+  (one,) = zs.classify(world.bundle, videos[:1], verbs=tm.VERBS, nouns=tm.NOUNS,
+                       template=[other])
+  assert one == zs.classify(world.bundle, videos[:1], verbs=tm.VERBS, nouns=tm.NOUNS,
+                            template=other)[0]
+  with pytest.raises(ValueError, match="needs both label sets"):
+    zs.classify(world.bundle, videos[:1], verbs=tm.VERBS, template=[other, other])
+  with pytest.raises(ValueError, match="no template given"):
+    zs.classify(world.bundle, videos[:1], verbs=tm.VERBS, nouns=tm.NOUNS, template=[])
+
+
 def test_bad_inputs_are_named(world):
   videos, _ = _videos()
   b = world.bundle
@@ -233,6 +258,7 @@ def test_command_runs_the_protocol_and_writes_results(world, features, tmp_path)
   assert code == 0
   results = json.loads((out / "results.json").read_text())
   assert results["segments"] == 16 and results["verbs"] == sorted(tm.VERBS)
+  assert results["templates"] == [zs.DEFAULT_TEMPLATE]
   assert results["orders"]["video_first"]["verb_top1"] == 1.0
   assert results["orders"]["video_first"]["noun_top1"] == 1.0
   assert results["orders"]["text_first"]["verb_top5"] == 1.0  # 4 labels: all in the top 5
@@ -248,9 +274,11 @@ def test_command_runs_the_protocol_and_writes_results(world, features, tmp_path)
   annotations.write_text(json.dumps({"database": database}))
   code = zs.main([f"--workdir={world.workdir}", f"--features={feats}", f"--labels={labels}",
                   f"--visual_vocab={features.vocab_path}", f"--out={out}", "--order=video_first",
-                  f"--youcook2={annotations}", "--split=validation"])
+                  f"--youcook2={annotations}", "--split=validation",
+                  f"--template={zs.DEFAULT_TEMPLATE}", "--template=next , [MASK] the [MASK] now"])
   assert code == 0
   results = json.loads((out / "results.json").read_text())
+  assert len(results["templates"]) == 2
   assert results["segments"] == 6 and list(results["orders"]) == ["video_first"]
   assert [s["reason"] for s in results["skipped"]] == [
       "not a segment of the YouCook II annotations"]

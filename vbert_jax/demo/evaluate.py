@@ -111,17 +111,19 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
   k = config.tasks.top_k
   out: dict[str, Any] = {"steps": len(steps), "unheard_labels": unheard,
                          "verb_chance": 1 / len(verbs),
-                         "noun_chance": 1 / len(nouns), "top_k": k, "orders": {}}
+                         "noun_chance": 1 / len(nouns), "top_k": k, "orders": {},
+                         "paper_template": {}}
   predictions = {}
   for order in config.tasks.orders:
     preds = zs.classify(bundle, [s.tokens for s in steps], verbs=verbs, nouns=nouns, order=order,
-                        top_k=k, batch_size=config.tasks.batch_size)
+                        top_k=k, batch_size=config.tasks.batch_size,
+                        template=list(config.tasks.templates))
     predictions[order] = preds
-    out["orders"][order] = {
-        "verb_top1": zs.topk_accuracy([p.verbs for p in preds], [s.verb for s in steps], 1),
-        "noun_top1": zs.topk_accuracy([p.nouns for p in preds], [s.noun for s in steps], 1),
-        f"verb_top{k}": zs.topk_accuracy([p.verbs for p in preds], [s.verb for s in steps], k),
-        f"noun_top{k}": zs.topk_accuracy([p.nouns for p in preds], [s.noun for s in steps], k)}
+    out["orders"][order] = _accuracies(preds, steps, k)
+    single = zs.classify(bundle, [s.tokens for s in steps], verbs=verbs, nouns=nouns,
+                         order=order, top_k=k, batch_size=config.tasks.batch_size,
+                         template=config.tasks.paper_template)
+    out["paper_template"][order] = _accuracies(single, steps, k)
   train_steps = [s for v in _training(videos) for s in v.steps]
   feats = np.stack([s.feature for s in train_steps])
   test = np.stack([s.feature for s in steps])
@@ -130,6 +132,17 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
         feats, np.array([getattr(s, key) for s in train_steps]), test,
         np.array([getattr(s, key) for s in steps]))
   return out, steps, predictions
+
+
+def _accuracies(preds, steps: Sequence[Step], k: int) -> dict[str, float]:
+  from vbert_jax.tasks import zero_shot as zs  # pylint: disable=g-import-not-at-top
+  out = {}
+  for key in ("verb", "noun"):
+    guesses = [getattr(p, f"{key}s") for p in preds]
+    truth = [getattr(s, key) for s in steps]
+    out[f"{key}_top1"] = zs.topk_accuracy(guesses, truth, 1)
+    out[f"{key}_top{k}"] = zs.topk_accuracy(guesses, truth, k)
+  return out
 
 
 def frames_figure(steps: Sequence[Step], predictions, videos: Sequence[Video], path,

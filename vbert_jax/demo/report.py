@@ -14,16 +14,20 @@ def _row(task: str, metric: str, value: float, chance: float | None = None,
 
 
 def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
+  """The prompt ensemble's rows (with targets), then the paper template's."""
   rows = []
   k = zs["top_k"]
-  for order, r in zs["orders"].items():
-    for key in ("verb", "noun"):
-      times = 2 if key == "verb" else 3
-      rows.append(_row(f"zero-shot {key} ({order})", "top-1", r[f"{key}_top1"],
-                       zs[f"{key}_chance"], zs[f"nn_{key}_top1"], "1-NN raw S3D",
-                       f">= {times}x chance"))
-      rows.append(_row(f"zero-shot {key} ({order})", f"top-{k}", r[f"{key}_top{k}"],
-                       min(1.0, k * zs[f"{key}_chance"])))
+  runs = [(zs["orders"], "", True), (zs.get("paper_template", {}), ", paper template", False)]
+  for results, label, targets in runs:
+    for order, r in results.items():
+      for key in ("verb", "noun"):
+        times = 2 if key == "verb" else 3
+        task = f"zero-shot {key} ({order}{label})"
+        rows.append(_row(task, "top-1", r[f"{key}_top1"], zs[f"{key}_chance"],
+                         zs[f"nn_{key}_top1"], "1-NN raw S3D",
+                         f">= {times}x chance" if targets else ""))
+        rows.append(_row(task, f"top-{k}", r[f"{key}_top{k}"],
+                         min(1.0, k * zs[f"{key}_chance"])))
   return rows
 
 

@@ -28,8 +28,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means++ seeding.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 65536, "Rows per streamed chunk.")
 _NEAREST = flags.DEFINE_integer("nearest", 8, "Training clips kept per token for lookups.")
 _NORMALIZE = flags.DEFINE_enum("normalize", "none", list(vocabulary.NORMALIZE),
-                               "Feature transform before fitting and assigning: none, or l2 "
-                               "(unit-length rows: clusters of directions, not lengths).")
+                               "Feature transform before fitting and assigning: none; l2 "
+                               "(unit-length rows: clusters of directions, not lengths); or "
+                               "standardize (each dimension to zero mean and unit variance "
+                               "over the training features).")
 
 
 def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int,

@@ -9,11 +9,14 @@ Tokens are leaf indices in [0, branching**depth): the path of child indices read
 base `branching`, most significant first. `assign` descends the tree (jit-compiled, batched,
 sharded over local devices); `centroid` and `nearest_clips` go the other way.
 
-`normalize` ("none" or "l2", recorded in the file) is applied to features before the fit and
-before every assignment: with "l2" the tree clusters the directions of the features, not their
-lengths. (With randomly initialised S3D weights a clip's feature length follows its brightness
-and contrast, and k-means on raw features then spends most of its leaves on that.) Centroids,
-distances and the feature statistics are in the normalised space.
+`normalize` ("none", "l2" or "standardize", recorded in the file) is applied to features before
+the fit and before every assignment: with "l2" the tree clusters the directions of the features,
+not their lengths. (With randomly initialised S3D weights a clip's feature length follows its
+brightness and contrast, and k-means on raw features then spends most of its leaves on that.)
+"standardize" subtracts the training features' per-dimension mean and divides by their standard
+deviation (both kept in the file as `input_mean` / `input_std`), so that a few high-variance
+dimensions do not decide every split. Centroids, distances and the feature statistics `mean` /
+`std` are in the normalised space.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import numpy as np
 from vbert_jax import atomic
 from vbert_jax.vocab import kmeans
 
-# Version 2 added `normalize`; version 1 files load with normalize="none".
-FORMAT_VERSION = 2
-NORMALIZE = ("none", "l2")
+# Version 2 added `normalize`; version 1 files load with normalize="none". Version 3 added
+# normalize="standardize" with its `input_mean` / `input_std`.
+FORMAT_VERSION = 3
+NORMALIZE = ("none", "l2", "standardize")
 _SETTINGS = ("depth", "branching", "seed", "iterations", "tol", "dim", "count")
 
 
@@ -60,6 +64,9 @@ class VisualVocabulary:
   leaf_counts: np.ndarray  # [V] int64 training clips per leaf
   nearest: NearestClips
   normalize: str = "none"  # one of NORMALIZE, applied before fitting and assigning
+  # Raw-feature statistics that normalize="standardize" divides by ([dim] float64; else None).
+  input_mean: np.ndarray | None = None
+  input_std: np.ndarray | None = None
 
   @property
   def size(self) -> int:
@@ -79,7 +86,13 @@ class VisualVocabulary:
     """Fits to a features folder, a .npy array path, an array or a `FeatureSource`."""
     _check_normalize(normalize)
     source = features if hasattr(features, "num_rows") else kmeans.open_source(features)
-    fitted = _UnitRows(source) if normalize == "l2" else source
+    input_mean = input_std = None
+    fitted = source
+    if normalize == "l2":
+      fitted = _Mapped(source, unit_rows)
+    elif normalize == "standardize":
+      input_mean, input_std = kmeans.feature_stats(source)
+      fitted = _Mapped(source, lambda x: standardize(x, input_mean, input_std))
     tree = kmeans.fit_tree(fitted, config, mesh=mesh, log=log, on_iteration=on_iteration)
     return cls(
         centroids=tree.centroids, depth=config.depth, branching=config.branching,
@@ -88,7 +101,7 @@ class VisualVocabulary:
         leaf_counts=np.bincount(tree.leaf, minlength=config.branching**config.depth),
         nearest=_nearest_clips(source, tree.leaf, tree.leaf_dist,
                                config.branching**config.depth, nearest_per_leaf),
-        normalize=normalize)
+        normalize=normalize, input_mean=input_mean, input_std=input_std)
 
   # --------------------------------------------------------------------------- file
 
@@ -96,6 +109,8 @@ class VisualVocabulary:
     """Writes atomically (temporary name, then rename)."""
     arrays = {"format_version": np.int32(FORMAT_VERSION), "mean": self.mean, "std": self.std,
               "leaf_counts": self.leaf_counts, "normalize": np.str_(self.normalize)}
+    if self.normalize == "standardize":
+      arrays.update(input_mean=self.input_mean, input_std=self.input_std)
     arrays.update({key: np.asarray(getattr(self, key)) for key in _SETTINGS})
     arrays.update({f"centroids_{i}": c.astype(np.float32) for i, c in enumerate(self.centroids)})
     nc = self.nearest
@@ -137,14 +152,21 @@ class VisualVocabulary:
           end=get("nearest_end"), dist=get("nearest_dist"),
           video_ids=[str(s) for s in get("video_ids")], sources=[str(s) for s in get("sources")])
       normalize = str(get("normalize")) if version >= 2 else "none"
+      inputs = ({"input_mean": get("input_mean"), "input_std": get("input_std")}
+                if normalize == "standardize" else {})
       vocab = cls(centroids=centroids, mean=get("mean"), std=get("std"),
                   leaf_counts=get("leaf_counts"), nearest=nearest, normalize=normalize,
-                  **settings)
+                  **inputs, **settings)
     vocab._check(path)
     return vocab
 
   def _check(self, path) -> None:
     _check_normalize(self.normalize, f"{path}: ")
+    if self.normalize == "standardize":
+      for key in ("input_mean", "input_std"):
+        shape = np.shape(getattr(self, key))
+        if shape != (self.dim,):
+          raise ValueError(f"{path}: {key} has shape {shape}, expected ({self.dim},)")
     for level, c in enumerate(self.centroids):
       want = (self.branching**level, self.branching, self.dim)
       if c.shape != want:
@@ -167,6 +189,8 @@ class VisualVocabulary:
       return np.zeros(0, np.int32), np.zeros(0, np.float32)
     if self.normalize == "l2":
       x = unit_rows(x)
+    elif self.normalize == "standardize":
+      x = standardize(x, self.input_mean, self.input_std)
     return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
 
   def centroid(self, token: int) -> np.ndarray:
@@ -209,18 +233,25 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
   return x / np.where(norm > 0, norm, 1.0)
 
 
-class _UnitRows:
-  """A `kmeans.FeatureSource` whose rows are those of `source` scaled to unit L2 norm."""
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """(x - mean) / std per dimension (float32); a constant dimension is only centred."""
+  scale = np.where(std > 0, std, 1.0)
+  return ((np.asarray(x, np.float64) - mean) / scale).astype(np.float32)
 
-  def __init__(self, source):
-    self.source = source
+
+class _Mapped:
+  """A `kmeans.FeatureSource` whose rows are those of `source` put through `fn`."""
+
+  def __init__(self, source, fn: Callable[[np.ndarray], np.ndarray]):
+    self.source, self.fn = source, fn
     self.num_rows, self.dim = source.num_rows, source.dim
 
   def read(self, start: int, stop: int) -> np.ndarray:
-    return unit_rows(self.source.read(start, stop))
+    return self.fn(self.source.read(start, stop))
 
   def take(self, rows: np.ndarray) -> np.ndarray:
-    return unit_rows(self.source.take(rows))
+    return self.fn(self.source.take(rows))
+
 
 
 def _nearest_clips(source, leaf: np.ndarray, dist: np.ndarray, size: int,
