@@ -92,6 +92,12 @@ def test_seeded(small_world, tmp_path):
   a = [c.frames for c in reader.read_clips(out / "demo_00001.mp4", size=32)]
   b = [c.frames for c in reader.read_clips(tmp_path / "demo_00001.mp4", size=32)]
   np.testing.assert_array_equal(np.stack(a), np.stack(b))
+  # Byte for byte, however often it is encoded in one process (a threaded x264 was not, on
+  # videos of this length).
+  longer = world.WorldConfig(num_videos=2, seed=0, width=64, height=64)
+  files = [world.generate_video(longer, 1, tmp_path / f"again{i}") and
+           (tmp_path / f"again{i}" / "demo_00001.mp4").read_bytes() for i in range(4)]
+  assert all(f == files[0] for f in files)
   other = world.generate_video(dataclasses.replace(SMALL, seed=6), 1, tmp_path / "other")
   assert other["steps"] != again["steps"]
 
