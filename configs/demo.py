@@ -136,7 +136,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # the mean over them), and the paper's template, reported beside it. The narration has
       # no punctuation, so the paper's final " ." would be an unknown piece: it is left out.
       # One template's noun top-1 ranged from 0.06 to 0.31 across these phrasings for one
-      # small-world model; the ensemble's was within 0.03 of the best in 4 of 6 runs.
+      # small-world model; the ensemble's (text first) was 0.20-0.40 in the 8 small-world runs
+      # of the masking and vocabulary experiments.
       templates=("now let me show you how to [MASK] the [MASK]", "now we [MASK] the [MASK]",
                  "let's [MASK] the [MASK]", "then you [MASK] the [MASK]",
                  "time to [MASK] the [MASK]", "we need to [MASK] the [MASK]",
