@@ -52,10 +52,14 @@ def test_zero_shot_learns_on_held_out_steps(small_run):
   assert zs["steps"] >= 50
   # The best prompt order: the model pretrains on [CLS] text [>] video [SEP] only.
   best = max(zs["orders"].values(), key=lambda r: r["verb_top1"] + r["noun_top1"])
-  assert best["verb_top1"] >= 2 * zs["verb_chance"], zs
-  assert best["noun_top1"] >= 2 * zs["noun_chance"], zs
+  for key in ("verb", "noun"):
+    assert best[f"{key}_top1"] >= 2 * zs[f"{key}_chance"], zs
+    # and above a guess blind to the video (the held-out steps' most frequent label)
+    assert best[f"{key}_top1"] > zs[f"{key}_majority"], zs
   results = (workdir / "results" / "results.md").read_text()
   assert "| zero-shot noun (video_first) | top-1 |" in results
+  assert "| zero-shot noun (text_first, paper template) | top-1 |" in results
+  assert set(zs["paper_template"]) == set(zs["orders"])
   assert "1-NN raw S3D" in results
 
 
@@ -111,8 +115,10 @@ def test_shuffled_narration_falls_to_chance(small_run, tmp_path):
   assert all(video != narrator for video, narrator in told.items())
   real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]
   for key in ("verb", "noun"):
-    chance = control[f"{key}_chance"]
+    # Chance for a model that does not read the video: 1 / labels, or, when one label covers
+    # more of the held-out steps, always answering that label.
+    chance, majority = control[f"{key}_chance"], control[f"{key}_majority"]
     for order, r in control["orders"].items():
-      assert r[f"{key}_top1"] < 2 * chance, (order, key, control)
+      assert r[f"{key}_top1"] < 2 * chance or r[f"{key}_top1"] <= majority, (order, key, control)
       assert r[f"{key}_top1"] < real["orders"][order][f"{key}_top1"] or \
           real["orders"][order][f"{key}_top1"] < 2 * chance, (order, key, real, control)
