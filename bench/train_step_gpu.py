@@ -15,11 +15,17 @@ Contenders:
               position), torch.autocast bf16, torch's scaled-dot-product attention, fused AdamW
   peer_same   its heads at our prediction slots only
 
+Ablations (named with --contenders, not run by default), to see where our step's time goes:
+  ours_no_dropout        no dropout at all (no random masks)
+  ours_cudnn_no_dropout  the cuDNN attention kernel, no dropout at all
+  ours_bf16_params       bf16 parameters (no f32-to-bf16 casts of the weights at every use)
+
 Reported: tokens/s and milliseconds per step, `ratio` = ours / peer, and MFU = model FLOPs
 (`vbert_jax.flops`, heads at the real prediction slots) over the device's dense bf16 peak
 (`flops.peak_flops`). It needs a CUDA GPU with jax's CUDA plugin and torch; no test runs it.
 
-    python bench/train_step_gpu.py [--variant=base] [--batch=32] [--seq=512] [--rounds=5]
+    python bench/train_step_gpu.py [--variant=base] [--batch=32] [--seq=512] [--rounds=5] \
+        [--contenders=ours,ours_cudnn,peer,ours_no_dropout]
 """
 
 from __future__ import annotations
@@ -40,21 +46,34 @@ from vbert_jax import flops  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
 
+DEFAULT_CONTENDERS = ("ours", "ours_no_attn_dropout", "ours_cudnn", "peer", "peer_same")
+
+
 def contenders(args, batch):
   shape = dict(max_position_embeddings=max(512, args.seq), dtype="bfloat16")
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant, **shape)
-  out, failed = {}, {}
+
+  def ours(**overrides):
+    variant = model_lib.VideoBERTConfig.from_variant(args.variant, **{**shape, **overrides})
+    return lambda: ts.make_ours(variant, batch, args.seed, "rbg")[:2]
+
+  no_dropout = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
   makers = {
-      "ours": lambda: ts.make_ours(cfg, batch, args.seed, "rbg")[:2],
-      "ours_no_attn_dropout": lambda: ts.make_ours(model_lib.VideoBERTConfig.from_variant(
-          args.variant, attention_dropout_rate=0.0, **shape), batch, args.seed, "rbg")[:2],
-      "ours_cudnn": lambda: ts.make_ours(model_lib.VideoBERTConfig.from_variant(
-          args.variant, attention_impl="cudnn", attention_dropout_rate=0.0, **shape),
-                                         batch, args.seed, "rbg")[:2],
+      "ours": ours(),
+      "ours_no_attn_dropout": ours(attention_dropout_rate=0.0),
+      "ours_cudnn": ours(attention_impl="cudnn", attention_dropout_rate=0.0),
       "peer": lambda: ts.make_peer(cfg, batch, args.seed, False, device="cuda", bf16=True),
       "peer_same": lambda: ts.make_peer(cfg, batch, args.seed, True, device="cuda", bf16=True),
+      "ours_no_dropout": ours(**no_dropout),
+      "ours_cudnn_no_dropout": ours(attention_impl="cudnn", **no_dropout),
+      "ours_bf16_params": ours(param_dtype="bfloat16"),
   }
-  for name, make in makers.items():
+  unknown = sorted(set(args.contenders) - set(makers))
+  if unknown:
+    raise SystemExit(f"--contenders: unknown {unknown}; expected some of {sorted(makers)}")
+  out, failed = {}, {}
+  for name in args.contenders:
+    make = makers[name]
     try:
       step, sync = make()
       for _ in range(2):  # compile, then one warm step
@@ -74,6 +93,9 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=5, help="steps per round")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--contenders", type=lambda v: [x for x in v.split(",") if x],
+                 default=list(DEFAULT_CONTENDERS),
+                 help="comma-separated, from the list in this file's docstring")
   args = p.parse_args()
   if jax.default_backend() != "gpu" or not torch.cuda.is_available():
     raise SystemExit(f"needs a CUDA GPU for both jax (backend: {jax.default_backend()}) and "
