@@ -124,11 +124,11 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
                         top_k=k, batch_size=config.tasks.batch_size,
                         template=list(config.tasks.templates))
     predictions[order] = preds
-    out["orders"][order] = _accuracies(preds, steps, k)
+    out["orders"][order] = zs.accuracies(preds, steps, (1, k))
     single = zs.classify(bundle, [s.tokens for s in steps], verbs=verbs, nouns=nouns,
                          order=order, top_k=k, batch_size=config.tasks.batch_size,
                          template=config.tasks.paper_template)
-    out["paper_template"][order] = _accuracies(single, steps, k)
+    out["paper_template"][order] = zs.accuracies(single, steps, (1, k))
   train_steps = [s for v in _training(videos) for s in v.steps]
   feats = np.stack([s.feature for s in train_steps])
   test = np.stack([s.feature for s in steps])
@@ -137,17 +137,6 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
         feats, np.array([getattr(s, key) for s in train_steps]), test,
         np.array([getattr(s, key) for s in steps]))
   return out, steps, predictions
-
-
-def _accuracies(preds, steps: Sequence[Step], k: int) -> dict[str, float]:
-  from vbert_jax.tasks import zero_shot as zs  # pylint: disable=g-import-not-at-top
-  out = {}
-  for key in ("verb", "noun"):
-    guesses = [getattr(p, f"{key}s") for p in preds]
-    truth = [getattr(s, key) for s in steps]
-    out[f"{key}_top1"] = zs.topk_accuracy(guesses, truth, 1)
-    out[f"{key}_top{k}"] = zs.topk_accuracy(guesses, truth, k)
-  return out
 
 
 def frames_figure(steps: Sequence[Step], predictions, videos: Sequence[Video], path,

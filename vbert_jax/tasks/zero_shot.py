@@ -279,6 +279,17 @@ def topk_accuracy(predicted: Sequence[Sequence[str]], truth: Sequence[str], k: i
   return float(np.mean([t in list(p)[:k] for p, t in zip(predicted, truth)]))
 
 
+def accuracies(preds: Sequence[ZeroShotPrediction], labelled: Sequence,
+               ks: Sequence[int]) -> dict[str, float]:
+  """`verb_top{k}` and `noun_top{k}` for each k, against items with `verb` and `noun`
+  attributes (labelled segments, the demo's steps)."""
+  out = {}
+  for k in ks:
+    out[f"verb_top{k}"] = topk_accuracy([p.verbs for p in preds], [s.verb for s in labelled], k)
+    out[f"noun_top{k}"] = topk_accuracy([p.nouns for p in preds], [s.noun for s in labelled], k)
+  return out
+
+
 # ------------------------------------------------------------------------------ data
 
 
@@ -528,20 +539,12 @@ def run(args: argparse.Namespace) -> dict:
     preds = classify(bundle, tokens, verbs=verbs, nouns=nouns,
                      template=templates, order=order, top_k=args.top_k,
                      batch_size=args.batch_size)
-    results["orders"][order] = _accuracies(preds, segs, args.top_k)
+    results["orders"][order] = accuracies(preds, segs, sorted({1, min(5, args.top_k)}))
     lines += [json.dumps({"order": order, **dataclasses.asdict(s), **dataclasses.asdict(p)})
               for s, p in zip(segs, preds)]
   (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
   bundle_lib.write_results(results, out)
   return results
-
-
-def _accuracies(preds: list[ZeroShotPrediction], segs: list[Segment], top_k: int) -> dict:
-  out = {}
-  for k in sorted({1, min(5, top_k)}):
-    out[f"verb_top{k}"] = topk_accuracy([p.verbs for p in preds], [s.verb for s in segs], k)
-    out[f"noun_top{k}"] = topk_accuracy([p.nouns for p in preds], [s.noun for s in segs], k)
-  return out
 
 
 def _report(results: dict) -> None:
