@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 import zipfile
 from typing import Callable, Protocol, Sequence
@@ -39,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import sparse
 
 from vbert_jax.video import features_io
+from vbert_jax.vocab import seeding
 
 AXIS = "data"
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -202,6 +203,7 @@ class KMeansConfig:
   tol: float = 1e-4  # a level stops when inertia falls by at most this fraction; 0: fixed point
   seed: int = 0
   chunk_size: int = 65536  # rows per streamed chunk (rounded up to a multiple of the devices)
+  seed_sample: int = 128  # most rows of a node that k-means++ seeding chooses among
 
   def validate(self) -> None:
     for key in ("depth", "branching", "iterations", "chunk_size"):
@@ -211,6 +213,9 @@ class KMeansConfig:
       raise ValueError(f"k-means branching must be at least 2, got {self.branching}")
     if self.tol < 0:
       raise ValueError(f"k-means tol must be >= 0, got {self.tol}")
+    if self.seed_sample < self.branching:
+      raise ValueError(f"k-means seed_sample must be at least branching ({self.branching}), "
+                       f"got {self.seed_sample}")
 
 
 @dataclasses.dataclass
@@ -232,6 +237,8 @@ def default_mesh() -> Mesh:
 
 # ----------------------------------------------------------------------------- device kernels
 
+_GROUP = 8  # block counts are bucketed to multiples of this per device
+
 
 def _block_size(rows: int, nodes: int) -> int:
   """About half a node's rows per block, as a power of two in [16, 1024]."""
@@ -239,8 +246,16 @@ def _block_size(rows: int, nodes: int) -> int:
   return int(min(max(1 << (per_node.bit_length() - 1), 16), 1024))
 
 
+def _fit_block_size(count: np.ndarray) -> int:
+  """Rows per block for nodes of `count` rows: the power of two in [32, 1024] with the least
+  padded work, a row of a small block counting more (thin products run slower per row)."""
+  sizes = 2 ** np.arange(5, 11)
+  slots = np.array([np.sum(-(-count // b)) * b for b in sizes])
+  return int(sizes[np.argmin(slots * (1 + 32 / sizes))])
+
+
 def _bucket(n: int, multiple: int = 8) -> int:
-  """Rounds up within 1/8 so that block counts, hence compiled shapes, repeat across levels."""
+  """Rounds up within 1/8 so that block counts, hence compiled shapes, repeat across passes."""
   n = max(n, 1)
   step = max(multiple, 1 << max(n.bit_length() - 4, 0))
   return -(-n // step) * step
@@ -269,243 +284,296 @@ def _local_blocks(x, node, valid, *, nodes: int, nb: int, bsize: int):
   return xb, vb, bnode.astype(jnp.int32), gidx.reshape(nb, bsize)
 
 
-def _duplicate_penalty(cents):
+def _duplicate_penalty(cents: np.ndarray) -> np.ndarray:
   """[nodes, k]: +inf for a child that repeats an earlier child of its node bit for bit, else 0.
 
   A node with fewer points than branches repeats points as children. Which of two equal
   centroids wins an argmin then depends on the matmul's rounding, which differs with batch and
   device shapes; taking the repeats out makes "ties go to the lowest child" hold everywhere.
-  Children are compared by two exact integer hashes of their bits.
+  Pairs that agree on a spread of 16 coordinates are compared in full.
   """
-  bits = jax.lax.bitcast_convert_type(cents, jnp.uint32)
-  mult = np.random.default_rng(0).integers(1, 2**32, (2, cents.shape[-1]), dtype=np.uint64)
-  h1 = jnp.sum(bits * jnp.asarray(mult[0] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
-  h2 = jnp.sum(bits * jnp.asarray(mult[1] | 1, jnp.uint32), axis=-1, dtype=jnp.uint32)
-  same = (h1[:, :, None] == h1[:, None, :]) & (h2[:, :, None] == h2[:, None, :])
+  bits = np.ascontiguousarray(cents, np.float32).view(np.uint32)
+  probe = bits[..., ::max(1, bits.shape[-1] // 16)]
   k = cents.shape[1]
-  earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, i]: i < j
-  dup = jnp.any(same & earlier[None], axis=-1)
-  return jnp.where(dup, jnp.inf, 0.0).astype(cents.dtype)
+  earlier = np.arange(k)[None, :] < np.arange(k)[:, None]  # [j, i]: i < j
+  maybe = np.all(probe[:, :, None] == probe[:, None, :], axis=-1) & earlier[None]
+  nd, j, i = np.nonzero(maybe)
+  same = np.all(bits[nd, j] == bits[nd, i], axis=-1)
+  out = np.zeros(cents.shape[:2], np.float32)
+  out[nd[same], j[same]] = np.inf
+  return out
 
 
-@jax.jit
-def _norms(cents):
-  """[nodes, k] squared norms of the children, +inf for repeats: what `_block_dist` adds."""
-  return jnp.sum(cents * cents, axis=-1) + _duplicate_penalty(cents)
+def _norms(cents: np.ndarray) -> np.ndarray:
+  """[nodes, k] squared norms of the children, +inf for repeats: what `_block_dist` adds.
+
+  Computed on the host, once per set of centroids, by the fit and the assignment alike.
+  """
+  cents = np.asarray(cents, np.float32)
+  return np.einsum("nkd,nkd->nk", cents, cents) + _duplicate_penalty(cents)
 
 
-def _block_dist(xb, bnode, cents, norms=None):
+def _block_dist(xb, bnode, cents, norms, xn=None):
   """Squared distances [nb, bsize, k] of every block row to its node's children.
 
   `norms` [nodes, k] (from `_norms`, once per set of centroids) are gathered rather than summed
   from the gathered centroids: that algebraically equal form is miscompiled by XLA:CPU 0.10.2
   (YNNPACK fusion) when a level has a single node and blocks of 256+ rows (tests/test_kmeans.py
-  checks both). Without `norms` (seeding candidates) repeats are not taken out.
+  checks both). `xn` [nb, bsize], the rows' squared norms, is summed here when not given.
   """
-  norms = jnp.sum(cents * cents, axis=-1) if norms is None else norms
   cn = norms[bnode]
   dots = jnp.einsum("nbd,nkd->nbk", xb, cents[bnode], precision=HIGHEST)
-  xn = jnp.sum(xb * xb, axis=-1)
+  xn = jnp.sum(xb * xb, axis=-1) if xn is None else xn
   return cn[:, None, :] - 2.0 * dots + xn[..., None]
 
 
-def _local_stats(xb, vb, bnode, cents, norms, *, nodes: int):
-  k = cents.shape[1]
-  d = _block_dist(xb, bnode, cents, norms)
-  lab = jnp.argmin(d, axis=-1).astype(jnp.int32)  # ties -> lowest child
-  mind = jnp.where(vb, jnp.maximum(jnp.min(d, axis=-1), 0.0), 0.0)
-  onehot = ((lab[..., None] == jnp.arange(k)) & vb[..., None]).astype(xb.dtype)
-  bsum = jnp.einsum("nbk,nbd->nkd", onehot, xb, precision=HIGHEST)
-  sums = jax.ops.segment_sum(bsum, bnode, nodes, indices_are_sorted=True)
-  counts = jax.ops.segment_sum(onehot.sum(1), bnode, nodes, indices_are_sorted=True)
-  sums, counts, inertia = jax.lax.psum((sums, counts, mind.sum()), AXIS)
-  return lab, mind, sums, counts, inertia
+def _local_assign(xb, vb, xn, bnode, cents, norms):
+  """Nearest child [nb, bsize] (ties: the lowest) and its squared distance (0 at padding)."""
+  # Measured on XLA:CPU: blocks of 128+ rows run about 1.6x faster with the rows' norms summed
+  # once per level, thinner ones about 1.7x slower (the fusion around the product changes).
+  d = _block_dist(xb, bnode, cents, norms, xn if xb.shape[1] >= 128 else None)
+  lab = jnp.argmin(d, axis=-1).astype(jnp.int32)
+  return lab, jnp.where(vb, jnp.maximum(jnp.min(d, axis=-1), 0.0), 0.0)
 
 
-def _local_candidate_dist(xb, vb, bnode, cands):
-  """Squared distances [nb, bsize, L] of every row to its node's L seeding candidates."""
-  return jnp.where(vb[..., None], jnp.maximum(_block_dist(xb, bnode, cands), 0.0), jnp.inf)
+def _make_blocks(x, gidx, bnode, parent):
+  """Rows `gidx` [nb, bsize] of `x` (-1: padding) relative to their node's centroid, with their
+  validity and squared norms."""
+  vb = gidx >= 0
+  # Rows relative to their node's centroid: distances within a node stay accurate in float32
+  # however far the node is from the origin.
+  xb = jnp.take(x, jnp.maximum(gidx, 0), axis=0) - parent[bnode][:, None, :]
+  xb = jnp.where(vb[..., None], xb, 0.0)
+  return xb, vb, jnp.sum(xb * xb, axis=-1)
+
+
+def _select_blocks(xb, vb, xn, ids, keep):
+  return xb[ids], vb[ids] & keep[:, None], xn[ids]
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(mesh: Mesh, nodes: int, nb: int, bsize: int):
-  """Jitted block builder, Lloyd statistics and seeding distances for one level's shapes."""
-  rows, rep = P(AXIS), P()
-  smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-
-  def blocks(x, node, valid, parent):
-    xb, vb, bnode, gidx = _local_blocks(x, node, valid, nodes=nodes, nb=nb, bsize=bsize)
-    # Rows relative to their node's centroid: distances within a node stay accurate in float32
-    # however far the node is from the origin.
-    xb = jnp.where(vb[..., None], xb - parent[bnode][:, None, :], 0.0)
-    # Row index within the chunk, for mapping block results back on the host.
-    gidx = jnp.where(vb, gidx + jax.lax.axis_index(AXIS) * x.shape[0], -1)
-    return xb, vb, bnode, gidx
-
-  make = jax.jit(smap(blocks, in_specs=(rows, rows, rows, rep), out_specs=(rows,) * 4))
-  stats = jax.jit(smap(functools.partial(_local_stats, nodes=nodes),
-                       in_specs=(rows, rows, rows, rep, rep),
-                       out_specs=(rows, rows, rep, rep, rep)))
-  seed = jax.jit(smap(_local_candidate_dist, in_specs=(rows, rows, rows, rep),
-                      out_specs=rows))
-  return make, stats, seed
-
-
-@jax.jit
-def _update(sums, counts, cents):
-  new = sums / jnp.maximum(counts, 1.0)[..., None]
-  return jnp.where((counts > 0)[..., None], new, cents)
+def _kernels(mesh: Mesh):
+  """Jitted block builder, block selection and assignment, blocks split over the mesh."""
+  rows, rep = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+  make = jax.jit(_make_blocks, in_shardings=(rep, rows, rows, rep), out_shardings=(rows,) * 3)
+  select = jax.jit(_select_blocks, in_shardings=(rows,) * 5, out_shardings=(rows,) * 3)
+  assign = jax.jit(jax.shard_map(_local_assign, mesh=mesh, in_specs=(P(AXIS),) * 4 + (P(),) * 2,
+                                 out_specs=(P(AXIS), P(AXIS)), check_vma=False))
+  return make, select, assign
 
 
 # ----------------------------------------------------------------------------- fitting
 
 
 class _Chunks:
-  """The source as chunks of a static row count, centred by the feature mean, on the mesh."""
+  """The source as chunks of at most `size` rows, centred by the feature mean, on the host.
+
+  A source that fits in one chunk is read once and also kept on the devices.
+  """
 
   def __init__(self, source: FeatureSource, chunk_size: int, mesh: Mesh, mean: np.ndarray):
     self.source, self.mesh = source, mesh
-    ndev = mesh.size
-    self.size = -(-min(chunk_size, source.num_rows) // ndev) * ndev
+    self.size = min(chunk_size, source.num_rows)
     self.ranges = [(s, min(s + self.size, source.num_rows))
                    for s in range(0, source.num_rows, self.size)]
     self.mean = mean.astype(np.float32)
-    self.sharding = NamedSharding(mesh, P(AXIS))
-    self._resident = self._load(0) if len(self.ranges) == 1 else None
+    self.resident = len(self.ranges) == 1
+    self._host = self.read(0) if self.resident else None
+    self._device = self.put(self._host) if self.resident else None
 
-  def _load(self, i: int):
-    start, stop = self.ranges[i]
-    x = np.zeros((self.size, self.source.dim), np.float32)
-    x[:stop - start] = self.source.read(start, stop)
-    x[:stop - start] -= self.mean
-    return jax.device_put(x, self.sharding)
+  def read(self, i: int) -> np.ndarray:
+    return self.source.read(*self.ranges[i]) - self.mean  # a new array: reads may be views
 
-  def x(self, i: int):
-    return self._resident if self._resident is not None else self._load(i)
+  def put(self, x: np.ndarray):
+    return jax.device_put(x, NamedSharding(self.mesh, P()))
 
-  def node_valid(self, i: int, node: np.ndarray, active: np.ndarray | None):
-    start, stop = self.ranges[i]
-    nd = np.zeros(self.size, np.int32)
-    nd[:stop - start] = node[start:stop]
-    valid = np.arange(self.size) < stop - start
-    if active is not None:
-      valid &= active[nd]
-    return (jax.device_put(nd, self.sharding), jax.device_put(valid, self.sharding))
+  def host(self, i: int) -> np.ndarray:
+    return self._host if self.resident else self.read(i)
+
+  def device(self, i: int, host: np.ndarray | None = None):
+    if self.resident:
+      return self._device
+    return self.put(self.read(i) if host is None else host)
+
+  def centred(self, rows: np.ndarray):
+    """Yields (rows, their centred values) in pieces of at most one chunk; `rows` ascending."""
+    n = self.source.num_rows
+    if len(rows) == n:  # every row: read in order, no gather
+      for i, (start, stop) in enumerate(self.ranges):
+        yield rows[start:stop], self.host(i)
+      return
+    for s in range(0, len(rows), self.size):
+      part = rows[s:s + self.size]
+      if self.resident:
+        yield part, self._host[part]
+      else:
+        x = self.source.take(part)
+        x -= self.mean
+        yield part, x
+
+
+def _layout(node: np.ndarray, keep: np.ndarray | None, bsize: int, ndev: int,
+            bucket: bool = True):
+  """Rows grouped by node into blocks: row indices [nb, bsize] (-1: padding) and block nodes.
+
+  Only the rows where `keep` is set are placed; `nb` is a multiple of the devices, and bucketed
+  (few shapes to compile) unless `bucket` is off.
+  """
+  rows = np.arange(len(node)) if keep is None else np.flatnonzero(keep)
+  order = rows[np.argsort(node[rows], kind="stable")]
+  uniq, first, count = np.unique(node[order], return_index=True, return_counts=True)
+  blocks = -(-count // bsize)
+  per_dev = -(-max(int(blocks.sum()), 1) // ndev)
+  nb = ndev * (_bucket(per_dev, _GROUP) if bucket else per_dev)
+  bnode = np.zeros(nb, np.int32)
+  bnode[:blocks.sum()] = np.repeat(uniq, blocks)
+  rank = np.arange(len(order)) - np.repeat(first, count)
+  block = np.repeat(np.cumsum(blocks) - blocks, count) + rank // bsize
+  gidx = np.full((nb, bsize), -1, np.int32)
+  gidx[block, rank % bsize] = order
+  return gidx, bnode
 
 
 class _LevelPass:
-  """One level's chunks grouped into blocks; blocks stay on device when there is one chunk.
+  """Assignment passes of one level: rows of the active nodes to their nearest child.
 
-  Only the rows of active nodes are grouped: a node whose assignment stopped changing is at a
-  fixed point of Lloyd's iteration and drops out of later passes.
+  With a resident source the level's blocks are built once and a pass selects the blocks of the
+  active nodes; otherwise every pass builds the blocks of each chunk's active rows.
   """
 
   def __init__(self, chunks: _Chunks, node: np.ndarray, nodes: int, parent: np.ndarray):
-    self.chunks, self.node, self.nodes, self.parent = chunks, node, nodes, parent
-    self._parent = jax.device_put(parent, NamedSharding(chunks.mesh, P()))
-    self.bsize = _block_size(chunks.size // chunks.mesh.size, nodes)
-    self.active: np.ndarray | None = None
-    self._set_blocks(_bucket(self._need(None)))
+    self.chunks, self.node, self.nodes = chunks, node, nodes
+    self.ndev = chunks.mesh.size
+    count = np.bincount(node, minlength=nodes) * (chunks.size / len(node))
+    self.bsize = _fit_block_size(np.ceil(count).astype(np.int64))
+    self.make, self.select, self.assign_fn = _kernels(chunks.mesh)
+    self.parent = chunks.put(parent)
+    self.full = None
+    if chunks.resident:
+      gidx, bnode = _layout(node, None, self.bsize, self.ndev, bucket=False)
+      self.full = (gidx, bnode, self._blocks(0, gidx, bnode))
 
-  def _need(self, active: np.ndarray | None) -> int:
-    """The most blocks any device needs for any chunk."""
-    ndev, need = self.chunks.mesh.size, 1
-    for start, stop in self.chunks.ranges:
-      nd = np.full(self.chunks.size, -1, np.int64)
-      nd[:stop - start] = self.node[start:stop]
-      if active is not None:
-        nd[nd >= 0] = np.where(active[nd[nd >= 0]], nd[nd >= 0], -1)
-      for part in nd.reshape(ndev, -1):
-        cnt = np.bincount(part[part >= 0], minlength=self.nodes)
-        need = max(need, int(np.sum(-(-cnt // self.bsize))))
-    return need
+  def _blocks(self, i: int, gidx: np.ndarray, bnode: np.ndarray, host=None):
+    return self.make(self.chunks.device(i, host), gidx, bnode, self.parent)
 
-  def _set_blocks(self, nb: int) -> None:
-    self.nb = nb
-    self.make, self.stats_fn, self.seed_fn = _kernels(self.chunks.mesh, self.nodes, nb,
-                                                      self.bsize)
-    self._cached, self._cached_rows = None, 0
+  def _chunk_blocks(self, i: int, active: np.ndarray):
+    """(row indices, block nodes, (xb, vb, xn)) of chunk i's rows of active nodes."""
+    if self.full is not None:
+      gidx, bnode, (xb, vb, xn) = self.full
+      sel = np.flatnonzero(active[bnode] & (gidx[:, 0] >= 0))
+      if len(sel) > 0.75 * len(bnode):  # most blocks: mask the rest rather than gather
+        mask = active[bnode][:, None]
+        return np.where(mask, gidx, -1), bnode, (xb, vb & mask, xn)
+      nb = self.ndev * _bucket(-(-max(len(sel), 1) // self.ndev), _GROUP)
+      ids = np.zeros(nb, np.int32)
+      ids[:len(sel)] = sel
+      keep = np.arange(nb) < len(sel)
+      return np.where(keep[:, None], gidx[ids], -1), bnode[ids], self.select(xb, vb, xn, ids, keep)
+    start, stop = self.chunks.ranges[i]
+    node = self.node[start:stop]
+    gidx, bnode = _layout(node, active[node], self.bsize, self.ndev)
+    return np.where(gidx >= 0, gidx + start, -1), bnode, self._blocks(i, gidx, bnode)
 
-  def restrict(self, active: np.ndarray) -> None:
-    """Later passes visit only the rows of nodes where `active` [nodes] is set."""
-    self.active = active
-    need = self._need(active)
-    if need <= self.nb // 2:  # shrink by powers of two: few shapes to compile
-      self._set_blocks(max(8, 1 << (need - 1).bit_length()))
-    elif self._cached is not None:
-      rows = int(np.count_nonzero(active[self.node]))
-      if rows < 0.7 * self._cached_rows:
-        self._cached = None
+  def put_centroids(self, cents: np.ndarray, repeat: np.ndarray, keys: np.ndarray | None = None):
+    """Puts children `keys` (node * k + child; all when None) of `cents` on the devices.
 
-  def blocks(self, i: int):
-    if self._cached is not None:
-      return self._cached
-    nd, valid = self.chunks.node_valid(i, self.node, self.active)
-    out = self.make(self.chunks.x(i), nd, valid, self._parent)
-    if len(self.chunks.ranges) == 1:
-      self._cached = out
-      self._cached_rows = len(self.node) if self.active is None else int(
-          np.count_nonzero(self.active[self.node]))
-    return out
+    `repeat` [nodes, k] marks children that repeat an earlier child of their node (+inf norm).
+    """
+    if keys is None or len(keys) > cents.shape[0] * cents.shape[1] // 4:
+      norms = np.einsum("nkd,nkd->nk", cents, cents) + np.where(repeat, np.inf, 0.0)
+      self.cents, self.norms = self.chunks.put(cents), self.chunks.put(norms.astype(np.float32))
+      return
+    if len(keys) == 0:
+      return
+    pad = np.resize(keys, _bucket(len(keys)))  # repeats rewrite the same values
+    values = cents.reshape(-1, cents.shape[-1])[pad]
+    norms = np.einsum("nd,nd->n", values, values) + np.where(repeat.reshape(-1)[pad], np.inf, 0.0)
+    self.cents, self.norms = _set_children(self.cents, self.norms, pad, values,
+                                           norms.astype(np.float32))
 
-  def _scatter(self, i: int, gidx, values, out: np.ndarray) -> None:
-    g = np.asarray(gidx).reshape(-1)
-    keep = g >= 0
-    values = np.asarray(values).reshape((len(g),) + out.shape[1:])
-    out[self.chunks.ranges[i][0] + g[keep]] = values[keep]
-
-  def lloyd(self, cents, labels: np.ndarray, dist: np.ndarray):
-    """Assigns the active rows (into `labels`/`dist`) and returns their summed statistics."""
-    total = None
-    norms = _norms(cents)
+  def assign(self, active: np.ndarray):
+    """Rows of the active nodes with their nearest child and squared distance (host arrays)."""
+    pending, out = [], []
     for i in range(len(self.chunks.ranges)):
-      xb, vb, bnode, gidx = self.blocks(i)
-      lab, mind, sums, counts, inertia = self.stats_fn(xb, vb, bnode, cents, norms)
-      self._scatter(i, gidx, lab, labels)
-      self._scatter(i, gidx, mind, dist)
-      part = (sums, counts, inertia)
-      total = part if total is None else jax.tree.map(jnp.add, total, part)
-    return total
-
-  def candidate_dist(self, cands, out: np.ndarray) -> None:
-    """Distances [N, L] of every row to its node's candidates `cands` [nodes, L, D]."""
-    for i in range(len(self.chunks.ranges)):
-      xb, vb, bnode, gidx = self.blocks(i)
-      self._scatter(i, gidx, self.seed_fn(xb, vb, bnode, cands), out)
+      gidx, bnode, blocks = self._chunk_blocks(i, active)
+      pending.append((gidx, self.assign_fn(*blocks, bnode, self.cents, self.norms)))
+      if len(pending) > 1:  # read one chunk's results while the next one runs
+        out.append(_gathered(*pending.pop(0)))
+    out += [_gathered(*p) for p in pending]
+    return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-class _NodeSampler:
-  """Draws one row per node with probability proportional to a weight, for all nodes at once.
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _set_children(cents, norms, keys, values, key_norms):
+  nodes, k, dim = cents.shape
+  cents = cents.reshape(-1, dim).at[keys].set(values).reshape(nodes, k, dim)
+  return cents, norms.reshape(-1).at[keys].set(key_norms).reshape(nodes, k)
 
-  Rows are sorted by node once per level; a round is then one cumulative sum and a binary search
-  per draw (inverse-CDF sampling), rather than a sort per draw.
+
+def _gathered(gidx: np.ndarray, result):
+  lab, mind = (np.asarray(r) for r in result)
+  valid = gidx >= 0
+  return gidx[valid], lab[valid], mind[valid]
+
+
+class _Sums:
+  """Per-child sums and counts of the centred rows, updated by the rows that moved.
+
+  A Lloyd update needs the new means only of the clusters whose rows changed, so the sums are
+  kept across passes and only the moved rows are added and taken away, in one sparse product.
   """
 
-  def __init__(self, node: np.ndarray, nodes: int):
-    self.order = np.argsort(node, kind="stable")
-    self.bounds = np.searchsorted(node[self.order], np.arange(nodes + 1))
-    self.count = np.diff(self.bounds)
-    self.nodes = nodes
+  def __init__(self, nodes: int, k: int, dim: int):
+    self.k = k
+    self.sums: np.ndarray | None = None  # [nodes * k, dim] float32, from the first move
+    self.shape = (nodes * k, dim)
+    self.counts = np.zeros(nodes * k, np.int64)
 
-  def draw(self, weight: np.ndarray | None, u: np.ndarray) -> np.ndarray:
-    """Rows [trials, nodes] (-1 for a node without rows) for uniforms `u` [trials, nodes].
+  def move(self, chunks: _Chunks, rows: np.ndarray, node: np.ndarray, old: np.ndarray,
+           new: np.ndarray) -> np.ndarray:
+    """Rows (ascending) leave child `old` (-1: none) of their node for child `new`.
 
-    Rows of weight 0 (points that are already centres) are drawn only in a node whose rows all
-    have weight 0, uniformly then, so a node repeats a point only when it must; `weight=None`
-    draws uniformly.
+    Returns the children whose statistics changed, as node * k + child.
     """
-    lo, hi = self.bounds[:-1], self.bounds[1:]
-    uniform = lo + np.minimum((u * self.count).astype(np.int64), np.maximum(self.count - 1, 0))
-    if weight is None:
-      pos = uniform
-    else:
-      cw = np.concatenate([[0.0], np.cumsum(weight[self.order], dtype=np.float64)])
-      base, total = cw[lo], cw[hi] - cw[lo]
-      # The first sorted row whose cumulative weight exceeds the target (zero weights never do).
-      pos = np.searchsorted(cw, base + u * total, side="right") - 1
-      pos = np.where(total > 0, np.clip(pos, lo, np.maximum(hi - 1, lo)), uniform)
-    rows = self.order[np.minimum(pos, len(self.order) - 1)]
-    return np.where(self.count > 0, rows, -1)
+    changed = []
+    for part, x in chunks.centred(rows):
+      sel = np.searchsorted(rows, part)
+      base = node[part] * self.k
+      keep = old[sel] >= 0
+      keys = np.concatenate([base + new[sel], (base + old[sel])[keep]])
+      sign = np.concatenate([np.ones(len(part)), -np.ones(int(keep.sum()))])
+      cols = np.concatenate([np.arange(len(part)), np.flatnonzero(keep)])
+      uniq, inv = np.unique(keys, return_inverse=True)
+      moved = sparse.csr_matrix((sign.astype(np.float32), (inv, cols)),
+                                shape=(len(uniq), len(part)))
+      part_sums = moved @ x
+      if self.sums is None and len(uniq) == len(self.counts):  # the first pass, every child
+        self.sums = part_sums
+      else:
+        if self.sums is None:
+          self.sums = np.zeros(self.shape, np.float32)
+        self.sums[uniq] += part_sums
+      self.counts += np.bincount(keys, sign, minlength=len(self.counts)).astype(np.int64)
+      changed.append(uniq)
+    return np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
+
+  def update(self, cents: np.ndarray, keys: np.ndarray, parent: np.ndarray) -> None:
+    """Children `keys` become the means of their rows (relative to the node); empty ones stay."""
+    k, dim = self.k, cents.shape[-1]
+    if len(keys) == len(self.counts):  # every child: whole-array operations, no gathers
+      flat = cents.reshape(-1, dim)
+      empty = np.flatnonzero(self.counts == 0)
+      kept = flat[empty]
+      count = np.maximum(self.counts, 1).astype(np.float32).reshape(-1, k, 1)
+      np.divide(self.sums.reshape(cents.shape), count, out=cents)
+      np.subtract(cents, parent[:, None, :], out=cents)
+      flat[empty] = kept
+      return
+    flat = cents.reshape(-1, dim)
+    counts = self.counts[keys]
+    keys = keys[counts > 0]
+    count = counts[counts > 0].astype(np.float32)[:, None]
+    flat[keys] = self.sums[keys] / count - parent[keys // k]
 
 
 def _relative(source: FeatureSource, rows: np.ndarray, mean: np.ndarray, parent: np.ndarray
@@ -518,50 +586,24 @@ def _relative(source: FeatureSource, rows: np.ndarray, mean: np.ndarray, parent:
   return (source.take(rows) - mean.astype(np.float32)) - parent
 
 
-def _seed_level(lp: _LevelPass, source: FeatureSource, mean: np.ndarray, k: int,
-                rng: np.random.Generator) -> np.ndarray:
-  """Greedy k-means++ in every node at once; centroids relative to their node's centroid.
-
-  Each round draws `trials` candidates per node with probability proportional to the squared
-  distance to the node's nearest chosen centre (the first round: uniformly) and keeps the one
-  that lowers the node's potential most, as scikit-learn's k-means++ does.
-  """
-  node, nodes, n = lp.node, lp.nodes, len(lp.node)
-  trials = 2 + int(math.log(k))
-  sampler = _NodeSampler(node, nodes)
-  cents = np.zeros((nodes, k, source.dim), np.float32)  # a node without rows: its own centroid
-  dmin = np.full(n, np.inf, np.float32)
-  dcand = np.empty((n, trials), np.float32)
-  for r in range(k):
-    rows = sampler.draw(None if r == 0 else dmin, rng.random((trials, nodes)))
-    cands = np.zeros((nodes, trials, source.dim), np.float32)
-    has = rows >= 0
-    if has.any():
-      nd, t = np.nonzero(has.T)
-      cands[nd, t] = _relative(source, rows.T[nd, t], mean, lp.parent[nd])
-    lp.candidate_dist(jnp.asarray(cands), dcand)
-    new_min = np.minimum(dmin[:, None], dcand)
-    potential = np.stack([np.bincount(node, weights=new_min[:, t], minlength=nodes)
-                          for t in range(trials)], axis=1)
-    best = np.argmin(potential, axis=1)
-    cents[:, r] = cands[np.arange(nodes), best]
-    dmin = new_min[np.arange(n), best[node]]
-  return cents
-
-
-def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, dist: np.ndarray,
-                  source: FeatureSource, mean: np.ndarray, parent: np.ndarray) -> np.ndarray:
+def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, label: np.ndarray,
+                  dist: np.ndarray, source: FeatureSource, mean: np.ndarray, parent: np.ndarray,
+                  skip: np.ndarray | None = None) -> np.ndarray:
   """Moves empty clusters onto the rows of their node farthest from their centroid.
 
-  `cents` [nodes, k, D] is relative: a row r becomes `source.take(r) - mean - parent[node]`. Returns
-  the nodes [nodes] bool where a centroid moved.
+  Only rows that share their cluster and sit off its centroid are candidates: moving a centroid
+  onto a row alone in its cluster would only repeat that row. Nodes where `skip` is set are left
+  alone. `cents` [nodes, k, D] is relative: a row r becomes `source.take(r) - mean -
+  parent[node]`. Returns the nodes [nodes] bool where a centroid moved.
   """
+  k = counts.shape[1]
   empty = counts == 0
   touched = np.zeros(len(counts), bool)
-  if not empty.any():
+  want = empty.any(1) if skip is None else empty.any(1) & ~skip
+  if not want.any():
     return touched
-  nodes_e = np.flatnonzero(empty.any(1))
-  sel = np.isin(node, nodes_e) & (dist > 0)
+  nodes_e = np.flatnonzero(want)
+  sel = np.isin(node, nodes_e) & (dist > 0) & (counts.reshape(-1)[node * k + label] > 1)
   rows = np.flatnonzero(sel)
   order = np.lexsort((-dist[rows], node[rows]))
   rows, sn = rows[order], node[rows][order]
@@ -582,6 +624,56 @@ def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, dist:
   return touched
 
 
+def _lloyd(lp: _LevelPass, cents: np.ndarray, parent: np.ndarray, mean: np.ndarray,
+           config: KMeansConfig, report: Callable[[int, float, int], None]):
+  """Lloyd's iterations of one level from `cents` (updated in place): (labels, dist, updates).
+
+  Nodes are independent problems: a node none of whose rows moved is at a fixed point and
+  leaves the later passes.
+  """
+  node, nodes, k = lp.node, lp.nodes, cents.shape[1]
+  source = lp.chunks.source
+  n = len(node)
+  labels = np.full(n, -1, np.int32)
+  dist = np.zeros(n, np.float32)
+  sums = _Sums(nodes, k, cents.shape[-1])
+  active = np.ones(nodes, bool)
+  stale = np.zeros(nodes, bool)  # re-seeded without effect: not re-seeded again until it moves
+  reseeded = np.zeros(nodes, bool)
+  prev_inertia, done = np.inf, 0
+  repeat = _duplicate_penalty(cents) > 0  # repeated children never win a row, so never move
+  lp.put_centroids(cents, repeat)
+  while True:
+    rows, lab, mind = lp.assign(active)
+    dist[rows] = mind
+    moved = lab != labels[rows]
+    rows, new = rows[moved], lab[moved]
+    order = np.argsort(rows, kind="stable")
+    rows, new = rows[order], new[order]
+    old = labels[rows]
+    labels[rows] = new
+    inertia = float(dist.sum(dtype=np.float64))  # frozen nodes' rows keep their distances
+    report(done, inertia, len(rows))
+    converged = len(rows) == 0 or prev_inertia - inertia <= config.tol * inertia
+    if converged or done == config.iterations:
+      return labels, dist, done, inertia
+    keys = sums.move(lp.chunks, rows, node, old, new)
+    sums.update(cents, keys, parent)
+    touched = np.zeros(nodes, bool)
+    touched[keys // k] = True
+    stale = (stale | (reseeded & ~touched)) & ~touched
+    reseeded = _reseed_empty(cents, sums.counts.reshape(nodes, k), node, labels, dist, source,
+                             mean, parent, skip=stale)
+    if reseeded.any():
+      moved_to = np.flatnonzero(reseeded)
+      repeat[moved_to] = _duplicate_penalty(cents[moved_to]) > 0
+      keys = np.union1d(keys, (moved_to[:, None] * k + np.arange(k)).reshape(-1))
+    lp.put_centroids(cents, repeat, keys)
+    active = touched | reseeded
+    prev_inertia = inertia
+    done += 1
+
+
 def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | None = None,
              log: Callable[[str], None] | None = None,
              on_iteration: Callable[[int, int, float, int], None] | None = None) -> TreeFit:
@@ -598,53 +690,30 @@ def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | No
   log = log or (lambda _: None)
   mean, std = feature_stats(source, config.chunk_size)
   chunks = _Chunks(source, config.chunk_size, mesh, mean)
-  n, k = source.num_rows, config.branching
+  n, k, dim = source.num_rows, config.branching, source.dim
   node = np.zeros(n, np.int32)
-  labels = np.zeros(n, np.int32)
-  dist = np.zeros(n, np.float32)
-  parent = np.zeros((1, source.dim), np.float32)  # node centroids, less the mean
+  parent = np.zeros((1, dim), np.float32)  # node centroids, less the mean
   out_cents, inertias, iters = [], [], []
   for level in range(config.depth):
     nodes = k**level
-    lp = _LevelPass(chunks, node, nodes, parent)
     rng = np.random.default_rng([config.seed, level])
-    cents_np = _seed_level(lp, source, mean, k, rng)
-    cents = jnp.asarray(cents_np)
-    prev_labels = np.full(n, -1, np.int32)
-    prev_inertia, done = np.inf, 0
-    active = np.ones(nodes, bool)
-    while True:
-      sums, counts, _ = lp.lloyd(cents, labels, dist)
-      inertia = float(dist.sum(dtype=np.float64))  # frozen nodes' rows keep their distances
-      moved = labels != prev_labels
-      changed = int(np.count_nonzero(moved))
+    cents = seeding.seed_level(
+        node, nodes, k, config.seed_sample,
+        lambda rows, row_node: _relative(source, rows, mean, parent[row_node]), rng, dim)
+    lp = _LevelPass(chunks, node, nodes, parent)
+
+    def report(i, inertia, changed, level=level):
       if on_iteration is not None:
-        on_iteration(level, done, inertia, changed)
-      converged = changed == 0 or prev_inertia - inertia <= config.tol * inertia
-      if converged or done == config.iterations:
-        break
-      cents = _update(sums, counts, cents)  # nodes without rows in the pass keep theirs
-      counts_np = np.array(counts)
-      counts_np[~active] = 1  # frozen nodes have no rows in the pass, not empty clusters
-      next_active = np.bincount(node[moved], minlength=nodes) > 0
-      if (counts_np == 0).any():
-        cents_np = np.array(cents)
-        reseeded = _reseed_empty(cents_np, counts_np, node, dist, source, mean, parent)
-        if reseeded.any():
-          cents = jnp.asarray(cents_np)
-          next_active |= reseeded
-      active = next_active
-      lp.restrict(active)
-      prev_labels[:] = labels
-      prev_inertia = inertia
-      done += 1
+        on_iteration(level, i, inertia, changed)
+
+    labels, dist, done, inertia = _lloyd(lp, cents, parent, mean, config, report)
     log(f"level {level}: {nodes} nodes, {done} iterations, inertia {inertia:.6g}")
-    cents_np = np.asarray(cents) + parent[:, None, :]
-    out_cents.append(cents_np + mean.astype(np.float32))
+    cents += parent[:, None, :]
+    out_cents.append(cents + mean.astype(np.float32))
     inertias.append(inertia)
     iters.append(done)
     node = node * k + labels
-    parent = cents_np.reshape(-1, source.dim)
+    parent = cents.reshape(-1, dim)
   return TreeFit(out_cents, node.astype(np.int32), dist.copy(), inertias, iters, mean, std, n)
 
 
@@ -717,8 +786,9 @@ def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_siz
   levels, parent = [], np.zeros((1, x.shape[1]), np.float32)
   for c in centroids:
     c = np.asarray(c, np.float32) - center
-    rel = jax.device_put(c - parent[:, None, :], replicated)
-    levels += [rel, jax.device_put(_norms(rel), replicated), jax.device_put(parent, replicated)]
+    rel = c - parent[:, None, :]
+    levels += [jax.device_put(rel, replicated), jax.device_put(_norms(rel), replicated),
+               jax.device_put(parent, replicated)]
     parent = c.reshape(-1, x.shape[1])
   fn = _descend_fn(mesh, len(centroids), batch // ndev)
   sharding = NamedSharding(mesh, P(AXIS))
