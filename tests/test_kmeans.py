@@ -36,26 +36,54 @@ def one_device_mesh() -> Mesh:
 
 @pytest.mark.parametrize("nodes,bsize,dim,k", [(1, 16, 16, 3), (1, 256, 16, 3),
                                                (1, 1024, 64, 12), (2, 256, 32, 4),
-                                               (12, 16, 64, 12)])
+                                               (12, 16, 64, 12), (12, 128, 64, 12)])
 def test_block_distances_match_numpy(nodes, bsize, dim, k):
-  # (1, 256+) is the shape an algebraically equal form was miscompiled at.
+  # (1, 256+) is the shape an algebraically equal form was miscompiled at; blocks of 128+ rows
+  # take the rows' norms from the block builder, thinner ones sum them in the kernel.
   rng = np.random.default_rng(nodes * 1000 + bsize)
   nb = 8
   xb = rng.normal(size=(nb, bsize, dim)).astype(np.float32)
   cents = rng.normal(size=(nodes, k, dim)).astype(np.float32)
   bnode = np.sort(rng.integers(0, nodes, nb)).astype(np.int32)
   want = ((xb[:, :, None, :].astype(np.float64) - cents[bnode][:, None]) ** 2).sum(-1)
-  got = np.asarray(jax.jit(kmeans._block_dist)(xb, bnode, cents))
+  got = np.asarray(jax.jit(kmeans._block_dist)(xb, bnode, cents, kmeans._norms(cents)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * want.max())
-  mesh = one_device_mesh()
-  lab, mind, sums, counts, _ = kmeans._kernels(mesh, nodes, nb, bsize)[1](
-      xb, np.ones((nb, bsize), bool), bnode, cents, kmeans._norms(cents))
+  _, _, assign = kmeans._kernels(one_device_mesh())
+  valid = rng.random((nb, bsize)) < 0.9
+  lab, mind = assign(xb, valid, (xb * xb).sum(-1), bnode, cents, kmeans._norms(cents))
   np.testing.assert_array_equal(np.asarray(lab), want.argmin(-1))
-  np.testing.assert_allclose(np.asarray(mind), want.min(-1), rtol=1e-4, atol=1e-3 * want.max())
-  onehot = want.argmin(-1)[..., None] == np.arange(k)
-  want_counts = np.zeros((nodes, k))
-  np.add.at(want_counts, bnode, onehot.sum(1))
-  np.testing.assert_array_equal(np.asarray(counts), want_counts)
+  np.testing.assert_allclose(np.asarray(mind), np.where(valid, want.min(-1), 0), rtol=1e-4,
+                             atol=1e-3 * want.max())
+
+
+def test_sums_follow_the_rows_that_move():
+  """Incremental Lloyd statistics: after rows move between children, every child's centroid is
+  the mean of its rows (relative to its node), and an emptied child keeps its centroid."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(300, 5)).astype(np.float32)
+  mesh = one_device_mesh()
+  chunks = kmeans._Chunks(kmeans.ArraySource(x), 64, mesh, np.zeros(5))  # 5 chunks
+  node = rng.integers(0, 3, 300).astype(np.int32)
+  parent = rng.normal(size=(3, 5)).astype(np.float32)
+  sums = kmeans._Sums(3, 4, 5)
+  label = rng.integers(0, 4, 300).astype(np.int32)
+  rows = np.arange(300)
+  keys = sums.move(chunks, rows, node, np.full(300, -1), label)
+  assert sorted(keys) == sorted(np.unique(node * 4 + label))
+  moved = np.sort(rng.choice(300, 40, replace=False))
+  new = label.copy()
+  new[moved] = rng.integers(0, 4, 40)
+  new[node == 2] = 0  # children 1-3 of node 2 lose all their rows
+  moved = np.flatnonzero(new != label)
+  sums.move(chunks, moved, node, label[moved], new[moved])
+  cents = np.full((3, 4, 5), 7.0, np.float32)
+  sums.update(cents, np.arange(12), parent)
+  for nd in range(3):
+    for c in range(4):
+      sel = (node == nd) & (new == c)
+      want = x[sel].astype(np.float64).mean(0) - parent[nd] if sel.any() else np.full(5, 7.0)
+      np.testing.assert_allclose(cents[nd, c], want, rtol=1e-5, atol=1e-5)
+  assert sums.counts.reshape(3, 4)[2].tolist() == [int(np.sum(node == 2)), 0, 0, 0]
 
 
 def test_a_repeated_child_never_wins_an_assignment():
@@ -72,17 +100,25 @@ def test_a_repeated_child_never_wins_an_assignment():
   assert (d.argmin(-1) == 1).all()
 
 
-def test_blocks_hold_every_row_once_and_never_mix_nodes():
+@pytest.mark.parametrize("layout", ["device", "host"])
+def test_blocks_hold_every_row_once_and_never_mix_nodes(layout):
   rng = np.random.default_rng(0)
   n, nodes, bsize = 200, 7, 16
   x = rng.normal(size=(n, 4)).astype(np.float32)
   node = rng.integers(0, nodes, n).astype(np.int32)
   node[:3] = 2  # uneven sizes
   valid = np.arange(n) < 190
-  nb = -(-n // bsize) + nodes
-  xb, vb, bnode, gidx = jax.jit(lambda *a: kmeans._local_blocks(
-      *a, nodes=nodes, nb=nb, bsize=bsize))(x, node, valid)
-  xb, vb, bnode, gidx = map(np.asarray, (xb, vb, bnode, gidx))
+  if layout == "device":  # the assignment's grouping, one level at a time
+    nb = -(-n // bsize) + nodes
+    xb, vb, bnode, gidx = jax.jit(lambda *a: kmeans._local_blocks(
+        *a, nodes=nodes, nb=nb, bsize=bsize))(x, node, valid)
+    xb, vb, bnode, gidx = map(np.asarray, (xb, vb, bnode, gidx))
+  else:  # the fit's: row indices on the host, the rows gathered on the devices
+    gidx, bnode = kmeans._layout(node, valid, bsize, ndev=1)
+    assert len(bnode) % kmeans._GROUP == 0
+    make, _, _ = kmeans._kernels(one_device_mesh())
+    xb, vb, xn = map(np.asarray, make(x, gidx, bnode, np.zeros((nodes, 4), np.float32)))
+    np.testing.assert_allclose(xn, (xb * xb).sum(-1), rtol=1e-6)
   rows = gidx[vb]
   assert sorted(rows.tolist()) == list(range(190))
   np.testing.assert_array_equal(xb[vb], x[rows])
@@ -258,10 +294,20 @@ def test_empty_cluster_moves_to_the_farthest_point_of_its_node():
   counts = np.array([[3, 0, 0], [3, 0, 5]])
   mean = np.zeros(1)
   parent = np.array([[0.0], [40.0]], np.float32)
-  moved = kmeans._reseed_empty(cents, counts, node, dist, src, mean, parent)
+  label = np.array([0, 0, 0, 2, 0, 2])
+  moved = kmeans._reseed_empty(cents, counts, node, label, dist, src, mean, parent)
   assert moved.tolist() == [True, True]
   np.testing.assert_array_equal(cents[0, :, 0], [0.0, 10.0, 1.0])
   np.testing.assert_array_equal(cents[1, :, 0], [0.0, 50.0, 0.0])  # 90, relative to 40
+  # A row alone in its cluster is not moved to: that would only repeat it.
+  cents[:] = 0
+  counts = np.array([[3, 0, 0], [3, 0, 1]])
+  label = np.array([0, 0, 0, 0, 0, 2])
+  moved = kmeans._reseed_empty(cents, counts, node, label, dist, src, mean, parent,
+                               skip=np.array([True, False]))
+  assert moved.tolist() == [False, True]
+  np.testing.assert_array_equal(cents[0, :, 0], [0.0, 0.0, 0.0])  # skipped
+  np.testing.assert_array_equal(cents[1, :, 0], [0.0, 11.0, 0.0])  # 51, not 90
 
 
 # ---------------------------------------------------------------------------------- helpers
