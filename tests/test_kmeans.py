@@ -287,15 +287,14 @@ def test_nodes_with_fewer_points_than_branches_keep_a_complete_tree():
 
 def test_empty_cluster_moves_to_the_farthest_point_of_its_node():
   x = np.array([[0.0], [1.0], [10.0], [50.0], [51.0], [90.0]], np.float32)
-  src = kmeans.ArraySource(x)
+  chunks = kmeans._Chunks(kmeans.ArraySource(x), 64, one_device_mesh(), np.zeros(1))
   node = np.array([0, 0, 0, 1, 1, 1])
   dist = np.array([0.0, 1.0, 4.0, 0.0, 1.0, 9.0], np.float32)
   cents = np.zeros((2, 3, 1), np.float32)
   counts = np.array([[3, 0, 0], [3, 0, 5]])
-  mean = np.zeros(1)
   parent = np.array([[0.0], [40.0]], np.float32)
   label = np.array([0, 0, 0, 2, 0, 2])
-  moved = kmeans._reseed_empty(cents, counts, node, label, dist, src, mean, parent)
+  moved = kmeans._reseed_empty(cents, counts, node, label, dist, chunks, parent)
   assert moved.tolist() == [True, True]
   np.testing.assert_array_equal(cents[0, :, 0], [0.0, 10.0, 1.0])
   np.testing.assert_array_equal(cents[1, :, 0], [0.0, 50.0, 0.0])  # 90, relative to 40
@@ -303,7 +302,7 @@ def test_empty_cluster_moves_to_the_farthest_point_of_its_node():
   cents[:] = 0
   counts = np.array([[3, 0, 0], [3, 0, 1]])
   label = np.array([0, 0, 0, 0, 0, 2])
-  moved = kmeans._reseed_empty(cents, counts, node, label, dist, src, mean, parent,
+  moved = kmeans._reseed_empty(cents, counts, node, label, dist, chunks, parent,
                                skip=np.array([True, False]))
   assert moved.tolist() == [False, True]
   np.testing.assert_array_equal(cents[0, :, 0], [0.0, 0.0, 0.0])  # skipped

@@ -290,15 +290,20 @@ def _duplicate_penalty(cents: np.ndarray) -> np.ndarray:
   A node with fewer points than branches repeats points as children. Which of two equal
   centroids wins an argmin then depends on the matmul's rounding, which differs with batch and
   device shapes; taking the repeats out makes "ties go to the lowest child" hold everywhere.
-  Pairs that agree on a spread of 16 coordinates are compared in full.
+  A child is compared in full with the first earlier child of its node that agrees with it on a
+  spread of 16 coordinates (with all such children only if that one differs).
   """
   bits = np.ascontiguousarray(cents, np.float32).view(np.uint32)
   probe = bits[..., ::max(1, bits.shape[-1] // 16)]
   k = cents.shape[1]
   earlier = np.arange(k)[None, :] < np.arange(k)[:, None]  # [j, i]: i < j
   maybe = np.all(probe[:, :, None] == probe[:, None, :], axis=-1) & earlier[None]
-  nd, j, i = np.nonzero(maybe)
-  same = np.all(bits[nd, j] == bits[nd, i], axis=-1)
+  nd, j = np.nonzero(maybe.any(-1))
+  first = maybe[nd, j].argmax(-1)
+  same = np.all(bits[nd, j] == bits[nd, first], axis=-1)
+  for t in np.flatnonzero(~same):  # the probe matched a different child: compare with all
+    same[t] = any(np.array_equal(bits[nd[t], j[t]], bits[nd[t], i])
+                  for i in np.flatnonzero(maybe[nd[t], j[t]]))
   out = np.zeros(cents.shape[:2], np.float32)
   out[nd[same], j[same]] = np.inf
   return out
@@ -394,6 +399,18 @@ class _Chunks:
     if self.resident:
       return self._device
     return self.put(self.read(i) if host is None else host)
+
+  def rows(self, rows: np.ndarray) -> np.ndarray:
+    """Centred rows (a new array)."""
+    return self._host[rows] if self.resident else self.source.take(rows) - self.mean
+
+  def relative(self, rows: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """Rows less their node's centroid `parent` [len(rows), D], rounded exactly as the device
+    blocks round them: a centroid seeded on a row then equals, bit for bit, the mean of that row
+    alone, so a point repeated as two children gives two identical centroids."""
+    x = self.rows(rows)
+    x -= parent
+    return x
 
   def centred(self, rows: np.ndarray):
     """Yields (rows, their centred values) in pieces of at most one chunk; `rows` ascending."""
@@ -576,25 +593,15 @@ class _Sums:
     flat[keys] = self.sums[keys] / count - parent[keys // k]
 
 
-def _relative(source: FeatureSource, rows: np.ndarray, mean: np.ndarray, parent: np.ndarray
-              ) -> np.ndarray:
-  """Rows relative to their node's centroid, rounded exactly as the device blocks round them.
-
-  A centroid seeded on a row then equals, bit for bit, the mean of that row alone, so a point
-  repeated as two children gives two identical centroids (see `_duplicate_penalty`).
-  """
-  return (source.take(rows) - mean.astype(np.float32)) - parent
-
-
 def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, label: np.ndarray,
-                  dist: np.ndarray, source: FeatureSource, mean: np.ndarray, parent: np.ndarray,
+                  dist: np.ndarray, chunks: _Chunks, parent: np.ndarray,
                   skip: np.ndarray | None = None) -> np.ndarray:
   """Moves empty clusters onto the rows of their node farthest from their centroid.
 
   Only rows that share their cluster and sit off its centroid are candidates: moving a centroid
   onto a row alone in its cluster would only repeat that row. Nodes where `skip` is set are left
-  alone. `cents` [nodes, k, D] is relative: a row r becomes `source.take(r) - mean -
-  parent[node]`. Returns the nodes [nodes] bool where a centroid moved.
+  alone. `cents` [nodes, k, D] is relative: a row r becomes `chunks.relative`. Returns the nodes
+  [nodes] bool where a centroid moved.
   """
   k = counts.shape[1]
   empty = counts == 0
@@ -616,23 +623,21 @@ def _reseed_empty(cents: np.ndarray, counts: np.ndarray, node: np.ndarray, label
     moved_rows.extend(rows[lo:lo + m])
     moved_at.extend((nd, s) for s in slots[:m])
   if moved_rows:
-    new = _relative(source, np.asarray(moved_rows), mean,
-                    parent[[nd for nd, _ in moved_at]])
+    new = chunks.relative(np.asarray(moved_rows), parent[[nd for nd, _ in moved_at]])
     for (nd, s), v in zip(moved_at, new):
       cents[nd, s] = v
       touched[nd] = True
   return touched
 
 
-def _lloyd(lp: _LevelPass, cents: np.ndarray, parent: np.ndarray, mean: np.ndarray,
-           config: KMeansConfig, report: Callable[[int, float, int], None]):
+def _lloyd(lp: _LevelPass, cents: np.ndarray, parent: np.ndarray, config: KMeansConfig,
+           report: Callable[[int, float, int], None]):
   """Lloyd's iterations of one level from `cents` (updated in place): (labels, dist, updates).
 
   Nodes are independent problems: a node none of whose rows moved is at a fixed point and
   leaves the later passes.
   """
   node, nodes, k = lp.node, lp.nodes, cents.shape[1]
-  source = lp.chunks.source
   n = len(node)
   labels = np.full(n, -1, np.int32)
   dist = np.zeros(n, np.float32)
@@ -662,8 +667,8 @@ def _lloyd(lp: _LevelPass, cents: np.ndarray, parent: np.ndarray, mean: np.ndarr
     touched = np.zeros(nodes, bool)
     touched[keys // k] = True
     stale = (stale | (reseeded & ~touched)) & ~touched
-    reseeded = _reseed_empty(cents, sums.counts.reshape(nodes, k), node, labels, dist, source,
-                             mean, parent, skip=stale)
+    reseeded = _reseed_empty(cents, sums.counts.reshape(nodes, k), node, labels, dist,
+                             lp.chunks, parent, skip=stale)
     if reseeded.any():
       moved_to = np.flatnonzero(reseeded)
       repeat[moved_to] = _duplicate_penalty(cents[moved_to]) > 0
@@ -697,16 +702,18 @@ def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | No
   for level in range(config.depth):
     nodes = k**level
     rng = np.random.default_rng([config.seed, level])
-    cents = seeding.seed_level(
-        node, nodes, k, config.seed_sample,
-        lambda rows, row_node: _relative(source, rows, mean, parent[row_node]), rng, dim)
+    seeds = seeding.seed_level(node, nodes, k, config.seed_sample, chunks.rows, rng)
+    cents = np.zeros((nodes, k, dim), np.float32)  # a node without rows: its own centroid
+    has = seeds[:, 0] >= 0
+    cents[has] = chunks.relative(seeds[has].reshape(-1), np.repeat(parent[has], k, axis=0)
+                                 ).reshape(-1, k, dim)
     lp = _LevelPass(chunks, node, nodes, parent)
 
     def report(i, inertia, changed, level=level):
       if on_iteration is not None:
         on_iteration(level, i, inertia, changed)
 
-    labels, dist, done, inertia = _lloyd(lp, cents, parent, mean, config, report)
+    labels, dist, done, inertia = _lloyd(lp, cents, parent, config, report)
     log(f"level {level}: {nodes} nodes, {done} iterations, inertia {inertia:.6g}")
     cents += parent[:, None, :]
     out_cents.append(cents + mean.astype(np.float32))

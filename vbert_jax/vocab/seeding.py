@@ -6,9 +6,8 @@ uniformly with a seeded generator. Within that sample the squared distances betw
 rows come from one Gram matrix per node, and the k rounds of greedy k-means++ (scikit-learn's
 variant: in every round a few candidates are drawn with probability proportional to the squared
 distance to the nearest chosen centre, and the one that lowers the node's potential most is kept)
-are then table lookups, run for many nodes together. The centroids are rows of the source, so a
-node with fewer distinct rows than branches repeats rows, which `kmeans` takes out of the
-assignment.
+are then table lookups, run for many nodes together. The seeds are rows of the source, so a node
+with fewer distinct rows than branches repeats rows, which `kmeans` takes out of the assignment.
 """
 
 from __future__ import annotations
@@ -31,39 +30,37 @@ def sample_rows(node: np.ndarray, nodes: int, sample: int, rng: np.random.Genera
 
 
 def seed_level(node: np.ndarray, nodes: int, k: int, sample: int,
-               rows_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
-               rng: np.random.Generator, dim: int) -> np.ndarray:
-  """Centroids [nodes, k, dim] of every node; a node without rows gets zeros.
+               rows_of: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator
+               ) -> np.ndarray:
+  """The seed rows [nodes, k] of every node (-1 for a node without rows).
 
-  `rows_of(rows, row_node)` returns the rows [m, dim] float32 as the fit sees them (relative to
-  their node's centroid), so a seed equals bit for bit the mean of that one row.
+  `rows_of(rows)` returns the rows [m, D] float32 in any one frame (distances are all that
+  matter here; each node's rows are taken relative to one of them before any product).
   """
   rows, size = sample_rows(node, nodes, sample, rng)
   start = np.cumsum(size) - size
-  cents = np.zeros((nodes, k, dim), np.float32)
+  seeds = np.full((nodes, k), -1, np.int64)
+  # A node with at most k rows: k-means++ would take each row once, then repeat rows.
+  few = np.flatnonzero((size > 0) & (size <= k))
+  seeds[few] = rows[start[few][:, None] + np.arange(k)[None, :] % size[few][:, None]]
   by_size = np.argsort(size, kind="stable")
-  by_size = by_size[size[by_size] > 0]
+  by_size = by_size[size[by_size] > k]
   lo = 0
   while lo < len(by_size):
     hi = lo + 1  # sizes ascend, so the last node of a group sets its padding
     while hi < len(by_size) and (hi + 1 - lo) * size[by_size[hi]] <= _GROUP_ROWS:
       hi += 1
     group = by_size[lo:hi]
-    y, valid = _gather(group, rows, start, size, int(size[group[-1]]), rows_of, dim)
+    pad = int(size[group[-1]])
+    valid = np.arange(pad)[None, :] < size[group][:, None]
+    # A node's slots past its size repeat its first row; `valid` keeps them out of every draw.
+    src = rows[start[group][:, None] + np.where(valid, np.arange(pad)[None, :], 0)]
+    y = rows_of(src.reshape(-1)).reshape(len(group), pad, -1)
+    y -= y[:, :1, :].copy()  # relative to a row of the node: no cancellation in the Gram
     chosen = _greedy(_sq_dist(y), valid, k, rng)
-    cents[group] = y[np.arange(len(group))[:, None], chosen]
+    seeds[group] = src[np.arange(len(group))[:, None], chosen]
     lo = hi
-  return cents
-
-
-def _gather(group, rows, start, size, pad, rows_of, dim):
-  """The sampled rows of `group` as [G, pad, dim] (zeros past a node's size) and their mask."""
-  valid = np.arange(pad)[None, :] < size[group][:, None]
-  src = np.where(valid, start[group][:, None] + np.arange(pad)[None, :], 0)
-  flat = rows[src[valid]]
-  y = np.zeros((len(group), pad, dim), np.float32)
-  y[valid] = rows_of(flat, np.repeat(group, size[group]))
-  return y, valid
+  return seeds
 
 
 def _sq_dist(y: np.ndarray) -> np.ndarray:
