@@ -465,7 +465,7 @@ class _LevelPass:
     self.bsize = _fit_block_size(np.ceil(count).astype(np.int64))
     self.make, self.select, self.assign_fn = _kernels(chunks.mesh)
     self.parent = chunks.put(parent)
-    self.full = None
+    self.full = self.picked = None
     if chunks.resident:
       gidx, bnode = _layout(node, None, self.bsize, self.ndev, bucket=False)
       self.full = (gidx, bnode, self._blocks(0, gidx, bnode))
@@ -476,16 +476,27 @@ class _LevelPass:
   def _chunk_blocks(self, i: int, active: np.ndarray):
     """(row indices, block nodes, (xb, vb, xn)) of chunk i's rows of active nodes."""
     if self.full is not None:
-      gidx, bnode, (xb, vb, xn) = self.full
+      # Blocks are taken from the last selection while the active nodes shrink (the usual
+      # case), else from the level's blocks; gathering a block costs about as much as the
+      # assignment, so a large share of blocks is masked rather than gathered.
+      gidx, bnode, blocks = self.full
+      need = np.count_nonzero(active[bnode] & (gidx[:, 0] >= 0))
+      if self.picked is not None:
+        pg, pb, _ = self.picked
+        if np.count_nonzero(active[pb] & (pg[:, 0] >= 0)) == need:  # holds every active block
+          gidx, bnode, blocks = self.picked
       sel = np.flatnonzero(active[bnode] & (gidx[:, 0] >= 0))
-      if len(sel) > 0.75 * len(bnode):  # most blocks: mask the rest rather than gather
+      if len(sel) > 0.35 * len(bnode):
         mask = active[bnode][:, None]
+        xb, vb, xn = blocks
         return np.where(mask, gidx, -1), bnode, (xb, vb & mask, xn)
       nb = self.ndev * _bucket(-(-max(len(sel), 1) // self.ndev), _GROUP)
       ids = np.zeros(nb, np.int32)
       ids[:len(sel)] = sel
       keep = np.arange(nb) < len(sel)
-      return np.where(keep[:, None], gidx[ids], -1), bnode[ids], self.select(xb, vb, xn, ids, keep)
+      self.picked = (np.where(keep[:, None], gidx[ids], -1), bnode[ids],
+                     self.select(*blocks, ids, keep))
+      return self.picked
     start, stop = self.chunks.ranges[i]
     node = self.node[start:stop]
     gidx, bnode = _layout(node, active[node], self.bsize, self.ndev)
@@ -560,15 +571,20 @@ class _Sums:
       keys = np.concatenate([base + new[sel], (base + old[sel])[keep]])
       sign = np.concatenate([np.ones(len(part)), -np.ones(int(keep.sum()))])
       cols = np.concatenate([np.arange(len(part)), np.flatnonzero(keep)])
-      uniq, inv = np.unique(keys, return_inverse=True)
-      moved = sparse.csr_matrix((sign.astype(np.float32), (inv, cols)),
-                                shape=(len(uniq), len(part)))
+      order = np.argsort(keys, kind="stable")
+      keys, sign, cols = keys[order], sign[order], cols[order]
+      starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+      uniq = keys[starts]
+      moved = sparse.csr_matrix(  # [children, rows] of +1 (arrivals) and -1 (departures)
+          (sign.astype(np.float32), cols, np.r_[starts, len(keys)]),
+          shape=(len(uniq), len(part)))
       part_sums = moved @ x
       if self.sums is None and len(uniq) == len(self.counts):  # the first pass, every child
         self.sums = part_sums
+      elif self.sums is None:  # the first pass
+        self.sums = np.zeros(self.shape, np.float32)
+        self.sums[uniq] = part_sums
       else:
-        if self.sums is None:
-          self.sums = np.zeros(self.shape, np.float32)
         self.sums[uniq] += part_sums
       self.counts += np.bincount(keys, sign, minlength=len(self.counts)).astype(np.int64)
       changed.append(uniq)
@@ -577,7 +593,7 @@ class _Sums:
   def update(self, cents: np.ndarray, keys: np.ndarray, parent: np.ndarray) -> None:
     """Children `keys` become the means of their rows (relative to the node); empty ones stay."""
     k, dim = self.k, cents.shape[-1]
-    if len(keys) == len(self.counts):  # every child: whole-array operations, no gathers
+    if len(keys) > len(self.counts) // 2:  # most children: whole-array operations, no gathers
       flat = cents.reshape(-1, dim)
       empty = np.flatnonzero(self.counts == 0)
       kept = flat[empty]
@@ -705,8 +721,7 @@ def fit_tree(features, config: KMeansConfig = KMeansConfig(), *, mesh: Mesh | No
     seeds = seeding.seed_level(node, nodes, k, config.seed_sample, chunks.rows, rng)
     cents = np.zeros((nodes, k, dim), np.float32)  # a node without rows: its own centroid
     has = seeds[:, 0] >= 0
-    cents[has] = chunks.relative(seeds[has].reshape(-1), np.repeat(parent[has], k, axis=0)
-                                 ).reshape(-1, k, dim)
+    cents[has] = chunks.rows(seeds[has].reshape(-1)).reshape(-1, k, dim) - parent[has][:, None]
     lp = _LevelPass(chunks, node, nodes, parent)
 
     def report(i, inertia, changed, level=level):
