@@ -341,6 +341,8 @@ def test_bad_inputs_are_named(tmp_path):
     kmeans.fit_tree(np.zeros((4, 2), np.float32), kmeans.KMeansConfig(depth=0))
   with pytest.raises(ValueError, match="branching must be at least 2, got 1"):
     kmeans.fit_tree(np.zeros((4, 2), np.float32), kmeans.KMeansConfig(branching=1))
+  with pytest.raises(ValueError, match=r"seed_sample must be at least branching \(12\), got 4"):
+    kmeans.fit_tree(np.zeros((4, 2), np.float32), kmeans.KMeansConfig(seed_sample=4))
   x = np.zeros((10, 3), np.float32)
   x[6, 1] = np.nan
   with pytest.raises(ValueError, match="feature row 6 is not finite"):

@@ -26,6 +26,8 @@ _ITERATIONS = flags.DEFINE_integer("iterations", 20, "Most Lloyd iterations per 
 _TOL = flags.DEFINE_float("tol", 1e-4, "Stop a level when inertia falls by at most this fraction.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means++ seeding.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 65536, "Rows per streamed chunk.")
+_SEED_SAMPLE = flags.DEFINE_integer("seed_sample", 128, "Most rows of a node that k-means++ "
+                                    "seeding chooses among (at least --branching).")
 _NEAREST = flags.DEFINE_integer("nearest", 8, "Training clips kept per token for lookups.")
 _NORMALIZE = flags.DEFINE_enum("normalize", "none", list(vocabulary.NORMALIZE),
                                "Feature transform before fitting and assigning: none; l2 "
@@ -76,7 +78,7 @@ def main(argv) -> None:
     raise app.UsageError("--features and --out are required")
   config = kmeans.KMeansConfig(depth=_DEPTH.value, branching=_BRANCHING.value,
                                iterations=_ITERATIONS.value, tol=_TOL.value, seed=_SEED.value,
-                               chunk_size=_CHUNK.value)
+                               chunk_size=_CHUNK.value, seed_sample=_SEED_SAMPLE.value)
   try:
     config.validate()
     code = run(_FEATURES.value, _OUT.value, config, _NEAREST.value, _NORMALIZE.value)

@@ -2,28 +2,34 @@
 
 Level l splits each of its branching**l nodes into `branching` clusters, and all nodes of a level
 are fitted together. A point only needs the distances to its own node's children, so the points
-are grouped by node into fixed-size blocks (a block never mixes two nodes): the distances are one
-batched matrix product of [blocks, block_size, D] with the blocks' centroids [blocks, k, D], and
-the new centroids are one segment sum of per-block sums. That is N*k*D work per Lloyd iteration
-at every level, whatever the number of nodes.
+are grouped by node into fixed-size blocks (a block never mixes two nodes; the block size is
+chosen per level from the node sizes), and an assignment pass is one batched matrix product of
+[blocks, block_size, D] with the blocks' centroids [blocks, k, D] on a 1-D mesh of all local
+devices. The centroids live on the devices and only the children that changed are sent again.
+
+Lloyd's update is incremental: the host keeps every child's sum and count of rows and, after a
+pass, adds and takes away only the rows that changed child (one sparse product), then recomputes
+the means of those children alone. Nodes are independent problems, so a node none of whose rows
+moved is at a fixed point and leaves the later passes: a pass visits only the blocks of the
+active nodes. Deep in the tree that is few nodes after the first passes, and far less than N*k*D
+work per iteration.
 
 Rows are streamed from a `FeatureSource` (an array, a memory-mapped .npy, or a folder of per-video
-feature files) in chunks of static shape, and every chunk is split over a 1-D mesh of all local
-devices; Lloyd statistics are summed over chunks and devices. A source that fits in one chunk
-stays on the devices for the whole fit. Within a level, rows are taken relative to their node's
-centroid, so float32 distances stay accurate deep in the tree.
+feature files) in chunks. A source that fits in one chunk is read once, and its level's blocks
+are built once and stay on the devices; a larger one is read chunk by chunk in every pass, and
+only the rows that moved are read again for the statistics. Within a level, rows are taken
+relative to their node's centroid, so float32 distances stay accurate deep in the tree.
 
-Per level: greedy k-means++ seeding (sampling on the host with a seeded numpy generator,
-distances on the devices), then Lloyd iterations until the assignment stops changing, the
-relative drop in inertia is at most `tol`, or `iterations` updates were made. Nodes are
-independent problems, so a node whose assignment did not change is at a fixed point and leaves
-the later passes. An empty cluster is re-seeded with the point of its node farthest from its
-centroid.
+Per level: greedy k-means++ seeding on at most `seed_sample` rows of each node (`seeding`), then
+Lloyd iterations until the assignment stops changing, the relative drop in inertia is at most
+`tol`, or `iterations` updates were made. An empty cluster is re-seeded with the row of its node
+farthest from its centroid among rows that share their cluster.
 
 Nodes with fewer distinct points than `branching`: seeding takes each distinct point once and then
-repeats points, so every node keeps `branching` children and the tree stays complete; ties in the
-assignment go to the lowest child index, so the assignment stays well defined. A node without
-any points (below a repeated child) gets `branching` copies of its own centroid.
+repeats points, so every node keeps `branching` children and the tree stays complete; repeated
+children are kept out of the assignment and ties go to the lowest child index, so the assignment
+stays well defined. A node without any points (below a repeated child) gets `branching` copies of
+its own centroid.
 """
 
 from __future__ import annotations
@@ -395,10 +401,8 @@ class _Chunks:
   def host(self, i: int) -> np.ndarray:
     return self._host if self.resident else self.read(i)
 
-  def device(self, i: int, host: np.ndarray | None = None):
-    if self.resident:
-      return self._device
-    return self.put(self.read(i) if host is None else host)
+  def device(self, i: int):
+    return self._device if self.resident else self.put(self.read(i))
 
   def rows(self, rows: np.ndarray) -> np.ndarray:
     """Centred rows (a new array)."""
@@ -470,37 +474,40 @@ class _LevelPass:
       gidx, bnode = _layout(node, None, self.bsize, self.ndev, bucket=False)
       self.full = (gidx, bnode, self._blocks(0, gidx, bnode))
 
-  def _blocks(self, i: int, gidx: np.ndarray, bnode: np.ndarray, host=None):
-    return self.make(self.chunks.device(i, host), gidx, bnode, self.parent)
+  def _blocks(self, i: int, gidx: np.ndarray, bnode: np.ndarray):
+    return self.make(self.chunks.device(i), gidx, bnode, self.parent)
 
   def _chunk_blocks(self, i: int, active: np.ndarray):
     """(row indices, block nodes, (xb, vb, xn)) of chunk i's rows of active nodes."""
     if self.full is not None:
-      # Blocks are taken from the last selection while the active nodes shrink (the usual
-      # case), else from the level's blocks; gathering a block costs about as much as the
-      # assignment, so a large share of blocks is masked rather than gathered.
-      gidx, bnode, blocks = self.full
-      need = np.count_nonzero(active[bnode] & (gidx[:, 0] >= 0))
-      if self.picked is not None:
-        pg, pb, _ = self.picked
-        if np.count_nonzero(active[pb] & (pg[:, 0] >= 0)) == need:  # holds every active block
-          gidx, bnode, blocks = self.picked
-      sel = np.flatnonzero(active[bnode] & (gidx[:, 0] >= 0))
-      if len(sel) > 0.35 * len(bnode):
-        mask = active[bnode][:, None]
-        xb, vb, xn = blocks
-        return np.where(mask, gidx, -1), bnode, (xb, vb & mask, xn)
-      nb = self.ndev * _bucket(-(-max(len(sel), 1) // self.ndev), _GROUP)
-      ids = np.zeros(nb, np.int32)
-      ids[:len(sel)] = sel
-      keep = np.arange(nb) < len(sel)
-      self.picked = (np.where(keep[:, None], gidx[ids], -1), bnode[ids],
-                     self.select(*blocks, ids, keep))
-      return self.picked
+      return self._resident_blocks(active)
     start, stop = self.chunks.ranges[i]
     node = self.node[start:stop]
     gidx, bnode = _layout(node, active[node], self.bsize, self.ndev)
     return np.where(gidx >= 0, gidx + start, -1), bnode, self._blocks(i, gidx, bnode)
+
+  def _resident_blocks(self, active: np.ndarray):
+    """The active nodes' blocks, from the last selection while it holds them all (the active
+    nodes mostly shrink), else from the level's blocks. Gathering a block costs about as much as
+    assigning it, so when most blocks are active the others are masked rather than gathered."""
+    gidx, bnode, blocks = self.full
+    need = np.count_nonzero(active[bnode] & (gidx[:, 0] >= 0))
+    if self.picked is not None:
+      pg, pb, _ = self.picked
+      if np.count_nonzero(active[pb] & (pg[:, 0] >= 0)) == need:
+        gidx, bnode, blocks = self.picked
+    sel = np.flatnonzero(active[bnode] & (gidx[:, 0] >= 0))
+    if len(sel) > 0.35 * len(bnode):
+      mask = active[bnode][:, None]
+      xb, vb, xn = blocks
+      return np.where(mask, gidx, -1), bnode, (xb, vb & mask, xn)
+    nb = self.ndev * _bucket(-(-max(len(sel), 1) // self.ndev), _GROUP)
+    ids = np.zeros(nb, np.int32)
+    ids[:len(sel)] = sel
+    keep = np.arange(nb) < len(sel)
+    self.picked = (np.where(keep[:, None], gidx[ids], -1), bnode[ids],
+                   self.select(*blocks, ids, keep))
+    return self.picked
 
   def put_centroids(self, cents: np.ndarray, repeat: np.ndarray, keys: np.ndarray | None = None):
     """Puts children `keys` (node * k + child; all when None) of `cents` on the devices.
