@@ -165,7 +165,7 @@ def run_vocab(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
   from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
   v = config.vocab
   km = kmeans.KMeansConfig(depth=v.depth, branching=v.branching, iterations=v.iterations,
-                           tol=v.tol, seed=v.seed)
+                           tol=v.tol, seed=v.seed, seed_sample=v.seed_sample)
   km.validate()
   vocab = vocabulary.VisualVocabulary.fit(corpus_dir / "features", km, nearest_per_leaf=v.nearest,
                                           normalize=v.normalize,
