@@ -117,7 +117,7 @@ def test_blocks_hold_every_row_once_and_never_mix_nodes(layout):
     gidx, bnode = kmeans._layout(node, valid, bsize, ndev=1)
     assert len(bnode) % kmeans._GROUP == 0
     make, _, _ = kmeans._kernels(one_device_mesh())
-    xb, vb, xn = map(np.asarray, make(x[None], gidx, bnode, np.zeros((nodes, 4), np.float32)))
+    xb, vb, xn = map(np.asarray, make(x, gidx, bnode, np.zeros((nodes, 4), np.float32)))
     np.testing.assert_allclose(xn, (xb * xb).sum(-1), rtol=1e-6)
   rows = gidx[vb]
   assert sorted(rows.tolist()) == list(range(190))

@@ -348,20 +348,14 @@ def _local_assign(xb, vb, xn, bnode, cents, norms):
 
 
 def _make_blocks(x, gidx, bnode, parent):
-  """Rows `gidx` [nb, bsize] of `x` [1, rows, D] (-1: padding) relative to their node's
-  centroid, with their validity and squared norms."""
-  x = x[0]
+  """Rows `gidx` [nb, bsize] of `x` (-1: padding) relative to their node's centroid, with their
+  validity and squared norms."""
   vb = gidx >= 0
   # Rows relative to their node's centroid: distances within a node stay accurate in float32
   # however far the node is from the origin.
   xb = jnp.take(x, jnp.maximum(gidx, 0), axis=0) - parent[bnode][:, None, :]
   xb = jnp.where(vb[..., None], xb, 0.0)
   return xb, vb, jnp.sum(xb * xb, axis=-1)
-
-
-@jax.jit
-def _root_norms(x):
-  return jnp.ones(x.shape[:2], bool), jnp.sum(x * x, axis=-1)
 
 
 def _select_blocks(xb, vb, xn, ids, keep):
@@ -396,8 +390,7 @@ class _Chunks:
     self.mean = mean.astype(np.float32)
     self.resident = len(self.ranges) == 1
     self._host = self.read(0) if self.resident else None
-    # On the devices as one block [1, rows, D]: the root level's block as it is (no copy).
-    self._device = self.put(self._host[None]) if self.resident else None
+    self._device = self.put(self._host) if self.resident else None
 
   def read(self, i: int) -> np.ndarray:
     return self.source.read(*self.ranges[i]) - self.mean  # a new array: reads may be views
@@ -409,7 +402,7 @@ class _Chunks:
     return self._host if self.resident else self.read(i)
 
   def device(self, i: int):
-    return self._device if self.resident else self.put(self.read(i)[None])
+    return self._device if self.resident else self.put(self.read(i))
 
   def rows(self, rows: np.ndarray) -> np.ndarray:
     """Centred rows (a new array)."""
@@ -477,13 +470,7 @@ class _LevelPass:
     self.make, self.select, self.assign_fn = _kernels(chunks.mesh)
     self.parent = chunks.put(parent)
     self.full = self.picked = None
-    if chunks.resident and nodes == 1 and self.ndev == 1 and not parent.any():
-      # The root on one device: the rows as they are form one block, with no gather or copy.
-      n = len(node)
-      x = chunks.device(0)
-      self.full = (np.arange(n, dtype=np.int32)[None], np.zeros(1, np.int32),
-                   (x,) + _root_norms(x))
-    elif chunks.resident:
+    if chunks.resident:
       gidx, bnode = _layout(node, None, self.bsize, self.ndev, bucket=False)
       self.full = (gidx, bnode, self._blocks(0, gidx, bnode))
 
