@@ -99,6 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tfds_name="", data_dir="", train_split="train", eval_split="validation",
       # The paper's tricks: 1..max_concat neighbouring sentences, video subsampled 1..rate.
       max_concat=3, max_subsample_rate=5, negative_other_video=0.5, examples_per_video=8,
+      # Share of video-text examples shown unmasked, for LVA alone (0: the paper's recipe).
+      unmasked_pair_rate=0.0,
       max_concat_video=0,  # segments per video-only example: 1..n (0: as max_concat)
       worker_count=2, worker_buffer_size=2, read_threads=0, prefetch_buffer_size=64,
       synthetic_topics=16, synthetic_min_words=4, synthetic_max_words=12))

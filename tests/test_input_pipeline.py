@@ -97,6 +97,34 @@ def test_regime_negative_rate_and_concat_proportions(unmasked_rows):
     assert abs((rates == rate).mean() - 0.2) < tol(0.2, len(rates)), rate
 
 
+def test_unmasked_pairs_alone_train_alignment(records):
+  """With unmasked_pair_rate, LVA sees whole sentences and clips only, and draws its negatives
+  there; the masked video-text examples are positives for MLM/MVM. At 0, streams are as before."""
+  cfg = pipeline_config(unmasked_pair_rate=0.3, batch_size=50)
+  pair = [r for r in rows(take(ip.make_pipeline(cfg, records, process_index=0,
+                                                process_count=1), 40))
+          if r["regime"] == sequence.REGIME_PAIR]
+  tol = lambda p, m: 4 * np.sqrt(p * (1 - p) / m)
+  lva = np.array([r["lva_weight"] for r in pair])
+  assert set(np.unique(lva)) == {0.0, 1.0}
+  assert abs(lva.mean() - 0.3) < tol(0.3, len(pair))
+  for r in pair:
+    masked = r["mlm_weights"].sum() + r["mvm_weights"].sum()
+    if r["lva_weight"]:
+      assert masked == 0 and VOCAB.specials.mask not in r["input_ids"]
+    else:
+      assert masked > 0 and r["lva_label"] == 1
+      assert r["debug_negative_source"] == ip.NEGATIVE_NONE
+  negative = np.array([r["lva_label"] == 0 for r in pair if r["lva_weight"]])
+  assert abs(negative.mean() - 0.4) < tol(0.4, len(negative))
+  off = [take(ip.make_pipeline(pipeline_config(**extra), records, process_index=0,
+                               process_count=1), 3) for extra in ({}, {"unmasked_pair_rate": 0})]
+  for a, b in zip(*off):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  with pytest.raises(ValueError, match="unmasked_pair_rate=2"):
+    pipeline_config(unmasked_pair_rate=2)
+
+
 def test_video_only_examples_join_their_own_number_of_segments(records):
   cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
                         max_concat_video=5, max_subsample_rate=1)

@@ -63,6 +63,11 @@ class PipelineConfig:
   regime_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # text, video, pair
   lva_negative_rate: float = 0.5
   negative_other_video: float = 0.5  # share of negatives that look in another video first
+  # Above 0: this share of video-text examples is shown unmasked and alone trains LVA (on
+  # whole sentences and clips, as the classifier meets them at inference; negatives are drawn
+  # among them), while the masked rest are positives for MLM/MVM only. 0: the paper's recipe,
+  # LVA on every masked video-text example.
+  unmasked_pair_rate: float = 0.0
   max_concat: int = 3  # neighbouring sentences (segments) joined into one example: 1..n
   # Neighbouring segments joined into a video-only example: 1..n (0: as max_concat). Longer
   # video-only windows than sentence windows give masked clips a past to be predicted from.
@@ -85,7 +90,7 @@ class PipelineConfig:
     if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
       problems.append(f"regimes (text, video, pair)={self.regime_weights}: expected three "
                       f"non-negative numbers, not all zero")
-    for name in ("lva_negative_rate", "negative_other_video"):
+    for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate"):
       if not 0 <= getattr(self, name) <= 1:
         problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
     for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size"):
@@ -121,8 +126,8 @@ class PipelineConfig:
         regime_weights=(config.regimes.text, config.regimes.video, config.regimes.pair),
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for key in ("negative_other_video", "max_concat", "max_concat_video", "max_subsample_rate",
-                "examples_per_video",
+    for key in ("negative_other_video", "unmasked_pair_rate", "max_concat", "max_concat_video",
+                "max_subsample_rate", "examples_per_video",
                 "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
     fields.update(overrides)
@@ -252,7 +257,7 @@ class ExampleMaker:
     negative = bool(rng.random() < c.lva_negative_rate)
     key = int(element) // c.examples_per_video
     rec, regime = self._record_for(rng, key, requested)
-    label, weight, neg_source, neg_key = 0, 0.0, NEGATIVE_NONE, -1
+    label, weight, neg_source, neg_key, unmasked = 0, 0.0, NEGATIVE_NONE, -1, False
     if regime == sequence.REGIME_TEXT:
       window = _window(rng, rec.text_segs, k_req)
       packed = self.layout.text_only(rec.text_of(window))
@@ -266,6 +271,9 @@ class ExampleMaker:
       window = _window(rng, rec.pair_segs, k_req)
       b, e = rec.clip_range(window)
       clips, label, weight = rec.clips[b:e], 1, 1.0
+      if c.unmasked_pair_rate > 0:  # drawn only when asked for: other recipes keep their streams
+        unmasked = bool(rng.random() < c.unmasked_pair_rate)
+        negative, weight = negative and unmasked, float(unmasked)
       if negative:
         found = self._negative(rng, rec, (b, e), len(window))
         if found is not None:
@@ -273,7 +281,8 @@ class ExampleMaker:
           label = 0
       packed = self.layout.pair(rec.text_of(window), _subsample(rng, clips, rate))
     out = packed.as_dict()
-    out.update(c.masking.mask_example(rng, packed.input_ids, c.vocab))
+    masking = dataclasses.replace(c.masking, rate=0.0) if unmasked else c.masking
+    out.update(masking.mask_example(rng, packed.input_ids, c.vocab))
     out["lva_label"] = np.int32(label)
     out["lva_weight"] = np.float32(weight)
     if c.debug:
