@@ -156,9 +156,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       forecast_context=3,
       lva_pairs=200))
 
-  # Captioning: a small encoder-decoder on (VideoBERT features, narration) of training steps.
+  # Captioning: a small encoder-decoder on (VideoBERT features, caption) of training steps.
+  # captions: "annotations" (each step's annotator sentence, for training and as the held-out
+  # reference: the paper's YouCook II protocol) or "narration" (what was said; see
+  # vbert_jax/demo/captioning.py).
   c.captioning = ml_collections.ConfigDict(dict(
-      enabled=True, total_steps=400 if full else 200, batch_size=32, learning_rate=1e-3,
+      enabled=True, captions="annotations", total_steps=400 if full else 200, batch_size=32, learning_rate=1e-3,
       max_caption_len=16, beam_size=1))
 
   c.lock()

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
+from data.demo_world import vocabulary as words
 from vbert_jax.demo import baselines
+from vbert_jax.demo import captioning
+from vbert_jax.demo import evaluate
 from vbert_jax.demo import pipeline
 from vbert_jax.demo import report
 from vbert_jax.demo import stages
+from vbert_jax.text import tokenizers
 
 
 def _stage(name, calls, config=None, inputs=(), resumable=False, fail=False, files=("out.txt",)):
@@ -114,13 +118,57 @@ def test_most_frequent_caption_and_label_prior():
   np.testing.assert_allclose(baselines.label_prior(np.array([0, 2, 2, -1]), 3), [1 / 3, 0, 2 / 3])
 
 
+def test_token_naive_bayes_by_hand():
+  # Label 0 saw tokens 0, 0, 1; label 1 saw token 2. Add-one: P(t | 0) = (3, 2, 1) / 6,
+  # P(t | 1) = (1, 1, 2) / 4; priors 2/3 and 1/3 (two steps of label 0, one of label 1).
+  nb = baselines.TokenNaiveBayes([np.array([0, 0]), np.array([1]), np.array([2])], [0, 0, 1],
+                                 2, 3)
+  joint = np.array([2 / 3 * (3 / 6) * (1 / 6), 1 / 3 * (1 / 4) * (2 / 4)])  # tokens [0, 2]
+  np.testing.assert_allclose(np.exp(nb.log_posterior(np.array([0, 2]))), joint / joint.sum())
+  assert nb.log_ratio(np.array([2, 2]), 1) > 0 > nb.log_ratio(np.array([2, 2]), 0)
+  with pytest.raises(ValueError, match="no training steps"):
+    baselines.TokenNaiveBayes([], [], 2, 3)
+
+
+def _video(vid: str, split: str, steps: list[tuple[str, str]]) -> evaluate.Video:
+  made = [evaluate.Step(vid, i, v, n, 2.0 * i, 2.0 * i + 2, np.array([i], np.int32),
+                        np.zeros(4, np.float32), np.array([i])) for i, (v, n) in enumerate(steps)]
+  return evaluate.Video(vid, split, f"{vid}.mp4", np.arange(len(steps), dtype=np.int32),
+                        np.zeros(len(steps), np.int32), np.zeros(len(steps), np.int32), {},
+                        made)
+
+
+def test_annotated_steps_caption_every_step_and_are_its_only_reference():
+  videos = [_video("a", "train", [("cut", "tomato"), ("stir", "egg")]),
+            _video("b", "val", [("flip", "fish")])]
+  train_tokens, train_caps, test_tokens, test_refs = captioning.annotated_steps(videos)
+  assert train_caps == {"a/0": ["cut the tomato in half on the board"],
+                        "a/1": ["stir the egg in the pot"]}
+  assert test_refs == {"b/0": ["flip the fish with a spatula"]}
+  assert list(train_tokens) == ["a/0", "a/1"] and list(test_tokens) == ["b/0"]
+  np.testing.assert_array_equal(train_tokens["a/1"], [1])
+
+
+def test_annotations_name_the_step_and_their_tokenizer_knows_every_word(tmp_path):
+  config = demo_config.get_config("size=small")
+  captions = sorted({words.annotation(v, n) for n in words.NOUNS for v in words.AFFORDANCES[n]})
+  for verb in words.VERBS:
+    caption = words.annotation(verb, "egg").split()
+    assert caption[:3] == [verb, "the", "egg"] and len(caption) >= 5, caption
+  text = captioning.caption_text(config, None, captions, tmp_path)
+  tok = tokenizers.load_tokenizer({"text": text})
+  for caption in captions:
+    ids = tok.encode(caption)
+    assert tok.specials.unk not in ids and tok.decode(ids) == caption
+
+
 def test_results_table_puts_chance_and_baselines_beside_each_figure():
   tasks = {
       "zero_shot": {"steps": 10, "verb_chance": 0.1, "noun_chance": 0.1, "top_k": 5,
                     "nn_verb_top1": 0.8, "nn_noun_top1": 0.6,
                     "orders": {"video_first": {"verb_top1": 0.4, "noun_top1": 0.5,
                                                "verb_top5": 0.9, "noun_top5": 0.95}}},
-      "alignment": {"accuracy": 0.9, "chance": 0.5},
+      "alignment": {"accuracy": 0.9, "chance": 0.5, "token_ceiling": 0.85},
       "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
                         "noun_chance": 0.12},
       "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2}}
@@ -132,6 +180,8 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert "| zero-shot verb (video_first) | top-5 | 0.900 | 0.500 |" in text
   assert "| forecasting next clip token | top-1 | 0.300 |  | 0.200 (bigram) | > bigram |" in text
   assert "| captioning CIDEr | score | 1.500 |  | 0.300 (shuffled features) |" in text
+  assert ("| alignment (LVA), balanced | accuracy | 0.900 | 0.500 | 0.850 (naive Bayes on "
+          "tokens, true labels) | >= 0.8 |") in text
   assert len(table) == 4 + 1 + 2 + 1 + 4
 
 

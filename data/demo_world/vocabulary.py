@@ -68,6 +68,23 @@ TEMPLATES: tuple[str, ...] = (
     "here we {verb} the {noun} again",
 )
 
+# How an annotator captions each step, in the style of YouCook II's segment sentences: the
+# action, the ingredient and the tool or place the renderer draws with that action. Ground
+# truth: it trains and scores the demo's captioner, as YouCook II's captions did the paper's.
+ANNOTATIONS: dict[str, str] = {
+    "slide": "slide the {noun} along the board",
+    "drop": "drop the {noun} into the pot",
+    "spin": "spin the {noun} on the plate",
+    "cut": "cut the {noun} in half on the board",
+    "shrink": "shrink the {noun} in the pan",
+    "shake": "shake the {noun} in a jar",
+    "pour": "pour the {noun} into the bowl",
+    "flip": "flip the {noun} with a spatula",
+    "stir": "stir the {noun} in the pot",
+    "mash": "mash the {noun} with a masher",
+}
+assert set(ANNOTATIONS) == set(VERBS)
+
 ADVERBS: tuple[str, ...] = ("gently ", "quickly ", "carefully ", "slowly ", "just ", "")
 
 # Sentences that describe nothing on screen; none contains a verb or noun above.
@@ -94,3 +111,8 @@ FILLERS: tuple[str, ...] = (
 def step_sentence(template: str, verb: str, noun: str, adverb: str = "") -> str:
   """Fills one template; the result is lower-case apart from the pronoun "I"."""
   return template.format(verb=verb, ving=VERB_ING[verb], noun=noun, adv=adverb)
+
+
+def annotation(verb: str, noun: str) -> str:
+  """A step's caption as an annotator writes it (ANNOTATIONS)."""
+  return ANNOTATIONS[verb].format(noun=noun)

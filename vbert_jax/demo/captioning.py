@@ -1,17 +1,23 @@
 """The demo's captioning: VideoBERT features of each step -> a small captioner -> caption metrics.
 
-Training pairs are the training videos' steps with what the narration says during them (the cue
-that overlaps the step longest, read from the transcript by time, fillers and faults included:
-no ground truth). References for a held-out step are the sentences that narrate it correctly,
-as a captioning set's human annotations would be. Two baselines are scored the same way: every
-held-out step captioned with the most frequent training caption, and the same captioner trained
-on features shuffled across the training pairs (so that it can learn only the language).
+Captions (`captioning.captions`): "annotations", as the paper trained and scored on YouCook
+II's human captions: every step of the training videos with its annotator's sentence
+(data/demo_world/vocabulary.py ANNOTATIONS), and that sentence as a held-out step's reference.
+Or "narration": training steps with what the narration says during them (the cue that overlaps
+the step longest, read from the transcript by time, fillers and faults included), and as
+references the sentences that narrate a held-out step correctly; its 24 phrasings, drawn at
+random, leave almost no 4-gram that video could predict, so BLEU-4 is near 0 for every system.
+
+Two baselines are scored the same way: every held-out step captioned with the most frequent
+training caption, and the same captioner trained on features shuffled across the training pairs
+(so that it can learn only the language).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -51,14 +57,59 @@ def references(video: evaluate.Video) -> dict[int, list[str]]:
   return out
 
 
-def captioner_config(config: ml_collections.ConfigDict, bundle, pairs_path: pathlib.Path
+def narrated_steps(videos: Sequence[evaluate.Video], transcripts: pathlib.Path) -> tuple:
+  """(train tokens, train captions, test tokens, test references) by step id, from narration:
+  training steps with what was said during them, held-out steps with their correct sentences."""
+  train_tokens, train_caps, test_tokens, test_refs = {}, {}, {}, {}
+  for v in videos:
+    if v.split == "train":
+      # The narration pretraining read (another video's, with world.shuffle_narration).
+      said = narration_captions(v, transcripts / f"{v.video_id}.vtt")
+      for s in v.steps:
+        if s.index in said:
+          train_tokens[step_id(s)], train_caps[step_id(s)] = s.tokens, [said[s.index]]
+    else:
+      refs = references(v)
+      for s in v.steps:
+        if refs.get(s.index):
+          test_tokens[step_id(s)], test_refs[step_id(s)] = s.tokens, refs[s.index]
+  return train_tokens, train_caps, test_tokens, test_refs
+
+
+def annotated_steps(videos: Sequence[evaluate.Video]) -> tuple:
+  """As `narrated_steps`, with every step captioned as an annotator would (the world's
+  ANNOTATIONS), for training and as the one reference: YouCook II's protocol."""
+  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
+  out = ({}, {}, {}, {})
+  for v in videos:
+    tokens, caps = out[:2] if v.split == "train" else out[2:]
+    for s in v.steps:
+      tokens[step_id(s)], caps[step_id(s)] = s.tokens, [words.annotation(s.verb, s.noun)]
+  return out
+
+
+def caption_text(config: ml_collections.ConfigDict, bundle, captions: Sequence[str],
+                 folder: pathlib.Path) -> dict:
+  """The captioner's `text` config: VideoBERT's tokenizer for narration; for annotations, a
+  word-level SentencePiece model of the training captions, whose words ("jar", "board", ...)
+  the narration-trained one never met."""
+  if config.captioning.captions != "annotations":
+    return {k: bundle.config.text[k] for k in ("tokenizer", "vocab", "lowercase")}
+  from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
+  model = pipeline.train_pieces(sorted(set(captions)), str(folder / "captions"), 0, "word",
+                                config.seed)
+  return {"tokenizer": "sentencepiece", "vocab": str(pathlib.Path(model).resolve()),
+          "lowercase": "auto"}
+
+
+def captioner_config(config: ml_collections.ConfigDict, text: dict, pairs_path: pathlib.Path
                      ) -> ml_collections.ConfigDict:
   from configs import captioner  # pylint: disable=g-import-not-at-top
   k = config.captioning
   c = captioner.get_config("variant=tiny,runlocal")
   c.seed = config.seed
-  c.text.tokenizer, c.text.vocab = bundle.config.text.tokenizer, bundle.config.text.vocab
-  c.text.lowercase = bundle.config.text.lowercase
+  c.text.tokenizer, c.text.vocab, c.text.lowercase = (text["tokenizer"], text["vocab"],
+                                                      text["lowercase"])
   c.input.pairs = str(pairs_path)
   c.max_caption_len = k.max_caption_len
   c.batch_size = k.batch_size
@@ -75,12 +126,12 @@ def captioner_config(config: ml_collections.ConfigDict, bundle, pairs_path: path
   return c
 
 
-def _train_and_score(config, bundle, pairs, pairs_path: pathlib.Path,
+def _train_and_score(config, text: dict, pairs, pairs_path: pathlib.Path,
                      test_path: pathlib.Path, workdir: pathlib.Path) -> dict:
   from vbert_jax.captioning import evaluate as cap_eval  # pylint: disable=g-import-not-at-top
   from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
   pairs.write(pairs_path)
-  task.train_captioner(captioner_config(config, bundle, pairs_path), workdir)
+  task.train_captioner(captioner_config(config, text, pairs_path), workdir)
   return cap_eval.evaluate(workdir, test_path, beam_size=config.captioning.beam_size)
 
 
@@ -92,29 +143,22 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder: pathli
   bundle = evaluate.load_model(workdir)
   videos = evaluate.load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
                                 bundle.visual_vocab)
-  train_tokens, train_caps, test_tokens, test_refs = {}, {}, {}, {}
-  for v in videos:
-    if v.split == "train":
-      # The narration pretraining read (another video's, with world.shuffle_narration).
-      said = narration_captions(v, workdir / pipeline.CORPUS / "transcripts" / f"{v.video_id}.vtt")
-      for s in v.steps:
-        if s.index in said:
-          train_tokens[step_id(s)], train_caps[step_id(s)] = s.tokens, [said[s.index]]
-    else:
-      refs = references(v)
-      for s in v.steps:
-        if refs.get(s.index):
-          test_tokens[step_id(s)], test_refs[step_id(s)] = s.tokens, refs[s.index]
+  if config.captioning.captions == "annotations":
+    train_tokens, train_caps, test_tokens, test_refs = annotated_steps(videos)
+  else:
+    train_tokens, train_caps, test_tokens, test_refs = narrated_steps(
+        videos, workdir / pipeline.CORPUS / "transcripts")
   pairs = features.make_pairs(bundle, train_tokens, train_caps, folder / "train_pairs.npz",
                               batch_size=config.tasks.batch_size)
   features.make_pairs(bundle, test_tokens, test_refs, folder / "test_pairs.npz",
                       batch_size=config.tasks.batch_size)
-  model = _train_and_score(config, bundle, pairs, folder / "train_pairs.npz",
+  text = caption_text(config, bundle, [c for cs in train_caps.values() for c in cs], folder)
+  model = _train_and_score(config, text, pairs, folder / "train_pairs.npz",
                            folder / "test_pairs.npz", folder / "captioner")
   perm = np.random.default_rng([config.seed, 11]).permutation(len(pairs))
   shuffled = task.Pairs(pairs.features[perm], pairs.feature_mask[perm], pairs.captions,
                         pairs.video_ids, source="shuffled training pairs")
-  control = _train_and_score(config, bundle, shuffled, folder / "shuffled_pairs.npz",
+  control = _train_and_score(config, text, shuffled, folder / "shuffled_pairs.npz",
                              folder / "test_pairs.npz", folder / "shuffled_captioner")
   frequent = baselines.most_frequent([c for cs in train_caps.values() for c in cs])
   frequent_scores = metrics.score_captions({k: frequent for k in test_refs}, test_refs)

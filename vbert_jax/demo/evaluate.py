@@ -187,30 +187,47 @@ def _narration(video: Video) -> dict[int, str]:
 
 
 def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]) -> dict:
-  """LVA accuracy on held-out (sentence, clips) pairs: half true, half from a step that shares
-  neither verb nor noun."""
+  """LVA accuracy on held-out (sentence, clips) pairs: each correctly narrated step once with
+  its own clips and once with those of a step that shares neither verb nor noun. Beside it,
+  the same pairs decided by `_token_ceiling`."""
   from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([config.seed, 5])
   steps = [s for v in _held_out(videos) for s in v.steps]
   said = [(s, text) for v in _held_out(videos) for s in v.steps
-          if (text := _narration(v).get(s.index))]
-  packed, labels = [], []
-  for j, (step, text) in enumerate(said[:config.tasks.lva_pairs]):
+          if (text := _narration(v).get(s.index))][:config.tasks.lva_pairs // 2]
+  packed, labels, pairs = [], [], []
+  for step, text in said:
     ids = bundle.tokenizer.encode(text)
-    if j % 2:
-      others = [o for o in steps if o.verb != step.verb and o.noun != step.noun]
-      video = others[int(rng.integers(len(others)))].tokens
-    else:
-      video = step.tokens
-    packed.append(bundle.layout.pair(ids, video))
-    labels.append(1 - j % 2)
+    others = [o for o in steps if o.verb != step.verb and o.noun != step.noun]
+    for label, shown in ((1, step), (0, others[int(rng.integers(len(others)))])):
+      packed.append(bundle.layout.pair(ids, shown.tokens))
+      labels.append(label)
+      pairs.append((step, shown))
   logits = []
   for i in range(0, len(packed), config.tasks.batch_size):
     out = bundle.apply(sequence.stack(packed[i:i + config.tasks.batch_size]))
     logits.append(np.asarray(out["lva_logits"]).reshape(-1))
   logits, labels = np.concatenate(logits), np.array(labels)
+  ceiling = _token_ceiling(_training(videos), pairs, bundle.visual_vocab.size)
   return {"pairs": len(labels), "positives": int(labels.sum()),
-          "accuracy": float(np.mean((logits > 0) == (labels == 1))), "chance": 0.5}
+          "accuracy": float(np.mean((logits > 0) == (labels == 1))), "chance": 0.5,
+          "token_ceiling": float(np.mean((ceiling > 0) == (labels == 1)))}
+
+
+def _token_ceiling(train: Sequence[Video], pairs: Sequence[tuple[Step, Step]],
+                   vocab_size: int) -> np.ndarray:
+  """Per pair, log P(verb | tokens) P(noun | tokens) / P(verb) P(noun) by naive Bayes fitted
+  on the training steps' true labels: how well the visual tokens alone tell a step's words."""
+  train_steps = [s for v in train for s in v.steps]
+  scores = np.zeros(len(pairs))
+  for key in ("verb", "noun"):
+    names = sorted({getattr(s, key) for s in train_steps} | {getattr(s, key) for s, _ in pairs})
+    nb = baselines.TokenNaiveBayes([s.tokens for s in train_steps],
+                                   [names.index(getattr(s, key)) for s in train_steps],
+                                   len(names), vocab_size)
+    scores += [nb.log_ratio(shown.tokens, names.index(getattr(said, key)))
+               for said, shown in pairs]
+  return scores
 
 
 # ------------------------------------------------------------------------------ text-to-video

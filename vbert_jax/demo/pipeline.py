@@ -192,7 +192,7 @@ def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
       sorted((corpus_dir / "transcripts").glob("*.vtt")), split)
   if skipped:
     raise ValueError(f"training narration in {corpus_dir / 'transcripts'}: unreadable {skipped}")
-  model = _train_pieces(texts, str(folder / TEXT_PREFIX), t.vocab_size, t.model_type,
+  model = train_pieces(texts, str(folder / TEXT_PREFIX), t.vocab_size, t.model_type,
                         config.seed)
   tok = tokenizers.SentencePieceTokenizer(model)
   print(f"SentencePiece: {tok.vocab_size} pieces from {len(texts)} training sentences",
@@ -200,7 +200,7 @@ def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
   return {"pieces": tok.vocab_size, "sentences": len(texts)}
 
 
-def _train_pieces(texts, prefix: str, vocab_size: int, model_type: str, seed: int):
+def train_pieces(texts, prefix: str, vocab_size: int, model_type: str, seed: int):
   """SentencePiece with `vocab_size` pieces; 0 asks for as many as the narration allows (every
   word, with model_type "word"), the largest size SentencePiece accepts on this corpus."""
   import re  # pylint: disable=g-import-not-at-top
