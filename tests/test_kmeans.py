@@ -167,6 +167,11 @@ def test_tree_assignment_equals_brute_force_nearest_leaf(planted, planted_fit):
   brute = kmeans.brute_force_leaf(x, leaves)
   leaf, dist = kmeans.descend(x, planted_fit.centroids, planted_fit.mean, batch_size=256)
   np.testing.assert_array_equal(leaf, brute)
+  # Without distances the last level skips its within-node pass; the leaves are the same.
+  alone, none = kmeans.descend(x, planted_fit.centroids, planted_fit.mean, batch_size=256,
+                               distance=False)
+  np.testing.assert_array_equal(alone, leaf)
+  assert none is None
   np.testing.assert_array_equal(leaf, planted_fit.leaf)
   want = ((x.astype(np.float64) - leaves[leaf]) ** 2).sum(1)
   np.testing.assert_allclose(dist, want, rtol=1e-3, atol=1e-3)

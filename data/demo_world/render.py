@@ -66,7 +66,9 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return u * u + v * v <= 1.0
   if shape == "egg":
     w = 0.72 * (1.0 + 0.18 * v)
-    return (u / w) ** 2 + v * v <= 1.0
+    # w is 0 only at v = -5.6, far outside the shape: the inf or nan there compares False.
+    with np.errstate(divide="ignore", invalid="ignore"):
+      return (u / w) ** 2 + v * v <= 1.0
   if shape == "carrot":
     return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.3 * (1.0 - u) + 0.08)
   if shape == "rounded_square":

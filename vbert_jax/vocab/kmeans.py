@@ -766,81 +766,128 @@ def feature_stats(source: FeatureSource, chunk_size: int = 65536):
 # ----------------------------------------------------------------------------- assignment
 
 
-def _local_descend(x, *levels, batch_rows: int):
-  """Leaf and squared leaf distance of every row, descending one level at a time.
+def _local_descend(x, center, *levels, batch_rows: int, distance: bool):
+  """Leaf [N] of every row, descending one level at a time, and with `distance` its squared
+  distance [N] to the leaf.
 
-  `levels` repeats (children relative to their node [nodes, k, D], their `_norms` [nodes, k],
-  node centroids [nodes, D]).
+  `x` [N, D] is taken relative to `center` [D] here rather than on the host, where making the
+  centred copy cost more than the whole descent. `levels` holds, for each level, its children
+  [nodes, k, D] relative to `center` and their `_norms` [nodes, k]; with `distance`, the last
+  level's children are relative to their node instead, followed by the node centroids
+  [nodes, D]. Rows are not re-centred on each node as the fit's are, since on XLA:CPU a pass
+  over the rows costs about as much as a level's product; only the distances returned are taken
+  within the node, where float32 keeps them accurate however far the node lies from `center`.
   """
+  x = x - center
   n = x.shape[0]
   node = jnp.zeros(n, jnp.int32)
   valid = jnp.ones(n, bool)
-  mind = jnp.zeros(n, x.dtype)
-  for cents, norms, parent in zip(levels[::3], levels[1::3], levels[2::3]):
+  upper = levels[:-3] if distance else levels
+  xn = jnp.sum(x * x, axis=-1) if upper else None
+  depth = len(upper) // 2 + int(distance)
+  for i in range(depth):
+    within = distance and i == depth - 1
+    cents, norms = levels[2 * i], levels[2 * i + 1]
     nodes, k = cents.shape[0], cents.shape[1]
     if nodes == 1:  # the root: every row in one block, no grouping needed
-      d = _block_dist((x - parent)[None], jnp.zeros(1, jnp.int32), cents, norms)[0]
-      node = jnp.argmin(d, axis=-1).astype(jnp.int32)
-      mind = jnp.min(d, axis=-1)
-      continue
-    bsize = _block_size(batch_rows, nodes)
-    nb = -(-n // bsize) + min(nodes, n)
-    xb, vb, bnode, gidx = _local_blocks(x, node, valid, nodes=nodes, nb=nb, bsize=bsize)
-    d = _block_dist(xb - parent[bnode][:, None, :], bnode, cents, norms)
-    lab = jnp.argmin(d, axis=-1).astype(jnp.int32)
-    flat = gidx.reshape(-1)
-    lab_rows = jnp.zeros(n, jnp.int32).at[flat].set(lab.reshape(-1), mode="drop")
-    mind = jnp.zeros(n, x.dtype).at[flat].set(jnp.min(d, -1).reshape(-1), mode="drop")
-    node = node * k + lab_rows
-  return node, jnp.maximum(mind, 0.0)
+      xr, xnr = (x - levels[-1], None) if within else (x, xn)
+      d = _block_dist(xr[None], jnp.zeros(1, jnp.int32), cents, norms,
+                      None if xnr is None else xnr[None])[0]
+      lab, mind = jnp.argmin(d, axis=-1).astype(jnp.int32), jnp.min(d, axis=-1)
+    else:
+      bsize = _block_size(batch_rows, nodes)
+      nb = -(-n // bsize) + min(nodes, n)
+      xb, _, bnode, gidx = _local_blocks(x, node, valid, nodes=nodes, nb=nb, bsize=bsize)
+      if within:
+        xb, xnb = xb - levels[-1][bnode][:, None, :], None
+      else:  # as in `_local_assign`: thin blocks run faster with norms summed in the fusion
+        xnb = jnp.take(xn, gidx, mode="fill", fill_value=0) if bsize >= 128 else None
+      d = _block_dist(xb, bnode, cents, norms, xnb)
+      flat = gidx.reshape(-1)
+      lab = jnp.zeros(n, jnp.int32).at[flat].set(
+          jnp.argmin(d, axis=-1).astype(jnp.int32).reshape(-1), mode="drop")
+      mind = jnp.zeros(n, x.dtype).at[flat].set(jnp.min(d, -1).reshape(-1), mode="drop")
+    node = node * k + lab
+  return (node, jnp.maximum(mind, 0.0)) if distance else node
 
 
 @functools.lru_cache(maxsize=None)
-def _descend_fn(mesh: Mesh, depth: int, batch_rows: int):
+def _descend_fn(mesh: Mesh, depth: int, batch_rows: int, distance: bool):
   rows, rep = P(AXIS), P()
-  fn = functools.partial(_local_descend, batch_rows=batch_rows)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (rep,) * (3 * depth),
-                               out_specs=(rows, rows), check_vma=False))
+  fn = functools.partial(_local_descend, batch_rows=batch_rows, distance=distance)
+  levels = 2 * depth + int(distance)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows, rep) + (rep,) * levels,
+                               out_specs=(rows, rows) if distance else rows, check_vma=False))
 
 
-def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *, batch_size: int = 32768,
-            mesh: Mesh | None = None):
-  """Leaf token [N] int32 and squared distance [N] float32 of every row of `x` ([N, D])."""
+# Rows per assignment batch: deep levels group a batch's rows by node, and a node's products
+# grow fatter with the batch (100,000 queries of the benchmark ran at 76k/s in batches of 32768,
+# 108k/s in one).
+ASSIGN_BATCH = 131072
+
+
+def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *,
+            batch_size: int = ASSIGN_BATCH, mesh: Mesh | None = None, distance: bool = True):
+  """Leaf token [N] int32 of every row of `x` ([N, D]) and, with `distance`, its squared
+  distance [N] float32 to the leaf (else None; the leaves alone take one pass less)."""
   mesh = mesh or default_mesh()
   ndev = mesh.size
   n = x.shape[0]
   batch = -(-min(batch_size, max(n, 1)) // ndev) * ndev
   center = np.asarray(center, np.float32)
   replicated = NamedSharding(mesh, P())
-  levels, parent = [], np.zeros((1, x.shape[1]), np.float32)
-  for c in centroids:
-    c = np.asarray(c, np.float32) - center
-    rel = c - parent[:, None, :]
-    levels += [jax.device_put(rel, replicated), jax.device_put(_norms(rel), replicated),
-               jax.device_put(parent, replicated)]
-    parent = c.reshape(-1, x.shape[1])
-  fn = _descend_fn(mesh, len(centroids), batch // ndev)
+  levels = _descend_levels(centroids, center, distance)
+  levels = [jax.device_put(a, replicated) for a in levels]
+  fn = _descend_fn(mesh, len(centroids), batch // ndev, distance)
   sharding = NamedSharding(mesh, P(AXIS))
+  center = jax.device_put(center, replicated)
   leaf = np.empty(n, np.int32)
-  dist = np.empty(n, np.float32)
+  dist = np.empty(n, np.float32) if distance else None
+  # Two reused staging buffers: the CPU backend reads an aligned host array in place, and
+  # refilling pages already mapped costs a copy, where each fresh batch array cost page faults
+  # (3x the copy, and more than the root level's product).
+  staging = [_aligned_empty((batch, x.shape[1])) for _ in range(min(2, -(-n // batch)))]
   pending = []
-  for start in range(0, n, batch):
+  for i, start in enumerate(range(0, n, batch)):
     stop = min(start + batch, n)
-    xb = np.zeros((batch, x.shape[1]), np.float32)
+    xb = staging[i % 2]
     xb[:stop - start] = x[start:stop]
-    xb[:stop - start] -= center
-    pending.append((start, stop, fn(jax.device_put(xb, sharding), *levels)))
-    if len(pending) > 1:  # keep one batch in flight while the next is prepared
+    xb[stop - start:] = 0.0
+    pending.append((start, stop, fn(jax.device_put(xb, sharding), center, *levels)))
+    if len(pending) > 1:  # one batch in flight; draining the other frees its staging buffer
       _drain(pending.pop(0), leaf, dist)
   for item in pending:
     _drain(item, leaf, dist)
   return leaf, dist
 
 
-def _drain(item, leaf: np.ndarray, dist: np.ndarray) -> None:
-  start, stop, (lf, ds) = item
-  leaf[start:stop] = np.asarray(lf)[:stop - start]
-  dist[start:stop] = np.asarray(ds)[:stop - start]
+def _descend_levels(centroids: Sequence, center: np.ndarray, distance: bool) -> list:
+  """Host arrays for `_local_descend`: children relative to `center` and their norms, per
+  level; with `distance`, the last level's relative to their node, and the node centroids."""
+  dim = center.shape[-1]
+  cents = [np.asarray(c, np.float32) - center for c in centroids]
+  out = [a for c in (cents[:-1] if distance else cents) for a in (c, _norms(c))]
+  if distance:
+    parent = cents[-2].reshape(-1, dim) if len(cents) > 1 else np.zeros((1, dim), np.float32)
+    rel = cents[-1] - parent[:, None, :]
+    out += [rel, _norms(rel), parent]
+  return out
+
+
+def _aligned_empty(shape: tuple[int, int]) -> np.ndarray:
+  """A float32 array on a 64-byte boundary, which XLA:CPU can use without copying it."""
+  size = shape[0] * shape[1] * 4
+  raw = np.empty(size + 64, np.uint8)
+  offset = -raw.ctypes.data % 64
+  return raw[offset:offset + size].view(np.float32).reshape(shape)
+
+
+def _drain(item, leaf: np.ndarray, dist: np.ndarray | None) -> None:
+  start, stop, out = item
+  if dist is not None:
+    out, ds = out
+    dist[start:stop] = np.asarray(ds)[:stop - start]
+  leaf[start:stop] = np.asarray(out)[:stop - start]
 
 
 def brute_force_leaf(x: np.ndarray, leaves: np.ndarray) -> np.ndarray:

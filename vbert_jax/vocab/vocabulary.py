@@ -174,24 +174,33 @@ class VisualVocabulary:
 
   # --------------------------------------------------------------------------- lookups
 
-  def assign(self, features, *, batch_size: int = 32768, mesh=None) -> np.ndarray:
+  def assign(self, features, *, batch_size: int = kmeans.ASSIGN_BATCH, mesh=None) -> np.ndarray:
     """Visual tokens int32 [N] in [0, size) for features [N, dim] (leaf of the tree descent)."""
-    return self.assign_with_distance(features, batch_size=batch_size, mesh=mesh)[0]
+    x = self._prepare(features)
+    if x.shape[0] == 0:
+      return np.zeros(0, np.int32)
+    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh,
+                          distance=False)[0]
 
-  def assign_with_distance(self, features, *, batch_size: int = 32768, mesh=None):
+  def assign_with_distance(self, features, *, batch_size: int = kmeans.ASSIGN_BATCH, mesh=None):
     """(tokens int32 [N], squared distance to the token's centroid float32 [N])."""
+    x = self._prepare(features)
+    if x.shape[0] == 0:
+      return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
+
+  def _prepare(self, features) -> np.ndarray:
+    """Features [N, dim] as the tree was fitted on them (normalised as it says)."""
     x = np.asarray(features)
     if x.ndim != 2 or x.shape[1] != self.dim:
       width = x.shape[-1] if x.ndim else "scalar"
       raise ValueError(f"features have width {width} (shape {x.shape}); this vocabulary expects "
                        f"width {self.dim} ([N, {self.dim}])")
-    if x.shape[0] == 0:
-      return np.zeros(0, np.int32), np.zeros(0, np.float32)
     if self.normalize == "l2":
-      x = unit_rows(x)
-    elif self.normalize == "standardize":
-      x = standardize(x, self.input_mean, self.input_std)
-    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
+      return unit_rows(x)
+    if self.normalize == "standardize":
+      return standardize(x, self.input_mean, self.input_std)
+    return x
 
   def centroid(self, token: int) -> np.ndarray:
     """The leaf centroid [dim] of a visual token."""
