@@ -63,6 +63,16 @@ def test_zero_shot_learns_on_held_out_steps(small_run):
   assert "1-NN raw S3D" in results
 
 
+def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small_run):
+  workdir, _ = small_run
+  lva = _tasks(workdir)["alignment"]
+  assert lva["pairs"] == 2 * lva["positives"] >= 40
+  assert 0 <= lva["accuracy"] <= 1
+  # The tokens carry the steps' words: naive Bayes on them beats chance by a margin.
+  assert lva["token_ceiling"] > 0.6, lva
+  assert "naive Bayes on tokens" in (workdir / "results" / "results.md").read_text()
+
+
 def test_held_out_videos_never_reach_pretraining(small_run):
   from data.demo_world import world  # pylint: disable=g-import-not-at-top
   workdir, results = small_run
