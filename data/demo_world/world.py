@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import io
 import json
 import pathlib
 from typing import Iterable, Sequence
@@ -212,42 +211,19 @@ def webvtt(cues: Iterable[Cue]) -> str:
 # ----------------------------------------------------------------------------------- writing
 
 
-_ENCODER_WARM = False
-
-
-def _warm_encoder() -> None:
-  """Encodes a few throwaway frames once per process.
-
-  Seen once under the test suite's load: the first video a process encoded differed from every
-  later encode of the same frames (frames 1 on, encoder options equal), while encodes 2-4 matched
-  each other and every other run. The first real video is encoded after this one.
-  """
-  global _ENCODER_WARM
-  if _ENCODER_WARM:
-    return
-  with av.open(io.BytesIO(), "w", format="mp4") as out:
-    stream = out.add_stream("libx264", rate=20)
-    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-    stream.codec_context.thread_count = 1
-    for i in range(4):
-      frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * i, np.uint8),
-                                         format="rgb24").reformat(format="yuv420p")
-      frame.pts = i
-      out.mux(stream.encode(frame))
-    out.mux(stream.encode())
-  _ENCODER_WARM = True
-
-
 def encode_h264(path: pathlib.Path, frames: Iterable[np.ndarray], config: WorldConfig) -> None:
-  _warm_encoder()
-
   def write(tmp: str):
     with av.open(tmp, "w", format="mp4") as out:
       stream = out.add_stream("libx264", rate=config.fps)
       stream.width, stream.height, stream.pix_fmt = config.width, config.height, "yuv420p"
-      stream.options = {"crf": str(config.crf), "preset": config.preset}
-      # Byte-identical files for a seed: a threaded x264 encodes the same frames differently
-      # from run to run, and so does handing it frames that PyAV converts to YUV on the fly.
+      # Byte-identical files for a seed: x264's macroblock tree (its rate control across
+      # frames) reads memory it never wrote, so that the same frames encoded differently from
+      # process to process and with what else the process had allocated (20 of the full demo's
+      # 96 videos in one run, and a process's first video under the tests); without it, and on
+      # one thread, every encode matched. A threaded x264 differs from run to run too, and so
+      # does handing it frames that PyAV converts to YUV on the fly.
+      stream.options = {"crf": str(config.crf), "preset": config.preset,
+                        "x264-params": "mbtree=0"}
       stream.codec_context.thread_count = 1
       index = 0
       for chunk in frames:
