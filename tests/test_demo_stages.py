@@ -156,6 +156,9 @@ def test_annotations_name_the_step_and_their_tokenizer_knows_every_word(tmp_path
     caption = words.annotation(verb, "egg").split()
     assert caption[:3] == [verb, "the", "egg"] and len(caption) >= 5, caption
   text = captioning.caption_text(config, None, captions, tmp_path)
+  config.captioning.captions = "annotation"
+  with pytest.raises(ValueError, match="captioning.captions='annotation'"):
+    captioning.run(config, tmp_path, tmp_path)
   tok = tokenizers.load_tokenizer({"text": text})
   for caption in captions:
     ids = tok.encode(caption)

@@ -26,6 +26,7 @@ from vbert_jax.demo import baselines
 from vbert_jax.demo import evaluate
 
 METRIC_KEYS = ("Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+CAPTION_SOURCES = ("annotations", "narration")
 
 
 def step_id(step: evaluate.Step) -> str:
@@ -140,6 +141,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder: pathli
   from vbert_jax.captioning import metrics  # pylint: disable=g-import-not-at-top
   from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
   from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
+  if config.captioning.captions not in CAPTION_SOURCES:
+    raise ValueError(f"config captioning.captions={config.captioning.captions!r}: expected one "
+                     f"of {CAPTION_SOURCES}")
   bundle = evaluate.load_model(workdir)
   videos = evaluate.load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
                                 bundle.visual_vocab)
