@@ -58,18 +58,19 @@ def _pretrain(size: str) -> ml_collections.ConfigDict:
   if size == "full":
     # Alignment from whole sentences and clips: half the video-text examples are shown
     # unmasked, half of those with another segment's clips, and train LVA alone (the rest train
-    # MLM/MVM). Trained on masked pairs, held-out LVA stayed at chance (0.51-0.53); this way,
-    # with 96 videos, it reached 0.69 after 1500 steps and 0.77 after 2000, and text-to-video
-    # nouns rose from below chance to 2x it. On 48 videos it learned the training pairs by heart
-    # (0.74 on them, 0.53 held out); with 30% unmasked it had not left chance by step 1500.
+    # MLM/MVM). Trained on masked pairs, held-out LVA stayed at chance (0.51-0.55); this way,
+    # with 96 videos, it reached 0.69 after 1500 steps and 0.68-0.77 after 2000 (three worlds),
+    # and text-to-video nouns rose from below chance (0.06) to 0.11-0.26 (chance 0.12). On 48
+    # videos it learned the training pairs by heart (0.74 on them, 0.53 held out); with 30%
+    # unmasked it had not left chance by step 1500.
     c.input.unmasked_pair_rate = 0.5
     c.lva_negative_rate = 0.5
   c.input.source = "tfds"
   # One sentence with all its clips: the clearest pairs for a small corpus. Video-only
   # examples join 1-2 neighbouring segments (2-6 clips): one sentence's 1-3 clips often leave
   # nothing to mask, while whole videos (8 segments, ~16 clips) were few enough (36, in the
-  # 48-video world of the time) to be learned by heart: next-clip accuracy 0.63 on training videos, 0.19 on held-out ones (one
-  # run, with the last clips masked half the time).
+  # 48-video world of the time) to be learned by heart: next-clip accuracy 0.63 on training
+  # videos, 0.19 on held-out ones (one run, with the last clips masked half the time).
   c.input.max_concat = 1
   c.input.max_concat_video = 2
   c.input.max_subsample_rate = 1
@@ -175,8 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # vbert_jax/demo/captioning.py).
   c.captioning = ml_collections.ConfigDict(dict(
       enabled=True, captions="annotations", total_steps=400 if full else 200, batch_size=32,
-      learning_rate=1e-3,
-      max_caption_len=16, beam_size=1))
+      learning_rate=1e-3, max_caption_len=16, beam_size=1))
 
   c.lock()
   return c

@@ -156,13 +156,17 @@ def test_annotations_name_the_step_and_their_tokenizer_knows_every_word(tmp_path
     caption = words.annotation(verb, "egg").split()
     assert caption[:3] == [verb, "the", "egg"] and len(caption) >= 5, caption
   text = captioning.caption_text(config, None, captions, tmp_path)
-  config.captioning.captions = "annotation"
-  with pytest.raises(ValueError, match="captioning.captions='annotation'"):
-    captioning.run(config, tmp_path, tmp_path)
   tok = tokenizers.load_tokenizer({"text": text})
   for caption in captions:
     ids = tok.encode(caption)
     assert tok.specials.unk not in ids and tok.decode(ids) == caption
+
+
+def test_unknown_caption_source_is_named(tmp_path):
+  config = demo_config.get_config("size=small")
+  config.captioning.captions = "annotation"
+  with pytest.raises(ValueError, match="captioning.captions='annotation'"):
+    captioning.run(config, tmp_path, tmp_path)
 
 
 def test_results_table_puts_chance_and_baselines_beside_each_figure():

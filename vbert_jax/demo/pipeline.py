@@ -193,7 +193,7 @@ def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
   if skipped:
     raise ValueError(f"training narration in {corpus_dir / 'transcripts'}: unreadable {skipped}")
   model = train_pieces(texts, str(folder / TEXT_PREFIX), t.vocab_size, t.model_type,
-                        config.seed)
+                       config.seed)
   tok = tokenizers.SentencePieceTokenizer(model)
   print(f"SentencePiece: {tok.vocab_size} pieces from {len(texts)} training sentences",
         flush=True)

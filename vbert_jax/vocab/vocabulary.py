@@ -176,18 +176,18 @@ class VisualVocabulary:
 
   def assign(self, features, *, batch_size: int = kmeans.ASSIGN_BATCH, mesh=None) -> np.ndarray:
     """Visual tokens int32 [N] in [0, size) for features [N, dim] (leaf of the tree descent)."""
-    x = self._prepare(features)
-    if x.shape[0] == 0:
-      return np.zeros(0, np.int32)
-    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh,
-                          distance=False)[0]
+    return self._descend(features, batch_size, mesh, distance=False)[0]
 
   def assign_with_distance(self, features, *, batch_size: int = kmeans.ASSIGN_BATCH, mesh=None):
     """(tokens int32 [N], squared distance to the token's centroid float32 [N])."""
+    return self._descend(features, batch_size, mesh, distance=True)
+
+  def _descend(self, features, batch_size: int, mesh, distance: bool):
     x = self._prepare(features)
     if x.shape[0] == 0:
-      return np.zeros(0, np.int32), np.zeros(0, np.float32)
-    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh)
+      return np.zeros(0, np.int32), np.zeros(0, np.float32) if distance else None
+    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh,
+                          distance=distance)
 
   def _prepare(self, features) -> np.ndarray:
     """Features [N, dim] as the tree was fitted on them (normalised as it says)."""
