@@ -48,7 +48,7 @@ def test_block_distances_match_numpy(nodes, bsize, dim, k):
   want = ((xb[:, :, None, :].astype(np.float64) - cents[bnode][:, None]) ** 2).sum(-1)
   got = np.asarray(jax.jit(kmeans._block_dist)(xb, bnode, cents, kmeans._norms(cents)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * want.max())
-  _, _, assign = kmeans._kernels(one_device_mesh())
+  _, _, _, assign = kmeans._kernels(one_device_mesh())
   valid = rng.random((nb, bsize)) < 0.9
   lab, mind = assign(xb, valid, (xb * xb).sum(-1), bnode, cents, kmeans._norms(cents))
   np.testing.assert_array_equal(np.asarray(lab), want.argmin(-1))
@@ -116,7 +116,7 @@ def test_blocks_hold_every_row_once_and_never_mix_nodes(layout):
   else:  # the fit's: row indices on the host, the rows gathered on the devices
     gidx, bnode = kmeans._layout(node, valid, bsize, ndev=1)
     assert len(bnode) % kmeans._GROUP == 0
-    make, _, _ = kmeans._kernels(one_device_mesh())
+    make, _, _, _ = kmeans._kernels(one_device_mesh())
     xb, vb, xn = map(np.asarray, make(x, gidx, bnode, np.zeros((nodes, 4), np.float32)))
     np.testing.assert_allclose(xn, (xb * xb).sum(-1), rtol=1e-6)
   rows = gidx[vb]
@@ -125,6 +125,21 @@ def test_blocks_hold_every_row_once_and_never_mix_nodes(layout):
   block_of_row = np.broadcast_to(bnode[:, None], vb.shape)[vb]
   np.testing.assert_array_equal(block_of_row, node[rows])
   assert (xb[~vb] == 0).all()
+
+
+def test_root_blocks_are_the_gathered_blocks():
+  # The root level reshapes its rows into blocks instead of gathering them.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(100, 8)).astype(np.float32) * 7
+  parent = rng.normal(size=(1, 8)).astype(np.float32)
+  gidx, bnode = kmeans._layout(np.zeros(100, np.int32), None, 32, ndev=1, bucket=False)
+  make, contiguous, _, _ = kmeans._kernels(one_device_mesh())
+  gathered = [np.asarray(a) for a in make(x, gidx, bnode, parent)]
+  reshaped = [np.asarray(a) for a in contiguous(x, parent, len(bnode), 32)]
+  assert gathered[0].shape == (4, 32, 8)
+  np.testing.assert_array_equal(gathered[0], reshaped[0])
+  np.testing.assert_array_equal(gathered[1], reshaped[1])
+  np.testing.assert_allclose(gathered[2], reshaped[2], rtol=1e-6)  # summed in another fusion
 
 
 # ---------------------------------------------------------------------------------- the fit

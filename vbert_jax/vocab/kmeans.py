@@ -358,6 +358,14 @@ def _make_blocks(x, gidx, bnode, parent):
   return xb, vb, jnp.sum(xb * xb, axis=-1)
 
 
+def _contiguous_blocks(x, parent, nb: int, bsize: int):
+  """`_make_blocks` for a single node's rows in order: a reshape, where a gather costs about
+  as much as four assignment passes of the root level."""
+  xb = jnp.pad(x - parent[0], ((0, nb * bsize - x.shape[0]), (0, 0))).reshape(nb, bsize, -1)
+  vb = (jnp.arange(nb * bsize) < x.shape[0]).reshape(nb, bsize)
+  return xb, vb, jnp.sum(xb * xb, axis=-1)
+
+
 def _select_blocks(xb, vb, xn, ids, keep):
   return xb[ids], vb[ids] & keep[:, None], xn[ids]
 
@@ -367,10 +375,12 @@ def _kernels(mesh: Mesh):
   """Jitted block builder, block selection and assignment, blocks split over the mesh."""
   rows, rep = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
   make = jax.jit(_make_blocks, in_shardings=(rep, rows, rows, rep), out_shardings=(rows,) * 3)
+  contiguous = jax.jit(_contiguous_blocks, static_argnums=(2, 3),
+                       in_shardings=(rep, rep), out_shardings=(rows,) * 3)
   select = jax.jit(_select_blocks, in_shardings=(rows,) * 5, out_shardings=(rows,) * 3)
   assign = jax.jit(jax.shard_map(_local_assign, mesh=mesh, in_specs=(P(AXIS),) * 4 + (P(),) * 2,
                                  out_specs=(P(AXIS), P(AXIS)), check_vma=False))
-  return make, select, assign
+  return make, contiguous, select, assign
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -393,7 +403,11 @@ class _Chunks:
     self._device = self.put(self._host) if self.resident else None
 
   def read(self, i: int) -> np.ndarray:
-    return self.source.read(*self.ranges[i]) - self.mean  # a new array: reads may be views
+    """Chunk i, centred, in a new aligned array (reads may be views; XLA:CPU uses an aligned
+    array in place rather than copying it)."""
+    start, stop = self.ranges[i]
+    out = _aligned_empty((stop - start, self.source.dim))
+    return np.subtract(self.source.read(start, stop), self.mean, out=out)
 
   def put(self, x: np.ndarray):
     return jax.device_put(x, NamedSharding(self.mesh, P()))
@@ -467,12 +481,16 @@ class _LevelPass:
     self.ndev = chunks.mesh.size
     count = np.bincount(node, minlength=nodes) * (chunks.size / len(node))
     self.bsize = _fit_block_size(np.ceil(count).astype(np.int64))
-    self.make, self.select, self.assign_fn = _kernels(chunks.mesh)
+    self.make, self.contiguous, self.select, self.assign_fn = _kernels(chunks.mesh)
     self.parent = chunks.put(parent)
     self.full = self.picked = None
     if chunks.resident:
       gidx, bnode = _layout(node, None, self.bsize, self.ndev, bucket=False)
-      self.full = (gidx, bnode, self._blocks(0, gidx, bnode))
+      if nodes == 1:
+        blocks = self.contiguous(chunks.device(0), self.parent, len(bnode), self.bsize)
+      else:
+        blocks = self._blocks(0, gidx, bnode)
+      self.full = (gidx, bnode, blocks)
 
   def _blocks(self, i: int, gidx: np.ndarray, bnode: np.ndarray):
     return self.make(self.chunks.device(i), gidx, bnode, self.parent)
