@@ -63,8 +63,10 @@ class Run:
     self.workdir, self.name = workdir, name
     self.log_path = workdir.parent / f"{workdir.name}.{name}.log"
     self._log = open(self.log_path, "w")
+    # A session of its own: SIGKILL then takes the run's input workers with it, as preemption
+    # would, rather than leaving them orphaned.
     self.proc = subprocess.Popen(list(cmd), cwd=REPO, env=environ or env(), stdout=self._log,
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, start_new_session=True)
 
   def log_tail(self, chars: int = 4000) -> str:
     self._log.flush()
@@ -74,14 +76,19 @@ class Run:
     try:
       return self.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-      self.proc.kill()
+      self.signal(signal.SIGKILL)
       self.proc.wait()
       raise AssertionError(f"{self.name} did not finish in {timeout} s\n{self.log_tail()}")
     finally:
       self._log.close()
 
   def signal(self, signum: int) -> None:
-    self.proc.send_signal(signum)
+    """SIGKILL goes to the run's whole process group; other signals to the trainer alone, which
+    stops its workers itself."""
+    if signum == signal.SIGKILL:
+      os.killpg(self.proc.pid, signum)
+    else:
+      self.proc.send_signal(signum)
 
   def wait_for_step(self, step: int, timeout: float = RUN_TIMEOUT_S) -> int:
     """Polls the loss records until `step` is written; returns the last step seen."""
