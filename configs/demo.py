@@ -116,10 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The generated world (data/demo_world): every round(1 / val_fraction)-th video is held out.
   # 144 videos (108 for training): on 48, alignment learned the training pairs by heart, on 96
-  # it reached 0.665-0.77 (see _pretrain). The
-  # small world's seed is the middle one of three: with deterministic encoding, held-out noun
-  # top-1 (best prompt order) was 0.185-0.215 for seed 0 (at the end-to-end test's 2x bar, over
-  # five variants: 800 or 1200 steps, 48 videos, 96 px), 0.279 for seed 1 and 0.308 for seed 2.
+  # it reached 0.665-0.77 (see _pretrain). The small world's seed is the middle one of three:
+  # with deterministic encoding, held-out noun top-1 (best prompt order) was 0.185-0.215 for
+  # seed 0 (at the end-to-end test's 2x bar, over five variants: 800 or 1200 steps, 48 videos,
+  # 96 px), 0.279 for seed 1 and 0.308 for seed 2.
   c.world = ml_collections.ConfigDict(dict(
       num_videos=144 if full else 36, seed=0 if full else 1, size=112 if full else 64,
       val_fraction=0.25 if full else 0.34, min_steps=4, max_steps=7,
