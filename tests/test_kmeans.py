@@ -194,6 +194,22 @@ def test_tree_assignment_equals_brute_force_nearest_leaf(planted, planted_fit):
   assert planted_fit.inertia[-1] == pytest.approx(want.sum(), rel=1e-4)
 
 
+def test_tree_index_searches_like_descend(planted, planted_fit):
+  x, _ = planted
+  leaves = planted_fit.centroids[-1].reshape(-1, x.shape[1])
+  index = kmeans.TreeIndex(planted_fit.centroids, planted_fit.mean)
+  # One prepared tree, several searches: batch size and row order change nothing.
+  leaf, dist = index.search(x, batch_size=256)
+  np.testing.assert_array_equal(leaf, kmeans.brute_force_leaf(x, leaves))
+  again, dist_again = index.search(x[::-1], batch_size=1000)
+  np.testing.assert_array_equal(again[::-1], leaf)
+  np.testing.assert_allclose(dist_again[::-1], dist, rtol=1e-3, atol=1e-3)
+  want = ((x.astype(np.float64) - leaves[leaf]) ** 2).sum(1)
+  np.testing.assert_allclose(dist, want, rtol=1e-3, atol=1e-3)
+  with pytest.raises(ValueError, match=f"expects \\[N, {x.shape[1]}\\]"):
+    index.search(x[:, :-1])
+
+
 def test_deterministic_for_a_seed():
   rng = np.random.default_rng(5)
   x = rng.normal(size=(700, 8)).astype(np.float32)  # no structure: the seed decides

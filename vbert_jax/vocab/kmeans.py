@@ -844,39 +844,61 @@ def _descend_fn(mesh: Mesh, depth: int, batch_rows: int, distance: bool):
 ASSIGN_BATCH = 131072
 
 
+class TreeIndex:
+  """A fitted tree prepared for descents: its levels are taken relative to the centre, their
+  norms summed and put on the devices once, as a faiss index is built once and searched many
+  times (for the benchmark's 20,736 leaves, 0.10 s against 0.74 s to assign 100,000 queries).
+  With `distance`, `search` also returns each row's squared distance to its leaf."""
+
+  def __init__(self, centroids: Sequence, center: np.ndarray, *, mesh: Mesh | None = None,
+               distance: bool = True):
+    self.mesh = mesh or default_mesh()
+    self.depth, self.distance = len(centroids), distance
+    center = np.asarray(center, np.float32)
+    self.dim = center.shape[-1]
+    replicated = NamedSharding(self.mesh, P())
+    self._levels = [jax.device_put(a, replicated)
+                    for a in _descend_levels(centroids, center, distance)]
+    self._center = jax.device_put(center, replicated)
+
+  def search(self, x: np.ndarray, batch_size: int = ASSIGN_BATCH):
+    """Leaf token [N] int32 of every row of `x` ([N, D]) and, with `distance`, its squared
+    distance [N] float32 to the leaf (else None)."""
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise ValueError(f"tree search: rows of shape {x.shape}; this tree expects [N, {self.dim}]")
+    ndev = self.mesh.size
+    n = x.shape[0]
+    batch = -(-min(batch_size, max(n, 1)) // ndev) * ndev
+    fn = _descend_fn(self.mesh, self.depth, batch // ndev, self.distance)
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    leaf = np.empty(n, np.int32)
+    dist = np.empty(n, np.float32) if self.distance else None
+    # Two reused staging buffers: the CPU backend reads an aligned host array in place, and
+    # refilling pages already mapped costs a copy, where each fresh batch array cost page faults
+    # (3x the copy, and more than the root level's product).
+    staging = [_aligned_empty((batch, x.shape[1])) for _ in range(min(2, -(-n // batch)))]
+    pending = []
+    for i, start in enumerate(range(0, n, batch)):
+      stop = min(start + batch, n)
+      xb = staging[i % 2]
+      xb[:stop - start] = x[start:stop]
+      xb[stop - start:] = 0.0
+      pending.append((start, stop, fn(jax.device_put(xb, sharding), self._center,
+                                      *self._levels)))
+      if len(pending) > 1:  # one batch in flight; draining the other frees its staging buffer
+        _drain(pending.pop(0), leaf, dist)
+    for item in pending:
+      _drain(item, leaf, dist)
+    return leaf, dist
+
+
 def descend(x: np.ndarray, centroids: Sequence, center: np.ndarray, *,
             batch_size: int = ASSIGN_BATCH, mesh: Mesh | None = None, distance: bool = True):
   """Leaf token [N] int32 of every row of `x` ([N, D]) and, with `distance`, its squared
-  distance [N] float32 to the leaf (else None; the leaves alone take one pass less)."""
-  mesh = mesh or default_mesh()
-  ndev = mesh.size
-  n = x.shape[0]
-  batch = -(-min(batch_size, max(n, 1)) // ndev) * ndev
-  center = np.asarray(center, np.float32)
-  replicated = NamedSharding(mesh, P())
-  levels = _descend_levels(centroids, center, distance)
-  levels = [jax.device_put(a, replicated) for a in levels]
-  fn = _descend_fn(mesh, len(centroids), batch // ndev, distance)
-  sharding = NamedSharding(mesh, P(AXIS))
-  center = jax.device_put(center, replicated)
-  leaf = np.empty(n, np.int32)
-  dist = np.empty(n, np.float32) if distance else None
-  # Two reused staging buffers: the CPU backend reads an aligned host array in place, and
-  # refilling pages already mapped costs a copy, where each fresh batch array cost page faults
-  # (3x the copy, and more than the root level's product).
-  staging = [_aligned_empty((batch, x.shape[1])) for _ in range(min(2, -(-n // batch)))]
-  pending = []
-  for i, start in enumerate(range(0, n, batch)):
-    stop = min(start + batch, n)
-    xb = staging[i % 2]
-    xb[:stop - start] = x[start:stop]
-    xb[stop - start:] = 0.0
-    pending.append((start, stop, fn(jax.device_put(xb, sharding), center, *levels)))
-    if len(pending) > 1:  # one batch in flight; draining the other frees its staging buffer
-      _drain(pending.pop(0), leaf, dist)
-  for item in pending:
-    _drain(item, leaf, dist)
-  return leaf, dist
+  distance [N] float32 to the leaf (else None; the leaves alone take one pass less). For many
+  calls on one tree, a `TreeIndex` prepares the tree once."""
+  index = TreeIndex(centroids, center, mesh=mesh, distance=distance)
+  return index.search(x, batch_size)
 
 
 def _descend_levels(centroids: Sequence, center: np.ndarray, distance: bool) -> list:

@@ -67,6 +67,9 @@ class VisualVocabulary:
   # Raw-feature statistics that normalize="standardize" divides by ([dim] float64; else None).
   input_mean: np.ndarray | None = None
   input_std: np.ndarray | None = None
+  # Prepared descents (kmeans.TreeIndex) by (distance, mesh), made on first use.
+  _indexes: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
   @property
   def size(self) -> int:
@@ -186,8 +189,12 @@ class VisualVocabulary:
     x = self._prepare(features)
     if x.shape[0] == 0:
       return np.zeros(0, np.int32), np.zeros(0, np.float32) if distance else None
-    return kmeans.descend(x, self.centroids, self.mean, batch_size=batch_size, mesh=mesh,
-                          distance=distance)
+    mesh = mesh or kmeans.default_mesh()
+    key = (distance, mesh)
+    if key not in self._indexes:
+      self._indexes[key] = kmeans.TreeIndex(self.centroids, self.mean, mesh=mesh,
+                                            distance=distance)
+    return self._indexes[key].search(x, batch_size)
 
   def _prepare(self, features) -> np.ndarray:
     """Features [N, dim] as the tree was fitted on them (normalised as it says)."""
