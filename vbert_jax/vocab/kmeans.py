@@ -431,20 +431,22 @@ class _Chunks:
     return x
 
   def centred(self, rows: np.ndarray):
-    """Yields (rows, their centred values) in pieces of at most one chunk; `rows` ascending."""
+    """Yields (part, x, at) in pieces of at most one chunk, `rows` ascending: the rows `part`
+    are rows `at` of the centred array `x`. A resident source yields its whole array, so that
+    the rows are read where they lie rather than gathered first."""
+    if self.resident:
+      yield rows, self._host, rows
+      return
     n = self.source.num_rows
     if len(rows) == n:  # every row: read in order, no gather
       for i, (start, stop) in enumerate(self.ranges):
-        yield rows[start:stop], self.host(i)
+        yield rows[start:stop], self.host(i), np.arange(stop - start)
       return
     for s in range(0, len(rows), self.size):
       part = rows[s:s + self.size]
-      if self.resident:
-        yield part, self._host[part]
-      else:
-        x = self.source.take(part)
-        x -= self.mean
-        yield part, x
+      x = self.source.take(part)
+      x -= self.mean
+      yield part, x, np.arange(len(part))
 
 
 def _layout(node: np.ndarray, keep: np.ndarray | None, bsize: int, ndev: int,
@@ -589,31 +591,36 @@ class _Sums:
     Returns the children whose statistics changed, as node * k + child.
     """
     changed = []
-    for part, x in chunks.centred(rows):
+    for part, x, at in chunks.centred(rows):
       sel = np.searchsorted(rows, part)
       base = node[part] * self.k
       keep = old[sel] >= 0
       keys = np.concatenate([base + new[sel], (base + old[sel])[keep]])
       sign = np.concatenate([np.ones(len(part)), -np.ones(int(keep.sum()))])
-      cols = np.concatenate([np.arange(len(part)), np.flatnonzero(keep)])
+      cols = np.concatenate([at, at[keep]])
       order = np.argsort(keys, kind="stable")
       keys, sign, cols = keys[order], sign[order], cols[order]
       starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
       uniq = keys[starts]
-      moved = sparse.csr_matrix(  # [children, rows] of +1 (arrivals) and -1 (departures)
-          (sign.astype(np.float32), cols, np.r_[starts, len(keys)]),
-          shape=(len(uniq), len(part)))
-      part_sums = moved @ x
-      if self.sums is None and len(uniq) == len(self.counts):  # the first pass, every child
-        self.sums = part_sums
-      elif self.sums is None:  # the first pass
-        self.sums = np.zeros(self.shape, np.float32)
-        self.sums[uniq] = part_sums
+      if self.sums is None:
+        # The first pass: a row for every child, so that the product is the sums themselves
+        # (scattering a product of the children that got rows cost as much as the product).
+        self.sums = self._product(sign, cols, np.searchsorted(keys, np.arange(self.shape[0] + 1)),
+                                  self.shape[0], x)
       else:
-        self.sums[uniq] += part_sums
+        self.sums[uniq] += self._product(sign, cols, np.r_[starts, len(keys)], len(uniq), x)
       self.counts += np.bincount(keys, sign, minlength=len(self.counts)).astype(np.int64)
       changed.append(uniq)
     return np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
+
+  @staticmethod
+  def _product(sign: np.ndarray, cols: np.ndarray, indptr: np.ndarray, children: int,
+               x: np.ndarray) -> np.ndarray:
+    """[children, D]: per child, its arriving rows of `x` (columns `cols`) less its departing
+    ones, a sparse matrix of +1 and -1 times `x`; each child's rows are added in `cols` order."""
+    moved = sparse.csr_matrix((sign.astype(np.float32), cols, indptr),
+                              shape=(children, x.shape[0]))
+    return moved @ x
 
   def update(self, cents: np.ndarray, keys: np.ndarray, parent: np.ndarray) -> None:
     """Children `keys` become the means of their rows (relative to the node); empty ones stay."""
