@@ -194,7 +194,7 @@ def test_tree_assignment_equals_brute_force_nearest_leaf(planted, planted_fit):
   assert planted_fit.inertia[-1] == pytest.approx(want.sum(), rel=1e-4)
 
 
-def test_tree_index_searches_like_descend(planted, planted_fit):
+def test_tree_index_finds_the_nearest_leaf_on_every_search(planted, planted_fit):
   x, _ = planted
   leaves = planted_fit.centroids[-1].reshape(-1, x.shape[1])
   index = kmeans.TreeIndex(planted_fit.centroids, planted_fit.mean)
