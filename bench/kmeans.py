@@ -9,10 +9,11 @@ than branches gets its points repeated as centroids on both sides.
 Reported: fit seconds and their ratio, leaf inertia ratio, our tree assignment in vectors/s and
 against faiss IndexFlatL2 search over the 20736 leaves (each index is built before its searches
 are timed: our `TreeIndex` puts the prepared tree on the devices, faiss's `add` copies the
-leaves), and (with --fit_1m) the peak anonymous resident memory (RssAnon) of a fit over
-1,000,000 float16 vectors memory-mapped from disk, measured in a child process.
+leaves), and (unless --no-fit_1m) the peak anonymous resident memory (RssAnon, in GB of 10^9
+bytes) of a fit over 1,000,000 float16 vectors memory-mapped from disk, run in a child process
+whose /proc status this one reads every 5 ms.
 
-  python bench/kmeans.py [--fit_1m] [--rows=50000] [--repeats=3]
+  python bench/kmeans.py [--no-fit_1m] [--rows=50000] [--repeats=3]
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -84,38 +84,46 @@ def ours_tree(x: np.ndarray, depth: int, k: int, niter: int, seed: int, chunk: i
   return kmeans.fit_tree(x, cfg)
 
 
-def rss_anon_gb() -> float:
-  with open("/proc/self/status") as f:
+def rss_anon_gb(pid: int | str = "self") -> float:
+  """Anonymous resident memory of process `pid` in GB (10^9 bytes, the target's unit; the kernel
+  counts in KiB)."""
+  with open(f"/proc/{pid}/status") as f:
     for line in f:
       if line.startswith("RssAnon:"):
-        return int(line.split()[1]) / 2**20
-  raise RuntimeError("/proc/self/status has no RssAnon line")
+        return int(line.split()[1]) * 1024 / 1e9
+  raise RuntimeError(f"/proc/{pid}/status has no RssAnon line")
 
 
 def child_fit(path: str, chunk: int) -> None:
-  """Runs in a subprocess: fits from the memory-mapped file while sampling RssAnon."""
+  """Runs in a subprocess: fits from the memory-mapped file."""
   from vbert_jax.vocab import kmeans
-  peak = [rss_anon_gb()]
-  stop = threading.Event()
-
-  def sample():
-    while not stop.is_set():
-      peak[0] = max(peak[0], rss_anon_gb())
-      time.sleep(0.05)
-
-  thread = threading.Thread(target=sample, daemon=True)
-  thread.start()
   cfg = kmeans.KMeansConfig(depth=DEPTH, branching=BRANCHING, iterations=ITERATIONS,
                             seed=SEED, chunk_size=chunk)
   t = time.perf_counter()
   fit = kmeans.fit_tree(path, cfg, log=lambda m: print(m, flush=True))
   secs = time.perf_counter() - t
-  stop.set()
-  thread.join()
-  peak[0] = max(peak[0], rss_anon_gb())
   print(f"fit_1m: rows={fit.num_rows} seconds={secs:.1f} leaf_inertia={fit.inertia[-1]:.6g} "
-        f"iterations={fit.iterations_run}")
-  print(f"RSS_ANON_PEAK_GB={peak[0]:.3f}")
+        f"iterations={fit.iterations_run}", flush=True)
+
+
+def peak_rss_anon_gb(cmd: list[str]) -> tuple[float, str]:
+  """Runs `cmd`, reading its RssAnon every 5 ms from this process (a sampler thread inside the
+  child would wait for its GIL, and miss peaks while the fit holds it); (peak GB, its output)."""
+  with tempfile.TemporaryFile("w+") as out:
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+      try:
+        peak = max(peak, rss_anon_gb(proc.pid))
+      except (OSError, RuntimeError):  # the child is exiting
+        pass
+      time.sleep(0.005)
+    out.seek(0)
+    text = out.read()
+  if proc.returncode != 0:
+    sys.stderr.write(text[-4000:])
+    raise RuntimeError(f"the 1M-row fit failed with exit code {proc.returncode}")
+  return peak, text
 
 
 def fit_1m(rows: int, chunk: int) -> float:
@@ -127,21 +135,20 @@ def fit_1m(rows: int, chunk: int) -> float:
       arr[start:stop] = mixture(stop - start, DIM, seed=SEED + 1 + start)
     arr.flush()
     del arr
-    out = subprocess.run([sys.executable, __file__, f"--child_fit={path}", f"--chunk={chunk}"],
-                         capture_output=True, text=True, check=False)
-    sys.stdout.write(out.stdout)
-    if out.returncode != 0:
-      sys.stderr.write(out.stderr[-4000:])
-      raise RuntimeError(f"the 1M-row fit failed with exit code {out.returncode}")
-  line = [s for s in out.stdout.splitlines() if s.startswith("RSS_ANON_PEAK_GB=")][-1]
-  return float(line.split("=")[1])
+    peak, text = peak_rss_anon_gb([sys.executable, __file__, f"--child_fit={path}",
+                                   f"--chunk={chunk}"])
+  sys.stdout.write("".join(line + "\n" for line in text.splitlines()
+                           if line.startswith(("level", "fit_1m"))))
+  print(f"RSS_ANON_PEAK_GB={peak:.3f}")
+  return peak
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rows", type=int, default=50_000)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--fit_1m", action="store_true", help="also run the 1M-row on-disk fit")
+  parser.add_argument("--fit_1m", action=argparse.BooleanOptionalAction, default=True,
+                      help="also run the 1M-row on-disk fit (about 4 minutes)")
   parser.add_argument("--rows_1m", type=int, default=1_000_000)
   parser.add_argument("--chunk", type=int, default=32768, help="chunk rows of the on-disk fit")
   parser.add_argument("--seed_sample", type=int, default=128, help="k-means++ rows per node")
@@ -203,7 +210,7 @@ def main() -> None:
   print(f"assignment: ours {assign_per_s:,.0f} vectors/s, faiss IndexFlatL2 {flat_per_s:,.0f} "
         f"vectors/s; tree leaf == nearest leaf for {agree:.3f} of queries")
 
-  rss = "skipped(run_with_--fit_1m)"
+  rss = "skipped(--no-fit_1m)"
   if args.fit_1m:
     rss = f"{fit_1m(args.rows_1m, args.chunk):.3f}"
   ours_best, faiss_best = min(ours_s), min(faiss_s)

@@ -73,6 +73,37 @@ def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small
   assert "naive Bayes on tokens" in (workdir / "results" / "results.md").read_text()
 
 
+def test_writes_its_pictures_and_tensorboard_logs(small_run):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = small_run
+  pictures = [workdir / pipeline.VOCAB / "vocabulary_grid.png"] + [
+      workdir / "tasks" / f"{name}.png" for name in ("zero_shot_frames", "text_to_video",
+                                                     "forecast")]
+  for path in pictures:
+    with Image.open(path) as image:
+      pixels = image.convert("L").getextrema()
+      assert min(image.size) >= 64 and pixels[1] > pixels[0], (path, image.size, pixels)
+  assert list((workdir / pipeline.PRETRAIN).rglob("events.out.tfevents*"))
+
+
+def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_path):
+  """With captioning off, figures an earlier run left in captioning/ never reach the table."""
+  from vbert_jax.demo import evaluate  # pylint: disable=g-import-not-at-top
+  workdir, _ = small_run
+  (tmp_path / "tasks").mkdir()
+  shutil.copy(workdir / "tasks" / "tasks.json", tmp_path / "tasks")
+  (tmp_path / "captioning").mkdir()
+  scores = {"Bleu_4": 0.5, "CIDEr": 4.0}
+  stale = {"model": scores, "most_frequent": scores, "shuffled_features": scores}
+  (tmp_path / "captioning" / "captioning.json").write_text(json.dumps(stale))
+  out = tmp_path / "results"
+  out.mkdir()
+  evaluate.run_results(_config(), tmp_path, out)
+  assert "captioning" not in (out / "results.md").read_text()
+  assert json.loads((out / "results.json").read_text())["captioning"] is None
+  assert (out / "results.md").read_text() == (workdir / "results" / "results.md").read_text()
+
+
 def test_held_out_videos_never_reach_pretraining(small_run):
   from data.demo_world import world  # pylint: disable=g-import-not-at-top
   workdir, results = small_run

@@ -200,6 +200,14 @@ def test_config_that_asks_for_more_than_the_world_has_says_so():
   with pytest.raises(ValueError, match="tasks.verbs='cut,juggle': \\['juggle'\\] not among"):
     pipeline.check_config(c)
   c = demo_config.get_config("size=small")
+  c.tasks.nouns = "tomato,unicorn"
+  with pytest.raises(ValueError, match="tasks.nouns='tomato,unicorn': \\['unicorn'\\] not among"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
+  c.tasks.forecast_horizon = 500
+  with pytest.raises(ValueError, match="tasks.forecast_horizon=500: a video may have as few as"):
+    pipeline.check_config(c)
+  c = demo_config.get_config("size=small")
   c.world.min_steps, c.world.max_steps = 5, 3
   with pytest.raises(ValueError, match="world.min_steps=5, world.max_steps=3"):
     pipeline.check_config(c)

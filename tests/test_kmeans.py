@@ -262,6 +262,16 @@ def test_streaming_from_disk_matches_in_memory(planted, tmp_path):
   assert streamed.inertia[-1] == pytest.approx(in_memory.inertia[-1], rel=1e-4)
 
 
+def test_float16_array_source_reads_into_a_given_float32_array(tmp_path):
+  x = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float16)
+  np.save(tmp_path / "x.npy", x)
+  src = kmeans.ArraySource.from_npy(tmp_path / "x.npy")
+  out = np.full((6, 5), np.nan, np.float32)
+  assert src.read(2, 8, out=out) is out
+  np.testing.assert_array_equal(out, x[2:8].astype(np.float32))
+  np.testing.assert_array_equal(src.read(2, 8), out)
+
+
 def test_features_folder_source_streams_every_clip(tmp_path):
   rng = np.random.default_rng(0)
   parts = []
@@ -279,6 +289,9 @@ def test_features_folder_source_streams_every_clip(tmp_path):
   want = np.concatenate(parts)
   assert (src.num_rows, src.dim) == (19, 6)
   np.testing.assert_array_equal(src.read(3, 17), want[3:17])
+  out = np.full((14, 6), np.nan, np.float32)
+  assert src.read(3, 17, out=out) is out
+  np.testing.assert_array_equal(out, want[3:17])
   rows = np.array([18, 0, 6, 5, 6])
   np.testing.assert_array_equal(src.take(rows), want[rows])
   ref = src.clip_ref(7)

@@ -351,8 +351,9 @@ def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                 folder: pathlib.Path) -> dict:
   from vbert_jax.demo import report  # pylint: disable=g-import-not-at-top
   tasks = json.loads((workdir / TASKS / "tasks.json").read_text())
-  caption_file = workdir / CAPTIONING / "captioning.json"
-  captioning = json.loads(caption_file.read_text()) if caption_file.exists() else None
+  captioning = None
+  if config.captioning.enabled:  # a folder left by an earlier run with captioning is not read
+    captioning = json.loads((workdir / CAPTIONING / "captioning.json").read_text())
   rows = report.rows(tasks, captioning)
   text = report.markdown(rows, title=f"VideoBERT demo ({config.size}): held-out videos")
   (folder / "results.md").write_text(text)
@@ -375,6 +376,7 @@ def build_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                 description="captioning held-out steps"))
     names.append(CAPTIONING)
   out.append(stages_lib.Stage(RESULTS, lambda f: run_results(config, workdir, f),
-                              config={"size": config.size}, inputs=tuple(names),
+                              config={"size": config.size, "captioning": config.captioning.enabled},
+                              inputs=tuple(names),
                               description="the results table"))
   return out

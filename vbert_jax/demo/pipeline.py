@@ -69,6 +69,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"vocab.branching={config.vocab.branching}, vocab.depth="
                         f"{config.vocab.depth}: {leaves} visual tokens but the training videos "
                         f"may have as few as {fewest} clips; expected at most one token per clip")
+    shortest = w.min_steps * wc.clips_per_step[0]  # clips of the shortest possible video
+    if not 1 <= config.tasks.forecast_horizon < shortest:
+      problems.append(f"tasks.forecast_horizon={config.tasks.forecast_horizon}: a video may "
+                      f"have as few as {shortest} clips; expected 1 to {shortest - 1}, so that "
+                      f"one clip at least comes before the forecast")
   pairs = sum(len(v) for v in words.AFFORDANCES.values())
   if config.tasks.t2v_prompts > pairs:
     problems.append(f"tasks.t2v_prompts={config.tasks.t2v_prompts}: the world has only {pairs} "

@@ -57,11 +57,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class FeatureSource(Protocol):
-  """Rows of features, read in ranges or by index, always returned as float32."""
+  """Rows of features, read in ranges or by index, always returned as float32; `read` fills
+  `out` ([stop - start, dim] float32) when given, and returns it."""
   num_rows: int
   dim: int
 
-  def read(self, start: int, stop: int) -> np.ndarray:
+  def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     ...
 
   def take(self, rows: np.ndarray) -> np.ndarray:
@@ -87,8 +88,11 @@ class ArraySource:
       raise ValueError(f"{path}: not a readable .npy feature array ({e})") from e
     return cls(array, name=str(path))
 
-  def read(self, start: int, stop: int) -> np.ndarray:
-    return np.asarray(self.array[start:stop], np.float32)
+  def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+      return np.asarray(self.array[start:stop], np.float32)
+    np.copyto(out, self.array[start:stop])  # float16 rows widen in place, with no float32 copy
+    return out
 
   def take(self, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, np.int64)
@@ -158,8 +162,8 @@ class FolderSource:
                                    np.float32))
     return self._cache[1]
 
-  def read(self, start: int, stop: int) -> np.ndarray:
-    out = np.empty((stop - start, self.dim), np.float32)
+  def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    out = np.empty((stop - start, self.dim), np.float32) if out is None else out
     first = int(np.searchsorted(self.offsets, start, side="right")) - 1
     i, pos = first, start
     while pos < stop:
@@ -403,11 +407,13 @@ class _Chunks:
     self._device = self.put(self._host) if self.resident else None
 
   def read(self, i: int) -> np.ndarray:
-    """Chunk i, centred, in a new aligned array (reads may be views; XLA:CPU uses an aligned
-    array in place rather than copying it)."""
+    """Chunk i, centred, in a new aligned array (XLA:CPU uses an aligned array in place rather
+    than copying it). The source reads into it: a float32 copy of a float16 chunk beside it was
+    the streamed fit's peak of memory."""
     start, stop = self.ranges[i]
-    out = _aligned_empty((stop - start, self.source.dim))
-    return np.subtract(self.source.read(start, stop), self.mean, out=out)
+    out = self.source.read(start, stop, out=_aligned_empty((stop - start, self.source.dim)))
+    out -= self.mean
+    return out
 
   def put(self, x: np.ndarray):
     return jax.device_put(x, NamedSharding(self.mesh, P()))

@@ -262,8 +262,12 @@ class _Mapped:
     self.source, self.fn = source, fn
     self.num_rows, self.dim = source.num_rows, source.dim
 
-  def read(self, start: int, stop: int) -> np.ndarray:
-    return self.fn(self.source.read(start, stop))
+  def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    rows = self.fn(self.source.read(start, stop))
+    if out is None:
+      return rows
+    out[...] = rows
+    return out
 
   def take(self, rows: np.ndarray) -> np.ndarray:
     return self.fn(self.source.take(rows))
