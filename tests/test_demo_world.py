@@ -144,6 +144,28 @@ def test_every_noun_looks_different():
       assert np.abs(first[a] - first[b]).mean() > 3.0, (a, b)
 
 
+def test_backgrounds_positions_sizes_and_speeds_vary():
+  backgrounds = [render.background(np.random.default_rng(s), 64, 64) for s in range(6)]
+  for i, a in enumerate(backgrounds):
+    for b in backgrounds[i + 1:]:
+      assert np.abs(a - b).mean() > 0.02  # of a 0-1 range
+  # One step, drawn with six generators over one plain background: the object's place and size.
+  plain = np.full((64, 64, 3), 0.5, np.float32)
+  centres, areas = [], []
+  for s in range(6):
+    frame = render.render_step(plain, "spin", "tomato", 1, 20, np.random.default_rng(s))[0]
+    ys, xs = np.nonzero(np.abs(frame.astype(np.float32) - 127.5).max(-1) > 12)
+    centres.append((xs.mean(), ys.mean()))
+    areas.append(len(xs))
+  assert np.ptp(np.array(centres), axis=0).max() > 6, centres  # pixels
+  assert max(areas) > 1.15 * min(areas), areas
+  rng = np.random.default_rng(0)
+  config = world.WorldConfig()
+  speeds = [step.speed for _ in range(20) for step in world.plan_steps(config, rng)]
+  assert min(speeds) >= config.speed_range[0] and max(speeds) <= config.speed_range[1]
+  assert np.std(speeds) > 0.15, speeds
+
+
 def _synthetic_steps(n: int) -> list[world.Step]:
   rng = np.random.default_rng(0)
   return [world.Step(str(rng.choice(demo_world.VERBS)), str(rng.choice(demo_world.NOUNS)),

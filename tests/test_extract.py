@@ -117,6 +117,22 @@ def test_shards_split_the_list(media, variables, tmp_path):
     extract.extract_features(paths, tmp_path, shard_index=2, num_shards=2)
 
 
+def test_shards_default_to_the_jax_process_and_progress_shows(media, variables, tmp_path,
+                                                             monkeypatch, capsys):
+  """Host 1 of 2 (as JAX reports it) takes every second video of the sorted list, and the
+  progress bar counts the videos."""
+  _, good, _ = media
+  paths = [v.path for v in good.values()]
+  monkeypatch.setattr(extract.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(extract.jax, "process_count", lambda: 2)
+  s = extract.extract_features(paths, tmp_path, variables=variables, image_size=SIZE,
+                               batch_size=BATCH, progress=True)
+  second = sorted(p.stem for p in sorted(paths)[1::2])
+  assert sorted(s.written) == second
+  err = capsys.readouterr().err
+  assert "S3D features" in err and f"{len(second)}/{len(second)}" in err, err[-500:]
+
+
 def test_duplicate_ids_and_bad_dtype(media, variables, tmp_path):
   _, good, _ = media
   copy = tmp_path / "other" / "three_clips.mkv"

@@ -279,6 +279,19 @@ def test_grid_cli_shows_the_nearest_clips_middle_frames(tmp_path):
       assert np.abs(tile.reshape(-1, 3).mean(0) - COLOURS[group]).max() < 25, (row, col)
 
 
+def test_grid_tiles_are_the_middle_frame_of_each_clip(tmp_path):
+  """Frame i is grey level 4 * i: each tile's level names the frame that was drawn."""
+  def frame_fn(i, width, height):
+    return np.full((height, width, 3), 4 * i, np.uint8)
+  path = fw.write_video(tmp_path / "ramp.mp4", num_frames=60, fps=fractions.Fraction(20),
+                        frame_fn=frame_fn).path
+  frames = grid.middle_frames({str(path): {0, 1}}, fps=20.0, clip_frames=30, tile=32)
+  assert sorted(frames) == [(str(path), 0), (str(path), 1)]
+  for clip in (0, 1):
+    level = frames[(str(path), clip)].mean()
+    assert abs(level - 4 * (30 * clip + 15)) < 3, (clip, level)  # frames 15 and 45
+
+
 @pytest.mark.slow
 def test_demo_world_tree_vs_exhaustive_mismatch_rate(tmp_path):
   """Measured and reported: how often descending the tree misses the nearest leaf."""
