@@ -192,36 +192,25 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert len(table) == 4 + 1 + 2 + 1 + 4
 
 
-def test_config_that_asks_for_more_than_the_world_has_says_so():
+@pytest.mark.parametrize("changes, message", [
+    ({"tasks.verbs": "cut,juggle"}, "tasks.verbs='cut,juggle': \\['juggle'\\] not among"),
+    ({"tasks.nouns": "tomato,unicorn"}, "tasks.nouns='tomato,unicorn': \\['unicorn'\\] not among"),
+    ({"tasks.forecast_horizon": 500}, "tasks.forecast_horizon=500: a video may have as few as"),
+    ({"world.min_steps": 5, "world.max_steps": 3}, "world.min_steps=5, world.max_steps=3"),
+    ({"vocab.branching": 12, "vocab.depth": 4}, "20736 visual tokens but the training videos"),
+    ({"tasks.t2v_prompts": 500}, "tasks.t2v_prompts=500: the world has only 42"),
+    ({"world.num_videos": 1}, "expected at least one of each"),
+])
+def test_config_that_asks_for_more_than_the_world_has_says_so(changes, message):
   c = demo_config.get_config("size=small")
   pipeline.check_config(c)
-  with c.unlocked():
-    c.tasks.verbs = "cut,juggle"
-  with pytest.raises(ValueError, match="tasks.verbs='cut,juggle': \\['juggle'\\] not among"):
+  for key, value in changes.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  with pytest.raises(ValueError, match=message):
     pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.tasks.nouns = "tomato,unicorn"
-  with pytest.raises(ValueError, match="tasks.nouns='tomato,unicorn': \\['unicorn'\\] not among"):
-    pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.tasks.forecast_horizon = 500
-  with pytest.raises(ValueError, match="tasks.forecast_horizon=500: a video may have as few as"):
-    pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.world.min_steps, c.world.max_steps = 5, 3
-  with pytest.raises(ValueError, match="world.min_steps=5, world.max_steps=3"):
-    pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.vocab.branching, c.vocab.depth = 12, 4
-  with pytest.raises(ValueError, match="20736 visual tokens but the training videos"):
-    pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.tasks.t2v_prompts = 500
-  with pytest.raises(ValueError, match="tasks.t2v_prompts=500: the world has only 42"):
-    pipeline.check_config(c)
-  c = demo_config.get_config("size=small")
-  c.world.num_videos = 1
-  with pytest.raises(ValueError, match="expected at least one of each"):
-    pipeline.check_config(c)
+
+
+def test_unknown_demo_size_is_named():
   with pytest.raises(ValueError, match="size='huge'"):
     demo_config.get_config("size=huge")
