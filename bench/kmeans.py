@@ -84,7 +84,7 @@ def ours_tree(x: np.ndarray, depth: int, k: int, niter: int, seed: int, chunk: i
   return kmeans.fit_tree(x, cfg)
 
 
-def rss_anon_gb(pid: int | str = "self") -> float:
+def rss_anon_gb(pid: int) -> float:
   """Anonymous resident memory of process `pid` in GB (10^9 bytes, the target's unit; the kernel
   counts in KiB)."""
   with open(f"/proc/{pid}/status") as f:
