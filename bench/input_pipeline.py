@@ -63,8 +63,8 @@ def main() -> None:
   pipelines = {}
   for name, workers in (("workers", args.workers), ("in_process", 0)):
     t0 = time.perf_counter()
-    p = ip.make_pipeline(config, records, batch_size=args.batch, process_index=0,
-                         process_count=1, worker_count=workers, worker_buffer_size=4,
+    p = ip.make_pipeline(config, records, batch_size=args.batch,
+                         worker_count=workers, worker_buffer_size=4,
                          examples_per_video=8)
     next(p)
     print(f"{name}: first batch after {time.perf_counter() - t0:.1f} s")

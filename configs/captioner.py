@@ -61,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(every_steps=1_000, num_batches=8, batch_size=64))
   c.log_every_steps = 100
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1_000, keep=3))
+  # Reads that fail for a reason a retry may clear are tried again, as in configs/pretrain.py.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1_000, keep=3, restore_retries=3,
+                                                restore_backoff_s=2.0))
   c.checkpoint["async"] = True
   # The trainer's initial-checkpoint keys: `checkpoint` is a directory of exported captioner
   # parameters to start from; the other two belong to VideoBERT and stay empty here.

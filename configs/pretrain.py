@@ -95,7 +95,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Input.
   c.input = ml_collections.ConfigDict(dict(
-      source="synthetic",  # "synthetic" (generated tokens) or "tfds"
+      # "tfds": the dataset data/videobert builds (tfds_name, data_dir); "synthetic": generated
+      # tokens, which `runlocal` and tests use; a run without a dataset stops and says how to
+      # build one rather than train on made-up tokens.
+      source="tfds",
       tfds_name="", data_dir="", train_split="train", eval_split="validation",
       # The paper's tricks: 1..max_concat neighbouring sentences, video subsampled 1..rate.
       max_concat=3, max_subsample_rate=5, negative_other_video=0.5, examples_per_video=8,
@@ -108,7 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluation, logging, checkpoints.
   c.eval = ml_collections.ConfigDict(dict(every_steps=5_000, num_batches=8, batch_size=128))
   c.log_every_steps = 100
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3))
+  # A read that fails for a reason a retry may clear (I/O, timeouts) is tried restore_retries
+  # more times, waiting restore_backoff_s * 2**k before retry k.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, restore_retries=3,
+                                                restore_backoff_s=2.0))
   c.checkpoint["async"] = True
   # Where a fresh run starts: an exported checkpoint or a BERT directory; and optionally the
   # visual embedding rows from a visual vocabulary's centroids, projected to the hidden size.
@@ -129,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _shrink(c: ml_collections.ConfigDict) -> None:
   """A run that learns the generated task in well under a minute on two CPU cores."""
+  c.input.source = "synthetic"
   c.model.text_vocab_size = 512
   c.model.visual_vocab_size = 256
   c.model.max_position_embeddings = 64

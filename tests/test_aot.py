@@ -21,6 +21,7 @@ from configs import pretrain
 from vbert_jax import aot
 from vbert_jax import flops
 from vbert_jax import model
+from vbert_jax import sharding
 from vbert_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -176,10 +177,10 @@ def test_unknown_topology_fails_naming_it(name, message):
 
 
 def test_mesh_that_does_not_divide_the_chips_fails_before_compiling():
-  with pytest.raises(ValueError, match=r"v5e:2x2 has 4 chips: config\.mesh \(data=-1, fsdp=1, "
-                     r"tensor=3\) does not divide the 4 devices"):
+  with pytest.raises(ValueError, match=r"config\.mesh \(data=-1, fsdp=1, tensor=3\) on v5e:2x2 "
+                     r"\(4 chips\): axis tensor=3 does not divide the 4 devices"):
     aot.check(_config("mu"), "v5e:2x2", mesh={"tensor": 3})
-  with pytest.raises(ValueError, match=r"v5e:4x4 has 16 chips: .* needs 8 devices"):
+  with pytest.raises(ValueError, match=r"on v5e:4x4 \(16 chips\) needs 8 devices"):
     aot.check(_config("mu"), "v5e:4x4", mesh={"data": 2, "fsdp": 4})
   with pytest.raises(ValueError, match=r"--mesh: unknown axis 'model'"):
     aot.check(_config("mu"), "v5e:2x2", mesh={"model": 2})
@@ -195,3 +196,89 @@ def test_parse_oom_reads_both_phrasings():
   msg = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm."
   assert aot.parse_oom(msg) == (int(20.5 * aot.GIB), int(15.48 * aot.GIB))
   assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+
+
+@pytest.mark.parametrize("topology, process_0", [
+    ("v5e:4x4", [0, 1, 6, 15]),  # libtpu's v5e:4x4 puts host 0's chips at these batch shards
+    ("v4:2x2x4", [0, 4, 8, 12]),
+])
+def test_every_host_of_a_pod_reads_the_rows_its_chips_hold(topology, process_0):
+  """With data=-1 the mesh follows the topology, so a host's rows are not one block; each host
+  reads exactly the rows of its chips, and together they read the batch once."""
+  config = pretrain.get_config("variant=base")
+  devices = aot.topology_devices(topology)
+  mesh = sharding.make_mesh(config.mesh, devices, where=topology)
+  placement = sharding.input_placement(128, mesh, sharding.make_rules(config.sharding_rules),
+                                       where=topology)
+  assert sorted(placement.rows) == [0, 1, 2, 3]
+  want = np.concatenate([np.arange(8 * k, 8 * k + 8) for k in process_0])
+  np.testing.assert_array_equal(placement.rows[0], want)
+  every = np.concatenate(list(placement.rows.values()))
+  np.testing.assert_array_equal(np.sort(every), np.arange(128))
+  assert placement.summary().startswith(
+      "input placement: 4 host(s) feed 32 rows each of the global batch of 128 (16 batch "
+      "shard(s) of 8); process 0 reads rows ")
+  # The rows each device holds are rows its own host reads.
+  index_map = sharding.batch_sharding(mesh, sharding.make_rules(config.sharding_rules)
+                                      ).devices_indices_map((128,))
+  for device, index in index_map.items():
+    assert set(range(128)[index[0]]) <= set(placement.rows[device.process_index].tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:4x4", "v4:2x2x4"])
+def test_base_on_a_pod_with_data_minus_one_exits_0(topology):
+  """The readiness CLI compiles `base` for the whole pod and reports how its hosts feed it."""
+  cmd = [sys.executable, "-m", "vbert_jax.aot", "--config=configs/pretrain.py:variant=base",
+         f"--topology={topology}", "--mesh=data=-1", "--config.model.dtype=bfloat16",
+         "--config.model.scan_layers=True", "--config.model.remat=full",
+         "--config.batch_size=32", "--config.max_len=128"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  print(proc.stdout)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "input placement: 4 host(s) feed 8 rows each of the global batch of 32" in proc.stdout
+  assert "data=16: across 4 hosts of a slice (ICI)" in proc.stdout
+  assert "verdict: fits" in proc.stdout
+
+
+def test_hosts_that_cannot_feed_their_devices_exit_1():
+  cmd = [sys.executable, "-m", "vbert_jax.aot", "--config=configs/pretrain.py:variant=base",
+         "--topology=v5e:4x4", "--config.batch_size=24"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  assert "memory per chip: not compiled, since the batch cannot be fed" in proc.stdout
+  error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+  assert ("config.batch_size=24 is not divisible by the 16 batch shards of config.mesh "
+          "(data=16 x fsdp=1); expected a multiple of 16. On v5e:4x4, process 0 would feed 6 "
+          "rows to its 4 devices") in error
+
+
+@pytest.mark.slow
+def test_base_compiles_for_two_slices_with_data_across_them():
+  result = aot.check(_config("base"), "v5e:2x2", num_slices=2)
+  lines = result.lines()
+  print("\n".join(lines))
+  assert result.ready and result.num_devices == 8 and result.num_slices == 2
+  assert result.hbm_bytes == V5E_HBM_BYTES
+  assert result.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert lines[0].startswith("topology v5e:2x2 x 2 slices: 8 x TPU v5 lite")
+  assert "mesh axes: data=8: across 2 slices (DCN) x 4 within a slice" in lines[1]
+  assert lines[2].startswith("input placement: 2 host(s) feed 8 rows each of the global "
+                             "batch of 16")
+  assert result.report.peak_bytes < V5E_HBM_BYTES
+  # FSDP and tensor parallelism stay inside a slice: an axis across slices must be data.
+  with pytest.raises(ValueError, match=r"axis data=3 must be a multiple of the 2 slices"):
+    sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": -1},
+                       aot.topology_devices("v4:2x2x1", num_slices=2)[:6])
+
+
+def test_mesh_that_misses_the_topology_layout_warns(caplog):
+  """A device list the topology-aware layout refuses falls back to the listed order, loudly."""
+  devices = aot.topology_devices("v5e:4x4")
+  odd = devices[:6]  # six chips of a 4x4 slice form no sub-mesh
+  with caplog.at_level("WARNING"):
+    mesh = sharding.make_mesh({"data": -1}, odd)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in odd]
+  assert any("the topology-aware device layout failed" in r.getMessage() for r in caplog.records)

@@ -170,9 +170,11 @@ def test_truncated_newest_falls_back_with_warning(tmp_path, mesh_8, caplog):
   _assert_tree_equal(restored, _state(2))
   assert it.index == 2
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-  assert any(str(newest) in w and "previous" in w for w in warnings), warnings
+  assert any(str(newest) in w and "cannot be read (process 0: " in w and "the one before" in w
+             for w in warnings), warnings
   # The bad step is kept aside, not lost, and the run can write step 3 again.
-  assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints").glob("3.corrupt-*")] == ["3"]
+  aside = list((tmp_path / "checkpoints").glob("3.unreadable-*"))
+  assert len(aside) == 1 and (aside[0] / "state").is_dir()
   assert list(manager.all_steps()) == [1, 2]
   assert manager.save(3, restored, it)
   manager.close()
@@ -191,8 +193,10 @@ def test_partial_save_is_ignored(tmp_path, mesh_8):
   _assert_tree_equal(restored, _state(1))
 
 
-def test_checkpoint_of_another_process_count_restores_without_input_state(tmp_path, mesh_8,
-                                                                           caplog):
+def test_checkpoint_of_another_process_count_restores_its_input_position(tmp_path, mesh_8,
+                                                                          caplog):
+  """The input state is a position in the global stream, the same on every host: a pod's
+  checkpoint resumes its input on a laptop."""
   _save_steps(tmp_path, [1], mesh_8)
   data = tmp_path / "checkpoints" / "1" / "data"
   saved = (data / "process_0-of-1.json").read_text()
@@ -201,13 +205,84 @@ def test_checkpoint_of_another_process_count_restores_without_input_state(tmp_pa
     (data / f"process_{i}-of-2.json").write_text(saved)
   manager = checkpoints.CheckpointManager(tmp_path, _config())
   it = CountingIterator(seed=9)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     restored = manager.restore_latest(_abstract(_state(1)), None, it)
   manager.close()
   _assert_tree_equal(restored, _state(1))
-  assert (it.seed, it.index) == (9, 0)
-  assert any("another number of processes" in r.getMessage() for r in caplog.records)
-  assert not list((tmp_path / "checkpoints").glob("*.corrupt-*"))
+  assert (it.seed, it.index) == (7, 1)
+  assert any("written by another number of processes" in r.getMessage() for r in caplog.records)
+  assert not list((tmp_path / "checkpoints").glob("*.unreadable-*"))
+  # Hosts that disagree on the position make the step unreadable: it is set aside, not used.
+  (data / "process_1-of-2.json").write_text(saved.replace('"index": 1', '"index": 2'))
+  manager = checkpoints.CheckpointManager(tmp_path, _config())
+  assert manager.restore_latest(_abstract(_state(1)), None, CountingIterator()) is None
+  manager.close()
+  assert len(list((tmp_path / "checkpoints").glob("1.unreadable-*"))) == 1
+
+
+@pytest.mark.parametrize("error, kind", [
+    (TimeoutError("read timed out"), checkpoints.TRANSIENT),
+    (OSError(5, "Input/output error"), checkpoints.TRANSIENT),
+    (RuntimeError("UNAVAILABLE: GCS returned 503"), checkpoints.TRANSIENT),
+    (FileNotFoundError(2, "No such file", "ckpt/3/state/_METADATA"), checkpoints.UNREADABLE),
+    (ValueError("Error reading chunk: unexpected end of data"), checkpoints.UNREADABLE),
+    (MemoryError(), checkpoints.OUT_OF_MEMORY),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.0G"),
+     checkpoints.OUT_OF_MEMORY),
+    (checkpoints.CheckpointMismatchError("other config"), checkpoints.MISMATCH),
+])
+def test_restore_errors_are_classified(error, kind):
+  assert checkpoints.classify_restore_error(error)[0] == kind
+
+
+def _flaky_reads(monkeypatch, errors):
+  """Makes the next reads of a checkpoint raise `errors` in turn, then read for real."""
+  real = checkpoints.CheckpointManager._read_step
+  pending = list(errors)
+  calls = []
+
+  def read(self, step, target):
+    calls.append(step)
+    if pending:
+      raise pending.pop(0)
+    return real(self, step, target)
+  monkeypatch.setattr(checkpoints.CheckpointManager, "_read_step", read)
+  return calls
+
+
+def _retry_config(retries=2):
+  config = _config()
+  config.checkpoint.restore_retries = retries
+  config.checkpoint.restore_backoff_s = 0.0
+  return config
+
+
+def test_a_read_that_times_out_is_retried(tmp_path, mesh_8, monkeypatch, caplog):
+  _save_steps(tmp_path, [1, 2], mesh_8)
+  calls = _flaky_reads(monkeypatch, [TimeoutError("read timed out")] * 2)
+  manager = checkpoints.CheckpointManager(tmp_path, _retry_config(retries=2))
+  with caplog.at_level(logging.WARNING):
+    restored = manager.restore_latest(_abstract(_state(2)), None, CountingIterator())
+  manager.close()
+  _assert_tree_equal(restored, _state(2))
+  assert calls == [2, 2, 2]
+  assert sum("retry" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize("error, message", [
+    (TimeoutError("read timed out"), r"storage seems unavailable, so nothing was set aside"),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 40G"),
+     r"ran out of memory on process 0 .*it was left in place"),
+])
+def test_storage_down_or_out_of_memory_stops_without_setting_aside(tmp_path, mesh_8,
+                                                                   monkeypatch, error, message):
+  _save_steps(tmp_path, [1, 2], mesh_8)
+  _flaky_reads(monkeypatch, [error] * 3)
+  manager = checkpoints.CheckpointManager(tmp_path, _retry_config(retries=2))
+  with pytest.raises(checkpoints.CheckpointRestoreError, match=message):
+    manager.restore_latest(_abstract(_state(2)), None, CountingIterator())
+  manager.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
 
 
 def test_other_config_names_path_and_shapes(tmp_path, mesh_8):

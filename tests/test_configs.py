@@ -32,7 +32,7 @@ def test_defaults_are_the_papers_recipe():
   assert (c.loss.alpha, c.loss.beta, c.loss.gamma) == (1.0, 1.0, 1.0)
   assert c.masking.rate == 0.15 and (c.masking.mask_prob, c.masking.random_prob) == (0.8, 0.1)
   assert c.max_len == 512 and c.model.max_position_embeddings >= c.max_len
-  assert c.input.source == "synthetic"
+  assert c.input.source == "tfds" and not c.input.tfds_name  # a run must name its dataset
   assert c.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
   assert c.checkpoint.every_steps > 0 and c.eval.every_steps > 0
   # The model config it describes builds.

@@ -60,7 +60,7 @@ def records() -> list[dict]:
 @pytest.fixture(scope="module")
 def unmasked_rows(records) -> list[dict]:
   cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50)
-  return rows(take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 60))
+  return rows(take(ip.make_pipeline(cfg, records), 60))
 
 
 def _parts(row: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +101,7 @@ def test_unmasked_pairs_alone_train_alignment(records):
   """With unmasked_pair_rate, LVA sees whole sentences and clips only, and draws its negatives
   there; the masked video-text examples are positives for MLM/MVM. At 0, streams are as before."""
   cfg = pipeline_config(unmasked_pair_rate=0.3, batch_size=50)
-  pair = [r for r in rows(take(ip.make_pipeline(cfg, records, process_index=0,
-                                                process_count=1), 40))
+  pair = [r for r in rows(take(ip.make_pipeline(cfg, records), 40))
           if r["regime"] == sequence.REGIME_PAIR]
   tol = lambda p, m: 4 * np.sqrt(p * (1 - p) / m)
   lva = np.array([r["lva_weight"] for r in pair])
@@ -117,8 +116,7 @@ def test_unmasked_pairs_alone_train_alignment(records):
       assert r["debug_negative_source"] == ip.NEGATIVE_NONE
   negative = np.array([r["lva_label"] == 0 for r in pair if r["lva_weight"]])
   assert abs(negative.mean() - 0.4) < tol(0.4, len(negative))
-  off = [take(ip.make_pipeline(pipeline_config(**extra), records, process_index=0,
-                               process_count=1), 3) for extra in ({}, {"unmasked_pair_rate": 0})]
+  off = [take(ip.make_pipeline(pipeline_config(**extra), records), 3) for extra in ({}, {"unmasked_pair_rate": 0})]
   for a, b in zip(*off):
     assert all(np.array_equal(a[k], b[k]) for k in a)
   with pytest.raises(ValueError, match="unmasked_pair_rate=2"):
@@ -128,7 +126,7 @@ def test_unmasked_pairs_alone_train_alignment(records):
 def test_video_only_examples_join_their_own_number_of_segments(records):
   cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
                         max_concat_video=5, max_subsample_rate=1)
-  got = rows(take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 20))
+  got = rows(take(ip.make_pipeline(cfg, records), 20))
   video = [r for r in got if r["regime"] == sequence.REGIME_VIDEO]
   concat = np.array([r["debug_concat"] for r in video])
   tol = 4 * np.sqrt(0.2 * 0.8 / len(video))
@@ -193,7 +191,7 @@ def test_batches_are_well_formed_and_fit_the_training_contract(records):
   with config.unlocked():
     config.max_len = 40
     config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
-  pipeline = ip.make_pipeline(config, records, process_index=0, process_count=1)
+  pipeline = ip.make_pipeline(config, records)
   batches = take(pipeline, 6)
   spec = train.pretrain_batch_spec(config, config.batch_size)
   for batch in batches:
@@ -238,10 +236,9 @@ def test_batches_are_well_formed_and_fit_the_training_contract(records):
 
 def test_same_seed_same_batches_other_seed_other_batches(records):
   cfg = pipeline_config(read_threads=2)
-  a, b = (take(ip.make_pipeline(cfg, records, process_index=0, process_count=1), 4)
+  a, b = (take(ip.make_pipeline(cfg, records), 4)
           for _ in range(2))
-  c = take(ip.make_pipeline(pipeline_config(seed=4), records, process_index=0,
-                            process_count=1), 4)
+  c = take(ip.make_pipeline(pipeline_config(seed=4), records), 4)
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
@@ -254,16 +251,15 @@ def test_resume_after_k_batches_with_workers_and_prefetch(records):
   small = records[:5]  # 5 records x 4 examples = 20 per epoch; 8 batches of 8 = 3.2 epochs
   cfg = pipeline_config(batch_size=8, worker_count=2, worker_buffer_size=2, read_threads=2,
                         prefetch_buffer_size=4)
-  reference = take(ip.make_pipeline(pipeline_config(batch_size=8), small, process_index=0,
-                                    process_count=1), 8)
-  first = ip.make_pipeline(cfg, small, process_index=0, process_count=1)
+  reference = take(ip.make_pipeline(pipeline_config(batch_size=8), small), 8)
+  first = ip.make_pipeline(cfg, small)
   try:
     head = take(first, 3)
     state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
     take(first, 2)  # the saved state must not follow the iterator on
   finally:
     first.close()
-  resumed = ip.make_pipeline(cfg, small, process_index=0, process_count=1)
+  resumed = ip.make_pipeline(cfg, small)
   try:
     resumed.set_state(state)
     tail = take(resumed, 5)
@@ -275,25 +271,63 @@ def test_resume_after_k_batches_with_workers_and_prefetch(records):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_processes_read_disjoint_shares(records):
-  seen = []
-  for process in range(2):
-    cfg = pipeline_config(num_epochs=1, batch_size=4, shuffle=True)
-    batches = list(ip.make_pipeline(cfg, records, process_index=process, process_count=2))
-    assert len(batches) == 6 * 4 // 4
-    keys = np.concatenate([b["debug_record"] for b in batches])
-    negatives = np.concatenate([b["debug_negative_record"] for b in batches])
-    share = set(keys.tolist())
-    assert share == set(range(6 * process, 6 * process + 6))
-    assert set(negatives[negatives >= 0].tolist()) <= share
-    seen.append(share)
-  assert not seen[0] & seen[1]
+class _Reads(list):
+  """A record list that remembers which records were read."""
+
+  def __init__(self, items):
+    super().__init__(items)
+    self.read = set()
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+
+def test_processes_make_their_rows_of_one_global_stream(records):
+  """Rows spread over the batch as a topology-ordered mesh spreads a host's devices: each
+  process makes exactly those rows of the global batches, reading only the records they need."""
+  cfg = pipeline_config(batch_size=8)
+  whole = take(ip.make_pipeline(cfg, records), 3)
+  parts = {0: [0, 1, 6, 7], 1: [2, 3, 4, 5]}
+  for rows_of_process in parts.values():
+    source = _Reads(records)
+    got = take(ip.make_pipeline(cfg, source, rows=rows_of_process), 3)
+    needed = set()
+    for g, w in zip(got, whole):
+      for key in w:
+        np.testing.assert_array_equal(g[key], w[key][rows_of_process], err_msg=key)
+      needed |= set(g["debug_record"].tolist()) | set(g["debug_negative_record"].tolist())
+    assert source.read == needed - {-1}
+    assert len(source.read) < len(records)
+
+
+def test_a_stream_saved_by_two_processes_resumes_on_one(records):
+  """The saved state is a position in the global stream: the same for every process, and a run
+  on another number of hosts continues from it."""
+  cfg = pipeline_config(batch_size=8)
+  whole = take(ip.make_pipeline(cfg, records), 5)
+  halves = [ip.make_pipeline(cfg, records, rows=r) for r in ([0, 1, 6, 7], [2, 3, 4, 5])]
+  for half in halves:
+    take(half, 2)
+  states = [json.loads(json.dumps(h.get_state())) for h in halves]
+  assert states[0] == states[1] and states[0]["position"] == 16
+  resumed = ip.make_pipeline(cfg, records)
+  resumed.set_state(states[0])
+  for got, want in zip(take(resumed, 3), whole[2:]):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  # A global batch of 4 divides the position: the same stream, in smaller batches.
+  smaller = ip.make_pipeline(pipeline_config(batch_size=4), records)
+  smaller.set_state(states[0])
+  np.testing.assert_array_equal(next(smaller)["debug_index"], whole[2]["debug_index"][:4])
+  with pytest.raises(ValueError, match="saved position 16 does not start a global batch of 12"):
+    ip.make_pipeline(pipeline_config(batch_size=12), records).set_state(states[0])
 
 
 def test_records_without_asr_give_their_regimes_to_other_records():
   recs = [structured_record(r, sentences=0 if r % 2 else SENTENCES) for r in range(8)]
   cfg = pipeline_config(batch_size=64)
-  batch = next(ip.make_pipeline(cfg, recs, process_index=0, process_count=1))
+  batch = next(ip.make_pipeline(cfg, recs))
   np.testing.assert_array_equal(batch["regime"], batch["debug_regime_requested"])
   text_or_pair = batch["regime"] != sequence.REGIME_VIDEO
   assert (batch["debug_record"][text_or_pair] % 2 == 0).all()
@@ -303,14 +337,16 @@ def test_bad_input_is_named(records):
   bad = dict(records[1], clip_tokens=records[1]["clip_tokens"] + 5000)
   pipeline = ip.make_pipeline(pipeline_config(regime_weights=(0, 1, 0), examples_per_video=1,
                                               shuffle=False, batch_size=2),
-                              [records[0], bad], process_index=0, process_count=1)
+                              [records[0], bad])
   with pytest.raises(ValueError, match=r"input record 1 \(video 'video1'\): clip_tokens"):
     next(pipeline)
-  good = ip.make_pipeline(pipeline_config(), records, process_index=0, process_count=1)
+  good = ip.make_pipeline(pipeline_config(), records)
   with pytest.raises(ValueError, match="another stream"):
     good.set_state(dict(good.get_state(), seed=99))
-  with pytest.raises(ValueError, match="3 records cannot give each of 4 processes"):
-    ip.make_pipeline(pipeline_config(), records[:3], process_index=0, process_count=4)
+  with pytest.raises(ValueError, match=r"rows \[0, 16\]\.\.\. of a global batch of 16"):
+    ip.make_pipeline(pipeline_config(), records, rows=[0, 16])
+  with pytest.raises(ValueError, match="the source holds no records"):
+    ip.make_pipeline(pipeline_config(), [])
   with pytest.raises(ValueError, match="lva_negative_rate=1.5"):
     pipeline_config(lva_negative_rate=1.5)
 
@@ -326,15 +362,14 @@ def test_reads_a_tfds_array_record_dataset_by_name(records, tmp_path):
     config.input.source, config.input.tfds_name = "tfds", records_dataset.NAME
     config.input.data_dir = str(tmp_path)
     config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
-  got = ip.create_iterator(config, "eval", batch_size=4, process_index=0, process_count=1)
+  got = ip.create_iterator(config, "eval", batch_size=4)
   assert len(got.maker.source) == 4
   # The same records from a list, in the order the data source holds them.
   source = got.maker.source
   listed = [{k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
             for i in range(len(source))]
   assert sorted(r["video_id"] for r in listed) == sorted(f"video{r}" for r in range(8, 12))
-  want = ip.make_pipeline(config, listed, split="eval", batch_size=4, process_index=0,
-                          process_count=1)
+  want = ip.make_pipeline(config, listed, split="eval", batch_size=4)
   for _ in range(3):
     a, b = next(got), next(want)
     for key in b:

@@ -132,14 +132,14 @@ def test_heads_are_tied_to_their_rows_of_the_table(mu):
   """Changing one visual row moves exactly that MVM logit column, and no MLM logit."""
   config, params, batch = mu
   vocab = config.vocab
-  row = vocab.visual_offset + 7
   # Not a token of the batch, so that only the head (not the encoder) sees the change.
-  assert row not in batch["input_ids"]
-  table = params["embeddings"]["word_embeddings"]["embedding"]
+  assert vocab.visual_offset + 7 not in batch["input_ids"]
+  table = params["embeddings"]["visual_embeddings"]["embedding"]
+  assert table.shape[0] == vocab.visual_padded
   changed = jax.tree.map(lambda x: x, params)
   # A random direction: a constant one would vanish against the LayerNormed (zero-mean) state.
   step = jax.random.normal(jax.random.key(5), table.shape[1:])
-  changed["embeddings"]["word_embeddings"]["embedding"] = table.at[row].add(step)
+  changed["embeddings"]["visual_embeddings"]["embedding"] = table.at[7].add(step)
   a, b = _apply(config, params, batch), _apply(config, changed, batch)
   np.testing.assert_array_equal(a["mlm_logits"], b["mlm_logits"])
   moved = np.abs(np.asarray(a["mvm_logits"]) - np.asarray(b["mvm_logits"])).max(axis=(0, 1))
@@ -306,8 +306,12 @@ def test_logical_axes_shard_parameters_and_activations(mu):
   boxed = model_lib.init_params(config, jax.random.key(0), unbox=False)
   specs = nn.get_partition_spec(boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  word = shardings["embeddings"]["word_embeddings"]["embedding"]
-  assert word.spec == P("tensor", "fsdp")
+  for table in ("word_embeddings", "visual_embeddings"):
+    assert shardings["embeddings"][table]["embedding"].spec == P("tensor", "fsdp")
+  # Hidden-to-hidden kernels: split over fsdp like any `embed` input, never over `tensor`.
+  for head, kernel in (("mlm_head", "transform"), ("mvm_head", "transform"),
+                       ("lva_head", "pooler")):
+    assert shardings[head][kernel]["kernel"].spec == P("fsdp", None), (head, kernel)
   assert shardings["encoder"]["layer_0"]["attention"]["query"]["kernel"].spec == P(
       "fsdp", "tensor", None)
   sharded = jax.device_put(params, shardings)

@@ -108,7 +108,7 @@ def test_fixed_seed_gives_the_same_masks():
 
 
 @pytest.mark.parametrize("n_text,n_video,max_text,max_video,want_text,want_video", [
-    (3, 4, 20, 20, 0, 1),      # 0.45 -> 0, 0.6 -> 1
+    (3, 4, 20, 20, 1, 1),      # 0.45 -> at least 1, 0.6 -> 1
     (10, 20, 20, 20, 2, 3),    # 1.5 -> 2 (halves round up), 3.0 -> 3
     (100, 25, 20, 20, 15, 4),  # 15.0 -> 15, 3.75 -> 4
     (120, 7, 12, 20, 12, 1),   # 18 capped at 12, 1.05 -> 1

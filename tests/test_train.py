@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import pretrain
@@ -32,12 +33,12 @@ def toy_task(dropout: float = 0.0) -> train.Task:
     k1, k2 = jax.random.split(rng)
     return {"w": w(k1, (DIM, DIM)), "b": b(k2, (DIM,))}
 
-  def loss(params, batch, rng):
+  def loss(params, batch, rng, over=None):
     x = batch["x"]
     if rng is not None and dropout > 0:
       x = x * jax.random.bernoulli(rng, 1 - dropout, x.shape) / (1 - dropout)
     err = x @ params["w"] + params["b"] - batch["y"]
-    mse = jnp.mean(err ** 2)
+    mse = jnp.sum(err ** 2) / (err.size if over is None else over["mse"])
     # poison 1: the loss itself goes NaN; poison 2: a finite loss whose gradient norm overflows.
     mse = mse + jnp.log(jnp.where(batch["poison"].max() == 1, -1.0, 1.0))
     mse = mse + (batch["poison"].max() == 2) * 3e38 * params["b"][0]
@@ -45,7 +46,8 @@ def toy_task(dropout: float = 0.0) -> train.Task:
     return mse, {"mse": mse, "close_accuracy": hits.mean(),
                  "close_count": jnp.float32(x.shape[0])}
 
-  return train.Task(init=init, loss=loss, tokens_per_example=DIM)
+  return train.Task(init=init, loss=loss, tokens_per_example=DIM,
+                    denominators=lambda batch: {"mse": jnp.float32(batch["x"].size)})
 
 
 class ToySource:
@@ -213,6 +215,87 @@ def test_gradient_accumulation_matches_the_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulated_micro_batches_weigh_by_their_predictions():
+  """k micro-batches with different numbers of masked tokens give the whole batch's gradient
+  (f32), where a plain mean of the micro-batches' own means would not."""
+  from helpers import tolerance  # pylint: disable=g-import-not-at-top
+  config = toy_config(batch_size=32)
+  with config.unlocked():
+    config.masking.max_predictions_text = config.masking.max_predictions_video = 4
+    config.max_len = 24
+  task = train.videobert_task(config)
+  batch = next(synthetic.from_config(config, "train", batch_size=32))
+  grads = {}
+  for micro in (1, 4):
+    with config.unlocked():
+      config.grad_accum_steps = micro
+    trainer = train.Trainer(task, config, return_grads=True)
+    state = trainer.init_state()
+    params = jax.device_get(state.params)
+    _, sums, grads[micro] = trainer.train_step(state, trainer.put_batch(batch))
+    grads[micro] = jax.device_get(grads[micro])
+  # Micro-batch j holds rows j, j + 4, ...: their prediction counts differ.
+  counts = [batch["mlm_weights"][j::4].sum() for j in range(4)]
+  assert len(set(counts)) > 1, counts
+  over = jax.tree.map(jnp.asarray, task.denominators(batch))
+  magnitude = tolerance.per_example_abs_grads(task.loss, params, batch, over)
+  atol = tolerance.reordered_sum_atol(magnitude, 32 * config.max_len)
+  tolerance.assert_trees_within(grads[4], grads[1], atol, "accumulated gradient")
+  # Equal weights for the micro-batches (each divided by its own count) miss by far more.
+  def own_mean(j):
+    mb = jax.tree.map(lambda x: x[j::4], batch)
+    return jax.grad(lambda p: task.loss(p, mb, None)[0])(params)
+  equal = jax.tree.map(lambda *g: sum(g) / 4, *[own_mean(j) for j in range(4)])
+  table = ("embeddings", "word_embeddings", "embedding")
+  pick = lambda t: np.asarray(t[table[0]][table[1]][table[2]])  # noqa: E731
+  assert np.abs(pick(equal) - pick(grads[1])).max() > 100 * np.abs(
+      pick(grads[4]) - pick(grads[1])).max()
+
+
+def test_weight_decay_skips_biases_and_layer_norms_in_both_layouts():
+  """Chosen by path: the same parameters come out of one AdamW step whether the encoder is
+  scanned or not, and only kernels and embedding tables decay."""
+  from vbert_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = toy_config()
+  with config.unlocked():
+    config.optimizer.weight_decay = 0.5
+  unscanned = model_lib.init_params(train.model_config(config), jax.random.key(0))
+  decayed = sorted(jax.tree_util.keystr(p) for p, d in
+                   jax.tree_util.tree_flatten_with_path(train.decay_mask(unscanned))[0] if d)
+  layer = ["['attention']['key']['kernel']", "['attention']['out']['kernel']",
+           "['attention']['query']['kernel']", "['attention']['value']['kernel']",
+           "['intermediate']['kernel']", "['output']['kernel']"]
+  assert decayed == sorted(
+      [f"['encoder']['layer_{i}']{k}" for i in range(2) for k in layer]
+      + ["['embeddings']['position_embeddings']['embedding']",
+         "['embeddings']['token_type_embeddings']['embedding']",
+         "['embeddings']['visual_embeddings']['embedding']",
+         "['embeddings']['word_embeddings']['embedding']",
+         "['lva_head']['classifier']['kernel']", "['lva_head']['pooler']['kernel']",
+         "['mlm_head']['transform']['kernel']", "['mvm_head']['transform']['kernel']"])
+  tx, _ = train.make_optimizer(config.optimizer, config.total_steps)
+  # A zero gradient leaves weight decay alone to move the parameters (after warmup).
+  def step(params):
+    state = tx.init(params)
+    state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)[1]
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    return optax.apply_updates(params, updates)
+  from_unscanned = model_lib.scan_params(step(unscanned))
+  from_scanned = step(model_lib.scan_params(unscanned))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(from_scanned)[0],
+                          jax.tree.leaves(from_unscanned)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  moved = step(unscanned)
+  assert not np.array_equal(moved["mlm_head"]["transform"]["kernel"],
+                            unscanned["mlm_head"]["transform"]["kernel"])
+  for path in (("encoder", "layer_0", "attention", "query", "bias"),
+               ("encoder", "layer_1", "attention_norm", "scale"), ("mlm_head", "bias")):
+    a, b = moved, unscanned
+    for key in path:
+      a, b = a[key], b[key]
+    np.testing.assert_array_equal(a, b, err_msg="/".join(path))
+
+
 def test_schedule_warms_up_then_decays_linearly():
   schedule = train.make_schedule(dict(learning_rate=1e-3, end_learning_rate=0.0,
                                       warmup_steps=10), 110)
@@ -303,12 +386,13 @@ def test_synthetic_source_is_exact_resumable_and_split_by_process():
   again.set_state({"step": 1, "seed": config.seed, "split": "train"})
   for key, value in next(again).items():
     np.testing.assert_array_equal(value, batches[1][key])
-  halves = [synthetic.from_config(config, "train", batch_size=4, process_index=i,
-                                  process_count=2) for i in range(2)]
+  # Two processes whose devices hold interleaved rows make exactly those rows of the batches.
+  rows = ([0, 3, 4, 7], [1, 2, 5, 6])
+  halves = [synthetic.from_config(config, "train", batch_size=8, rows=r) for r in rows]
   joined = [next(h) for h in halves]
   for key in batches[0]:
-    np.testing.assert_array_equal(np.concatenate([joined[0][key], joined[1][key]]),
-                                  batches[0][key])
+    for part, r in zip(joined, rows):
+      np.testing.assert_array_equal(part[key], batches[0][key][list(r)], err_msg=key)
   held_out = next(synthetic.from_config(config, "eval", batch_size=8))
   assert not np.array_equal(held_out["input_ids"], batches[0]["input_ids"])
   with pytest.raises(ValueError, match="saved state .* is for another stream"):
@@ -376,12 +460,13 @@ def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
   trainer = train.Trainer(train.videobert_task(config), config)
   fresh = trainer.init_state().params
   params = train.init_visual_rows(fresh, config)
-  table = np.asarray(params["embeddings"]["word_embeddings"]["embedding"])
-  before = np.asarray(fresh["embeddings"]["word_embeddings"]["embedding"])
-  offset = train.model_config(config).vocab.visual_offset
+  table = np.asarray(params["embeddings"]["visual_embeddings"]["embedding"])
+  before = np.asarray(fresh["embeddings"]["visual_embeddings"]["embedding"])
   expected = vocabulary.visual_embedding_init(path, 32, std=0.02, seed=config.seed)
-  np.testing.assert_allclose(table[offset:offset + 16], expected, rtol=1e-6)
-  np.testing.assert_array_equal(table[:offset], before[:offset])  # text rows untouched
+  np.testing.assert_allclose(table[:16], expected, rtol=1e-6)
+  np.testing.assert_array_equal(table[16:], before[16:])  # padding rows untouched
+  np.testing.assert_array_equal(params["embeddings"]["word_embeddings"]["embedding"],
+                                fresh["embeddings"]["word_embeddings"]["embedding"])
   # Tokens whose centroids are near each other start near each other.
   leaves = vocab.leaves
   d_feat = np.linalg.norm(leaves[:, None] - leaves[None], axis=-1)

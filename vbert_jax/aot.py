@@ -1,12 +1,16 @@
 """Ahead-of-time compilation of the real train step for a TPU topology that is not present.
 
-With `libtpu` installed, JAX on a CPU machine can describe a TPU slice and compile for it: this
-shows whether a config fits a pod (memory per chip against the chip's HBM), what a step costs in
-FLOPs, how long it should take at a stated MFU, and how the arguments are sharded, before anyone
-pays for one. It exits nonzero when the step does not fit.
+With `libtpu` installed, JAX on a CPU machine can describe a TPU slice (or several) and compile
+for it: this shows whether a config fits a pod (memory per chip against the chip's HBM), whether
+every host can feed its devices (which rows of the batch each host reads, wherever the topology
+puts its chips), where each mesh axis lies (within a host, across hosts, across slices), what a
+step costs in FLOPs and how long it should take at a stated MFU, and how the arguments are
+sharded, before anyone pays for one. It exits 1 when the step does not fit or cannot be fed.
 
     JAX_PLATFORMS=cpu python -m vbert_jax.aot --config=configs/pretrain.py:variant=large \
         --topology=v5e:4x4 --mesh=fsdp=4 --mfu=0.4
+    JAX_PLATFORMS=cpu python -m vbert_jax.aot --config=configs/pretrain.py:variant=base \
+        --topology=v5e:2x2 --num_slices=2
 
 Topologies are named `<generation>:<shape>`: v4:2x2x1 (4 chips), v5e:2x2, v5e:4x4, v5p:2x2x2,
 v6e:2x2, ... (the shape counts chips).
@@ -123,8 +127,9 @@ class CompileReport:
             f"per chip (a scanned layer once)")
 
 
-def make_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> train.Trainer:
-  mesh = sharding.make_mesh(config.mesh, devices)
+def make_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                 where: str = "") -> train.Trainer:
+  mesh = sharding.make_mesh(config.mesh, devices, where=where)
   return train.Trainer(train.videobert_task(config), config, mesh)
 
 
@@ -204,6 +209,10 @@ class Readiness:
   peak_flops: float  # per chip (flops.PEAK_BF16_FLOPS)
   mfu: float
   shardings: tuple[str, ...]
+  num_slices: int = 1
+  axes: tuple[str, ...] = ()  # where each mesh axis lies
+  placement: str = ""  # the input placement line, or why the hosts cannot feed the devices
+  feedable: bool = True
   compiled: Any = None  # None when XLA refused the program
   report: CompileReport | None = None
   required_bytes: int = 0  # from XLA's refusal when it did not compile
@@ -218,14 +227,22 @@ class Readiness:
     return self.report is not None and self.report.peak_bytes <= self.hbm_bytes
 
   @property
+  def ready(self) -> bool:
+    return self.fits and self.feedable
+
+  @property
   def step_seconds(self) -> float:
     """Expected step time if the chips ran the model's FLOPs at `mfu` of their peak."""
     return self.model_flops / (self.num_devices * self.peak_flops * self.mfu)
 
   def lines(self) -> list[str]:
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
-    out = [f"topology {self.topology.name}: {self.num_devices} x {self.device_kind}, "
+    slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
+    out = [f"topology {self.topology.name}{slices}: {self.num_devices} x {self.device_kind}, "
            f"{self.hbm_bytes / GIB:.0f} GiB HBM per chip; mesh {mesh}"]
+    out.append("mesh axes: " + "; ".join(self.axes))
+    out.append(self.placement if self.feedable else f"input placement: CANNOT FEED: "
+               f"{self.placement}")
     if self.report is not None:
       r = self.report
       out.append(f"memory per chip: {r.peak_bytes / GIB:.2f} GiB of {self.hbm_bytes / GIB:.0f} "
@@ -235,6 +252,9 @@ class Readiness:
                  f"{r.generated_code_bytes / GIB:.2f}")
       xla = (f"; XLA counts {r.flops / 1e12:.3f} TFLOP per chip, "
              f"{r.flops * self.num_devices / 1e12:.3f} in all (a scanned layer body once)")
+    elif not self.feedable:
+      out.append("memory per chip: not compiled, since the batch cannot be fed")
+      xla = ""
     else:
       out.append(f"memory per chip: XLA needs at least {self.required_bytes / GIB:.2f} GiB, "
                  f"more than the {self.hbm_bytes / GIB:.0f} GiB a chip has")
@@ -244,7 +264,9 @@ class Readiness:
                f"TFLOP/s per chip: {1e3 * self.step_seconds:.3g} ms")
     out.append("shardings:")
     out.extend(f"  {s}" for s in self.shardings)
-    out.append(f"verdict: {'fits' if self.fits else 'DOES NOT FIT'}")
+    verdict = "fits" if self.fits else "DOES NOT FIT"
+    out.append(f"verdict: {verdict}" + ("" if self.feedable else
+                                        ", but the hosts CANNOT FEED their devices"))
     return out
 
 
@@ -309,33 +331,46 @@ def sharding_summary(trainer: train.Trainer, batch_size: int, top: int = 5) -> t
 
 def check(config: ml_collections.ConfigDict, topology: str, *,
           mesh: Mapping[str, int] | None = None, mfu: float = DEFAULT_MFU,
-          chips_per_host_bounds: Sequence[int] | None = None) -> Readiness:
-  """Compiles the pretraining step of `config` for `topology` and judges whether it fits.
+          chips_per_host_bounds: Sequence[int] | None = None, num_slices: int = 1) -> Readiness:
+  """Compiles the pretraining step of `config` for `topology` and judges whether it fits and
+  whether every host can feed its devices.
 
   Bad input (an unknown topology, a mesh that does not divide its chips, an MFU outside (0, 1])
-  raises ValueError before anything is compiled. A step that does not fit is a verdict, not an
-  error: XLA's refusal is read for the memory it needed.
+  raises ValueError before anything is compiled. A step that does not fit, or a batch that the
+  hosts cannot feed, is a verdict, not an error: XLA's refusal is read for the memory it needed,
+  and the placement's reason names the axis and the process.
   """
   topo = parse_topology(topology)
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices}: expected at least 1")
   config = with_mesh(config, mesh)
-  try:
-    sizes = sharding.mesh_shape(config.mesh, topo.chips)
-  except ValueError as e:
-    raise ValueError(f"topology {topo.name} has {topo.chips} chips: {e}") from e
-  devices = topology_devices(topo.name, chips_per_host_bounds)
+  where = topo.name + (f" x {num_slices} slices" if num_slices > 1 else "")
+  chips = topo.chips * num_slices
+  sizes = sharding.mesh_shape(config.mesh, chips, f"{where} ({chips} chips)")
+  devices = topology_devices(topo.name, chips_per_host_bounds, num_slices)
   kind = devices[0].device_kind
   peak = flops_lib.peak_flops(kind)
   if peak is None:
     raise ValueError(f"no peak FLOP/s known for device kind {kind!r}; add it to "
                      f"vbert_jax.flops.PEAK_BF16_FLOPS")
-  trainer = make_trainer(config, devices)
+  device_mesh = sharding.make_mesh(config.mesh, devices, where=where)
   common = dict(topology=topo, mesh=dict(zip(sharding.MESH_AXES, sizes)),
                 num_devices=len(devices), device_kind=kind,
-                hbm_bytes=topo.hbm_bytes * topo.chips // len(devices),
-                model_flops=float(trainer.task.train_flops(config.batch_size)), peak_flops=peak,
-                mfu=mfu, shardings=sharding_summary(trainer, config.batch_size))
+                hbm_bytes=topo.hbm_bytes * chips // len(devices),
+                model_flops=float(train.videobert_task(config).train_flops(config.batch_size)),
+                peak_flops=peak, mfu=mfu, num_slices=num_slices,
+                axes=sharding.axis_placement(device_mesh))
+  try:
+    placement = sharding.input_placement(
+        config.batch_size, device_mesh, sharding.make_rules(config.sharding_rules),
+        micro_steps=int(config.grad_accum_steps), where=where)
+  except ValueError as e:
+    return Readiness(**common, shardings=(), placement=str(e), feedable=False)
+  trainer = train.Trainer(train.videobert_task(config), config, device_mesh)
+  common.update(shardings=sharding_summary(trainer, config.batch_size),
+                placement=placement.summary())
   try:
     compiled = compile_lowered(trainer.lower_train_step())
   except jax.errors.JaxRuntimeError as e:
@@ -344,7 +379,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
       raise
     return Readiness(**common, required_bytes=oom[0], error=str(e).splitlines()[0])
   return Readiness(**common, compiled=compiled,
-                   report=compile_report(compiled, devices, topo.name))
+                   report=compile_report(compiled, devices, where))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,10 +397,13 @@ def _define_flags() -> None:
   flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation for the expected step time.")
   flags.DEFINE_list("chips_per_host_bounds", [], "Chips per host along x,y,z (default: 2,2,1 "
                     "where the slice is that large).")
+  flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the data-center "
+                       "network: data parallelism spans them, fsdp and tensor stay inside one.")
 
 
 def main(argv: Sequence[str]) -> None:
-  """Prints the verdict; exits 1 when the step does not fit, 2 on bad input."""
+  """Prints the verdict; exits 1 when the step does not fit or cannot be fed, 2 on bad
+  input."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -377,11 +415,16 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py:variant=base")
   try:
     result = check(config, fv.topology, mesh=parse_mesh(fv.mesh), mfu=fv.mfu,
-                   chips_per_host_bounds=[int(x) for x in fv.chips_per_host_bounds] or None)
+                   chips_per_host_bounds=[int(x) for x in fv.chips_per_host_bounds] or None,
+                   num_slices=fv.num_slices)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print("\n".join(result.lines()), flush=True)
+  if not result.feedable:
+    print(f"error: the hosts of {result.topology.name} cannot feed their devices: "
+          f"{result.placement}", file=sys.stderr)
+    sys.exit(1)
   if not result.fits:
     name = config.get("variant", "the config")
     at_least = "at least " if result.report is None else ""

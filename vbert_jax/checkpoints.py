@@ -2,9 +2,9 @@
 
 `CheckpointManager` wraps an Orbax `CheckpointManager` for the training loop: asynchronous saves
 every N steps, keep-last-K, a save on preemption (SIGTERM, or the TPU notice through JAX's
-preemption sync point), restore onto any mesh or device count, and a fall-back to the previous
-step when the newest one does not restore. Each process saves its own input iterator state, so
-a resumed run sees exactly the examples it would have seen.
+preemption sync point), restore onto any mesh, device count or host count, and a recovery that
+all processes decide together (`restore_latest`). Each process saves the input iterator's state
+beside the model, so a resumed run sees exactly the examples it would have seen.
 
 `export_params` / `load_params` move parameters alone (for inference or as an initial
 checkpoint) and convert between the model's scanned (`encoder/layers/...` with a leading layer
@@ -18,11 +18,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import re
 import signal
 import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -31,6 +33,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vbert_jax import processes
+from vbert_jax import stream
 
 PyTree = Any
 STATE = "state"
@@ -78,19 +83,28 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     _process_file(directory).write_text(_encode_state(args.state))
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore | None" = None) -> Any:
-    """This process's state; None when the checkpoint was written by another process count."""
+    """This process's state, or, from a run on another number of processes, theirs.
+
+    The state is a position in the global input stream (`vbert_jax/stream.py`), the same on
+    every process, so a checkpoint of 2 hosts resumes on 1 or on 4.
+    """
     del args
     path = _process_file(directory)
     if path.exists():
       return _decode_state(path.read_text())
-    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-    if any(_PROCESS_FILE_RE.match(name) for name in found):
-      # A pod's checkpoint on a laptop: the hosts' shards of the input do not map onto ours.
-      logging.warning("%s: the input iterator states are for another number of processes "
-                      "(%s); this run's input starts from its beginning", directory, found)
-      return None
-    raise FileNotFoundError(f"{path}: no input iterator state for process "
-                            f"{jax.process_index()} of {jax.process_count()}; found {found}")
+    found = sorted(p.name for p in directory.iterdir() if _PROCESS_FILE_RE.match(p.name)) \
+        if directory.exists() else []
+    if not found:
+      raise FileNotFoundError(f"{path}: no input iterator state for process "
+                              f"{jax.process_index()} of {jax.process_count()}; expected "
+                              f"files process_<i>-of-<n>.json")
+    states = [_decode_state((directory / name).read_text()) for name in found]
+    if any(state != states[0] for state in states):
+      raise ValueError(f"{directory}: the input states of {found} differ; expected one "
+                       f"position of the global stream")
+    logging.info("%s: input state of %s, written by another number of processes", directory,
+                 found[0])
+    return states[0]
 
   def metadata(self, directory: epath.Path) -> None:
     del directory
@@ -167,34 +181,14 @@ def _with_shardings(abstract: PyTree, shardings: PyTree | None) -> PyTree:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes: a barrier, and preemption (SIGTERM on one process, JAX's sync point across many).
+# Preemption: SIGTERM on one process, JAX's sync point across many.
 # --------------------------------------------------------------------------------------------
-
-
-_BARRIER_TIMEOUT_S = 1800
-_barrier_count = 0
-
-
-def sync_processes(name: str) -> None:
-  """Waits for every process on the coordination service (a no-op in a single process).
-
-  Not a device collective: Orbax's own synchronisation and the first train step are, and on CPU
-  (gloo) those were seen to time out after 30 s when one process started them much later than
-  the others on a loaded machine.
-  """
-  global _barrier_count
-  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
-  if client is None or jax.process_count() == 1:
-    return
-  _barrier_count += 1  # barrier names are single-use
-  client.wait_at_barrier(f"vbert_{name}_{_barrier_count}", _BARRIER_TIMEOUT_S * 1000)
 
 
 def _jax_preemption_service() -> bool:
   # With a distributed client JAX already catches SIGTERM and agrees on a step across hosts;
   # a Python handler here would replace its handler and break that agreement.
-  state = jax._src.distributed.global_state  # pylint: disable=protected-access
-  return state.client is not None and state.preemption_sync_manager is not None
+  return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class _SigtermFlag:
@@ -241,14 +235,27 @@ def _path(path: Any) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def _checkpoint_options(config: Any) -> tuple[int, int | None, bool]:
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+  """How often a read that failed for a reason a retry may clear is tried again."""
+  retries: int = 3
+  backoff_s: float = 2.0  # before retry k (from 0): backoff_s * 2**k
+
+
+def _checkpoint_options(config: Any) -> tuple[int, int | None, bool, RestoreOptions]:
   section = config.checkpoint
   every, keep, use_async = section["every_steps"], section["keep"], section["async"]
   if int(every) < 1:
     raise ValueError(f"config.checkpoint.every_steps={every}: expected a positive number of steps")
   if keep is not None and int(keep) < 1:
     raise ValueError(f"config.checkpoint.keep={keep}: expected at least 1 checkpoint to keep")
-  return int(every), (int(keep) if keep is not None else None), bool(use_async)
+  defaults = RestoreOptions()
+  restore = RestoreOptions(int(section.get("restore_retries", defaults.retries)),
+                           float(section.get("restore_backoff_s", defaults.backoff_s)))
+  if restore.retries < 0 or restore.backoff_s < 0:
+    raise ValueError(f"config.checkpoint.restore_retries={restore.retries}, restore_backoff_s="
+                     f"{restore.backoff_s}: expected non-negative numbers")
+  return int(every), (int(keep) if keep is not None else None), bool(use_async), restore
 
 
 class CheckpointManager:
@@ -256,7 +263,7 @@ class CheckpointManager:
 
   def __init__(self, workdir: Any, config: Any):
     self.directory = _workdir_path(workdir) / CHECKPOINT_SUBDIR
-    every, keep, use_async = _checkpoint_options(config)
+    every, keep, use_async, self._restore_options = _checkpoint_options(config)
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -318,57 +325,139 @@ class CheckpointManager:
 
   def restore_latest(self, abstract_state: PyTree, shardings: PyTree | None,
                      data_iter: Any | None) -> PyTree | None:
-    """Restores the newest checkpoint that restores, onto `shardings`; None when there is none.
+    """Restores the newest checkpoint that every process can read, onto `shardings`; None when
+    there is none.
 
-    A step that fails to read (truncated, partial or corrupt) is reported, moved aside to
-    `<step>.corrupt-<time>` so that the run can write that step again, and the previous step is
-    tried. A checkpoint from another config raises CheckpointMismatchError instead.
+    The processes decide together: they take process 0's list of steps and, newest first, each
+    reads the step (an error that a retry may clear is retried with backoff), then all share
+    their outcomes. A step that any process cannot read (files missing or unparsable) is
+    skipped by all; process 0 moves it aside once, to `<step>.unreadable-<time>`, so that the
+    run can write that step again, and nothing is deleted. Running out of memory, storage that
+    stays unavailable, or a checkpoint of another config (CheckpointMismatchError) stops every
+    process, naming the process and the step, with the checkpoint left in place.
     """
-    # The hosts enter and leave together: Orbax's own synchronisation and the first step are
-    # device collectives, which fail when the hosts arrive far apart.
-    sync_processes("restore_start")
-    state = self._restore_latest(_with_shardings(abstract_state, shardings), data_iter)
-    sync_processes("restored")
-    return state
-
-  def _restore_latest(self, target: PyTree, data_iter: Any | None) -> PyTree | None:
-    for step in sorted(self._mngr.all_steps(), reverse=True):
-      try:
-        state, data_state = self._restore_step(step, target)
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        path = self.directory / str(step)
-        logging.warning("checkpoint %s failed to restore (%s: %s); using the previous one",
-                        path, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-        self._quarantine(step)
-        continue
-      if data_iter is not None and data_state is not None:
-        data_iter.set_state(data_state)
-      logging.info("restored checkpoint %s", self.directory / str(step))
-      return state
+    target = _with_shardings(abstract_state, shardings)
+    steps = json.loads(processes.all_gather("checkpoint_steps",
+                                            json.dumps(sorted(self._mngr.all_steps())))[0])
+    for step in sorted(steps, reverse=True):
+      outcome, restored = self._read_with_retries(step, target)
+      outcomes = [json.loads(o) for o in processes.all_gather(
+          f"restore_outcome_{step}", json.dumps(outcome))]
+      _stop_on_fatal(outcomes, self.directory / str(step))
+      unreadable = [(i, o["reason"]) for i, o in enumerate(outcomes) if o["kind"] == UNREADABLE]
+      if not unreadable:
+        state, data_state = restored
+        if data_iter is not None and data_state is not None:
+          data_iter.set_state(data_state)
+        logging.info("restored checkpoint %s", self.directory / str(step))
+        return state
+      del restored
+      reasons = "; ".join(f"process {i}: {reason}" for i, reason in unreadable)
+      logging.warning("checkpoint %s cannot be read (%s); setting it aside and trying the one "
+                      "before", self.directory / str(step), reasons)
+      self._set_aside(step)
     return None
 
-  def _restore_step(self, step: int, target: PyTree) -> tuple[PyTree, Any]:
-    metadata = self._mngr.item_metadata(step)[STATE]
-    if metadata is None:
-      raise FileNotFoundError(f"{self.directory / str(step) / STATE}: no train state metadata")
-    check_shapes(_metadata_tree(metadata), target, where=f"checkpoint {self.directory / str(step)}",
-                 what="train state entry")
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(target),
-        DATA: DataIteratorRestore(),
-    }))
-    return restored[STATE], restored[DATA]
+  def _read_with_retries(self, step: int, target: PyTree) -> tuple[dict[str, str], Any]:
+    """({"kind", "reason"}, (state, data state) or None) of this process's read of `step`."""
+    options = self._restore_options
+    for attempt in range(options.retries + 1):
+      try:
+        return {"kind": OK, "reason": ""}, self._read_step(step, target)
+      except Exception as e:  # pylint: disable=broad-except
+        kind, reason = classify_restore_error(e)
+        if kind == TRANSIENT and attempt < options.retries:
+          wait = options.backoff_s * 2 ** attempt
+          logging.warning("reading checkpoint %s failed (%s); retry %d of %d in %.1f s",
+                          self.directory / str(step), reason, attempt + 1, options.retries,
+                          wait)
+          time.sleep(wait)
+          continue
+        if kind == TRANSIENT:
+          reason = f"{reason} (still failing after {options.retries} retries)"
+        return {"kind": kind, "reason": reason}, None
+    raise AssertionError("unreachable")
 
-  def _quarantine(self, step: int) -> None:
+  def _read_step(self, step: int, target: PyTree) -> tuple[PyTree, Any]:
+    """This process's shards of `step` and its input state, read by the handlers themselves:
+    Orbax's manager would wait at a barrier for processes whose read failed."""
+    path = self.directory / str(step)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      metadata = handler.metadata(path / STATE)
+      if metadata is None:
+        raise FileNotFoundError(f"{path / STATE}: no train state metadata")
+      check_shapes(_metadata_tree(metadata), target, where=f"checkpoint {path}",
+                   what="train state entry")
+      state = handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
+    finally:
+      handler.close()
+    return state, DataIteratorHandler().restore(path / DATA)
+
+  def _set_aside(self, step: int) -> None:
     # Only one process renames; the others wait for it before listing the steps again.
     if jax.process_index() == 0:
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
       source = self.directory / str(step)
-      source.rename(self.directory / f"{step}.corrupt-{stamp}")
-    sync_processes(f"quarantine_{step}")
+      source.rename(self.directory / f"{step}.unreadable-{stamp}")
+    processes.barrier(f"set_aside_{step}")
     self._mngr.reload()
+
+
+# Outcomes of one process's read of a checkpoint.
+OK, TRANSIENT, UNREADABLE = "ok", "transient", "unreadable"
+OUT_OF_MEMORY, MISMATCH = "out of memory", "mismatch"
+_TRANSIENT_TEXT = re.compile(r"\bUNAVAILABLE\b|DEADLINE_EXCEEDED|\bABORTED\b|timed? ?out|"
+                             r"connection (reset|refused|aborted)|temporar(y|ily)|"
+                             r"\b(429|500|502|503|504)\b", re.IGNORECASE)
+_OOM_TEXT = re.compile(r"RESOURCE_EXHAUSTED|out of memory|\bOOM\b", re.IGNORECASE)
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                               errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINTR})
+
+
+def classify_restore_error(error: BaseException) -> tuple[str, str]:
+  """(kind, one-line reason) of a failed checkpoint read.
+
+  A retry may clear I/O trouble and timeouts (TRANSIENT); missing or unparsable files make the
+  checkpoint UNREADABLE; running out of memory and a checkpoint of another config (MISMATCH)
+  stop the run, since an older checkpoint would fail the same way.
+  """
+  first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+  reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+  if isinstance(error, (CheckpointMismatchError, stream.StreamMismatchError)):
+    return MISMATCH, str(error)  # whole: it lists what differs
+  if isinstance(error, MemoryError) or _OOM_TEXT.search(str(error)):
+    return OUT_OF_MEMORY, reason
+  if isinstance(error, (TimeoutError, ConnectionError)):
+    return TRANSIENT, reason
+  if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+    return TRANSIENT, reason
+  if not isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and \
+      _TRANSIENT_TEXT.search(str(error)):
+    return TRANSIENT, reason
+  return UNREADABLE, reason
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint could not be restored and no older one would fare better; the run stops."""
+
+
+def _stop_on_fatal(outcomes: Sequence[Mapping[str, str]], path: epath.Path) -> None:
+  """Raises on every process when any process's read cannot be answered by skipping the step."""
+  for index, outcome in enumerate(outcomes):
+    kind, reason = outcome["kind"], outcome["reason"]
+    if kind == MISMATCH:
+      raise CheckpointMismatchError(f"{reason} (read by process {index})")
+    if kind == OUT_OF_MEMORY:
+      raise CheckpointRestoreError(
+          f"restoring checkpoint {path} ran out of memory on process {index} ({reason}); it was "
+          f"left in place. Restore onto more devices or shard the state more "
+          f"(config.mesh.fsdp), or free memory on the host.")
+    if kind == TRANSIENT:
+      raise CheckpointRestoreError(
+          f"checkpoint {path} could not be read on process {index}: {reason}; storage seems "
+          f"unavailable, so nothing was set aside. Run again once it answers.")
 
 
 def _metadata_tree(metadata: Any) -> PyTree:
@@ -409,12 +498,29 @@ def convert_layout(params: Mapping, abstract_params: Mapping) -> Mapping:
   """Converts `params` to the scanned (`encoder/layers`, leading layer axis) or unscanned
   (`encoder/layer_{i}`) layout that `abstract_params` uses; the model owns both layouts."""
   from vbert_jax import model  # pylint: disable=g-import-not-at-top
+  params = _split_joint_table(params, abstract_params)
   stored_scanned, wanted_scanned = _has_key(params, SCANNED), _has_key(abstract_params, SCANNED)
   if _has_key(params, UNSCANNED_0) and wanted_scanned and not stored_scanned:
     return model.scan_params(params)
   if stored_scanned and _has_key(abstract_params, UNSCANNED_0) and not wanted_scanned:
     return model.unscan_params(params)
   return params
+
+
+def _split_joint_table(params: Mapping, abstract_params: Mapping) -> Mapping:
+  """Exports that kept text and visual rows in one word table, in today's two tables."""
+  stored, wanted = params.get("embeddings"), abstract_params.get("embeddings")
+  if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)
+          and "visual_embeddings" in wanted and "visual_embeddings" not in stored
+          and "word_embeddings" in stored):
+    return params
+  table = stored["word_embeddings"]["embedding"]
+  text = wanted["word_embeddings"]["embedding"].shape[0]
+  if table.shape[0] != text + wanted["visual_embeddings"]["embedding"].shape[0]:
+    return params  # another config: check_shapes names it
+  embeddings = {**stored, "word_embeddings": {"embedding": table[:text]},
+                "visual_embeddings": {"embedding": table[text:]}}
+  return {**params, "embeddings": embeddings}
 
 
 def _read_params_host(path: epath.Path) -> PyTree:

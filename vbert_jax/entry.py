@@ -24,7 +24,24 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the ru
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def _tpu_pod() -> bool:
+DISTRIBUTED_ENV = "VBERT_DISTRIBUTED"
+
+
+def _join_by_environment() -> bool:
+  """Whether to start JAX's distributed runtime without a coordinator address.
+
+  On a Cloud TPU VM JAX finds the other workers through the metadata server, whose answer
+  environment variables rarely carry, so the launcher says so explicitly: VBERT_DISTRIBUTED=1
+  (launch/run_tpu.sh sets it for every run on a TPU VM; 0 turns it off). Without it, a
+  multi-worker or multi-slice environment (TPU_WORKER_HOSTNAMES, MEGASCALE_*) still joins.
+  """
+  value = os.environ.get(DISTRIBUTED_ENV, "").strip().lower()
+  if value in ("1", "true", "yes"):
+    return True
+  if value in ("0", "false", "no"):
+    return False
+  if value:
+    raise ValueError(f"${DISTRIBUTED_ENV}={value!r}: expected 1 or 0")
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
@@ -38,7 +55,8 @@ def initialize_distributed() -> None:
   """Joins the other processes, before anything touches the devices.
 
   By flags (--coordinator_address, --num_processes, --process_id), by the environment
-  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or on a TPU pod by itself.
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or on Cloud TPU VMs by JAX's own
+  discovery (see `_join_by_environment`).
   """
   address = COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address:
@@ -48,7 +66,7 @@ def initialize_distributed() -> None:
     # CPU processes exchange data through gloo; other backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=num, process_id=pid)
-  elif _tpu_pod():
+  elif _join_by_environment():
     jax.distributed.initialize()  # the TPU environment names the coordinator and the workers
   else:
     return

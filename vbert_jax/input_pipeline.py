@@ -1,31 +1,34 @@
 """The input pipeline: records of the aligned dataset -> masked, packed host batches.
 
 Works over any random-access source of `VideoRecord.to_features()` dicts: a list in tests, the
-TFDS array_record data source (`builder.as_data_source(split)`) in production. Each JAX process
-reads only its own contiguous share of the records (`grain.sharding.even_split`, as
-`grain.ShardByJaxProcess` does), and each record stands for `examples_per_video` examples per
-epoch. One example, the paper's recipe:
+TFDS array_record data source (`builder.as_data_source(split)`) in production. All processes
+follow one global stream (`vbert_jax/stream.py`): each record stands for `examples_per_video`
+elements per epoch, the elements of all records are shuffled together, and global batch b holds
+stream positions [b * B, (b + 1) * B). A process makes only the rows its devices hold, reading the
+records those rows need, so the examples of a step do not depend on the device order or on the
+number of hosts. One example, the paper's recipe:
 
   1. a regime, text-only / video-only / video-text, drawn in the configured proportions
      (a record that cannot give that regime, such as a video without ASR for text-only, hands
-     the example to another record of the same share; see `_MAX_TRIES`);
+     the example to another record; see `_MAX_TRIES`);
   2. random concatenation: a window of 1..n neighbouring sentences (with the clips they cover)
      for text and video-text, or of 1..n neighbouring segments for video-only;
   3. a random video subsampling rate r in 1..max_rate: every r-th clip token, from a random phase;
   4. for video-text, with probability `lva_negative_rate` a negative (`lva_label` 0): the text
      with the visual tokens of a different window, from the same video where one does not overlap
-     the sentence's clips, else from another video of the share (`negative_other_video` sets how
+     the sentence's clips, else from another video of the dataset (`negative_other_video` sets how
      often another video is preferred);
   5. packing with `sequence.Layout` and BERT masking with `objectives.MaskingConfig`.
 
 Every choice comes from a NumPy generator seeded by (seed, split, epoch, global element index),
-never from worker or thread order, so a pipeline is a pure function of (seed, process index,
-process count): batches repeat exactly across runs, worker counts and thread counts, and a
+never from worker, thread or host order, so a row of a batch is a pure function of (seed, step,
+row): batches repeat exactly across runs, worker counts, thread counts and host counts, and a
 restored iterator continues where the saved one stood. Parallelism and prefetching are grain's
-(`ReadOptions` threads, `mp_prefetch` worker processes); its iterator state is a JSON-able dict.
+(`ReadOptions` threads, `mp_prefetch` worker processes).
 
 The iterator contract is the one of `vbert_jax/synthetic.py`: `next(it)` gives this process's rows
-of the next global batch, `get_state()` / `set_state(state)` save and restore the position.
+of the next global batch, `get_state()` / `set_state(state)` save and restore the stream
+position.
 With `debug=True` each batch also carries the per-example choices (`debug_*` fields) so that
 their statistics can be measured; the training batch is otherwise unchanged.
 """
@@ -42,6 +45,7 @@ import numpy as np
 
 from vbert_jax import objectives
 from vbert_jax import sequence
+from vbert_jax import stream
 
 SPLIT_CODES = {"train": 0, "eval": 1}
 # How many records an example may look at before it settles for another regime.
@@ -58,7 +62,7 @@ class PipelineConfig:
   """What one pipeline needs, read from a pretraining config by `PipelineConfig.from_config`."""
   vocab: sequence.JointVocab
   max_len: int
-  batch_size: int  # rows per host
+  batch_size: int  # rows of a global batch
   masking: objectives.MaskingConfig = objectives.MaskingConfig()
   regime_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # text, video, pair
   lva_negative_rate: float = 0.5
@@ -215,34 +219,35 @@ def _subsample(rng: np.random.Generator, clips: np.ndarray, rate: int) -> np.nda
 
 
 class ExampleMaker:
-  """Element index -> packed, masked example; a pure function of (config, share, index).
+  """Element index -> packed, masked example; a pure function of (config, source, index).
 
   Picklable (it holds the source and plain settings), so grain's worker processes run it.
   """
 
-  def __init__(self, config: PipelineConfig, source: Any, share: tuple[int, int]):
+  def __init__(self, config: PipelineConfig, source: Any, rows: np.ndarray):
     self.config = config
     self.source = source
-    self.share = share  # [begin, end) record keys of this process
+    self.num_records = len(source)
+    self.rows = rows  # the rows of each global batch that this process makes
     self.layout = sequence.Layout(config.vocab, config.max_len)
     self.regime_cdf = np.cumsum(config.regime_p)
     self.split_code = SPLIT_CODES[config.split]
-    self.elements_per_epoch = (share[1] - share[0]) * config.examples_per_video
+    self.elements_per_epoch = self.num_records * config.examples_per_video
 
   def record(self, key: int) -> _Record:
     return _Record(key, self.source[key], self.config.vocab)
 
   def _other_key(self, rng: np.random.Generator, key: int) -> int | None:
-    begin, end = self.share
-    if end - begin < 2:
+    if self.num_records < 2:
       return None
-    other = int(rng.integers(begin, end - 1))
+    other = int(rng.integers(0, self.num_records - 1))
     return other + 1 if other >= key else other
 
   def batch(self, batch_index: int, elements: np.ndarray) -> dict[str, np.ndarray]:
-    """The examples of one batch of element ids, stacked; `batch_index` counts batches."""
+    """This process's rows of one global batch of element ids, stacked; `batch_index` counts
+    global batches."""
     first = batch_index * len(elements)
-    rows = [self(first + j, int(e)) for j, e in enumerate(elements)]
+    rows = [self(first + int(j), int(elements[j])) for j in self.rows]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def __call__(self, index: int, element: int) -> dict[str, np.ndarray]:
@@ -293,7 +298,7 @@ class ExampleMaker:
 
   def _record_for(self, rng: np.random.Generator, key: int, regime: int
                   ) -> tuple[_Record, int]:
-    """A record able to give `regime`: this one, else others of the share, else another regime."""
+    """A record able to give `regime`: this one, else other records, else another regime."""
     rec = first = self.record(key)
     for _ in range(_MAX_TRIES):
       if _supports(rec, regime):
@@ -362,117 +367,102 @@ def _supports(rec: _Record, regime: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def process_share(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """[begin, end) of the records process `process_index` reads.
-
-  Contiguous and of equal size (the remainder is dropped), as `grain.ShardByJaxProcess(
-  drop_remainder=True)` splits them: every host runs the same number of steps per epoch.
-  """
-  options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-  per_shard = num_records // options.shard_count
-  begin, end = per_shard * options.shard_index, per_shard * (options.shard_index + 1)
-  if end <= begin:
-    raise ValueError(f"input pipeline: {num_records} records cannot give each of "
-                     f"{process_count} processes a share; expected at least {process_count}")
-  return begin, end
-
-
 def _shuffle_seed(seed: int, split: str) -> int:
   return zlib.crc32(f"{seed}/{split}".encode()) % 2**32
 
 
 class Pipeline:
-  """This process's batches: `next()`, `get_state()`, `set_state()` (the input contract)."""
+  """This process's rows of the global batches: `next()`, `get_state()`, `set_state()`."""
 
-  def __init__(self, config: PipelineConfig, source: Any, process_index: int,
-               process_count: int):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"input pipeline: process_index={process_index} outside [0, "
-                       f"{process_count})")
+  def __init__(self, config: PipelineConfig, source: Any, rows: Sequence[int] | None = None):
+    if not len(source):
+      raise ValueError("input pipeline: the source holds no records; expected at least one")
     self.config = config
-    self.process_index = process_index
-    self.process_count = process_count
-    self.share = process_share(len(source), process_index, process_count)
-    self.maker = ExampleMaker(config, source, self.share)
-    self._dataset = self._build()
-    self._iter = iter(self._dataset)
+    self.rows = stream.check_rows(rows, config.batch_size, "input pipeline")
+    self.maker = ExampleMaker(config, source, self.rows)
+    self._base = self._build()
+    self._batches = 0  # global batches before the next one (since position 0)
+    self._iter = None  # started at the first batch, so that a restore starts it only once
 
-  def _build(self) -> grain.IterDataset:
+  def _build(self) -> grain.MapDataset:
     c, k = self.config, self.config.examples_per_video
-    ds = grain.MapDataset.range(self.share[0] * k, self.share[1] * k)
+    ds = grain.MapDataset.range(0, self.maker.num_records * k)
     if c.shuffle:
       ds = ds.shuffle(seed=_shuffle_seed(c.seed, c.split))  # reshuffled each epoch by grain
-    # Batches of element ids, then one call makes the whole batch: stacking it ourselves costs
-    # a third of what stacking example dicts through grain's tree utilities does.
+    # Batches of element ids, then one call makes this process's rows of the batch: stacking
+    # them ourselves costs a third of what stacking example dicts through grain's tree
+    # utilities does.
     ds = ds.repeat(c.num_epochs).batch(c.batch_size, drop_remainder=True)
-    ds = ds.map_with_index(self.maker.batch)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
-                                              prefetch_buffer_size=c.prefetch_buffer_size))
+    return ds.map_with_index(self.maker.batch)
+
+  def _start(self, batch: int) -> Any:
+    """An iterator from global batch `batch` on (grain keeps each batch's index when sliced)."""
+    c = self.config
+    it = self._base[batch:].to_iter_dataset(grain.ReadOptions(
+        num_threads=c.read_threads, prefetch_buffer_size=c.prefetch_buffer_size))
     if c.worker_count:
       # grain reads absl flags in its workers; a program without absl.app has not parsed them.
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=c.worker_count, per_worker_buffer_size=c.worker_buffer_size))
-    return it
+    return iter(it)
 
   def __iter__(self) -> "Pipeline":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iter)
+    if self._iter is None:
+      self._iter = self._start(self._batches)
+    out = next(self._iter)
+    self._batches += 1
+    return out
 
   def _identity(self) -> dict[str, Any]:
     return {"seed": self.config.seed, "split": self.config.split,
-            "process": [self.process_index, self.process_count],
             "examples_per_video": self.config.examples_per_video,
-            "batch_size": self.config.batch_size}
+            "records": self.maker.num_records}
 
   def get_state(self) -> dict[str, Any]:
-    """A JSON-able dict: grain's iterator state and what the stream is."""
-    return {"grain": self._iter.get_state(), **self._identity()}
+    """A JSON-able dict: the stream position of the next global batch and what the stream is."""
+    return {"position": self._batches * self.config.batch_size, **self._identity()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     mine = self._identity()
     theirs = {k: state.get(k) for k in mine}
-    theirs["process"] = list(theirs["process"] or [])
     if theirs != mine:
-      raise ValueError(f"input pipeline: saved state {theirs} is for another stream; this one "
-                       f"is {mine}")
-    self._iter.set_state(state["grain"])
+      raise stream.StreamMismatchError(f"input pipeline: saved state {theirs} is for another "
+                                       f"stream; this one is {mine}")
+    batch = stream.position_of(state, self.config.batch_size, "input pipeline") \
+        // self.config.batch_size
+    self.close()
+    self._batches = batch
 
   def close(self) -> None:
+    """Stops the worker processes, if any; a later batch starts them again."""
     close = getattr(self._iter, "close", None)
     if close is not None:
       close()
+    self._iter = None
 
 
 def make_pipeline(config: Any, source: Sequence[Any], *, split: str | None = None,
-                  batch_size: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, **overrides) -> Pipeline:
+                  batch_size: int | None = None, rows: Sequence[int] | None = None,
+                  **overrides) -> Pipeline:
   """The pipeline over `source` (any random-access sequence of record dicts).
 
-  `config` is a `PipelineConfig` or a pretraining config; `batch_size` is this host's rows
-  (default: config.batch_size split over the processes); process index and count default to
-  JAX's. `overrides` replace PipelineConfig fields (debug=True, worker_count=2, ...).
+  `config` is a `PipelineConfig` or a pretraining config; `batch_size` is the global batch
+  (default: the config's) and `rows` the rows of it this process makes (default: all).
+  `overrides` replace PipelineConfig fields (debug=True, worker_count=2, ...).
   """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
   if isinstance(config, PipelineConfig):
     cfg = dataclasses.replace(config, split=split or config.split, **overrides)
   else:
-    if batch_size is None:
-      if config.batch_size % process_count:
-        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the "
-                         f"{process_count} processes")
-      batch_size = config.batch_size // process_count
-    cfg = PipelineConfig.from_config(config, split or "train", batch_size=batch_size,
-                                     **overrides)
+    cfg = PipelineConfig.from_config(config, split or "train",
+                                     batch_size=batch_size or config.batch_size, **overrides)
   if batch_size is not None and batch_size != cfg.batch_size:
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
-  return Pipeline(cfg, source, process_index, process_count)
+  return Pipeline(cfg, source, rows)
 
 
 def open_tfds_source(config: Any, split: str) -> Any:
@@ -492,14 +482,13 @@ def open_tfds_source(config: Any, split: str) -> Any:
                      f"expected a dataset built with file_format=array_record") from e
 
 
-def create_iterator(config: Any, split: str, *, batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> Pipeline:
+def create_iterator(config: Any, split: str, *, batch_size: int,
+                    rows: Sequence[int] | None = None) -> Pipeline:
   """The hook `vbert_jax/train.py` calls for config.input.source == "tfds"."""
   if split not in SPLIT_CODES:
     raise ValueError(f"input pipeline: split={split!r}; expected one of {sorted(SPLIT_CODES)}")
   return make_pipeline(config, open_tfds_source(config, split), split=split,
-                       batch_size=batch_size, process_index=process_index,
-                       process_count=process_count)
+                       batch_size=batch_size, rows=rows)
 
 
 def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,

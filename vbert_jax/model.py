@@ -1,16 +1,20 @@
 """The joint VideoBERT model in Flax linen: embeddings, a BERT encoder, the MLM / MVM / LVA heads.
 
 The encoder is BERT's, layer for layer (post-LN, exact-erf GELU, LayerNorm epsilon from the
-config), so that a BERT checkpoint loads unchanged (see `bert_import`). The word embedding table
-holds the whole joint vocabulary (text rows, then visual rows; `sequence.JointVocab`). The MLM head
-scores the text rows and the MVM head the visual rows of that same table (tied weights, as BERT's
-decoder), each with its own transform and bias; both are applied only at the gathered prediction
-positions. The LVA head is BERT's tanh pooler on `[CLS]` followed by one logit.
+config), so that a BERT checkpoint loads unchanged (see `bert_import`). The joint vocabulary
+(`sequence.JointVocab`) is embedded by two tables: the text rows (BERT's word embeddings) and the
+visual rows appended to them, kept apart so that each head reads its own table on its own shards
+(one table sliced in two would be re-laid across devices at every step). The MLM head scores the
+text table and the MVM head the visual table (tied weights, as BERT's decoder), each with its own
+transform and bias; both are applied only at the gathered prediction positions. The LVA head is
+BERT's tanh pooler on `[CLS]` followed by one logit.
 
 Parameter tree (`params` collection):
 
-    embeddings/   word_embeddings/embedding [total, H], position_embeddings/embedding [P, H],
-                  token_type_embeddings/embedding [T, H], layer_norm/{scale, bias}
+    embeddings/   word_embeddings/embedding [text_padded, H],
+                  visual_embeddings/embedding [visual_padded, H],
+                  position_embeddings/embedding [P, H], token_type_embeddings/embedding [T, H],
+                  layer_norm/{scale, bias}
     encoder/      layer_0 ... layer_{N-1}  (or `layers` with a leading [N] axis when scanned), each:
                   attention/{query, key, value}/{kernel [H, heads, d], bias [heads, d]},
                   attention/out/{kernel [heads, d, H], bias [H]}, attention_norm/{scale, bias},
@@ -48,6 +52,10 @@ VARIANTS: dict[str, dict[str, int]] = {
     "large": dict(num_layers=24, hidden_size=1024, num_heads=16, mlp_dim=4096),
 }
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# Logical axes of a [hidden, hidden] kernel (the heads' transform, the LVA pooler): its output
+# feeds a LayerNorm or a tanh over the whole hidden size, so it is not split over `tensor` the
+# way an MLP's inner dimension is.
+HIDDEN_TO_HIDDEN = ("embed", None)
 
 
 def decode_variant(name: str) -> dict[str, int]:
@@ -190,15 +198,23 @@ def _gelu(x: jax.Array) -> jax.Array:
 
 
 class Embeddings(nn.Module):
-  """Token + segment + position embeddings, LayerNorm, dropout."""
+  """Token + segment + position embeddings, LayerNorm, dropout.
+
+  The lookups run in the parameters' dtype and only the normalised sum is in the compute dtype,
+  so that the tables' gradients (sums over every token of the batch) accumulate in f32 also under
+  bf16 compute. Token types are a one-hot product, which sums their gradient as a matmul rather
+  than a scatter.
+  """
   config: VideoBERTConfig
 
   def setup(self):
     cfg = self.config
-    embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=cfg.compute_dtype,
+    embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=cfg.weight_dtype,
                               param_dtype=cfg.weight_dtype)
-    self.word_embeddings = embed(cfg.vocab.total_size,
+    self.word_embeddings = embed(cfg.vocab.text_padded,
                                  embedding_init=kernel_init(cfg, ("vocab", "embed")))
+    self.visual_embeddings = embed(cfg.vocab.visual_padded,
+                                   embedding_init=kernel_init(cfg, ("vocab", "embed")))
     self.position_embeddings = embed(cfg.max_position_embeddings,
                                      embedding_init=kernel_init(cfg, (None, "embed")))
     self.token_type_embeddings = embed(cfg.type_vocab_size,
@@ -208,13 +224,24 @@ class Embeddings(nn.Module):
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, position_ids: jax.Array,
                deterministic: bool) -> jax.Array:
-    x = self.word_embeddings(input_ids) + self.token_type_embeddings(segment_ids)
+    cfg = self.config
+    offset = cfg.vocab.visual_offset
+    visual = input_ids >= offset
+    words = self.word_embeddings(jnp.where(visual, 0, input_ids))
+    clips = self.visual_embeddings(jnp.where(visual, input_ids - offset, 0))
+    x = jnp.where(visual[..., None], clips, words)
+    types = jax.nn.one_hot(segment_ids, cfg.type_vocab_size, dtype=cfg.weight_dtype)
+    x = x + jnp.einsum("blt,th->blh", types, self.token_type_embeddings.embedding)
     x = x + self.position_embeddings(position_ids)
+    # The LayerNorm normalises the f32 sum and returns the compute dtype.
     x = self.dropout(self.layer_norm(x), deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-  def word_table(self) -> jax.Array:
+  def text_table(self) -> jax.Array:
     return self.word_embeddings.embedding
+
+  def visual_table(self) -> jax.Array:
+    return self.visual_embeddings.embedding
 
 
 def _attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -329,7 +356,7 @@ class PredictionHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
     cfg = self.config
-    h = _gelu(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(x))
+    h = _gelu(dense(cfg, cfg.hidden_size, HIDDEN_TO_HIDDEN, "transform")(x))
     h = layer_norm(cfg, "layer_norm")(h)
     bias = self.param("bias", zeros_init(("vocab",)), (table.shape[0],), cfg.weight_dtype)
     logits = jnp.einsum("bph,vh->bpv", h, table.astype(cfg.compute_dtype),
@@ -347,7 +374,7 @@ class AlignmentHead(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
-    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(hidden[:, 0]))
+    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, HIDDEN_TO_HIDDEN, "pooler")(hidden[:, 0]))
     logit = dense(cfg, 1, ("embed", None), "classifier")(pooled)
     return pooled, logit[:, 0].astype(jnp.float32)
 
@@ -378,10 +405,8 @@ class VideoBERT(nn.Module):
     hidden = self.encoder(x, mask, deterministic)
     pooled, lva_logits = self.lva_head(hidden)
     out = {"hidden": hidden, "pooled": pooled, "lva_logits": lva_logits}
-    table = self.embeddings.word_table()
-    split = self.config.vocab.visual_offset
-    heads = (("mlm", self.mlm_head, mlm_positions, table[:split]),
-             ("mvm", self.mvm_head, mvm_positions, table[split:]))
+    heads = (("mlm", self.mlm_head, mlm_positions, self.embeddings.text_table()),
+             ("mvm", self.mvm_head, mvm_positions, self.embeddings.visual_table()))
     for name, head, positions, rows in heads:
       if positions is not None:
         out[f"{name}_logits"] = head(gather_positions(hidden, positions), rows)

@@ -2,7 +2,8 @@
 
 Masking is NumPy so that the input pipeline runs it on the host: BERT's recipe applied to each
 modality separately. Of the n eligible positions of a modality (real text tokens, or visual
-tokens; never special tokens or padding), min(round(rate * n), max_predictions) are chosen; each
+tokens; never special tokens or padding), min(max(1, round(rate * n)), max_predictions) are
+chosen (BERT's floor of one: short clip runs would otherwise rarely be masked at all); each
 chosen position becomes [MASK] with probability 0.8, a random token of the same modality with
 probability 0.1, and stays unchanged otherwise. The chosen positions fill a fixed number of slots
 (padding slots point at position 0 with weight 0) so that shapes are static under jit.
@@ -31,8 +32,14 @@ MASK_KEYS = ("input_ids", "mlm_positions", "mlm_ids", "mlm_weights", "mvm_positi
 
 
 def num_to_predict(num_eligible: int, max_predictions: int, rate: float = 0.15) -> int:
-  """min(round(rate * n), max), rounding halves up (0.15 * 10 = 1.5 -> 2)."""
-  return int(min(np.floor(rate * num_eligible + 0.5), max_predictions))
+  """min(max(1, round(rate * n)), max), rounding halves up (0.15 * 10 = 1.5 -> 2).
+
+  At least one of n >= 1 eligible tokens, as BERT's `max(1, round(n * rate))`; none at rate 0
+  (an example shown unmasked) or without eligible tokens.
+  """
+  if num_eligible <= 0 or rate <= 0:
+    return 0
+  return int(min(max(1.0, np.floor(rate * num_eligible + 0.5)), max_predictions, num_eligible))
 
 
 @functools.lru_cache(maxsize=16)
@@ -160,15 +167,14 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   return num / jnp.where(den > 0, den, 1.0)
 
 
-def _slot_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
+def _slot_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Weighted mean cross-entropy and accuracy over [B, P] slots; also their denominator."""
+  """Weighted sums of cross-entropy and of correct answers over [B, P] slots, and the count."""
   # Logits may be bf16; the softmax over tens of thousands of entries needs f32.
   logits = logits.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  den = weights.sum()
-  return _safe_div((ce * weights).sum(), den), _safe_div((correct * weights).sum(), den), den
+  return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
 def example_weights(batch: Mapping[str, jax.Array], masked_on_negatives: bool = True
@@ -190,37 +196,65 @@ def example_weights(batch: Mapping[str, jax.Array], masked_on_negatives: bool = 
           "lva": lva}
 
 
+LOSS_TERMS = ("mlm", "mvm", "lva")
+
+
+def loss_weights(batch: Mapping[str, jax.Array], masked_on_negatives: bool = True
+                 ) -> dict[str, jax.Array]:
+  """The weights that each term of the loss averages over: [B, Pt], [B, Pv] and [B]."""
+  w = example_weights(batch, masked_on_negatives)
+  return {"mlm": jnp.asarray(batch["mlm_weights"], jnp.float32) * w["mlm"][:, None],
+          "mvm": jnp.asarray(batch["mvm_weights"], jnp.float32) * w["mvm"][:, None],
+          "lva": w["lva"]}
+
+
+def denominators(batch: Mapping[str, jax.Array], masked_on_negatives: bool = True
+                 ) -> dict[str, jax.Array]:
+  """Each term's count of predictions over a batch: what its mean divides by.
+
+  Passed to `compute_loss` for the micro-batches of a larger batch, so that their gradients add
+  up to the whole batch's (each prediction weighs the same, however the micro-batches split).
+  """
+  return {k: v.sum() for k, v in loss_weights(batch, masked_on_negatives).items()}
+
+
 def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                  alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 masked_on_negatives: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 masked_on_negatives: bool = True,
+                 over: Mapping[str, jax.Array] | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """alpha * MLM + beta * MVM + gamma * LVA, and metrics with the denominators to average them.
 
   `outputs` is the model's dict ("mlm_logits" [B,Pt,Vt], "mvm_logits" [B,Pv,Vv],
   "lva_logits" [B]); `batch` the batch dict of the shared contract. Each mean is over real
-  slots (or LVA examples) only; a metric `<name>_count` is its denominator, so that means over
-  steps or devices are sum(value * count) / sum(count).
+  slots (or LVA examples) only: this batch's, or the counts `over` gives (`denominators` of the
+  whole batch a micro-batch belongs to). The metrics always describe this batch: a metric
+  `<name>_count` is its denominator, so that means over steps or devices are
+  sum(value * count) / sum(count); `predictions_per_example_{mlm,mvm}` count the masked tokens
+  of the examples that train each loss.
   """
   for key in ("mlm_logits", "mvm_logits", "lva_logits"):
     if key not in outputs:
       raise KeyError(f"compute_loss: model outputs lack {key!r}; call the model with "
                      f"mlm_positions and mvm_positions (got keys {sorted(outputs)})")
-  w = example_weights(batch, masked_on_negatives)
-  mlm_w = jnp.asarray(batch["mlm_weights"], jnp.float32) * w["mlm"][:, None]
-  mvm_w = jnp.asarray(batch["mvm_weights"], jnp.float32) * w["mvm"][:, None]
-  mlm_loss, mlm_acc, mlm_n = _slot_loss(outputs["mlm_logits"], batch["mlm_ids"], mlm_w)
-  mvm_loss, mvm_acc, mvm_n = _slot_loss(outputs["mvm_logits"], batch["mvm_ids"], mvm_w)
-
+  w = loss_weights(batch, masked_on_negatives)
+  sums = {"mlm": _slot_sums(outputs["mlm_logits"], batch["mlm_ids"], w["mlm"]),
+          "mvm": _slot_sums(outputs["mvm_logits"], batch["mvm_ids"], w["mvm"])}
   lva_logits = outputs["lva_logits"].astype(jnp.float32)
   labels = jnp.asarray(batch["lva_label"], jnp.float32)
   bce = optax.sigmoid_binary_cross_entropy(lva_logits, labels)
   lva_correct = ((lva_logits > 0).astype(jnp.float32) == labels).astype(jnp.float32)
-  lva_n = w["lva"].sum()
-  lva_loss = _safe_div((bce * w["lva"]).sum(), lva_n)
-  lva_acc = _safe_div((lva_correct * w["lva"]).sum(), lva_n)
+  sums["lva"] = ((bce * w["lva"]).sum(), (lva_correct * w["lva"]).sum(), w["lva"].sum())
 
-  loss = alpha * mlm_loss + beta * mvm_loss + gamma * lva_loss
-  metrics = {"loss": loss,
-             "mlm_loss": mlm_loss, "mlm_accuracy": mlm_acc, "mlm_count": mlm_n,
-             "mvm_loss": mvm_loss, "mvm_accuracy": mvm_acc, "mvm_count": mvm_n,
-             "lva_loss": lva_loss, "lva_accuracy": lva_acc, "lva_count": lva_n}
+  scale = dict(zip(LOSS_TERMS, (alpha, beta, gamma)))
+  loss = sum(scale[k] * _safe_div(sums[k][0], sums[k][2] if over is None else over[k])
+             for k in LOSS_TERMS)
+  metrics = {"loss": loss}
+  for k in LOSS_TERMS:
+    total, correct, count = sums[k]
+    metrics.update({f"{k}_loss": _safe_div(total, count),
+                    f"{k}_accuracy": _safe_div(correct, count), f"{k}_count": count})
+  for k in ("mlm", "mvm"):
+    trained = (w[k].sum(axis=1) > 0).astype(jnp.float32).sum()
+    metrics[f"predictions_per_example_{k}"] = _safe_div(sums[k][2], trained)
   return loss, metrics

@@ -7,9 +7,10 @@ regime (text-only, video-only or video-text) and a topic; a video-text example i
 (video of another topic, `lva_label` 0) with probability `lva_negative_rate`. Examples are packed
 with `sequence.Layout` and masked with `objectives.mask_example`.
 
-Every example is a pure function of (seed, split, global example index), so the iterator's state is
-one number, a resumed run sees exactly the examples an uninterrupted one would, and each process of
-a multi-host run produces its own rows of the same global batch.
+Every example is a pure function of (seed, split, position in the global stream): row r of global
+batch b is example b * batch_size + r. So the iterator's state is one number, a resumed run sees
+exactly the examples an uninterrupted one would (on any number of hosts), and each process makes
+only the rows its devices hold, wherever the mesh puts them.
 
 The interface (shared with the TFDS pipeline): `next(it)` gives this process's rows of the next
 global batch as a dict of numpy arrays; `get_state()` / `set_state(state)` save and restore the
@@ -19,12 +20,13 @@ position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from vbert_jax import objectives
 from vbert_jax import sequence
+from vbert_jax import stream
 
 SPLITS = {"train": 0, "eval": 1}
 
@@ -57,12 +59,12 @@ class World:
 
 
 class SyntheticSource:
-  """An iterator over host-local batches of generated, masked examples."""
+  """An iterator over this process's rows of global batches of generated, masked examples."""
 
   def __init__(self, *, vocab: sequence.JointVocab, max_len: int, batch_size: int,
                masking: objectives.MaskingConfig, regime_weights: tuple[float, float, float],
                lva_negative_rate: float, world: World, seed: int, split: str = "train",
-               process_index: int = 0, process_count: int = 1):
+               rows: Sequence[int] | None = None):
     if split not in SPLITS:
       raise ValueError(f"synthetic source: split={split!r}; expected one of {sorted(SPLITS)}")
     weights = np.asarray(regime_weights, np.float64)
@@ -72,9 +74,7 @@ class SyntheticSource:
     if not 0 <= lva_negative_rate <= 1:
       raise ValueError(f"synthetic source: lva_negative_rate={lva_negative_rate}; expected a "
                        f"probability")
-    if batch_size <= 0 or not 0 <= process_index < process_count:
-      raise ValueError(f"synthetic source: batch_size={batch_size}, process {process_index} of "
-                       f"{process_count}")
+    self.rows = stream.check_rows(rows, batch_size, "synthetic source")
     self.vocab = vocab
     self.layout = sequence.Layout(vocab, max_len)
     self.batch_size = batch_size
@@ -84,9 +84,7 @@ class SyntheticSource:
     self.world = world
     self.seed = seed
     self.split = split
-    self.process_index = process_index
-    self.process_count = process_count
-    self.step = 0
+    self.position = 0  # of the next global batch's first example in the stream
 
   # The iterator contract ------------------------------------------------------------------
 
@@ -94,20 +92,19 @@ class SyntheticSource:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    global_batch = self.batch_size * self.process_count
-    first = self.step * global_batch + self.process_index * self.batch_size
-    rows = [self.example(first + i) for i in range(self.batch_size)]
-    self.step += 1
+    rows = [self.example(self.position + int(r)) for r in self.rows]
+    self.position += self.batch_size
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self.step, "seed": self.seed, "split": self.split}
+    return {"position": self.position, "seed": self.seed, "split": self.split}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if state.get("seed") != self.seed or state.get("split") != self.split:
-      raise ValueError(f"synthetic source: saved state {dict(state)} is for another stream; this "
-                       f"one has seed={self.seed}, split={self.split!r}")
-    self.step = int(state["step"])
+      raise stream.StreamMismatchError(
+          f"synthetic source: saved state {dict(state)} is for another stream; this one has "
+          f"seed={self.seed}, split={self.split!r}")
+    self.position = stream.position_of(state, self.batch_size, "synthetic source")
 
   # Examples ---------------------------------------------------------------------------------
 
@@ -136,9 +133,10 @@ class SyntheticSource:
     return out
 
 
-def from_config(config: Any, split: str, *, batch_size: int, process_index: int = 0,
-                process_count: int = 1) -> SyntheticSource:
-  """The source a pretraining config describes (`config.input.synthetic_*`, masking, regimes)."""
+def from_config(config: Any, split: str, *, batch_size: int,
+                rows: Sequence[int] | None = None) -> SyntheticSource:
+  """The source a pretraining config describes (`config.input.synthetic_*`, masking, regimes):
+  `rows` of global batches of `batch_size` (all rows by default)."""
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
   world = World.generate(vocab, config.input.synthetic_topics, config.input.synthetic_min_words,
                          config.input.synthetic_max_words, config.seed)
@@ -147,5 +145,4 @@ def from_config(config: Any, split: str, *, batch_size: int, process_index: int 
   return SyntheticSource(vocab=vocab, max_len=config.max_len, batch_size=batch_size,
                          masking=masking, regime_weights=regimes,
                          lva_negative_rate=config.lva_negative_rate, world=world,
-                         seed=config.seed, split=split, process_index=process_index,
-                         process_count=process_count)
+                         seed=config.seed, split=split, rows=rows)

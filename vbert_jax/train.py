@@ -41,6 +41,7 @@ from etils import epath
 
 from vbert_jax import checkpoints
 from vbert_jax import metrics as metrics_lib
+from vbert_jax import processes
 from vbert_jax import sequence
 from vbert_jax import sharding
 
@@ -63,7 +64,11 @@ class TrainState(flax.struct.PyTreeNode):
 class Task:
   """What the trainer needs to know about a model and its objective."""
   init: Callable[[jax.Array], Params]
-  loss: Callable[[Params, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
+  loss: Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+  # For gradient accumulation: what each term of the loss averages over in a whole batch
+  # ({term: count}); `loss(..., over=counts)` then divides a micro-batch's sums by them, so that
+  # the micro-batches' gradients add up to the whole batch's.
+  denominators: Callable[[Batch], Mapping[str, jax.Array]] | None = None
   # Raises a ValueError naming `where` when a host batch is not what the model accepts.
   check_batch: Callable[[Batch, str], None] | None = None
   # {field: ShapeDtypeStruct} of a global batch of a given size (for ahead-of-time lowering).
@@ -93,9 +98,22 @@ def make_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
        optax.linear_schedule(peak, end, max(total_steps - warmup, 1))], [warmup])
 
 
-def _decay_mask(params: Params) -> Params:
-  # BERT's recipe: no weight decay on biases and LayerNorm parameters (the vectors).
-  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+# Leaves that take no weight decay (BERT's recipe), by name: biases, LayerNorm scales.
+NO_DECAY_LEAVES = ("bias", "scale")
+
+
+def decay_mask(params: Params) -> Params:
+  """True for the leaves that weight decay applies to: kernels and embedding tables.
+
+  Chosen by path, not by rank: attention biases are [heads, head_dim], and a scanned encoder
+  stacks every bias and LayerNorm parameter along a leading layer axis. Nothing under a
+  LayerNorm module (named `*norm*`) decays either.
+  """
+  def decays(path: Any, _) -> bool:
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] not in NO_DECAY_LEAVES and not any(
+        "norm" in n for n in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt: Mapping[str, Any], total_steps: int
@@ -106,7 +124,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int
     parts.append(optax.clip_by_global_norm(float(opt["grad_clip_norm"])))
   parts.append(optax.adamw(schedule, b1=float(opt["b1"]), b2=float(opt["b2"]),
                            eps=float(opt["eps"]), weight_decay=float(opt["weight_decay"]),
-                           mask=_decay_mask))
+                           mask=decay_mask))
   return optax.chain(*parts), schedule
 
 
@@ -122,26 +140,38 @@ def _loss_and_grads(task: Task, params: Params, batch: Batch, rng: jax.Array
 
 def _accumulate(task: Task, params: Params, batch: Batch, rng: jax.Array, micro_steps: int,
                 batch_sharding: jax.sharding.NamedSharding) -> tuple[dict, Params]:
-  """Mean gradients over micro-batches, scanned so only one micro-batch is live at a time."""
+  """The whole batch's gradient from micro-batches, scanned so only one is live at a time.
+
+  Each micro-batch's loss divides by the whole batch's counts (`Task.denominators`), so a
+  micro-batch weighs by its real predictions and the gradients simply add up.
+  """
+  over = task.denominators(batch)
   # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a slice of each.
   def split(x):
     x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
   micro = jax.tree.map(split, batch)
+  loss_fn = functools.partial(task.loss, over=over)
+
+  def one(mb: Batch, key: jax.Array) -> tuple[dict, Params]:
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, key)
+    return metrics_lib.to_sums({**metrics, "loss": loss}), grads
 
   def body(carry, inputs):
     index, mb = inputs
     mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: batch_sharding, mb))
-    sums, grads = _loss_and_grads(task, params, mb, jax.random.fold_in(rng, index))
+    sums, grads = one(mb, jax.random.fold_in(rng, index))
     acc_sums, acc_grads = carry
     return (metrics_lib.add_sums(acc_sums, sums), jax.tree.map(jnp.add, acc_grads, grads)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  sums_shape = jax.eval_shape(lambda: _loss_and_grads(task, params, first, rng)[0])
+  sums_shape = jax.eval_shape(lambda: one(first, rng)[0])
   zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
            jax.tree.map(jnp.zeros_like, params))
   (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_steps), micro))
-  return sums, jax.tree.map(lambda g: g / micro_steps, grads)
+  # The micro-batches' losses add up to the batch's: count the step once, not k times.
+  sums["loss/_n"] = jnp.ones_like(sums["loss/_n"])
+  return sums, grads
 
 
 def train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -184,8 +214,13 @@ class Trainer:
     self.micro_steps = int(config.grad_accum_steps)
     if self.micro_steps < 1:
       raise ValueError(f"config.grad_accum_steps={self.micro_steps}: expected at least 1")
-    sharding.check_batch_size(config.batch_size, self.mesh, self.rules,
-                              micro_steps=self.micro_steps)
+    if self.micro_steps > 1 and task.denominators is None:
+      raise ValueError(f"config.grad_accum_steps={self.micro_steps}: this task does not say "
+                       f"what its loss averages over (Task.denominators), so micro-batches "
+                       f"cannot be weighed to give the whole batch's gradient; use 1")
+    self.placement = sharding.input_placement(
+        config.batch_size, self.mesh, self.rules, micro_steps=self.micro_steps,
+        where=sharding.describe_devices(self.mesh))
     self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     # Initialisation runs without the mesh in context, so that a model's initialisers need not
@@ -346,18 +381,25 @@ def _mean_train_metrics(pending: list[tuple[int, dict]]) -> tuple[int, dict[str,
 
 def evaluate(trainer: Trainer, params: Params, batches: Iterator[Batch], num_batches: int,
              step: int) -> dict[str, float]:
+  """Means over `num_batches` of `batches`, an iterator made for this evaluation and closed
+  after it (its worker processes stop)."""
   total = None
-  for i in range(num_batches):
-    try:
-      local = next(batches)
-    except StopIteration:
-      if i == 0:
-        raise ValueError("the eval input gave no batches") from None
-      break
-    if trainer.task.check_batch is not None:
-      trainer.task.check_batch(local, f"eval batch {i} after step {step}")
-    sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(local)))
-    total = metrics_lib.add_sums(total, sums)
+  try:
+    for i in range(num_batches):
+      try:
+        local = next(batches)
+      except StopIteration:
+        if i == 0:
+          raise ValueError("the eval input gave no batches") from None
+        break
+      if trainer.task.check_batch is not None:
+        trainer.task.check_batch(local, f"eval batch {i} after step {step}")
+      sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(local)))
+      total = metrics_lib.add_sums(total, sums)
+  finally:
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
   return metrics_lib.from_sums(total)
 
 
@@ -380,7 +422,7 @@ def _initial_state(trainer: Trainer, ckpt: Any, config: ml_collections.ConfigDic
 
 
 def init_visual_rows(params: Params, config: ml_collections.ConfigDict) -> Params:
-  """Starts the visual rows of the word embedding from `config.init.visual_vocab`'s centroids.
+  """Starts the visual embedding table from `config.init.visual_vocab`'s centroids.
 
   The centroids are projected to the hidden size (`vocabulary.visual_embedding_init`), so that
   visual tokens that look alike start close together; the table keeps its sharding.
@@ -392,12 +434,12 @@ def init_visual_rows(params: Params, config: ml_collections.ConfigDict) -> Param
   if rows.shape[0] != cfg.visual_vocab_size:
     raise ValueError(f"config.init.visual_vocab={path!r} has {rows.shape[0]} tokens but "
                      f"config.model.visual_vocab_size={cfg.visual_vocab_size}")
-  table = params["embeddings"]["word_embeddings"]["embedding"]
-  start = cfg.vocab.visual_offset
-  put = jax.jit(lambda t, r: t.at[start:start + r.shape[0]].set(r.astype(t.dtype)),
+  table = params["embeddings"]["visual_embeddings"]["embedding"]
+  # The rows past the vocabulary pad the table to a multiple of 128 and stay as they were.
+  put = jax.jit(lambda t, r: t.at[:r.shape[0]].set(r.astype(t.dtype)),
                 out_shardings=getattr(table, "sharding", None))
-  word = {**params["embeddings"]["word_embeddings"], "embedding": put(table, rows)}
-  return {**params, "embeddings": {**params["embeddings"], "word_embeddings": word}}
+  visual = {**params["embeddings"]["visual_embeddings"], "embedding": put(table, rows)}
+  return {**params, "embeddings": {**params["embeddings"], "visual_embeddings": visual}}
 
 
 def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, train_iter: Any,
@@ -409,9 +451,12 @@ def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, trai
   process's rows of each global batch; `eval_iter_fn()` gives a fresh iterator over held-out
   batches for each evaluation.
   """
+  processes.check_same_run(config)
   workdir = prepare_workdir(workdir)
   setup_compilation_cache(config)
   trainer = Trainer(task, config, mesh)
+  if jax.process_index() == 0:
+    logging.info("%s", trainer.placement.summary())
   if int(config.log_every_steps) < 1:
     raise ValueError(f"config.log_every_steps={config.log_every_steps}: expected at least 1")
   if eval_iter_fn is not None:
@@ -459,7 +504,7 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
   logging.info("training from step %d to %d", step + 1, total)
   if jax.process_count() > 1 and task.batch_spec is not None:
     trainer.compile_train_step()
-    checkpoints.sync_processes("train_step_compiled")
+    processes.barrier("train_step_compiled")
   first = step + 1
   while step < total:
     step += 1  # steps are numbered from 1: checkpoint N holds the state after step N
@@ -567,13 +612,14 @@ def videobert_task(config: ml_collections.ConfigDict) -> Task:
   def init(rng: jax.Array) -> Params:
     return module.init({"params": rng}, **model.dummy_inputs(mcfg))["params"]
 
-  def loss(params: Params, batch: Batch, rng: jax.Array | None):
+  def loss(params: Params, batch: Batch, rng: jax.Array | None, over: Any = None):
     outputs = module.apply(
         {"params": params}, batch["input_ids"], batch["segment_ids"], batch["position_ids"],
         batch["input_mask"], batch["mlm_positions"], batch["mvm_positions"],
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
     return objectives.compute_loss(outputs, batch, *weights,
-                                   masked_on_negatives=config.loss.masked_on_negatives)
+                                   masked_on_negatives=config.loss.masked_on_negatives,
+                                   over=over)
 
   def train_flops(batch_size: int) -> float:
     # Heads counted at every slot: an upper bound by the padding slots of short sequences.
@@ -582,6 +628,9 @@ def videobert_task(config: ml_collections.ConfigDict) -> Task:
                                 batch_size * config.masking.max_predictions_video).total
 
   return Task(init=init, loss=loss,
+              denominators=functools.partial(
+                  objectives.denominators,
+                  masked_on_negatives=config.loss.masked_on_negatives),
               check_batch=functools.partial(check_pretrain_batch, config, mcfg.vocab),
               batch_spec=functools.partial(pretrain_batch_spec, config),
               train_flops=train_flops, tokens_per_example=int(config.max_len))
@@ -589,25 +638,38 @@ def videobert_task(config: ml_collections.ConfigDict) -> Task:
 
 def make_source(config: ml_collections.ConfigDict, split: str, batch_size: int,
                 mesh: jax.sharding.Mesh) -> Any:
-  """This process's iterator over `split` ("train" or "eval") of config.input.source."""
-  local = sharding.local_batch_size(batch_size)
-  index, count = sharding.process_batch_shard(batch_size, mesh,
-                                              sharding.make_rules(config.sharding_rules))
+  """This process's rows of the global batches of `split` ("train" or "eval") of
+  config.input.source: the rows its devices hold, wherever the mesh puts them."""
+  rows = sharding.process_rows(batch_size, mesh, sharding.make_rules(config.sharding_rules))
   kind = config.input.source
   if kind == "synthetic":
     from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.from_config(config, split, batch_size=local, process_index=index,
-                                 process_count=count)
+    return synthetic.from_config(config, split, batch_size=batch_size, rows=rows)
   if kind == "tfds":
     from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.create_iterator(config, split, batch_size=local, process_index=index,
-                                          process_count=count)
-  raise ValueError(f"config.input.source={kind!r}: expected 'synthetic' or 'tfds'")
+    return input_pipeline.create_iterator(config, split, batch_size=batch_size, rows=rows)
+  raise ValueError(f"config.input.source={kind!r}: expected 'tfds' or 'synthetic'")
+
+
+def check_input(config: ml_collections.ConfigDict) -> None:
+  """A run reads a dataset unless it asks for generated tokens, and says so when it does."""
+  inp = config.input
+  if inp.source == "tfds" and not inp.tfds_name:
+    raise ValueError(
+        "config.input.tfds_name is empty: pretraining reads a dataset of aligned videos. Build "
+        "one with `tfds build data/videobert --manual_dir=CORPUS --data_dir=DIR` (see "
+        "data/videobert/README.md), then pass --config.input.tfds_name=videobert/<config> "
+        "--config.input.data_dir=DIR. Generated tokens are for trying the trainer: add "
+        "`runlocal` to the config argument, or --config.input.source=synthetic.")
+  if inp.source == "synthetic":
+    logging.warning("input: GENERATED tokens (config.input.source=synthetic), not a dataset: "
+                    "this run learns a made-up task, for trying the trainer and for tests")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
                        mesh: jax.sharding.Mesh | None = None) -> LoopResult:
   """VideoBERT pretraining as configured: the input sources, the task, the loop."""
+  check_input(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   task = videobert_task(config)
   rules = sharding.make_rules(config.sharding_rules)

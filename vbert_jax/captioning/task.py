@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from absl import logging
 
 from vbert_jax import atomic
 from vbert_jax import sharding
+from vbert_jax import stream
 from vbert_jax import train as train_lib
 from vbert_jax.captioning import model as model_lib
 from vbert_jax.text import tokenizers
@@ -160,21 +161,20 @@ def encode_caption(tokenizer: tokenizers.TextTokenizer, text: str, max_caption_l
 
 
 class PairsSource:
-  """Host-local batches of (features, caption) rows; the trainer's iterator contract."""
+  """This process's rows of global batches of (features, caption) pairs (`vbert_jax/stream.py`);
+  the trainer's iterator contract."""
 
   def __init__(self, pairs: Pairs, tokenizer: tokenizers.TextTokenizer, *, max_caption_len: int,
                max_feature_len: int, batch_size: int, seed: int, split: str = "train",
-               shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+               shuffle: bool = True, rows: Sequence[int] | None = None):
     if split not in SPLITS:
       raise ValueError(f"pairs source: split={split!r}; expected one of {sorted(SPLITS)}")
-    if batch_size <= 0 or not 0 <= process_index < process_count:
-      raise ValueError(f"pairs source: batch_size={batch_size}, process {process_index} of "
-                       f"{process_count}")
+    self.rows = stream.check_rows(rows, batch_size, "pairs source")
     if pairs.feature_len > max_feature_len:
       raise ValueError(f"{pairs.source}: {pairs.feature_len} feature vectors per row but the "
                        f"captioner takes max_feature_len={max_feature_len}")
     self.pairs, self.batch_size, self.seed, self.split = pairs, batch_size, seed, split
-    self.shuffle, self.process_index, self.process_count = shuffle, process_index, process_count
+    self.shuffle = shuffle
     pad = max_feature_len - pairs.feature_len
     self.features = np.pad(pairs.features, ((0, 0), (0, pad), (0, 0)))
     self.feature_mask = np.pad(pairs.feature_mask, ((0, 0), (0, pad)))
@@ -185,30 +185,29 @@ class PairsSource:
     if cut:
       logging.warning("%s: %d of %d captions are longer than max_caption_len - 1 = %d pieces "
                       "and were cut", pairs.source, cut, len(encoded), max_caption_len - 1)
-    self.step = 0
+    self.position = 0  # of the next global batch's first pair in the stream
     self._cached_epoch, self._cached_order = -1, np.arange(len(pairs))
 
   def __iter__(self) -> "PairsSource":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    global_batch = self.batch_size * self.process_count
-    first = self.step * global_batch + self.process_index * self.batch_size
-    rows = np.array([self.row(first + i) for i in range(self.batch_size)])
-    self.step += 1
+    rows = np.array([self.row(self.position + int(r)) for r in self.rows])
+    self.position += self.batch_size
     return {"features": self.features[rows], "feature_mask": self.feature_mask[rows],
             "decoder_input": self.decoder_input[rows], "targets": self.targets[rows],
             "target_weights": self.weights[rows]}
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self.step, "seed": self.seed, "split": self.split, "rows": len(self.pairs)}
+    return {"position": self.position, "seed": self.seed, "split": self.split,
+            "rows": len(self.pairs)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     mine = {"seed": self.seed, "split": self.split, "rows": len(self.pairs)}
     if any(state.get(k) != v for k, v in mine.items()):
-      raise ValueError(f"pairs source: saved state {dict(state)} is for another stream; this one "
-                       f"has {mine}")
-    self.step = int(state["step"])
+      raise stream.StreamMismatchError(f"pairs source: saved state {dict(state)} is for another "
+                                       f"stream; this one has {mine}")
+    self.position = stream.position_of(state, self.batch_size, "pairs source")
 
   def row(self, index: int) -> int:
     """The pairs row of a global example index: a fresh seeded order in every epoch."""
@@ -283,9 +282,19 @@ def check_batch(cfg: model_lib.CaptionerConfig, batch: Mapping[str, Any], where:
                        f"vocabulary [0, {cfg.vocab_size})")
 
 
+def caption_denominators(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """What the caption loss averages over: the real target tokens of a batch."""
+  return {"caption": jnp.sum(batch["target_weights"])}
+
+
 def caption_loss(cfg: model_lib.CaptionerConfig, params: Any, batch: Mapping[str, Any],
-                 rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Token cross-entropy over the caption (targets and [EOS]), and token accuracy."""
+                 rng: jax.Array | None, over: Mapping[str, jax.Array] | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Token cross-entropy over the caption (targets and [EOS]), and token accuracy.
+
+  The loss averages over this batch's tokens, or over `over["caption"]` tokens (a micro-batch's
+  share of a whole batch); the metrics describe this batch.
+  """
   logits = model_lib.Captioner(cfg).apply(
       {"params": params}, batch["features"], batch["decoder_input"], batch["feature_mask"],
       deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
@@ -293,9 +302,11 @@ def caption_loss(cfg: model_lib.CaptionerConfig, params: Any, batch: Mapping[str
   weights = batch["target_weights"]
   count = jnp.sum(weights)
   denominator = jnp.maximum(count, 1.0)
-  loss = jnp.sum(xent * weights) / denominator
+  loss = jnp.sum(xent * weights) / (denominator if over is None
+                                    else jnp.maximum(over["caption"], 1.0))
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  metrics = {"caption_loss": loss, "caption_accuracy": jnp.sum(correct * weights) / denominator,
+  metrics = {"caption_loss": jnp.sum(xent * weights) / denominator,
+             "caption_accuracy": jnp.sum(correct * weights) / denominator,
              "caption_count": count}
   return loss, metrics
 
@@ -312,6 +323,7 @@ def captioner_task(config: ml_collections.ConfigDict,
     return module.init({"params": rng}, features, tokens)["params"]
 
   return train_lib.Task(init=init, loss=functools.partial(caption_loss, cfg),
+                        denominators=caption_denominators,
                         check_batch=functools.partial(check_batch, cfg),
                         batch_spec=functools.partial(batch_spec, cfg),
                         tokens_per_example=cfg.max_caption_len)
@@ -339,13 +351,10 @@ def make_source(config: ml_collections.ConfigDict, pairs: Pairs,
                 tokenizer: tokenizers.TextTokenizer, split: str, batch_size: int,
                 mesh: jax.sharding.Mesh) -> PairsSource:
   """This process's iterator over a pairs file (training shuffles, evaluation reads in order)."""
-  index, count = sharding.process_batch_shard(batch_size, mesh,
-                                              sharding.make_rules(config.sharding_rules))
+  rows = sharding.process_rows(batch_size, mesh, sharding.make_rules(config.sharding_rules))
   return PairsSource(pairs, tokenizer, max_caption_len=int(config.max_caption_len),
-                     max_feature_len=int(config.model.max_feature_len),
-                     batch_size=sharding.local_batch_size(batch_size), seed=int(config.seed),
-                     split=split, shuffle=split == "train", process_index=index,
-                     process_count=count)
+                     max_feature_len=int(config.model.max_feature_len), batch_size=batch_size,
+                     seed=int(config.seed), split=split, shuffle=split == "train", rows=rows)
 
 
 def train_captioner(config: ml_collections.ConfigDict, workdir: Any,
