@@ -483,12 +483,13 @@ def open_tfds_source(config: Any, split: str) -> Any:
 
 
 def create_iterator(config: Any, split: str, *, batch_size: int,
-                    rows: Sequence[int] | None = None) -> Pipeline:
-  """The hook `vbert_jax/train.py` calls for config.input.source == "tfds"."""
+                    rows: Sequence[int] | None = None, **overrides) -> Pipeline:
+  """The hook `vbert_jax/train.py` calls for config.input.source == "tfds"; `overrides` as for
+  `make_pipeline`."""
   if split not in SPLIT_CODES:
     raise ValueError(f"input pipeline: split={split!r}; expected one of {sorted(SPLIT_CODES)}")
   return make_pipeline(config, open_tfds_source(config, split), split=split,
-                       batch_size=batch_size, rows=rows)
+                       batch_size=batch_size, rows=rows, **overrides)
 
 
 def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,

@@ -69,7 +69,8 @@ class Run:
                                  stderr=subprocess.STDOUT, start_new_session=True)
 
   def log_tail(self, chars: int = 4000) -> str:
-    self._log.flush()
+    if not self._log.closed:
+      self._log.flush()
     return f"--- {self.log_path} ---\n" + self.log_path.read_text()[-chars:]
 
   def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
