@@ -378,3 +378,26 @@ def test_reads_a_tfds_array_record_dataset_by_name(records, tmp_path):
     config.input.tfds_name = "no_such_dataset"
   with pytest.raises(ValueError, match="tfds_name='no_such_dataset'"):
     ip.create_iterator(config, "train", batch_size=4)
+
+
+def test_every_example_with_tokens_of_a_modality_predicts_some_of_them():
+  """The default recipe on the pipeline's own record generator: clip runs are short, and 15% of
+  a few visual tokens rounds to none; BERT's floor of one masked token per modality keeps MVM
+  training on every example that has visual tokens (and MLM on every one with text)."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("variant=base")
+  vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
+  recs = ip.random_records(16, vocab, seed=2)
+  batch = next(ip.make_pipeline(config, recs, batch_size=256))
+  for name, is_kind in (("mvm", vocab.is_visual), ("mlm", vocab.is_text)):
+    # An example whose masked tokens were all of that kind still has its weights.
+    has = np.array([is_kind(row[mask == 1]).any() or weights.sum() > 0 for row, mask, weights
+                    in zip(batch["input_ids"], batch["input_mask"], batch[f"{name}_weights"])])
+    predicted = batch[f"{name}_weights"].sum(axis=1)
+    assert has.sum() > 50, name
+    assert (predicted[has] >= 1).all(), (name, np.flatnonzero(has & (predicted < 1)))
+    # The 15% rate still sets the count on long runs.
+    tokens = np.array([is_kind(r[m == 1]).sum() for r, m in zip(batch["input_ids"],
+                                                                 batch["input_mask"])])
+    long = has & (tokens >= 20)
+    assert (predicted[long] >= 2).all(), name

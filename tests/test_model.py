@@ -247,6 +247,37 @@ def test_bf16_compute_loss_is_within_2_percent_of_f32():
   assert cosine > 0.98, cosine
 
 
+def test_embedding_gradients_sum_in_f32_under_bf16_compute():
+  """A table's gradient sums a term for every token of the batch (the token-type table: all of
+  them). Under bf16 compute those sums run in f32, so the table's gradient is as close to the
+  f32 model's as a weight's (one bf16 rounding of its terms, 2^-8 relative, with room for two),
+  however many tokens there are; summed in bf16, this batch's 1,088 tokens put it 8 times
+  further off."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("variant=custom,runlocal")
+  with config.unlocked():
+    config.model.update(hidden_size=64, num_layers=1, num_heads=4, mlp_dim=128)
+    config.max_len, config.batch_size = 64, 128
+    config.masking.max_predictions_text = config.masking.max_predictions_video = 8
+  batch = next(synthetic.from_config(config, "train", batch_size=128))
+  assert batch["input_mask"].sum() > 1000
+
+  def grads(dtype):
+    with config.unlocked():
+      config.model.dtype = dtype
+    task = train.videobert_task(config)
+    params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0)))
+    return jax.jit(jax.grad(lambda p: task.loss(p, batch, None)[0]))(params)
+
+  g32, g16 = grads("float32"), grads("bfloat16")
+  for table in ("token_type_embeddings", "position_embeddings", "word_embeddings",
+                "visual_embeddings"):
+    a, b = (np.asarray(g["embeddings"][table]["embedding"], np.float32) for g in (g32, g16))
+    assert np.abs(a - b).max() <= 2 ** -7 * np.abs(a).max(), table
+
+
 def test_mu_gradients_match_finite_differences():
   with jax.enable_x64(True):
     config = _mu(dtype="float64", param_dtype="float64")

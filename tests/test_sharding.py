@@ -7,6 +7,7 @@ say on the arrays that actually come out.
 """
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -204,3 +205,41 @@ def test_rules_naming_an_unknown_mesh_axis_are_rejected():
   with pytest.raises(ValueError, match=r"sharding_rules\[1\] \('embed'\): unknown mesh axes "
                                        r"\['model'\]"):
     sharding.make_rules((("batch", "data"), ("embed", "model")))
+
+
+_COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|"
+                         r"collective-permute|all-to-all)(?:-start)?\(")
+
+
+def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """(kind, result shapes) of every collective of a compiled module."""
+  out = []
+  for match in _COLLECTIVE.finditer(hlo):
+    shapes = [tuple(int(d) for d in dims.split(",") if d)
+              for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", match.group(1))]
+    out.append((match.group(2), shapes))
+  return out
+
+
+def test_tied_heads_never_move_the_word_tables_between_tensor_shards():
+  """With `vocab` over tensor=4, each head reads its own table on the shards it lives on: the
+  compiled step re-lays no table rows (no permute, gather or all-to-all of them), and the only
+  collectives on table shards are their gradients' reduction over `data`, as with any weight.
+  One joint table sliced in two, as the model once had it, permuted and gathered its rows."""
+  config = _config(dict(data=2, fsdp=1, tensor=4))
+  with config.unlocked():
+    config.model.update(num_layers=1, text_vocab_size=1000, visual_vocab_size=500)
+  trainer = train.Trainer(train.videobert_task(config), config)
+  hlo = trainer.lower_train_step().compile().as_text()
+  vocab = train.model_config(config).vocab
+  rows = {vocab.text_padded, vocab.visual_padded, vocab.total_size}
+  rows |= {n // 4 for n in rows}
+  hidden = config.model.hidden_size
+  collectives = _collectives(hlo)
+  assert collectives, "no collective at all: the step is not sharded"
+  assert not [c for c in collectives if c[0] == "collective-permute"], collectives
+  moved = [(kind, shape) for kind, shapes in collectives for shape in shapes
+           if len(shape) == 2 and shape[1] == hidden and shape[0] in rows]
+  assert {kind for kind, _ in moved} == {"all-reduce"}, moved
+  assert {shape for _, shape in moved} == {(vocab.text_padded // 4, hidden),
+                                           (vocab.visual_padded // 4, hidden)}, moved

@@ -159,6 +159,12 @@ def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == [100, 200, 300]
   assert "ETA" in log and "step 300/300" in log
+  # A run on generated tokens says so before it trains; the placement of its input is logged.
+  assert -1 < log.find("input: GENERATED tokens") < log.find("training from step 1")
+  assert "input placement: 1 host(s) feed 32 rows each of the global batch of 32" in log
+  # The masked predictions per example that trains each loss: at least BERT's floor of one.
+  for key in ("predictions_per_example_mlm", "predictions_per_example_mvm"):
+    assert all(1.0 <= r[key] <= 2.0 for r in rows), key
 
 
 # Resume, profiling, accumulation.
@@ -476,3 +482,37 @@ def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
     config.model.visual_vocab_size = 20
   with pytest.raises(ValueError, match=r"has 16 tokens but config.model.visual_vocab_size=20"):
     train.init_visual_rows(fresh, config)
+
+
+def test_each_evaluation_closes_its_input_workers(tmp_path):
+  """Every evaluation makes a pipeline with a worker process; the loop closes each one, so none
+  is left running even while something still holds the pipelines."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  from vbert_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
+  config = toy_config(total_steps=2, **{"eval.every_steps": 1, "eval.num_batches": 2,
+                                        "eval.batch_size": 8})
+  vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
+  records = ip.random_records(6, vocab, seed=1, min_clips=10, max_clips=20)
+  made = []
+
+  def eval_input():
+    made.append(ip.make_pipeline(config, records, split="eval", batch_size=8, worker_count=1))
+    return made[-1]
+
+  before = {p.pid for p in psutil.Process().children(recursive=True)}
+  result = train.train_loop(train.videobert_task(config), config, tmp_path,
+                            synthetic.from_config(config, "train", batch_size=8), eval_input)
+  assert len(made) == 2 and len(result.eval_history) == 2
+  # multiprocessing's resource tracker outlives the workers by design: one per process.
+  alive = [p for p in psutil.Process().children(recursive=True)
+           if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+           and "resource_tracker" not in " ".join(p.cmdline())]
+  assert not alive, [p.cmdline() for p in alive]
+
+
+def test_without_a_dataset_the_run_says_how_to_build_one():
+  config = pretrain.get_config("variant=tiny")
+  with pytest.raises(ValueError, match=r"config.input.tfds_name is empty: .*"
+                                       r"tfds build data/videobert"):
+    train.train_and_evaluate(config, "/nonexistent/never/written")
