@@ -1,10 +1,12 @@
 """VideoBERT pretraining: the paper's recipe as defaults, shrinkable for a laptop.
 
-    python -m vbert_jax.main --config=configs/pretrain.py:variant=large --workdir=gs://b/run
+    python -m vbert_jax.main --config=configs/pretrain.py:variant=large --workdir=gs://b/run \
+        --config.input.tfds_name=videobert/bert --config.input.data_dir=gs://b/tfds
     python -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal --workdir=/tmp/r
 
 Arguments (comma-separated): `variant=` mu|tiny|small|base|large (model sizes), `runlocal` (a
-short run with small sequences and vocabularies on a laptop CPU). Any field can be overridden with
+short run with small sequences and vocabularies on a laptop CPU, on generated tokens). Without
+runlocal a run reads the dataset that data/videobert builds (config.input.tfds_name). Any field can be overridden with
 `--config.a.b=value`; the config is locked, so a mistyped key is an error that names it.
 
 Paper (Sun et al. 2019) and its secondary sources give: batch 128, 0.5M steps, Adam at 1e-5 with

@@ -8,8 +8,12 @@
 #
 # Run from the code directory (the repository root). Each worker logs to
 # $VBERT_LOGS/NAME_$(hostname).log (default ~/logs), so the logs of all workers can be fetched into
-# one folder. Environment: VBERT_VENV (default ~/vbert_venv), VBERT_PYTHON (default python3.11),
-# VBERT_LOGS, VBERT_TPU_LOCKFILE (default /tmp/libtpu_lockfile).
+# one folder. A run joins JAX's distributed runtime (VBERT_DISTRIBUTED=1 unless set): on Cloud TPU
+# VMs JAX finds the other workers through the metadata server. `start` checks that the process is
+# still alive after VBERT_START_CHECK_S seconds (default 10) and fails otherwise, printing its log.
+# Environment: VBERT_VENV (default ~/vbert_venv; a container without it uses its python),
+# VBERT_PYTHON (default python3.11), VBERT_LOGS, VBERT_TPU_LOCKFILE (default
+# /tmp/libtpu_lockfile).
 set -euo pipefail
 
 CODE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +23,7 @@ LOGS="${VBERT_LOGS:-$HOME/logs}"
 LOCKFILE="${VBERT_TPU_LOCKFILE:-/tmp/libtpu_lockfile}"
 
 usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,16p' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -88,15 +92,25 @@ run() {
   stop
   mkdir -p "$LOGS"
   local log="$LOGS/${name}_$(hostname).log"
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
+  if [ -f "$VENV/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate"
+  fi
   export PYTHONPATH="$CODE_DIR${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+  export VBERT_DISTRIBUTED="${VBERT_DISTRIBUTED:-1}"
   cd "$CODE_DIR"
   echo "$(hostname): python -m $module $* > $log"
   if [ "$mode" = start ]; then
     nohup python -m "$module" "$@" > "$log" 2>&1 < /dev/null &
-    echo $! > "$LOGS/current.pid"
+    local pid=$!
+    echo "$pid" > "$LOGS/current.pid"
+    sleep "${VBERT_START_CHECK_S:-10}"
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$(hostname): the run failed to start; the end of $log:" >&2
+      tail -n 20 "$log" >&2
+      exit 1
+    fi
   else
     python -m "$module" "$@" 2>&1 | tee "$log"
   fi

@@ -7,14 +7,22 @@ Run from the repository root; every subcommand takes --dry_run, which prints the
     python -m launch.tpu_vm setup  --tpu=vb --zone=us-central2-b
     python -m launch.tpu_vm run    --tpu=vb --zone=us-central2-b --workdir=gs://bucket/run1 -- \
         --config=configs/pretrain.py:variant=large
-    python -m launch.tpu_vm logs   --tpu=vb --zone=us-central2-b --fetch=logs/
+    python -m launch.tpu_vm logs   --tpu=vb --zone=us-central2-b --accelerator_type=v4-32 \
+        --fetch=logs/
     python -m launch.tpu_vm delete --tpu=vb --zone=us-central2-b
 
+Several slices (`--num_slices=2`) are one queued resource whose nodes are named <tpu>-0, <tpu>-1,
+...; commands then go to every worker of every node. A queued `create` waits until the resource
+is ACTIVE and fails on FAILED or SUSPENDED. For GKE, `python -m launch.xpk` starts the same run
+as an xpk workload.
+
 Flags fall back to environment variables (TPU_NAME, TPU_ZONE, TPU_PROJECT, TPU_TYPE, TPU_RUNTIME,
-TPU_QUEUED, TPU_SPOT, TPU_REMOTE_DIR, WORKDIR), so a shell can set a TPU once and name it no more.
-On the workers, launch/run_tpu.sh does the work: one venv, stale processes stopped, one log per
-worker. A pod's processes find each other through the TPU environment (vbert_jax.main calls
-`jax.distributed.initialize()`), so the same command runs on all workers at once.
+TPU_QUEUED, TPU_SPOT, TPU_NUM_SLICES, TPU_INTERNAL_IP, TPU_REMOTE_DIR, WORKDIR), so a shell can set
+a TPU once and name it no more. On the workers, launch/run_tpu.sh does the work: one venv, stale
+processes stopped, one log per worker, and VBERT_DISTRIBUTED=1 so that every process joins JAX's
+distributed runtime (Cloud TPU VMs name the workers through their metadata server). A run that
+fails to start on any worker is stopped on all of them. Commands on several workers need your
+ssh key in an agent (`ssh-add ~/.ssh/google_compute_engine`).
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Mapping, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +115,8 @@ def parse_accelerator(name: str) -> Accelerator:
 
 ENV = {"tpu": "TPU_NAME", "zone": "TPU_ZONE", "project": "TPU_PROJECT",
        "accelerator_type": "TPU_TYPE", "runtime_version": "TPU_RUNTIME", "queued": "TPU_QUEUED",
-       "spot": "TPU_SPOT", "remote_dir": "TPU_REMOTE_DIR", "workdir": "WORKDIR"}
+       "spot": "TPU_SPOT", "num_slices": "TPU_NUM_SLICES", "internal_ip": "TPU_INTERNAL_IP",
+       "remote_dir": "TPU_REMOTE_DIR", "workdir": "WORKDIR"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +129,12 @@ class Settings:
   queued: bool = False
   spot: bool = False
   remote_dir: str = DEFAULT_REMOTE_DIR
+  num_slices: int = 1
+  internal_ip: bool = False
+
+  @property
+  def multislice(self) -> bool:
+    return self.num_slices > 1
 
 
 def _truthy(value: str | None) -> bool:
@@ -140,9 +157,25 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
   runtime = get("runtime_version") or (accelerator.generation.runtime if accelerator else "")
   queued = args.queued if args.queued is not None else _truthy(environ.get(ENV["queued"]))
   spot = args.spot if args.spot is not None else _truthy(environ.get(ENV["spot"]))
+  num_slices = parse_slices(get("num_slices"))
+  if num_slices > 1:
+    if args.queued is False:
+      raise ValueError(f"{args.command}: --num_slices={num_slices} is one queued resource of "
+                       f"several slices; drop --no-queued")
+    queued = True
+  internal_ip = (args.internal_ip if args.internal_ip is not None
+                 else _truthy(environ.get(ENV["internal_ip"])))
   return Settings(tpu=get("tpu"), zone=get("zone"), project=get("project"),
                   accelerator=accelerator, runtime_version=runtime, queued=queued, spot=spot,
-                  remote_dir=get("remote_dir") or DEFAULT_REMOTE_DIR)
+                  remote_dir=get("remote_dir") or DEFAULT_REMOTE_DIR, num_slices=num_slices,
+                  internal_ip=internal_ip)
+
+
+def parse_slices(text: str) -> int:
+  text = (text or "1").strip()
+  if not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--num_slices={text}: expected a positive number of slices")
+  return int(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,25 +203,43 @@ def queued_resource(s: Settings, verb: str, *extra: str) -> Command:
   return ["gcloud", "compute", "tpus", "queued-resources", verb, s.tpu, *_where(s), *extra]
 
 
-def ssh(s: Settings, command: str, worker: str = "all") -> Command:
-  return tpu_vm(s, "ssh", f"--worker={worker}", f"--command={command}")
+def _internal_ip(s: Settings) -> list[str]:
+  return ["--internal-ip"] if s.internal_ip else []
 
 
-def scp(s: Settings, source: str, destination: str, worker: str = "all") -> Command:
-  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", source, destination,
-          f"--worker={worker}", *_where(s)]
+def ssh(s: Settings, command: str, worker: str = "all", node: str = "all") -> Command:
+  """`command` on a worker (or all) of the TPU VM, or of a node (or all) of a multi-slice one."""
+  if s.multislice:
+    return queued_resource(s, "ssh", f"--node={node}", f"--worker={worker}",
+                           f"--command={command}", *_internal_ip(s))
+  return tpu_vm(s, "ssh", f"--worker={worker}", f"--command={command}", *_internal_ip(s))
+
+
+def scp(s: Settings, source: str, destination: str, worker: str = "all",
+        node: str = "all") -> Command:
+  group, nodes = ("queued-resources", [f"--node={node}"]) if s.multislice else ("tpu-vm", [])
+  return ["gcloud", "compute", "tpus", group, "scp", source, destination, *nodes,
+          f"--worker={worker}", *_where(s), *_internal_ip(s)]
 
 
 def create_commands(s: Settings) -> list[Command]:
   assert s.accelerator is not None
   spot = ["--spot"] if s.spot else []
   if s.queued:
-    # A queued resource waits for capacity; its node gets the same name as the request.
-    return [queued_resource(s, "create", f"--node-id={s.tpu}",
-                            f"--accelerator-type={s.accelerator.type}",
-                            f"--runtime-version={s.runtime_version}", *spot)]
+    # A queued resource waits for capacity; its node gets the same name as the request, its
+    # nodes (one per slice) that name and their index.
+    nodes = ([f"--node-count={s.num_slices}", f"--node-prefix={s.tpu}"] if s.multislice
+             else [f"--node-id={s.tpu}"])
+    return [queued_resource(s, "create", *nodes, f"--accelerator-type={s.accelerator.type}",
+                            f"--runtime-version={s.runtime_version}", *spot),
+            state_command(s)]
   return [tpu_vm(s, "create", f"--accelerator-type={s.accelerator.type}",
                  f"--version={s.runtime_version}", *spot)]
+
+
+def state_command(s: Settings) -> Command:
+  """Prints the queued resource's state: polled after `create` until it is ACTIVE."""
+  return queued_resource(s, "describe", "--format=value(state.state)")
 
 
 def tarball_path(s: Settings) -> str:
@@ -213,11 +264,18 @@ def setup_commands(s: Settings, repo: pathlib.Path = REPO) -> list[Command]:
       ssh(s, f"bash {remote_path(s.remote_dir)}/launch/run_tpu.sh setup")]
 
 
-def run_commands(s: Settings, run_name: str, module: str, args: Sequence[str],
-                 foreground: bool = False) -> list[Command]:
-  """Stops stale processes and starts `python -m module args` on all workers at once."""
+def run_line(run_name: str, module: str, args: Sequence[str], foreground: bool = False,
+             env: Sequence[str] = ()) -> str:
+  """The shell line that runs `python -m module args` through launch/run_tpu.sh."""
   mode = "run" if foreground else "start"
-  line = shlex.join(["bash", "launch/run_tpu.sh", mode, run_name, module, *args])
+  prefix = ["env", *env] if env else []
+  return shlex.join([*prefix, "bash", "launch/run_tpu.sh", mode, run_name, module, *args])
+
+
+def run_commands(s: Settings, run_name: str, module: str, args: Sequence[str],
+                 foreground: bool = False, env: Sequence[str] = ()) -> list[Command]:
+  """Stops stale processes and starts `python -m module args` on all workers at once."""
+  line = run_line(run_name, module, args, foreground, env)
   return [ssh(s, f"cd {remote_path(s.remote_dir)} && {line}")]
 
 
@@ -225,13 +283,29 @@ def stop_commands(s: Settings) -> list[Command]:
   return [ssh(s, f"bash {remote_path(s.remote_dir)}/launch/run_tpu.sh stop")]
 
 
+# Each line of a worker's log, labelled with the worker (its host name carries its index).
+_LABEL = 'sed -u "s/^/[$(hostname)] /"'
+
+
 def logs_commands(s: Settings, run_name: str, worker: str, lines: int, follow: bool,
                   fetch: str) -> list[Command]:
   pattern = f"~/logs/{shlex.quote(run_name)}_*.log"
   if fetch:
-    return [scp(s, f"{s.tpu}:{pattern}", fetch, worker)]
-  tail = f"tail -n {lines}" + (" -F" if follow else "")
-  return [ssh(s, f"{tail} {pattern}", worker)]
+    return fetch_commands(s, pattern, worker, fetch)
+  if follow:
+    return [ssh(s, f"tail -n {lines} -F {pattern} | {_LABEL}", worker)]
+  return [ssh(s, f'for f in {pattern}; do tail -n {lines} "$f" | {_LABEL}; done', worker)]
+
+
+def fetch_commands(s: Settings, pattern: str, worker: str, destination: str) -> list[Command]:
+  """gcloud copies to this machine from one worker at a time: one scp per worker and node."""
+  if worker == "all" and s.accelerator is None:
+    raise ValueError("logs --fetch: gcloud copies from one worker at a time; pass "
+                     "--accelerator_type (or $TPU_TYPE) to fetch from every worker, or --worker=N")
+  workers = [worker] if worker != "all" else [str(w) for w in range(s.accelerator.workers)]
+  nodes = [str(n) for n in range(s.num_slices)]
+  return [scp(s, f"{s.tpu}:{pattern}", destination, worker=w, node=n)
+          for n in nodes for w in workers]
 
 
 def delete_commands(s: Settings) -> list[Command]:
@@ -259,6 +333,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                  help="use a queued resource rather than a plain TPU VM; $TPU_QUEUED=1")
   p.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None,
                  help="spot capacity; $TPU_SPOT=1")
+  p.add_argument("--num_slices", help="slices joined over the data-center network: one queued "
+                 "resource whose nodes are <tpu>-0, <tpu>-1, ... (default 1); $TPU_NUM_SLICES")
+  p.add_argument("--internal_ip", action=argparse.BooleanOptionalAction, default=None,
+                 help="reach the workers on their internal IPs (from a VM in the same "
+                 "network); $TPU_INTERNAL_IP=1")
   p.add_argument("--remote_dir", help=f"code directory on the workers (default "
                  f"{DEFAULT_REMOTE_DIR}); $TPU_REMOTE_DIR")
   p.add_argument("--dry_run", action="store_true",
@@ -287,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--workdir", help="passed as --workdir (gs://... on a pod); $WORKDIR")
       p.add_argument("--foreground", action="store_true",
                      help="wait for the run to end, streaming worker output")
+      p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="an environment variable for the run on every worker (repeatable), "
+                     "e.g. LIBTPU_INIT_ARGS=... or XLA_FLAGS=...")
+    if name == "create":
+      p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                     help="after a queued create, wait until the resource is ACTIVE")
+      p.add_argument("--poll_s", type=float, default=30.0,
+                     help="seconds between two looks at a queued resource's state")
     if name == "logs":
       p.add_argument("--worker", default="all", help="worker index, or all")
       p.add_argument("--lines", type=int, default=100)
@@ -295,26 +382,41 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _run_args(args: argparse.Namespace, rest: Sequence[str], s: Settings,
-              environ: Mapping[str, str]) -> list[str]:
+def module_args(command: str, module: str, rest: Sequence[str], workdir: str,
+                workers: int) -> list[str]:
   """The module's arguments, with the workdir passed through; checked before anything runs."""
   out = list(rest)
-  workdir = args.workdir or environ.get(ENV["workdir"], "")
   given = [a for a in out if a.startswith("--workdir=") or a == "--workdir"]
   if workdir and not given:
     out.append(f"--workdir={workdir}")
     given = [workdir]
-  if args.module == DEFAULT_MODULE:
+  if module == DEFAULT_MODULE:
     if not given:
-      raise ValueError("run: missing --workdir (or $WORKDIR): where checkpoints and metrics go")
+      raise ValueError(f"{command}: missing --workdir (or $WORKDIR): where checkpoints and "
+                       f"metrics go")
     if not any(a.startswith("--config") for a in out):
-      raise ValueError("run: give the config after --, e.g. -- "
-                       "--config=configs/pretrain.py:variant=large")
-  if workdir and s.accelerator and s.accelerator.workers > 1 and "://" not in workdir:
-    raise ValueError(f"run: --workdir={workdir} is local to each worker, but "
-                     f"{s.accelerator.type} has {s.accelerator.workers} workers that must "
-                     f"share it; use gs://bucket/path")
+      raise ValueError(f"{command}: give the config after --, e.g. -- "
+                       f"--config=configs/pretrain.py:variant=large")
+  if workdir and workers > 1 and "://" not in workdir:
+    raise ValueError(f"{command}: --workdir={workdir} is local to each worker, but the run has "
+                     f"{workers} workers that must share it; use gs://bucket/path")
   return out
+
+
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_env(items: Sequence[str]) -> list[str]:
+  """KEY=VALUE items for the workers' environment; a malformed one raises, naming it."""
+  for item in items:
+    key, eq, _ = item.partition("=")
+    if not eq or not _ENV_KEY.match(key):
+      raise ValueError(f"--env {item!r}: expected KEY=VALUE with a shell variable name as KEY")
+  return list(items)
+
+
+def _total_workers(s: Settings) -> int:
+  return s.accelerator.workers * s.num_slices if s.accelerator else s.num_slices
 
 
 def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None
@@ -340,8 +442,10 @@ def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None
   elif args.command == "setup":
     cmds = setup_commands(s)
   elif args.command == "run":
-    cmds = run_commands(s, args.run_name, args.module, _run_args(args, rest, s, environ),
-                        args.foreground)
+    workdir = args.workdir or environ.get(ENV["workdir"], "")
+    cmds = run_commands(s, args.run_name, args.module,
+                        module_args("run", args.module, rest, workdir, _total_workers(s)),
+                        args.foreground, parse_env(args.env))
   elif args.command == "logs":
     if args.worker != "all" and s.accelerator and not (
         args.worker.isdigit() and int(args.worker) < s.accelerator.workers):
@@ -365,6 +469,44 @@ def execute(commands: Sequence[Command]) -> None:
       raise SystemExit(f"command failed with exit status {code}: {shlex.join(cmd)}")
 
 
+# States of a queued resource that will not become ACTIVE by waiting.
+FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED")
+
+
+def wait_until_active(s: Settings, poll_s: float) -> None:
+  """Polls the queued resource until ACTIVE; a failed or suspended one stops the launcher."""
+  cmd = state_command(s)
+  print(f"+ {shlex.join(cmd)} (until ACTIVE, every {poll_s:g} s)", file=sys.stderr, flush=True)
+  while True:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    state = proc.stdout.strip()
+    if proc.returncode:
+      raise SystemExit(f"cannot read the state of queued resource {s.tpu}: "
+                       f"{proc.stderr.strip()}")
+    if state == "ACTIVE":
+      print(f"queued resource {s.tpu} is ACTIVE", file=sys.stderr, flush=True)
+      return
+    if state in FAILED_STATES:
+      raise SystemExit(f"queued resource {s.tpu} is {state}: it will not start; see "
+                       f"`python -m launch.tpu_vm status` for the reason, then delete it")
+    print(f"queued resource {s.tpu}: {state or 'no state yet'}", file=sys.stderr, flush=True)
+    time.sleep(poll_s)
+
+
+def start_or_stop(s: Settings, commands: Sequence[Command]) -> None:
+  """Runs the start; if it fails on any worker, stops the run on all rather than leave the
+  others waiting for it at their first barrier."""
+  try:
+    execute(commands)
+  except SystemExit as e:
+    print(f"error: the run failed on a worker ({e}); stopping it on every worker",
+          file=sys.stderr, flush=True)
+    for cmd in stop_commands(s):
+      print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+      subprocess.run(cmd, check=False)
+    raise SystemExit(1) from e
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -374,13 +516,23 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 2
   if s.accelerator:
     a = s.accelerator
-    print(f"# {a.type}: {a.chips} chips on {a.workers} worker(s)", file=sys.stderr)
+    slices = f" x {s.num_slices} slices" if s.multislice else ""
+    print(f"# {a.type}{slices}: {a.chips} chips on {a.workers} worker(s)"
+          f"{' per slice' if s.multislice else ''}", file=sys.stderr)
   if args.dry_run:
     for cmd in commands:
       print(shlex.join(cmd))
     return 0
   if args.command == "logs" and args.fetch:
     os.makedirs(args.fetch, exist_ok=True)
+  if args.command == "create" and s.queued:
+    execute(commands[:-1])  # the last one reads the state, polled here
+    if args.wait:
+      wait_until_active(s, args.poll_s)
+    return 0
+  if args.command == "run":
+    start_or_stop(s, commands)
+    return 0
   execute(commands)
   return 0
 

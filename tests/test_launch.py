@@ -1,9 +1,12 @@
-"""The TPU VM launcher: its --dry_run commands for a multi-worker slice, its refusals, and the
-on-worker script run for real on this machine (start, log, stop)."""
+"""The TPU VM and xpk launchers: their --dry_run commands for multi-worker and multi-slice runs
+(each also accepted by gcloud's own parser), their refusals, the waiting and stopping they do
+against a stand-in for gcloud, and the on-worker script run for real on this machine."""
 
+import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +14,7 @@ import time
 import pytest
 
 from launch import tpu_vm
+from launch import xpk
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_TPU = REPO / "launch" / "run_tpu.sh"
@@ -20,8 +24,11 @@ TARBALL = tpu_vm.tarball_path(tpu_vm.Settings(tpu="vb-pod", zone="us-central2-b"
 
 
 @pytest.fixture(autouse=True)
-def no_commands_run(monkeypatch):
-  """Nothing in these tests may reach gcloud: any command run is a failure."""
+def no_commands_run(request, monkeypatch):
+  """Nothing in these tests may reach gcloud, except through the stand-in (`fake_gcloud`)."""
+  if "fake_gcloud" in request.fixturenames:
+    return
+
   def refuse(commands):
     raise AssertionError(f"commands were run: {commands}")
   monkeypatch.setattr(tpu_vm, "execute", refuse)
@@ -65,14 +72,17 @@ def test_create_setup_run_logs_stop_delete_on_a_v4_32(capsys):
                       "--config=configs/pretrain.py:variant=large --config.batch_size=256 "
                       "--workdir=gs://vb/run1")]
 
+  # Every line of every worker's log is labelled with its host (which names the worker).
+  label = 'sed -u "s/^/[$(hostname)] /"'
   cmds, _ = dry_run(["logs", *FLAGS, "--lines=20"], capsys)
-  assert cmds == [ssh("tail -n 20 ~/logs/vbert_*.log")]
+  assert cmds == [ssh(f'for f in ~/logs/vbert_*.log; do tail -n 20 "$f" | {label}; done')]
   cmds, _ = dry_run(["logs", *FLAGS, "--accelerator_type=v4-32", "--worker=3", "--follow"],
                     capsys)
-  assert cmds == [ssh("tail -n 100 -F ~/logs/vbert_*.log", worker="3")]
-  cmds, _ = dry_run(["logs", *FLAGS, "--fetch=fetched/logs"], capsys)
+  assert cmds == [ssh(f"tail -n 100 -F ~/logs/vbert_*.log | {label}", worker="3")]
+  # gcloud copies to this machine from one worker at a time.
+  cmds, _ = dry_run(["logs", *FLAGS, "--accelerator_type=v4-32", "--fetch=fetched/logs"], capsys)
   assert cmds == [["gcloud", "compute", "tpus", "tpu-vm", "scp", "vb-pod:~/logs/vbert_*.log",
-                   "fetched/logs", "--worker=all", *WHERE]]
+                   "fetched/logs", f"--worker={w}", *WHERE] for w in range(4)]
   assert not os.path.exists("fetched")  # a dry run creates nothing
 
   cmds, _ = dry_run(["stop", *FLAGS], capsys)
@@ -89,7 +99,10 @@ def test_queued_v5e_pod_from_environment_variables(capsys):
   cmds, err = dry_run(["create"], capsys, env)
   assert cmds == [["gcloud", "compute", "tpus", "queued-resources", "create", "vb-v5e", *where,
                    "--node-id=vb-v5e", "--accelerator-type=v5litepod-16",
-                   "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]]
+                   "--runtime-version=v2-alpha-tpuv5-lite", "--spot"],
+                  # then polled until ACTIVE
+                  ["gcloud", "compute", "tpus", "queued-resources", "describe", "vb-v5e", *where,
+                   "--format=value(state.state)"]]
   assert "16 chips on 4 worker(s)" in err
   cmds, _ = dry_run(["run", "--run_name=a1", "--foreground", "--module=vbert_jax.sweep", "--",
                      "--help"], capsys, env)
@@ -124,12 +137,19 @@ def test_worker_counts(name, chips, workers):
     (["run", *FLAGS, "--", "--config=configs/pretrain.py"], "run: missing --workdir (or $WORKDIR)"),
     (["run", *FLAGS, "--workdir=gs://b/r"], "run: give the config after --"),
     (["run", *FLAGS, "--accelerator_type=v5litepod-16", "--workdir=/tmp/run", "--",
-      "--config=c.py"], "v5litepod-16 has 4 workers that must share it; use gs://"),
+      "--config=c.py"], "the run has 4 workers that must share it; use gs://"),
     (["run", *FLAGS, "--workdir=gs://b/r", "--", "--config=c.py", "--dry_run"],
      "put it before --"),
     (["logs", *FLAGS, "--accelerator_type=v4-16", "--worker=2"],
      "logs: --worker=2; v4-16 has workers 0..1"),
     (["stop", *FLAGS, "--", "x"], "stop: takes no arguments after --"),
+    (["create", *FLAGS, "--accelerator_type=v4-32", "--num_slices=2", "--no-queued"],
+     "--num_slices=2 is one queued resource of several slices; drop --no-queued"),
+    (["create", *FLAGS, "--accelerator_type=v4-32", "--num_slices=0"],
+     "--num_slices=0: expected a positive number of slices"),
+    (["run", *FLAGS, "--workdir=gs://b/r", "--env=1BAD=x", "--", "--config=c.py"],
+     "--env '1BAD=x': expected KEY=VALUE"),
+    (["logs", *FLAGS, "--fetch=here"], "logs --fetch: gcloud copies from one worker at a time"),
 ])
 def test_bad_input_fails_before_anything_runs(argv, message, capsys):
   # Without --dry_run: a command that got through would reach the refusing executor.
@@ -153,7 +173,7 @@ def test_run_tpu_script_starts_logs_and_stops_a_run(tmp_path):
   logs = tmp_path / "logs"
   lock = tmp_path / "libtpu_lockfile"
   venv = pathlib.Path(sys.executable).parents[1]
-  env = dict(os.environ, HOME=str(tmp_path), VBERT_VENV=str(venv),
+  env = dict(os.environ, HOME=str(tmp_path), VBERT_VENV=str(venv), VBERT_START_CHECK_S="1",
              VBERT_LOGS=str(logs), VBERT_TPU_LOCKFILE=str(lock))
   host = subprocess.run(["hostname"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -165,6 +185,14 @@ def test_run_tpu_script_starts_logs_and_stops_a_run(tmp_path):
   proc = script("run", "help", "vbert_jax.sweep", "--help")
   assert proc.returncode == 0, proc.stderr
   assert "usage: python -m vbert_jax.sweep" in (logs / f"help_{host}.log").read_text()
+  # Every run joins JAX's distributed runtime unless told otherwise.
+  joins = "import os; assert os.environ['VBERT_DISTRIBUTED'] == '1'"
+  assert script("run", "env", "timeit", "-n", "1", joins).returncode == 0
+
+  # A run that dies at once fails its start, with the end of its log.
+  proc = script("start", "dies", "timeit", "-n", "1", "raise SystemExit('no TPU here')")
+  assert proc.returncode == 1
+  assert "the run failed to start" in proc.stderr and "no TPU here" in proc.stderr
 
   # Detached: a long run keeps going after the script returns ...
   proc = script("start", "long", "timeit", "-n", "1", "import time; time.sleep(60)")
@@ -186,3 +214,150 @@ def test_run_tpu_script_starts_logs_and_stops_a_run(tmp_path):
   assert not lock.exists() and not (logs / "current.pid").exists()
 
   assert script("bogus").returncode == 2
+
+
+def test_two_slices_are_one_queued_resource_reached_on_every_node(capsys):
+  flags = [*FLAGS, "--accelerator_type=v5litepod-16", "--num_slices=2", "--internal_ip"]
+  qr = ["gcloud", "compute", "tpus", "queued-resources"]
+  cmds, err = dry_run(["create", *flags], capsys)
+  assert cmds == [[*qr, "create", "vb-pod", *WHERE, "--node-count=2", "--node-prefix=vb-pod",
+                   "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite"],
+                  [*qr, "describe", "vb-pod", *WHERE, "--format=value(state.state)"]]
+  assert "v5litepod-16 x 2 slices: 16 chips on 4 worker(s) per slice" in err
+
+  def qr_ssh(command):
+    return [*qr, "ssh", "vb-pod", *WHERE, "--node=all", "--worker=all",
+            f"--command={command}", "--internal-ip"]
+
+  cmds, _ = dry_run(["setup", *flags], capsys)
+  assert cmds[1] == [*qr, "scp", TARBALL, "vb-pod:~/vbert_jax_code.tar.gz", "--node=all",
+                     "--worker=all", *WHERE, "--internal-ip"]
+  assert cmds[3] == qr_ssh("bash ~/vbert_jax/launch/run_tpu.sh setup")
+  cmds, _ = dry_run(["run", *flags, "--workdir=gs://vb/r", "--env=LIBTPU_INIT_ARGS=--a=1 --b=2",
+                     "--", "--config=configs/pretrain.py:variant=base"], capsys)
+  assert cmds == [qr_ssh("cd ~/vbert_jax && env 'LIBTPU_INIT_ARGS=--a=1 --b=2' bash "
+                         "launch/run_tpu.sh start vbert vbert_jax.main "
+                         "--config=configs/pretrain.py:variant=base --workdir=gs://vb/r")]
+  cmds, _ = dry_run(["logs", *flags, "--fetch=fetched"], capsys)
+  assert cmds == [[*qr, "scp", "vb-pod:~/logs/vbert_*.log", "fetched", f"--node={n}",
+                   f"--worker={w}", *WHERE, "--internal-ip"] for n in range(2) for w in range(4)]
+  cmds, _ = dry_run(["delete", *flags], capsys)
+  assert cmds == [[*qr, "delete", "vb-pod", *WHERE, "--force", "--quiet"]]
+
+
+def test_xpk_workload_of_two_slices(capsys):
+  argv = ["--cluster=vb-gke", "--workload=vb-base", "--zone=us-west4-a", "--project=vb-proj",
+          "--accelerator_type=v5litepod-16", "--num_slices=2", "--workdir=gs://vb/run1",
+          "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true", "--dry_run",
+          "--", "--config=configs/pretrain.py:variant=base"]
+  assert xpk.main(argv, environ={}) == 0
+  cmd = shlex.split(capsys.readouterr().out)
+  assert cmd == [
+      "xpk", "workload", "create", "--cluster=vb-gke", "--workload=vb-base",
+      "--tpu-type=v5litepod-16", "--num-slices=2", "--zone=us-west4-a", "--project=vb-proj",
+      "--base-docker-image=python:3.11", f"--script-dir={REPO}", "--env=VBERT_DISTRIBUTED=1",
+      "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true",
+      "--command=bash launch/run_tpu.sh setup && bash launch/run_tpu.sh run vbert "
+      "vbert_jax.main --config=configs/pretrain.py:variant=base --workdir=gs://vb/run1"]
+  # A prebuilt image holds the requirements: no set-up at start.
+  assert xpk.main([*argv[:-3], "--docker_image=gcr.io/vb-proj/vbert:1", "--dry_run", "--",
+                   "--config=c.py"], environ={"XPK_CLUSTER": "c2"}) == 0
+  cmd = shlex.split(capsys.readouterr().out)
+  assert "--docker-image=gcr.io/vb-proj/vbert:1" in cmd and "--script-dir" not in " ".join(cmd)
+  assert cmd[-1] == ("--command=bash launch/run_tpu.sh run vbert vbert_jax.main --config=c.py "
+                     "--workdir=gs://vb/run1")
+  assert xpk.main(["--workload=w", "--zone=z", "--accelerator_type=v5litepod-16", "--dry_run"],
+                  environ={}) == 2
+  assert "xpk: missing --cluster (or $XPK_CLUSTER)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="needs the Google Cloud CLI")
+def test_gcloud_accepts_every_printed_command(capsys):
+  """gcloud parses a command before it asks for an account: a misspelled flag fails at once with
+  'unrecognized arguments', a valid command stops at the missing credentials."""
+  flags = [*FLAGS, "--accelerator_type=v4-32"]
+  plans = [["create", *flags], ["create", *flags, "--queued", "--spot"],
+           ["create", *flags, "--num_slices=2"], ["setup", *flags, "--internal_ip"],
+           ["setup", *flags, "--num_slices=2"],
+           ["run", *flags, "--workdir=gs://b/r", "--env=A=1", "--", "--config=c.py"],
+           ["run", *flags, "--num_slices=2", "--workdir=gs://b/r", "--", "--config=c.py"],
+           ["logs", *flags, "--follow"], ["logs", *flags, "--fetch=f"],
+           ["logs", *flags, "--num_slices=2", "--fetch=f", "--worker=1"],
+           ["stop", *flags], ["status", *flags, "--queued"], ["delete", *flags, "--queued"]]
+  commands = []
+  for argv in plans:
+    cmds, _ = dry_run(argv, capsys)
+    commands += [c for c in cmds if c[0] == "gcloud"]
+  assert len({tuple(c[:5]) for c in commands}) >= 8
+  env = dict(os.environ, CLOUDSDK_CONFIG=str(pathlib.Path(os.environ.get("TMPDIR", "/tmp")) /
+                                             "vbert_gcloud_parse"),
+             CLOUDSDK_CORE_DISABLE_PROMPTS="1")
+  for cmd in {tuple(c) for c in commands}:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert "unrecognized arguments" not in proc.stderr and "Invalid choice" not in proc.stderr, \
+        (cmd, proc.stderr)
+    assert "active account" in proc.stderr or "credential" in proc.stderr.lower(), \
+        (cmd, proc.stderr[-500:])
+
+
+FAKE_GCLOUD = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+  f.write(json.dumps(args) + "\\n")
+if "describe" in args:
+  states = os.environ["FAKE_GCLOUD_STATES"].split(",")
+  seen = sum(1 for line in open(os.environ["FAKE_GCLOUD_LOG"]) if "describe" in line)
+  print(states[min(seen, len(states)) - 1])
+fail = os.environ.get("FAKE_GCLOUD_FAIL")
+sys.exit(1 if fail and any(fail in a for a in args) else 0)
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+  """A `gcloud` first on PATH that records each call and answers as the test says."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  script = bin_dir / "gcloud"
+  script.write_text(FAKE_GCLOUD.format(python=sys.executable))
+  script.chmod(0o755)
+  log = tmp_path / "gcloud_calls.jsonl"
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+
+  def calls():
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  return calls
+
+
+def test_queued_create_waits_until_active(fake_gcloud, monkeypatch, capsys):
+  monkeypatch.setenv("FAKE_GCLOUD_STATES", "WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE")
+  argv = ["create", *FLAGS, "--accelerator_type=v4-32", "--queued", "--poll_s=0"]
+  assert tpu_vm.main(argv, environ={}) == 0
+  verbs = [c[3] for c in fake_gcloud()]
+  assert verbs == ["create", "describe", "describe", "describe"]
+  err = capsys.readouterr().err
+  assert "vb-pod: WAITING_FOR_RESOURCES" in err and "queued resource vb-pod is ACTIVE" in err
+
+
+def test_queued_create_that_fails_says_so(fake_gcloud, monkeypatch):
+  monkeypatch.setenv("FAKE_GCLOUD_STATES", "WAITING_FOR_RESOURCES,FAILED")
+  argv = ["create", *FLAGS, "--accelerator_type=v4-32", "--queued", "--poll_s=0"]
+  with pytest.raises(SystemExit, match="queued resource vb-pod is FAILED: it will not start"):
+    tpu_vm.main(argv, environ={})
+  assert [c[3] for c in fake_gcloud()] == ["create", "describe", "describe"]
+
+
+def test_a_worker_that_fails_to_start_stops_the_others(fake_gcloud, monkeypatch, capsys):
+  monkeypatch.setenv("FAKE_GCLOUD_FAIL", "run_tpu.sh start")
+  argv = ["run", *FLAGS, "--accelerator_type=v4-32", "--workdir=gs://b/r", "--",
+          "--config=configs/pretrain.py:variant=base"]
+  with pytest.raises(SystemExit) as stopped:
+    tpu_vm.main(argv, environ={})
+  assert stopped.value.code == 1
+  calls = fake_gcloud()
+  assert len(calls) == 2
+  assert "launch/run_tpu.sh start vbert vbert_jax.main" in calls[0][-1]
+  assert calls[1] == ssh("bash ~/vbert_jax/launch/run_tpu.sh stop")[1:]
+  assert "stopping it on every worker" in capsys.readouterr().err

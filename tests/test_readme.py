@@ -1,4 +1,5 @@
-"""Every command the README shows, run as written but on small stand-ins, so the README cannot rot.
+"""Every command the README and docs/ show, run as written but on small stand-ins, so they cannot
+rot.
 
 Stand-ins shrink what is big (24 videos, a 20736-token vocabulary, BERT-large, a 500k-step run) to
 what runs in minutes on two cores; each is a textual substitution listed in STAND_INS, and a
@@ -20,6 +21,7 @@ from helpers import bert_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
 
 # Commands that this test does not run, and why.
 NOT_RUN = {"make test": "it is the test suite itself"}
@@ -74,6 +76,7 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
     ("python -m vbert_jax.sweep --sweep=configs/sweeps/mu_lr_loss.py --workdir=runs/mu_lr_loss "
      "--collect_only", []),
     ("python -m launch.tpu_vm", [(r"--dry_run", "--dry_run")]),
+    ("python -m launch.xpk", [(r"--dry_run", "--dry_run")]),
     ("mkdir -p corpus/videos corpus/transcripts", []),
     ("mv corpus/raw/*.mp4 corpus/videos/", []),
     ("cp bert-large-uncased/vocab.txt corpus/vocab.txt", []),
@@ -81,9 +84,10 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
 
 
 def readme_commands() -> list[str]:
-  """The commands of the README's ```sh blocks, in order, without comments."""
+  """The commands of the ```sh blocks of the README, then of docs/, in order, without comments."""
   commands = []
-  for block in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S):
+  text = "\n".join(path.read_text() for path in [README, *DOCS])
+  for block in re.findall(r"```sh\n(.*?)```", text, re.S):
     for line in block.replace("\\\n", " ").splitlines():
       line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
       if line:

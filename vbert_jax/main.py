@@ -2,10 +2,10 @@
 
     python -m vbert_jax.main --config=configs/pretrain.py:variant=tiny,runlocal --workdir=DIR
     python -m vbert_jax.main --config=configs/pretrain.py:variant=large --workdir=gs://b/run \
-        --config.batch_size=256
+        --config.input.tfds_name=videobert/bert --config.input.data_dir=gs://b/tfds
 
-Run the same command on every worker of a TPU pod: the processes find each other through the TPU
-environment. Elsewhere, several processes join when given a coordinator, by flags
+Run the same command on every worker of a TPU pod (launch/tpu_vm.py does): with
+VBERT_DISTRIBUTED=1 the processes find each other through the TPU environment. Elsewhere, several processes join when given a coordinator, by flags
 (--coordinator_address=host:port --num_processes=N --process_id=i) or by the environment
 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). A run resumes by itself from the
 newest checkpoint in its workdir.
