@@ -419,21 +419,27 @@ def _total_workers(s: Settings) -> int:
   return s.accelerator.workers * s.num_slices if s.accelerator else s.num_slices
 
 
+def split_rest(argv: Sequence[str], launcher: str) -> tuple[list[str], list[str]]:
+  """(the launcher's arguments, the module's after `--`); --dry_run after `--` is refused, so
+  that a dry run is never run by mistake."""
+  argv = list(argv)
+  if "--" not in argv:
+    return argv, []
+  cut = argv.index("--")
+  if "--dry_run" in argv[cut + 1:]:
+    raise ValueError(f"{launcher}: --dry_run comes after --, where the module's arguments go; "
+                     f"put it before --")
+  return argv[:cut], argv[cut + 1:]
+
+
 def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None
          ) -> tuple[argparse.Namespace, Settings, list[Command]]:
   """Parses the command line and returns the commands it stands for; runs nothing."""
   environ = os.environ if environ is None else environ
-  argv = list(argv)
-  rest: list[str] = []
-  if "--" in argv:
-    cut = argv.index("--")
-    argv, rest = argv[:cut], argv[cut + 1:]
-  args = build_parser().parse_args(argv)
+  own, rest = split_rest(argv, "python -m launch.tpu_vm")
+  args = build_parser().parse_args(own)
   if rest and args.command != "run":
     raise ValueError(f"{args.command}: takes no arguments after --, got {rest}")
-  if "--dry_run" in rest:  # meant for this launcher, not for the workers: never run by mistake
-    raise ValueError(f"{args.command}: --dry_run comes after --, where the arguments of "
-                     f"python -m {args.module} go; put it before --")
   s = settings_from(args, environ)
   if args.command == "create":
     cmds = create_commands(s)

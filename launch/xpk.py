@@ -55,12 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
   """The `xpk workload create` command that the arguments stand for; runs nothing."""
-  argv = list(argv)
-  rest: list[str] = []
-  if "--" in argv:
-    cut = argv.index("--")
-    argv, rest = argv[:cut], argv[cut + 1:]
-  args = build_parser().parse_args(argv)
+  own, rest = tpu_vm.split_rest(argv, "python -m launch.xpk")
+  args = build_parser().parse_args(own)
   get = lambda flag, env: getattr(args, flag) or environ.get(env, "")  # noqa: E731
   cluster, zone = get("cluster", "XPK_CLUSTER"), get("zone", tpu_vm.ENV["zone"])
   accel_type = get("accelerator_type", tpu_vm.ENV["accelerator_type"])
@@ -96,7 +92,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if "--dry_run" in argv[:argv.index("--") if "--" in argv else len(argv)]:
+  if "--dry_run" in tpu_vm.split_rest(argv, "python -m launch.xpk")[0]:
     print(shlex.join(command))
     return 0
   print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)

@@ -78,11 +78,9 @@ class RecordingSource:
 
   def __init__(self, inner, rows, path: pathlib.Path, split: str):
     self.inner, self.rows, self.path, self.split = inner, rows, path, split
-    self.batches = 0
 
   def __next__(self):
     batch = next(self.inner)
-    self.batches += 1
     debug = {k: batch.pop(k) for k in list(batch) if k.startswith("debug_")}
     record = {"split": self.split, "position": int(self.inner.get_state()["position"]),
               "rows": [int(r) for r in self.rows],
