@@ -249,6 +249,9 @@ def test_hosts_that_cannot_feed_their_devices_exit_1():
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
   assert "memory per chip: not compiled, since the batch cannot be fed" in proc.stdout
+  # libtpu describes the topology without a TPU here, and says nothing about the missing one.
+  for chatter in ("TPU accelerator type", "TPU worker hostnames", "Source Location Trace"):
+    assert chatter not in proc.stderr, proc.stderr[-2000:]
   error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
   assert ("config.batch_size=24 is not divisible by the 16 batch shards of config.mesh "
           "(data=16 x fsdp=1); expected a multiple of 16. On v5e:4x4, process 0 would feed 6 "

@@ -113,6 +113,9 @@ def runlocal_run(tmp_path_factory, repo_root):
   # One CPU device: on two cores the tiny model runs fastest unsplit.
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=8", "").strip()
+  # As a user runs it: the command itself must keep JAX and libtpu from probing for a TPU.
+  for name in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL"):
+    env.pop(name, None)
   cmd = [sys.executable, "-m", "vbert_jax.main",
          "--config=configs/pretrain.py:variant=tiny,runlocal", f"--workdir={workdir}",
          f"--config.compilation_cache_dir={repo_root / '.cache' / 'jax'}"]
@@ -159,6 +162,18 @@ def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == [100, 200, 300]
   assert "ETA" in log and "step 300/300" in log
+  # The console holds the run's own lines; the libraries' INFO chatter is in log.txt only.
+  lines = log.splitlines()
+  assert len(lines) < 60, len(lines)
+  for chatter in ("checkpoint_manager.py", "async_checkpointer", "oneDNN", "TPU accelerator type",
+                  "jellyfish", "TPU worker hostnames"):
+    assert chatter not in log, chatter
+  whole = (workdir / "log.txt").read_text()
+  assert "checkpoint_manager.py" in whole and "train.py" in whole
+  assert f"writing checkpoints to {workdir / 'checkpoints'}" in log
+  assert lines[-2].split("] ", 1)[1].startswith("finished at step 300 of 300; train at step 300: "
+                                                 "loss=")
+  assert "; eval at step 300: loss=" in lines[-2]
   # A run on generated tokens says so before it trains; the placement of its input is logged.
   assert -1 < log.find("input: GENERATED tokens") < log.find("training from step 1")
   assert "input placement: 1 host(s) feed 32 rows each of the global batch of 32" in log

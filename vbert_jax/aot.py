@@ -31,6 +31,7 @@ import jax
 import ml_collections
 from jax.experimental import topologies
 
+from vbert_jax import console
 from vbert_jax import flops as flops_lib
 from vbert_jax import sharding
 from vbert_jax import train
@@ -404,6 +405,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """Prints the verdict; exits 1 when the step does not fit or cannot be fed, 2 on bad
   input."""
+  console.setup()
   import sys  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top

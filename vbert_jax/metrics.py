@@ -128,6 +128,15 @@ class Throughput:
     return out
 
 
+def headline(values: Mapping[str, float]) -> str:
+  """The figures a person reads first: the loss, each term's loss and accuracy, the rates."""
+  keys = [k for k in ("loss",) if k in values]
+  keys += sorted(k for k in values if k.endswith("_loss"))
+  keys += sorted(k for k in values if k.endswith("_accuracy"))
+  keys += [k for k in ("steps_per_sec", "mfu") if k in values]
+  return ", ".join(f"{k}={values[k]:.4g}" for k in keys)
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)

@@ -25,8 +25,10 @@ import functools
 import importlib.metadata
 import json
 import os
+import pathlib
 import platform
 import sys
+import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
 import flax
@@ -40,6 +42,7 @@ from absl import logging
 from etils import epath
 
 from vbert_jax import checkpoints
+from vbert_jax import console
 from vbert_jax import metrics as metrics_lib
 from vbert_jax import processes
 from vbert_jax import sequence
@@ -453,6 +456,21 @@ def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, trai
   """
   processes.check_same_run(config)
   workdir = prepare_workdir(workdir)
+  with console.log_to(run_log_path(workdir)) as log_path:
+    return _train(task, config, workdir, train_iter, eval_iter_fn, mesh, log_path)
+
+
+def run_log_path(workdir: epath.Path) -> pathlib.Path:
+  """Where a process writes its whole log: in a local workdir, else in the temp folder."""
+  name = "log.txt" if jax.process_index() == 0 else f"log_{jax.process_index()}.txt"
+  if "://" in str(workdir):
+    return pathlib.Path(tempfile.gettempdir()) / "vbert_jax_logs" / workdir.name / name
+  return pathlib.Path(workdir) / name
+
+
+def _train(task: Task, config: ml_collections.ConfigDict, workdir: epath.Path, train_iter: Any,
+           eval_iter_fn: Callable[[], Iterator[Batch]] | None, mesh: jax.sharding.Mesh | None,
+           log_path: pathlib.Path) -> LoopResult:
   setup_compilation_cache(config)
   trainer = Trainer(task, config, mesh)
   if jax.process_index() == 0:
@@ -467,13 +485,28 @@ def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, trai
   reporter = metrics_lib.Reporter(workdir)
   profile = metrics_lib.ProfileWindow(str(workdir / "profile"), config.profile.start_step,
                                       config.profile.num_steps)
+  logging.info("writing checkpoints to %s; metrics.jsonl, TensorBoard events and the config to "
+               "%s; the whole log to %s", ckpt.directory, workdir, log_path)
   try:
     state = _initial_state(trainer, ckpt, config, train_iter)
-    return _run(trainer, config, state, train_iter, eval_iter_fn, ckpt, reporter, profile)
+    result = _run(trainer, config, state, train_iter, eval_iter_fn, ckpt, reporter, profile)
   finally:
     profile.close()
     ckpt.close()
     reporter.close()
+  logging.info("%s", final_summary(result, int(config.total_steps)))
+  return result
+
+
+def final_summary(result: LoopResult, total: int) -> str:
+  """One line with the last logged train and eval figures of a run."""
+  state = "preempted" if result.preempted else "finished"
+  parts = [f"{state} at step {result.step} of {total}"]
+  for kind, history in (("train", result.train_history), ("eval", result.eval_history)):
+    if history:
+      step, values = history[-1]
+      parts.append(f"{kind} at step {step}: {metrics_lib.headline(values)}")
+  return "; ".join(parts)
 
 
 def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState, train_iter: Any,
@@ -525,13 +558,13 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
     last = step == total
     if step % log_every == 0 or last:
       flush()
-      logging.info("%s", progress.line(step))
+      logging.info("%s; %s", progress.line(step), metrics_lib.headline(
+          result.train_history[-1][1] if result.train_history else {}))
     if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or last):
       values = evaluate(trainer, state.params, eval_iter_fn(), int(config.eval.num_batches), step)
       reporter.write(step, values, "eval")
       result.eval_history.append((step, values))
-      logging.info("eval at step %d: %s", step,
-                   ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+      logging.info("eval at step %d: %s", step, metrics_lib.headline(values))
     preempted = ckpt.reached_preemption(step)
     if preempted or last or step % save_every == 0:
       flush()  # never save a state whose loss or gradient norm went non-finite

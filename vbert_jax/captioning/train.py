@@ -17,10 +17,12 @@ from __future__ import annotations
 from absl import app
 from absl import logging
 
+from vbert_jax import console
 from vbert_jax import entry
 
 
 def main(argv: list[str]) -> None:
+  console.setup()
   config, workdir = entry.check_args(argv, "configs/captioner.py")
   entry.initialize_distributed()
   from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top

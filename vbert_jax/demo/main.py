@@ -21,9 +21,10 @@ import torchvision  # noqa: F401  pylint: disable=unused-import
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
+
+from vbert_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "Demo config file and arguments, e.g. configs/demo.py:size=small",
@@ -55,7 +56,7 @@ def run(config, workdir, until: str = "", log=None) -> dict:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.INFO)  # the trainer's progress lines
+  console.setup()
   t0 = time.time()
   try:
     results = run(_CONFIG.value, _WORKDIR.value, _UNTIL.value)

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vbert_jax import atomic
+from vbert_jax import console
 from vbert_jax import checkpoints
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
@@ -308,6 +309,7 @@ def write_results(results: Mapping[str, Any], out: Any) -> pathlib.Path:
 def run_command(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
                 report: Callable[[dict], None]) -> int:
   """A task command's exit code: bad input is one line on stderr and 1, not a traceback."""
+  console.setup()
   try:
     results = run(args)
   except (ValueError, FileNotFoundError) as e:

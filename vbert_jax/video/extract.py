@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vbert_jax import console
 from vbert_jax.video import features_io
 from vbert_jax.video import reader
 from vbert_jax.video import s3d
@@ -377,6 +378,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  console.setup()
   try:
     paths = expand_videos(args.videos)
     summary = extract_features(

@@ -16,6 +16,7 @@ from absl import app, flags
 import numpy as np
 import tqdm
 
+from vbert_jax import console
 from vbert_jax.vocab import kmeans, vocabulary
 
 _FEATURES = flags.DEFINE_string("features", None, "Features folder or .npy array.")
@@ -74,6 +75,7 @@ def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int,
 
 def main(argv) -> None:
   del argv
+  console.setup()
   if not _FEATURES.value or not _OUT.value:
     raise app.UsageError("--features and --out are required")
   config = kmeans.KMeansConfig(depth=_DEPTH.value, branching=_BRANCHING.value,

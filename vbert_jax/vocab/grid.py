@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vbert_jax import atomic
+from vbert_jax import console
 from vbert_jax.video import reader
 from vbert_jax.vocab import vocabulary
 
@@ -91,6 +92,7 @@ def save_png(image: Image.Image, path) -> pathlib.Path:
 
 def main(argv) -> None:
   del argv
+  console.setup()
   if not _VOCAB.value or not _OUT.value:
     raise app.UsageError("--vocab and --out are required")
   try:
