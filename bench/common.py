@@ -31,6 +31,12 @@ def setup(threads: int = 2) -> None:
   torch.set_num_threads(threads)
 
 
+def pretrain_configs():
+  """configs/pretrain.py, read by path as the commands read it."""
+  from vbert_jax import config_lib  # pylint: disable=g-import-not-at-top  (after setup())
+  return config_lib.load_module(os.path.join(REPO, "configs", "pretrain.py"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
   """Seconds per step: wall clock, and CPU time of the whole process (all its threads).

@@ -44,7 +44,7 @@ def main() -> None:
   common.setup(threads=1)
 
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  pretrain = common.pretrain_configs()
   from vbert_jax import flops  # pylint: disable=g-import-not-at-top
   from vbert_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   from vbert_jax import model  # pylint: disable=g-import-not-at-top

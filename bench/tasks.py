@@ -45,10 +45,9 @@ common.setup(threads=2)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import pretrain  # noqa: E402
-from data.demo_world import vocabulary as demo_words  # noqa: E402
+from vbert_jax.demo.world import words as demo_words  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
-from vbert_jax import train  # noqa: E402
+from vbert_jax import pretrain as pretrain_lib  # noqa: E402
 from vbert_jax.tasks import bundle as bundle_lib  # noqa: E402
 from vbert_jax.tasks import zero_shot  # noqa: E402
 from vbert_jax.text import tokenizers  # noqa: E402
@@ -64,13 +63,13 @@ def make_bundle(folder: str, max_len: int) -> bundle_lib.Bundle:
   path = os.path.join(folder, "vocab.txt")
   with open(path, "w") as f:
     f.write("\n".join(SPECIALS + tuple(words) + tuple(filler)) + "\n")
-  config = pretrain.get_config("variant=tiny")
+  config = common.pretrain_configs().get_config("variant=tiny")
   with config.unlocked():
     config.model.text_vocab_size = TEXT_VOCAB
     config.model.special_ids = "0,2,3,4,5,1"
     config.max_len = max_len
     config.text.vocab = path
-  params = model_lib.init_params(train.model_config(config), jax.random.key(0))
+  params = model_lib.init_params(pretrain_lib.model_config(config), jax.random.key(0))
   return bundle_lib.Bundle.from_parts(config, params, tokenizers.load_tokenizer(config))
 
 

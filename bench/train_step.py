@@ -219,7 +219,8 @@ def sharded_child(args) -> None:
   import json  # pylint: disable=g-import-not-at-top
   import resource  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  pretrain = common.pretrain_configs()
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
   from vbert_jax import train  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config(f"variant={args.variant}")
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
@@ -230,7 +231,7 @@ def sharded_child(args) -> None:
     config.model.max_position_embeddings = cfg.max_position_embeddings
     config.masking.max_predictions_text, config.masking.max_predictions_video = pt, pv
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  trainer = train.Trainer(train.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
   state = trainer.init_state()
   state, sums = trainer.train_step(state, trainer.put_batch(batch))  # compile
   jax.block_until_ready(sums)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
-from configs import pretrain
+from vbert_jax import config_lib
+
+# The pretraining config that this one builds on, read by path beside this file.
+pretrain = config_lib.sibling(__file__, "pretrain.py")
+
 
 VARIANTS = {
     "tiny": dict(hidden_size=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
@@ -31,7 +34,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="base", runlocal=False)
+  arg = config_lib.parse_arg(arg, variant="base", runlocal=False)
   if arg.variant not in VARIANTS:
     raise ValueError(f"captioner variant {arg.variant!r}: expected one of {sorted(VARIANTS)}")
   c = ml_collections.ConfigDict()

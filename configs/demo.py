@@ -18,10 +18,14 @@ a deeper `vocab` tree, a larger `pretrain.model` and more `pretrain.total_steps`
 
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
 
-from configs import common
-from configs import pretrain
+from vbert_jax import config_lib
+
+# The pretraining config that this one builds on, read by path beside this file.
+pretrain = config_lib.sibling(__file__, "pretrain.py")
 
 
 def _pretrain(size: str) -> ml_collections.ConfigDict:
@@ -106,7 +110,7 @@ def _pretrain(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, size="full")
+  arg = config_lib.parse_arg(arg, size="full")
   if arg.size not in ("full", "small"):
     raise ValueError(f"configs/demo.py: size={arg.size!r}; expected 'full' or 'small'")
   full = arg.size == "full"
@@ -114,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.size = arg.size
   c.seed = 0
 
-  # The generated world (data/demo_world): every round(1 / val_fraction)-th video is held out.
+  # The generated world (vbert_jax/demo/world): every round(1 / val_fraction)-th video is held out.
   # 144 videos (108 for training): on 48, alignment learned the training pairs by heart, on 96
   # it reached 0.665-0.77 (see _pretrain). The small world's seed is the middle one of three:
   # with deterministic encoding, held-out noun top-1 (best prompt order) was 0.185-0.215 for
@@ -124,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_videos=144 if full else 36, seed=0 if full else 1, size=112 if full else 64,
       val_fraction=0.25 if full else 0.34, min_steps=4, max_steps=7,
       workers=2,
-      # Narration faults, as probabilities per step (data/demo_world/world.py NarrationConfig).
+      # Narration faults, as probabilities per step (vbert_jax/demo/world/world.py NarrationConfig).
       filler_rate=0.3, early_rate=0.1, late_rate=0.1, wrong_word_rate=0.1, missing_rate=0.1,
       # Honesty check: True pairs every training video with another video's narration.
       shuffle_narration=False))
@@ -153,7 +157,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # has (vocab_size=0); the world's words are few, so each verb and noun is one piece.
   c.text = ml_collections.ConfigDict(dict(vocab_size=0, model_type="word", lowercase=True))
 
-  # TFDS records (data/videobert): only training videos are written.
+  # TFDS records: only training videos are written, by the dataset folder's builder (read by
+  # path, as `tfds build data/videobert` reads it; not part of the dataset stage's settings).
+  c.tfds_builder = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "videobert")
+  # The captioner's config file (beside this one) and its argument; `captioning` tunes it.
+  c.captioner_config = str(pathlib.Path(__file__).resolve().parent / "captioner.py") + \
+      ":variant=tiny,runlocal"
   c.dataset = ml_collections.ConfigDict(dict(
       validation_fraction=0.0,
       # The narration has one cue per phrase: split at every cue (cues are >= 0.05 s apart)

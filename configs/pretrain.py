@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from vbert_jax import config_lib
 from vbert_jax import model as model_lib
 
 # Data parallel over `data`, FSDP over `fsdp`, tensor parallel over `tensor`. Order matters:
@@ -62,7 +62,7 @@ def _model(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="large", runlocal=False)
+  arg = config_lib.parse_arg(arg, variant="large", runlocal=False)
   c = ml_collections.ConfigDict()
   c.variant = arg.variant
   c.seed = 0

@@ -183,7 +183,7 @@ def small_corpus(num_videos: int = 12, size: int = 64, seed: int = 0):
   import atexit  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  from data.demo_world import corpus  # pylint: disable=g-import-not-at-top
+  from vbert_jax.demo.world import corpus  # pylint: disable=g-import-not-at-top
   key = (num_videos, size, seed)
   if key not in _CORPORA:
     folder = tempfile.mkdtemp(prefix="vbert_demo_corpus_")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
 from vbert_jax import align
 from vbert_jax import sequence
 from vbert_jax.align import NO_SENTENCE, AlignConfig, AlignError, TokenizedSentence

@@ -17,12 +17,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
+from helpers.configs import pretrain
 from vbert_jax import aot
 from vbert_jax import flops
 from vbert_jax import model
 from vbert_jax import sharding
-from vbert_jax import train
+from vbert_jax import pretrain as pretrain_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 V5E_HBM_BYTES = 16 * aot.GIB
@@ -49,7 +49,7 @@ def _config(variant: str, **overrides):
 
 
 def _num_params(config) -> int:
-  return model.count_params(jax.eval_shape(train.videobert_task(config).init, jax.random.key(0)))
+  return model.count_params(jax.eval_shape(pretrain_lib.videobert_task(config).init, jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_base_train_step_compiles_for_v5e_2x2(base_v5e_2x2, record_property):
   assert len(result.compiled.input_shardings[0]) > 0
   assert np.isfinite(report.flops) and report.flops > 0
   # FLOPs per step from the model's shape, and the step time they give at 40% of 197 TFLOP/s.
-  mcfg = train.model_config(config)
+  mcfg = pretrain_lib.model_config(config)
   expected = flops.flops_per_step(mcfg, 16, 128, 16 * config.masking.max_predictions_text,
                                   16 * config.masking.max_predictions_video).total
   assert result.model_flops == pytest.approx(expected)

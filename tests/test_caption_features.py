@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
+from helpers.configs import pretrain
 from helpers import trained_model as tm
 from vbert_jax import model as model_lib
-from vbert_jax import train
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.captioning import features as features_lib
 from vbert_jax.captioning import task
 from vbert_jax.tasks import bundle as bundle_lib
@@ -28,7 +28,7 @@ def bundle(tmp_path_factory):
   config.model.special_ids = "0,1,2,3,4,5"
   config.max_len = 32
   config.text.vocab = str(path)
-  params = model_lib.init_params(train.model_config(config), jax.random.key(0))
+  params = model_lib.init_params(pretrain_lib.model_config(config), jax.random.key(0))
   return bundle_lib.Bundle.from_parts(config, params, tokenizer)
 
 

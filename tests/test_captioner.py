@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import captioner as captioner_config
+from helpers.configs import captioner as captioner_config
 from vbert_jax import metrics as metrics_lib
 from vbert_jax.captioning import decode
 from vbert_jax.captioning import evaluate

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from vbert_jax import checkpoints
+from vbert_jax import model as model_lib
+from vbert_jax import pretrain as pretrain_lib
 
 
 class CountingIterator:
@@ -377,7 +379,6 @@ _MODEL_CONFIG = dict(text_vocab_size=200, visual_vocab_size=60, max_position_emb
 def mu_models():
   """The `mu` model in both layer layouts, its unscanned parameters and a batch."""
   from flax import linen as nn
-  from vbert_jax import model as model_lib
   configs = {scan: model_lib.VideoBERTConfig.from_variant("mu", scan_layers=scan, **_MODEL_CONFIG)
              for scan in (False, True)}
   rng = np.random.default_rng(0)
@@ -398,7 +399,6 @@ def _hidden(module, params, batch):
                          [(False, False), (False, True), (True, False), (True, True)])
 def test_export_and_load_params_across_layouts(tmp_path, mesh_8, mu_models, save_scanned,
                                                load_scanned):
-  from vbert_jax import model as model_lib
   modules, unscanned, batch = mu_models
   layout = lambda scanned: model_lib.scan_params(unscanned) if scanned else unscanned
   saved = layout(save_scanned)
@@ -407,18 +407,17 @@ def test_export_and_load_params_across_layouts(tmp_path, mesh_8, mu_models, save
   sharding = NamedSharding(mesh_8, P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           layout(load_scanned))
-  loaded = checkpoints.load_params(path, abstract)
+  loaded = model_lib.load(path, abstract)
   _assert_tree_equal(loaded, layout(load_scanned))
   assert all(x.sharding == sharding for x in jax.tree.leaves(loaded))
   assert ("layers" in loaded["encoder"]) == load_scanned
   np.testing.assert_allclose(_hidden(modules[load_scanned], loaded, batch),
                              _hidden(modules[False], unscanned, batch), rtol=1e-5, atol=1e-6)
   # Without a target: host arrays in the stored layout; the optimizer state was not exported.
-  _assert_tree_equal(checkpoints.load_params(path), saved)
+  _assert_tree_equal(model_lib.load(path), saved)
 
 
 def test_load_params_from_another_config(tmp_path, mu_models):
-  from vbert_jax import model as model_lib
   _, params, _ = mu_models
   path = checkpoints.export_params(params, tmp_path / "p")
   wider = model_lib.scan_params(params)
@@ -429,7 +428,7 @@ def test_load_params_from_another_config(tmp_path, mu_models):
                      match=(r"'embeddings/word_embeddings/embedding' has shape "
                             rf"\({shape[0]}, 32\) in the checkpoint but \(512, 32\) in the "
                             r"config")):
-    checkpoints.load_params(path, _abstract(wider))
+    model_lib.load(path, _abstract(wider))
   with pytest.raises(FileNotFoundError, match="no exported parameters"):
     checkpoints.load_params(tmp_path / "missing")
   with pytest.raises(FileExistsError, match="already exists"):
@@ -443,15 +442,15 @@ def test_load_initial_from_exported_params(tmp_path, mesh_8, mu_models):
   abstract_state = {"params": jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  loaded = checkpoints.load_initial(_config(checkpoint=str(path)), abstract_state)
+  loaded = pretrain_lib.load_initial(_config(checkpoint=str(path)), abstract_state)
   _assert_tree_equal(loaded, params)
-  assert checkpoints.load_initial(_config(), abstract_state) is None
+  assert pretrain_lib.load_initial(_config(), abstract_state) is None
   with pytest.raises(ValueError, match="both set"):
-    checkpoints.load_initial(_config(checkpoint=str(path), bert_dir="/bert"), abstract_state)
+    pretrain_lib.load_initial(_config(checkpoint=str(path), bert_dir="/bert"), abstract_state)
 
 
 def test_load_initial_from_a_bert_directory(tmp_path):
-  from configs import pretrain
+  from helpers.configs import pretrain
   from helpers import bert_dir
   from vbert_jax import train
   config = pretrain.get_config("variant=mu,runlocal")
@@ -463,18 +462,18 @@ def test_load_initial_from_a_bert_directory(tmp_path):
 
   config.unlock()
   config.init.bert_dir = str(tmp_path / "bert")
-  trainer = train.Trainer(train.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
   fresh = trainer.init_state().params
   fresh_table = np.asarray(fresh["embeddings"]["word_embeddings"]["embedding"])
-  params = checkpoints.load_initial(config, trainer.abstract_with_shardings(), lambda: fresh)
+  params = pretrain_lib.load_initial(config, trainer.abstract_with_shardings(), lambda: fresh)
   table = np.asarray(params["embeddings"]["word_embeddings"]["embedding"])
   reference = bert.bert.embeddings.word_embeddings.weight.detach().numpy()
   np.testing.assert_array_equal(table[:m.text_vocab_size], reference)
-  vocab = train.model_config(config).vocab
+  vocab = pretrain_lib.model_config(config).vocab
   visual = slice(vocab.visual_offset, vocab.visual_offset + vocab.visual_size)
   np.testing.assert_array_equal(table[visual], fresh_table[visual])  # visual rows stay random
   np.testing.assert_array_equal(
       np.asarray(params["encoder"]["layer_1"]["intermediate"]["kernel"]),
       bert.bert.encoder.layer[1].intermediate.dense.weight.detach().numpy().T)
   with pytest.raises(ValueError, match="pass them as `params`"):
-    checkpoints.load_initial(config, trainer.abstract_with_shardings())
+    pretrain_lib.load_initial(config, trainer.abstract_with_shardings())

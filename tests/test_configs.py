@@ -8,8 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import pretrain
-from vbert_jax import train
+from helpers.configs import pretrain
+from vbert_jax import pretrain as pretrain_lib
 
 
 def _parse(argv):
@@ -36,7 +36,7 @@ def test_defaults_are_the_papers_recipe():
   assert c.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
   assert c.checkpoint.every_steps > 0 and c.eval.every_steps > 0
   # The model config it describes builds.
-  assert train.model_config(c).hidden_size == 1024
+  assert pretrain_lib.model_config(c).hidden_size == 1024
 
 
 @pytest.mark.parametrize("variant,sizes", [("mu", (2, 32)), ("tiny", (2, 128)),
@@ -77,7 +77,7 @@ def test_command_line_overrides():
               "--config.optimizer.learning_rate=3e-4", "--config.mesh.fsdp=2",
               "--config.model.dtype=bfloat16"])
   assert c.optimizer.learning_rate == 3e-4 and c.mesh.fsdp == 2
-  assert train.model_config(c).dtype == "bfloat16"
+  assert pretrain_lib.model_config(c).dtype == "bfloat16"
   with pytest.raises(AttributeError, match="lrate"):
     _parse(["prog", "--config=configs/pretrain.py:variant=tiny",
             "--config.optimizer.lrate=1"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
 from data.videobert import make_dummy_data
 from data.videobert import videobert_dataset_builder as vb
 import fixtures_world as fw

@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
-from configs import demo as demo_config
+from helpers.configs import demo as demo_config
 from vbert_jax.demo import main as demo_main
-from vbert_jax.demo import pipeline
+from vbert_jax.demo import prepare
 from vbert_jax.demo import stages
 
 pytestmark = pytest.mark.slow
@@ -76,14 +76,14 @@ def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small
 def test_writes_its_pictures_and_tensorboard_logs(small_run):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir, _ = small_run
-  pictures = [workdir / pipeline.VOCAB / "vocabulary_grid.png"] + [
+  pictures = [workdir / prepare.VOCAB / "vocabulary_grid.png"] + [
       workdir / "tasks" / f"{name}.png" for name in ("zero_shot_frames", "text_to_video",
                                                      "forecast")]
   for path in pictures:
     with Image.open(path) as image:
       pixels = image.convert("L").getextrema()
       assert min(image.size) >= 64 and pixels[1] > pixels[0], (path, image.size, pixels)
-  assert list((workdir / pipeline.PRETRAIN).rglob("events.out.tfevents*"))
+  assert list((workdir / prepare.PRETRAIN).rglob("events.out.tfevents*"))
 
 
 def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_path):
@@ -105,7 +105,7 @@ def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_p
 
 
 def test_held_out_videos_never_reach_pretraining(small_run):
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
+  from vbert_jax.demo.world import world  # pylint: disable=g-import-not-at-top
   workdir, results = small_run
   manifest = world.load_manifest(workdir / "world")
   held = {v["video_id"] for v in manifest["videos"] if v["split"] == "val"}
@@ -134,7 +134,7 @@ def test_interrupted_stage_is_rebuilt(small_run):
   lines = []
   again = demo_main.run(_config(), workdir, log=lines.append)
   assert not again["tasks"].reused and not again["results"].reused
-  assert all(again[n].reused for n in (pipeline.WORLD, pipeline.FEATURES, pipeline.PRETRAIN))
+  assert all(again[n].reused for n in (prepare.WORLD, prepare.FEATURES, prepare.PRETRAIN))
   assert not (workdir / "tasks" / "half_written.json").exists()
   assert _tasks(workdir)["zero_shot"] == before["zero_shot"]
   assert any("tasks was left by an interrupted run" in line for line in lines)
@@ -146,12 +146,12 @@ def test_shuffled_narration_falls_to_chance(small_run, tmp_path):
   workdir, _ = small_run
   shuffled = tmp_path / "shuffled"
   shuffled.mkdir()
-  for name in (pipeline.WORLD, pipeline.FEATURES):  # pixels and features do not change
+  for name in (prepare.WORLD, prepare.FEATURES):  # pixels and features do not change
     shutil.copytree(workdir / name, shuffled / name, symlinks=True)
     for kind in (stages.DONE, stages.STARTED):
       shutil.copy(workdir / f"{name}.{kind}", shuffled / f"{name}.{kind}")
   results = demo_main.run(_config(shuffle=True), shuffled, log=_quiet)
-  assert results[pipeline.WORLD].reused and not results[pipeline.CORPUS].reused
+  assert results[prepare.WORLD].reused and not results[prepare.CORPUS].reused
   told = json.loads((shuffled / "corpus" / "narration.json").read_text())
   assert all(video != narrator for video, narrator in told.items())
   real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from configs import demo as demo_config
-from data.demo_world import vocabulary as words
+from helpers.configs import demo as demo_config
+from vbert_jax.demo.world import words
 from vbert_jax.demo import baselines
 from vbert_jax.demo import captioning
 from vbert_jax.demo import evaluate
-from vbert_jax.demo import pipeline
+from vbert_jax.demo import prepare
 from vbert_jax.demo import report
 from vbert_jax.demo import stages
 from vbert_jax.text import tokenizers
@@ -203,12 +203,12 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
 ])
 def test_config_that_asks_for_more_than_the_world_has_says_so(changes, message):
   c = demo_config.get_config("size=small")
-  pipeline.check_config(c)
+  prepare.check_config(c)
   for key, value in changes.items():
     section, name = key.split(".")
     c[section][name] = value
   with pytest.raises(ValueError, match=message):
-    pipeline.check_config(c)
+    prepare.check_config(c)
 
 
 def test_unknown_demo_size_is_named():

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from data import demo_world
-from data.demo_world import generate
-from data.demo_world import render
-from data.demo_world import world
+from vbert_jax.demo import world as demo_world
+from vbert_jax.demo.world import generate
+from vbert_jax.demo.world import render
+from vbert_jax.demo.world import world
 from vbert_jax.video import reader
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_seeded(small_world, tmp_path):
   longer = world.WorldConfig(num_videos=2, seed=0, width=112, height=112)
   files = [world.generate_video(longer, 1, tmp_path / f"again{i}") and
            (tmp_path / f"again{i}" / "demo_00001.mp4").read_bytes() for i in range(3)]
-  code = ("import sys; from data.demo_world import world; "
+  code = ("import sys; from vbert_jax.demo.world import world; "
           "world.generate_video(world.WorldConfig(num_videos=2, seed=0, width=112, height=112), "
           "1, sys.argv[1])")
   subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh")], check=True, cwd=REPO)

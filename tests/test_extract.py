@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import fixtures_world as fw
-from data.demo_world import corpus as demo_corpus
-from data import demo_world
+from vbert_jax.demo.world import corpus as demo_corpus
+from vbert_jax.demo import world as demo_world
 from vbert_jax.video import extract
 from vbert_jax.video import features_io
 from vbert_jax.video import reader

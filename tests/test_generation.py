@@ -185,7 +185,7 @@ COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 220, 30]]
 @pytest.fixture(scope="module")
 def coloured_vocab(tmp_path_factory):
   """A 4-token vocabulary fitted on 8 clips of a real video, clip i filled with COLOURS[i % 4]."""
-  from data.demo_world import world as world_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax.demo.world import world as world_lib  # pylint: disable=g-import-not-at-top
   from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   from vbert_jax.vocab import kmeans, vocabulary  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("coloured")

@@ -185,20 +185,20 @@ def test_examples_follow_the_recipe(unmasked_rows):
 
 
 def test_batches_are_well_formed_and_fit_the_training_contract(records):
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=mu,runlocal")
   with config.unlocked():
     config.max_len = 40
     config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
   pipeline = ip.make_pipeline(config, records)
   batches = take(pipeline, 6)
-  spec = train.pretrain_batch_spec(config, config.batch_size)
+  spec = pretrain_lib.pretrain_batch_spec(config, config.batch_size)
   for batch in batches:
     assert set(batch) == set(spec)  # no debug fields unless asked for
     for name, s in spec.items():
       assert batch[name].shape == s.shape and batch[name].dtype == s.dtype, name
-    train.check_pretrain_batch(config, VOCAB, batch, "test batch")
+    pretrain_lib.check_pretrain_batch(config, VOCAB, batch, "test batch")
   sp = VOCAB.specials
   for row in rows(batches):
     ids, seg, mask = row["input_ids"].copy(), row["segment_ids"], row["input_mask"]
@@ -354,7 +354,7 @@ def test_bad_input_is_named(records):
 @pytest.mark.slow
 def test_reads_a_tfds_array_record_dataset_by_name(records, tmp_path):
   """The production path: `create_iterator` opens the built dataset from config.input."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
 
   records_dataset.write(tmp_path, {"train": records[:8], "validation": records[8:]})
   config = pretrain.get_config("variant=mu,runlocal")
@@ -384,7 +384,7 @@ def test_every_example_with_tokens_of_a_modality_predicts_some_of_them():
   """The default recipe on the pipeline's own record generator: clip runs are short, and 15% of
   a few visual tokens rounds to none; BERT's floor of one masked token per modality keeps MVM
   training on every example that has visual tokens (and MLM on every one with text)."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=base")
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
   recs = ip.random_records(16, vocab, seed=2)

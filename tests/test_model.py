@@ -253,9 +253,9 @@ def test_embedding_gradients_sum_in_f32_under_bf16_compute():
   f32 model's as a weight's (one bf16 rounding of its terms, 2^-8 relative, with room for two),
   however many tokens there are; summed in bf16, this batch's 1,088 tokens put it 8 times
   further off."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=custom,runlocal")
   with config.unlocked():
     config.model.update(hidden_size=64, num_layers=1, num_heads=4, mlp_dim=128)
@@ -267,7 +267,7 @@ def test_embedding_gradients_sum_in_f32_under_bf16_compute():
   def grads(dtype):
     with config.unlocked():
       config.model.dtype = dtype
-    task = train.videobert_task(config)
+    task = pretrain_lib.videobert_task(config)
     params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0)))
     return jax.jit(jax.grad(lambda p: task.loss(p, batch, None)[0]))(params)
 

@@ -35,7 +35,7 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
                     "DEMO_CONFIG=configs/demo.py:size=small DEMO_ARGS='--config.world.num_videos=12 "
                     "--config.vocab.branching=3 --config.pretrain.total_steps=20 "
                     "--config.pretrain.optimizer.warmup_steps=2 --config.captioning.total_steps=20'")]),
-    ("python -m data.demo_world.generate", [(r"--num_videos=24 --size=112",
+    ("python -m vbert_jax.demo.world.generate", [(r"--num_videos=24 --size=112",
                                              "--num_videos=8 --size=64 --workers=1")]),
     ("python -m vbert_jax.video.extract", [(r"--image_size=224", "--image_size=64 --batch_size=16 "
                                             "--no_progress")]),

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import pretrain
+from helpers.configs import pretrain
 from helpers import tolerance
 from vbert_jax import sharding
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax import train
 
 LR = 1e-3
@@ -47,12 +48,12 @@ def _config(mesh: dict):
 def _run(config, devices, magnitudes=False):
   """Initial params, then per step (loss, grads) and the final params, all on the host; with
   `magnitudes`, also each step's per-example gradient magnitudes (for the tolerances)."""
-  task = train.videobert_task(config)
+  task = pretrain_lib.videobert_task(config)
   trainer = train.Trainer(task, config, sharding.make_mesh(config.mesh, devices),
                           return_grads=True)
   state = trainer.init_state()
   initial = jax.device_get(state.params)
-  source = train.make_source(config, "train", config.batch_size, trainer.mesh)
+  source = pretrain_lib.make_source(config, "train", config.batch_size, trainer.mesh)
   losses, grads, atols = [], [], []
   for _ in range(STEPS):
     batch = next(source)
@@ -161,7 +162,7 @@ def test_large_parameters_are_split_as_the_rules_say(sharded):
 def test_batch_is_split_over_data_and_fsdp(sharded):
   name, run = sharded
   trainer = run["trainer"]
-  source = train.make_source(trainer.config, "train", trainer.config.batch_size, trainer.mesh)
+  source = pretrain_lib.make_source(trainer.config, "train", trainer.config.batch_size, trainer.mesh)
   np.testing.assert_array_equal(sharding.process_rows(16, trainer.mesh, trainer.rules),
                                 np.arange(16))
   batch = trainer.put_batch(next(source))
@@ -193,12 +194,12 @@ def test_mesh_that_does_not_divide_the_batch_is_named():
                                        r"expected a multiple of 8. On 8 cpu devices in 1 "
                                        r"process, process 0 would feed 12 rows to its 8 "
                                        r"devices"):
-    train.Trainer(train.videobert_task(config), config)
+    train.Trainer(pretrain_lib.videobert_task(config), config)
   with config.unlocked():
     config.batch_size, config.grad_accum_steps = 16, 4
   with pytest.raises(ValueError, match=r"times config.grad_accum_steps=4; expected a "
                                        r"multiple of 32"):
-    train.Trainer(train.videobert_task(config), config)
+    train.Trainer(pretrain_lib.videobert_task(config), config)
 
 
 def test_rules_naming_an_unknown_mesh_axis_are_rejected():
@@ -229,9 +230,9 @@ def test_tied_heads_never_move_the_word_tables_between_tensor_shards():
   config = _config(dict(data=2, fsdp=1, tensor=4))
   with config.unlocked():
     config.model.update(num_layers=1, text_vocab_size=1000, visual_vocab_size=500)
-  trainer = train.Trainer(train.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
   hlo = trainer.lower_train_step().compile().as_text()
-  vocab = train.model_config(config).vocab
+  vocab = pretrain_lib.model_config(config).vocab
   rows = {vocab.text_padded, vocab.visual_padded, vocab.total_size}
   rows |= {n // 4 for n in rows}
   hidden = config.model.hidden_size

@@ -12,7 +12,7 @@ from helpers import trained_model as tm
 from vbert_jax import checkpoints
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
-from vbert_jax import train
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.text import tokenizers
@@ -141,7 +141,7 @@ def small(tmp_path_factory):
   vocab = tm.write_vocab(tmp_path_factory.mktemp("prompts") / "vocab.txt")
   tok = tokenizers.WordPieceTokenizer(vocab, lowercase=True)
   config = tm.make_config(vocab)
-  return tok, sequence.Layout(train.model_config(config).vocab, config.max_len)
+  return tok, sequence.Layout(pretrain_lib.model_config(config).vocab, config.max_len)
 
 
 def test_template_parses_masks_and_expands_them(small):

@@ -9,7 +9,7 @@ import re
 import ml_collections
 import pytest
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
 from vbert_jax import sequence
 from vbert_jax.text import sentences
 from vbert_jax.text import tokenizers

@@ -3,7 +3,6 @@ non-finite stops, bad input, metrics and the files a run leaves in its workdir."
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -15,9 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import pretrain
+from helpers.configs import pretrain
 from vbert_jax import metrics
 from vbert_jax import synthetic
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax import train
 
 DIM = 16
@@ -244,7 +244,7 @@ def test_accumulated_micro_batches_weigh_by_their_predictions():
   with config.unlocked():
     config.masking.max_predictions_text = config.masking.max_predictions_video = 4
     config.max_len = 24
-  task = train.videobert_task(config)
+  task = pretrain_lib.videobert_task(config)
   batch = next(synthetic.from_config(config, "train", batch_size=32))
   grads = {}
   for micro in (1, 4):
@@ -279,7 +279,7 @@ def test_weight_decay_skips_biases_and_layer_norms_in_both_layouts():
   config = toy_config()
   with config.unlocked():
     config.optimizer.weight_decay = 0.5
-  unscanned = model_lib.init_params(train.model_config(config), jax.random.key(0))
+  unscanned = model_lib.init_params(pretrain_lib.model_config(config), jax.random.key(0))
   decayed = sorted(jax.tree_util.keystr(p) for p, d in
                    jax.tree_util.tree_flatten_with_path(train.decay_mask(unscanned))[0] if d)
   layer = ["['attention']['key']['kernel']", "['attention']['out']['kernel']",
@@ -375,15 +375,15 @@ def test_ids_outside_the_vocabulary_are_named(tmp_path):
   source = _Corrupting(synthetic.from_config(config, "train", batch_size=config.batch_size))
   with pytest.raises(ValueError, match=r"train batch of step 1: input_ids: token ids \[1000000\] "
                                        r"are outside the joint vocabulary \(text \[0, 512\)"):
-    train.train_loop(train.videobert_task(config), config, tmp_path, source)
+    train.train_loop(pretrain_lib.videobert_task(config), config, tmp_path, source)
   bad = next(synthetic.from_config(config, "train", batch_size=4))
   bad["mvm_ids"][0, 0] = 256
   with pytest.raises(ValueError, match=r"eval: mvm_ids in \[\d+, 256\] fall outside \[0, 256\)"):
-    train.videobert_task(config).check_batch(bad, "eval")
+    pretrain_lib.videobert_task(config).check_batch(bad, "eval")
   bad = next(synthetic.from_config(config, "train", batch_size=4))
   bad["input_ids"] = bad["input_ids"][:, :8]
   with pytest.raises(ValueError, match=r"x: input_ids has shape \(4, 8\); expected \(4, 16\)"):
-    train.videobert_task(config).check_batch(bad, "x")
+    pretrain_lib.videobert_task(config).check_batch(bad, "x")
 
 
 def test_max_len_beyond_positions_is_named():
@@ -392,7 +392,7 @@ def test_max_len_beyond_positions_is_named():
     config.max_len = 100
   with pytest.raises(ValueError, match=r"config.max_len=100 exceeds config.model."
                                        r"max_position_embeddings=64"):
-    train.videobert_task(config)
+    pretrain_lib.videobert_task(config)
 
 
 # The generated source.
@@ -468,7 +468,7 @@ def test_throughput_and_mfu():
 
 
 def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   from vbert_jax.vocab import kmeans  # pylint: disable=g-import-not-at-top
   from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
   features = np.random.default_rng(0).normal(size=(200, 24)).astype(np.float32)
@@ -478,9 +478,9 @@ def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
   with config.unlocked():
     config.model.visual_vocab_size = 16
     config.init.visual_vocab = str(path)
-  trainer = train.Trainer(train.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
   fresh = trainer.init_state().params
-  params = train.init_visual_rows(fresh, config)
+  params = pretrain_lib.init_visual_rows(fresh, config)
   table = np.asarray(params["embeddings"]["visual_embeddings"]["embedding"])
   before = np.asarray(fresh["embeddings"]["visual_embeddings"]["embedding"])
   expected = vocabulary.visual_embedding_init(path, 32, std=0.02, seed=config.seed)
@@ -496,7 +496,7 @@ def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
   with config.unlocked():
     config.model.visual_vocab_size = 20
   with pytest.raises(ValueError, match=r"has 16 tokens but config.model.visual_vocab_size=20"):
-    train.init_visual_rows(fresh, config)
+    pretrain_lib.init_visual_rows(fresh, config)
 
 
 def test_each_evaluation_closes_its_input_workers(tmp_path):
@@ -516,7 +516,7 @@ def test_each_evaluation_closes_its_input_workers(tmp_path):
     return made[-1]
 
   before = {p.pid for p in psutil.Process().children(recursive=True)}
-  result = train.train_loop(train.videobert_task(config), config, tmp_path,
+  result = train.train_loop(pretrain_lib.videobert_task(config), config, tmp_path,
                             synthetic.from_config(config, "train", batch_size=8), eval_input)
   assert len(made) == 1 and len(result.eval_history) == 1
   # multiprocessing's resource tracker outlives the workers by design: one per process.
@@ -530,4 +530,4 @@ def test_without_a_dataset_the_run_says_how_to_build_one():
   config = pretrain.get_config("variant=tiny")
   with pytest.raises(ValueError, match=r"config.input.tfds_name is empty: .*"
                                        r"tfds build data/videobert"):
-    train.train_and_evaluate(config, "/nonexistent/never/written")
+    pretrain_lib.train_and_evaluate(config, "/nonexistent/never/written")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
 from vbert_jax.text import sentences
 from vbert_jax.text import transcripts
 from vbert_jax.text.transcripts import Cue, TranscriptError

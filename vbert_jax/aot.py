@@ -26,14 +26,19 @@ import math
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
+import sys
 
 import jax
 import ml_collections
 from jax.experimental import topologies
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
 from vbert_jax import console
 from vbert_jax import flops as flops_lib
 from vbert_jax import sharding
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax import train
 
 GIB = 1024 ** 3
@@ -131,7 +136,7 @@ class CompileReport:
 def make_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any],
                  where: str = "") -> train.Trainer:
   mesh = sharding.make_mesh(config.mesh, devices, where=where)
-  return train.Trainer(train.videobert_task(config), config, mesh)
+  return train.Trainer(pretrain_lib.videobert_task(config), config, mesh)
 
 
 def compile_report(compiled: Any, devices: Sequence[Any], topology: str = "") -> CompileReport:
@@ -360,7 +365,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   common = dict(topology=topo, mesh=dict(zip(sharding.MESH_AXES, sizes)),
                 num_devices=len(devices), device_kind=kind,
                 hbm_bytes=topo.hbm_bytes * chips // len(devices),
-                model_flops=float(train.videobert_task(config).train_flops(config.batch_size)),
+                model_flops=float(pretrain_lib.videobert_task(config).train_flops(config.batch_size)),
                 peak_flops=peak, mfu=mfu, num_slices=num_slices,
                 axes=sharding.axis_placement(device_mesh))
   try:
@@ -369,7 +374,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
         micro_steps=int(config.grad_accum_steps), where=where)
   except ValueError as e:
     return Readiness(**common, shardings=(), placement=str(e), feedable=False)
-  trainer = train.Trainer(train.videobert_task(config), config, device_mesh)
+  trainer = train.Trainer(pretrain_lib.videobert_task(config), config, device_mesh)
   common.update(shardings=sharding_summary(trainer, config.batch_size),
                 placement=placement.summary())
   try:
@@ -388,8 +393,6 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
 
 
 def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Pretraining config file and arguments.",
                                   lock_config=True)
   flags.DEFINE_string("topology", "v5e:2x2", "TPU topology: v5e:2x2, v5e:4x4, v4:2x2x1, "
@@ -406,9 +409,6 @@ def main(argv: Sequence[str]) -> None:
   """Prints the verdict; exits 1 when the step does not fit or cannot be fed, 2 on bad
   input."""
   console.setup()
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   fv = flags.FLAGS
@@ -439,6 +439,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from safetensors import numpy as st_numpy
 
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
@@ -74,19 +75,19 @@ def read_vocab(path: pathlib.Path) -> dict[str, int]:
 
 
 def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   try:
     return st_numpy.load_file(str(path))
   except (TypeError, ValueError) as e:
     # NumPy has no bfloat16: such files go through torch, then to float32.
     torch = _import_torch(path, reason=f"reading it with NumPy failed ({e})")
+    # Optional: torch is no runtime requirement; only bfloat16 files and .bin files need it.
     from safetensors import torch as st_torch  # pylint: disable=import-outside-toplevel
     return {k: _torch_to_numpy(torch, v) for k, v in st_torch.load_file(str(path)).items()}
 
 
 def _import_torch(path: pathlib.Path, reason: str):
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel  (optional, see above)
   except ImportError as e:
     raise BertImportError(f"{path}: reading this file needs PyTorch ({reason}); install torch "
                           f"or convert the checkpoint to {SAFETENSORS_FILE}") from e

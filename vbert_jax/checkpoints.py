@@ -7,9 +7,8 @@ all processes decide together (`restore_latest`). Each process saves the input i
 beside the model, so a resumed run sees exactly the examples it would have seen.
 
 `export_params` / `load_params` move parameters alone (for inference or as an initial
-checkpoint) and convert between the model's scanned (`encoder/layers/...` with a leading layer
-axis) and unscanned (`encoder/layer_{i}/...`) layouts; `load_initial` starts a fresh run from
-such an export or from a BERT directory; `read_checkpoint` reads a run's state for inspection.
+checkpoint; a model converts its own layouts on the way in, `vbert_jax.model.load`);
+`read_checkpoint` reads a run's state for inspection. Nothing here knows a model.
 All paths go through `etils.epath`, so `gs://` works wherever its credentials do.
 """
 
@@ -41,9 +40,6 @@ PyTree = Any
 STATE = "state"
 DATA = "data"
 CHECKPOINT_SUBDIR = "checkpoints"
-# The model's layer names: `encoder/layers` when scanned, `encoder/layer_{i}` when not.
-SCANNED = "layers"
-UNSCANNED_0 = "layer_0"
 
 
 class CheckpointMismatchError(ValueError):
@@ -489,40 +485,6 @@ def export_params(state_or_params: Any, path: Any) -> epath.Path:
   return path
 
 
-def _has_key(tree: Any, key: str) -> bool:
-  return isinstance(tree, Mapping) and any(
-      k == key or _has_key(v, key) for k, v in tree.items())
-
-
-def convert_layout(params: Mapping, abstract_params: Mapping) -> Mapping:
-  """Converts `params` to the scanned (`encoder/layers`, leading layer axis) or unscanned
-  (`encoder/layer_{i}`) layout that `abstract_params` uses; the model owns both layouts."""
-  from vbert_jax import model  # pylint: disable=g-import-not-at-top
-  params = _split_joint_table(params, abstract_params)
-  stored_scanned, wanted_scanned = _has_key(params, SCANNED), _has_key(abstract_params, SCANNED)
-  if _has_key(params, UNSCANNED_0) and wanted_scanned and not stored_scanned:
-    return model.scan_params(params)
-  if stored_scanned and _has_key(abstract_params, UNSCANNED_0) and not wanted_scanned:
-    return model.unscan_params(params)
-  return params
-
-
-def _split_joint_table(params: Mapping, abstract_params: Mapping) -> Mapping:
-  """Exports that kept text and visual rows in one word table, in today's two tables."""
-  stored, wanted = params.get("embeddings"), abstract_params.get("embeddings")
-  if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)
-          and "visual_embeddings" in wanted and "visual_embeddings" not in stored
-          and "word_embeddings" in stored):
-    return params
-  table = stored["word_embeddings"]["embedding"]
-  text = wanted["word_embeddings"]["embedding"].shape[0]
-  if table.shape[0] != text + wanted["visual_embeddings"]["embedding"].shape[0]:
-    return params  # another config: check_shapes names it
-  embeddings = {**stored, "word_embeddings": {"embedding": table[:text]},
-                "visual_embeddings": {"embedding": table[text:]}}
-  return {**params, "embeddings": embeddings}
-
-
 def _read_params_host(path: epath.Path) -> PyTree:
   # Restored as host numpy arrays: the checkpoint may come from a mesh this machine lacks. The
   # handler reads one item directory, be it an export or the `state` item of a step.
@@ -553,11 +515,13 @@ def read_checkpoint(workdir: Any, step: int | None = None) -> tuple[int, PyTree]
   return step, _read_params_host(directory / str(step) / STATE)
 
 
-def load_params(path: Any, abstract_params: PyTree | None = None) -> PyTree:
-  """Reads exported parameters; with `abstract_params`, in its layout and on its shardings.
+def load_params(path: Any, abstract_params: PyTree | None = None,
+                convert: Callable[[PyTree, PyTree], PyTree] | None = None) -> PyTree:
+  """Reads exported parameters; with `abstract_params`, on its shardings.
 
-  Without `abstract_params` the parameters come back as host numpy arrays in the layout they
-  were saved in.
+  Without `abstract_params` the parameters come back as host numpy arrays as they were saved.
+  `convert(params, abstract_params)` first brings them to the structure that `abstract_params`
+  has (a model's own layouts: `vbert_jax.model.load`).
   """
   path = _path(path)
   if not path.exists():
@@ -566,7 +530,8 @@ def load_params(path: Any, abstract_params: PyTree | None = None) -> PyTree:
   params = _read_params_host(path)
   if abstract_params is None:
     return params
-  params = convert_layout(params, abstract_params)
+  if convert is not None:
+    params = convert(params, abstract_params)
   check_shapes(params, abstract_params, where=f"parameters {path}")
 
   def place(value, abstract):
@@ -574,59 +539,3 @@ def load_params(path: Any, abstract_params: PyTree | None = None) -> PyTree:
     sharding = getattr(abstract, "sharding", None)
     return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
   return jax.tree.map(place, params, abstract_params)
-
-
-# --------------------------------------------------------------------------------------------
-# The initial checkpoint of a fresh run.
-# --------------------------------------------------------------------------------------------
-
-
-def _abstract_params(abstract_state: Any) -> PyTree:
-  if hasattr(abstract_state, "params"):
-    return abstract_state.params
-  if isinstance(abstract_state, Mapping) and "params" in abstract_state:
-    return abstract_state["params"]
-  raise TypeError(f"abstract_state of type {type(abstract_state).__name__} has no 'params'")
-
-
-def _config_get(config: Any, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError):
-      return None
-  return node
-
-
-def load_initial(config: Any, abstract_state: Any,
-                 params: PyTree | Callable[[], PyTree] | None = None) -> PyTree | None:
-  """Parameters for a fresh run from `config.init.checkpoint` or `config.init.bert_dir`.
-
-  `config.init.checkpoint` is a directory written by `export_params` (from either layer layout):
-  the parameters come back on the shardings of `abstract_state.params`. `config.init.bert_dir` is
-  a Hugging Face BERT directory: it replaces the text part of `params`, the freshly initialised
-  (sharded) parameters, whose visual rows stay random; `params` may be a function that makes
-  them, so that a run without BERT does not pay for them. None when neither is configured; the
-  loop builds the optimizer state around what comes back.
-  """
-  checkpoint = _config_get(config, "init.checkpoint")
-  bert_dir = _config_get(config, "init.bert_dir")
-  if checkpoint and bert_dir:
-    raise ValueError(f"config.init.checkpoint={checkpoint!r} and config.init.bert_dir="
-                     f"{bert_dir!r} are both set: choose one initial checkpoint")
-  if checkpoint:
-    logging.info("initialising parameters from %s", checkpoint)
-    return load_params(checkpoint, _abstract_params(abstract_state))
-  if bert_dir:
-    if params is None:
-      raise ValueError(f"config.init.bert_dir={bert_dir!r}: BERT fills the text part of freshly "
-                       "initialised parameters; pass them as `params`")
-    params = params() if callable(params) else params
-    from vbert_jax import bert_import  # pylint: disable=g-import-not-at-top
-    from vbert_jax import train  # pylint: disable=g-import-not-at-top
-    logging.info("initialising the text part of the parameters from the BERT directory %s",
-                 bert_dir)
-    return bert_import.init_from_bert(params, bert_dir, train.model_config(config),
-                                      max_len=_config_get(config, "max_len"))
-  return None

@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+from absl import app
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and arguments, e.g. configs/pretrain.py:variant=tiny,runlocal",
@@ -95,7 +96,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def check_args(argv: list[str], example: str) -> tuple:
   """The config and workdir, or a usage error saying what is missing."""
-  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if CONFIG.value is None:

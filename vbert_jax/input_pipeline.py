@@ -46,6 +46,7 @@ import numpy as np
 from vbert_jax import objectives
 from vbert_jax import sequence
 from vbert_jax import stream
+from vbert_jax import align
 
 SPLIT_CODES = {"train": 0, "eval": 1}
 # How many records an example may look at before it settles for another regime.
@@ -472,6 +473,7 @@ def open_tfds_source(config: Any, split: str) -> Any:
   if not inp.tfds_name:
     raise ValueError("config.input.tfds_name is empty; expected the dataset builder's name "
                      "(with config.input.data_dir where it was built)")
+  # TFDS imports TensorFlow (seconds): only runs that read a dataset pay for it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(inp.tfds_name, data_dir=inp.data_dir or None)
@@ -500,7 +502,6 @@ def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *
   Videos of 1-4 minutes in 1.5 s clips; ASR sentences of 4-20 tokens lasting 1.5-6 s, with
   silent stretches (which become 16-token video-only segments); a share of videos has no ASR.
   """
-  from vbert_jax import align  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([seed, 4242])
   ids = np.arange(vocab.text_size)
   words = ids[vocab.is_text(ids)]

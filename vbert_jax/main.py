@@ -18,14 +18,14 @@ from absl import logging
 
 from vbert_jax import console
 from vbert_jax import entry
+from vbert_jax import pretrain as pretrain_lib
 
 
 def main(argv: list[str]) -> None:
   console.setup()
   config, workdir = entry.check_args(argv, "configs/pretrain.py:variant=tiny")
   entry.initialize_distributed()
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(config, workdir)
+  result = pretrain_lib.train_and_evaluate(config, workdir)
   state = "preempted" if result.preempted else "finished"
   logging.info("%s at step %d", state, result.step)
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbert_jax import checkpoints
 from vbert_jax import sequence
 
 # Logits of padding ids: finite (unlike -inf) so that 0 * log p stays 0 in a cross-entropy.
@@ -490,3 +491,47 @@ def scan_params(params: Any) -> Any:
 def unscan_params(params: Any) -> Any:
   """Scanned (`encoder/layers`) -> unscanned (`encoder/layer_i`); the inverse of `scan_params`."""
   return _map_encoders(nn.meta.unbox(params), _split_layers)
+
+
+# The layer names: `encoder/layers` when scanned, `encoder/layer_{i}` when not.
+SCANNED = "layers"
+UNSCANNED_0 = "layer_0"
+
+
+def _has_key(tree: Any, key: str) -> bool:
+  return isinstance(tree, Mapping) and any(
+      k == key or _has_key(v, key) for k, v in tree.items())
+
+
+def convert_layout(params: Mapping, abstract_params: Mapping) -> Mapping:
+  """Converts `params` to the scanned (`encoder/layers`, leading layer axis) or unscanned
+  (`encoder/layer_{i}`) layout that `abstract_params` uses, from either."""
+  params = _split_joint_table(params, abstract_params)
+  stored_scanned, wanted_scanned = _has_key(params, SCANNED), _has_key(abstract_params, SCANNED)
+  if _has_key(params, UNSCANNED_0) and wanted_scanned and not stored_scanned:
+    return scan_params(params)
+  if stored_scanned and _has_key(abstract_params, UNSCANNED_0) and not wanted_scanned:
+    return unscan_params(params)
+  return params
+
+
+def _split_joint_table(params: Mapping, abstract_params: Mapping) -> Mapping:
+  """Exports that kept text and visual rows in one word table, in today's two tables."""
+  stored, wanted = params.get("embeddings"), abstract_params.get("embeddings")
+  if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)
+          and "visual_embeddings" in wanted and "visual_embeddings" not in stored
+          and "word_embeddings" in stored):
+    return params
+  table = stored["word_embeddings"]["embedding"]
+  text = wanted["word_embeddings"]["embedding"].shape[0]
+  if table.shape[0] != text + wanted["visual_embeddings"]["embedding"].shape[0]:
+    return params  # another config: check_shapes names it
+  embeddings = {**stored, "word_embeddings": {"embedding": table[:text]},
+                "visual_embeddings": {"embedding": table[text:]}}
+  return {**params, "embeddings": embeddings}
+
+
+def load(path: Any, abstract_params: Any = None) -> Any:
+  """Parameters exported by `checkpoints.export_params`, in the layout (scanned or not) and on
+  the shardings of `abstract_params`; host arrays as saved without it."""
+  return checkpoints.load_params(path, abstract_params, convert=convert_layout)

@@ -30,6 +30,7 @@ from vbert_jax.text import sentences as sentences_lib
 from vbert_jax.text import tokenizers
 from vbert_jax.text import transcripts
 from vbert_jax.video import features_io
+from vbert_jax.vocab import vocabulary as vocab_lib
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 TRANSCRIPT_SUFFIXES = (".vtt", ".srt", ".json")
@@ -226,7 +227,6 @@ class RecordSettings:
 
   def load(self) -> tuple:
     """(vocabulary, tokenizer) read from their files."""
-    from vbert_jax.vocab import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
     vocab = vocab_lib.VisualVocabulary.load(self.vocabulary)
     tokenizer = tokenizers.load_tokenizer({"text": {
         "tokenizer": self.tokenizer, "vocab": self.tokenizer_file, "lowercase": self.lowercase}})

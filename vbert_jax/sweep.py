@@ -28,13 +28,11 @@ import copy
 import csv
 import dataclasses
 import difflib
-import importlib.util
 import inspect
 import io
 import itertools
 import json
 import os
-import pathlib
 import posixpath
 import re
 import shlex
@@ -44,6 +42,9 @@ import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
+from etils import epath
+
+from vbert_jax import config_lib
 
 Overrides = dict[str, Any]
 TABLE_METRICS = ("loss", "mlm_loss", "mvm_loss", "lva_loss")
@@ -102,19 +103,9 @@ def chainit(*sweeps: Sequence[Overrides]) -> list[Overrides]:
 # Loading and checking.
 
 
-def _load_module(path: str, what: str) -> Any:
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"{what} {path}: no such file")
-  spec = importlib.util.spec_from_file_location(f"_vbert_{what}_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def load_sweep(path: str) -> tuple[list[Overrides], str | None]:
   """The override sets of a sweep file, and its CONFIG if it names one."""
-  module = _load_module(path, "sweep")
+  module = config_lib.load_module(path, "sweep")
   fn = getattr(module, "get_sweep", None) or getattr(module, "sweep", None)
   if not callable(fn):
     raise ValueError(f"sweep file {path}: defines neither get_sweep() nor sweep(h)")
@@ -127,13 +118,6 @@ def load_sweep(path: str) -> tuple[list[Overrides], str | None]:
     if not isinstance(run, Mapping):
       raise ValueError(f"sweep file {path}: run {i} is {run!r}; expected a dict of overrides")
   return [{_key(k): v for k, v in run.items()} for run in runs], getattr(module, "CONFIG", None)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`configs/pretrain.py:variant=mu,runlocal` -> its get_config(arg)."""
-  path, _, arg = spec.partition(":")
-  module = _load_module(path, "config")
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def check_key(config: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
@@ -262,7 +246,6 @@ def execute(runs: Sequence[Run], log_dir: str | None, environ: Mapping[str, str]
 
 def final_records(workdir: str) -> tuple[dict[str, float], dict[str, float]]:
   """The last train and eval records of a run's metrics.jsonl ({} where there are none)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return {}, {}
@@ -305,7 +288,6 @@ def collect(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-  from etils import epath  # pylint: disable=g-import-not-at-top
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="")
   writer.writeheader()
@@ -393,7 +375,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     config_spec = args.config or default_config
     if not config_spec:
       raise ValueError(f"sweep file {args.sweep}: names no CONFIG; pass --config=FILE.py:ARGS")
-    config = load_config(config_spec)
+    config = config_lib.load_config(config_spec)
     for key, _ in _split_extra(extra):
       check_key(copy.deepcopy(config), key, _any_value(config, key), "arguments after --")
     check_runs(config, runs, f"sweep file {args.sweep}")

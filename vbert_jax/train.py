@@ -3,13 +3,13 @@
 Any model trains through it as a `Task`: an `init(rng) -> params` (boxed with logical axis names,
 as `flax.linen.with_logical_partitioning` makes them), a `loss(params, batch, rng) -> (loss,
 metrics)` (`rng` None means evaluation: no dropout), and optional batch checks, a batch spec and a
-FLOP count. VideoBERT pretraining (`videobert_task`, `train_and_evaluate`) is one instance; the
-captioner of the tasks package is another.
+FLOP count, and the parameters a fresh run starts from. VideoBERT pretraining
+(`vbert_jax.pretrain`) is one instance; the captioner (`vbert_jax.captioning`) is another.
 
 The config keys the trainer reads: seed, batch_size, total_steps, grad_accum_steps,
 optimizer.{learning_rate, end_learning_rate, warmup_steps, b1, b2, eps, weight_decay,
 grad_clip_norm}, mesh.{data, fsdp, tensor}, sharding_rules, log_every_steps,
-eval.{every_steps, num_batches}, checkpoint.*, init.*, profile.{start_step, num_steps},
+eval.{every_steps, num_batches}, checkpoint.*, profile.{start_step, num_steps},
 compilation_cache_dir, peak_flops_per_device.
 
 A step is numbered by the updates done before it: the state saved as checkpoint N has had N
@@ -36,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -45,7 +44,6 @@ from vbert_jax import checkpoints
 from vbert_jax import console
 from vbert_jax import metrics as metrics_lib
 from vbert_jax import processes
-from vbert_jax import sequence
 from vbert_jax import sharding
 
 Batch = Mapping[str, Any]
@@ -79,6 +77,10 @@ class Task:
   # Model FLOPs of one training step (forward + backward) over a global batch of a given size.
   train_flops: Callable[[int], float] | None = None
   tokens_per_example: int = 0
+  # A fresh run's parameters when they do not start from `init` (an exported checkpoint, a
+  # pretrained model): given the abstract train state (with shardings) and a function that makes
+  # the freshly initialised parameters; None from it means `init`.
+  initial_params: Callable[[Any, Callable[[], Params]], Params | None] | None = None
   # Whether the model's logical constraints on activations apply (the mesh is set while
   # tracing). Parameters and batches are sharded either way; without it XLA propagates the
   # activation shardings from them.
@@ -413,36 +415,13 @@ def _initial_state(trainer: Trainer, ckpt: Any, config: ml_collections.ConfigDic
   if state is not None:
     logging.info("resumed at step %d", int(state.step))
     return state
-  # Importing BERT fills the text part of freshly initialised parameters.
-  params = checkpoints.load_initial(config, trainer.abstract_with_shardings(),
-                                    params=lambda: trainer.init_state().params)
-  if config.init.get("visual_vocab"):
-    params = init_visual_rows(params if params is not None else trainer.init_state().params,
-                              config)
+  params = None
+  if trainer.task.initial_params is not None:
+    params = trainer.task.initial_params(trainer.abstract_with_shardings(),
+                                         lambda: trainer.init_state().params)
   if params is not None:
     return trainer.state_from_params(params)
   return trainer.init_state()
-
-
-def init_visual_rows(params: Params, config: ml_collections.ConfigDict) -> Params:
-  """Starts the visual embedding table from `config.init.visual_vocab`'s centroids.
-
-  The centroids are projected to the hidden size (`vocabulary.visual_embedding_init`), so that
-  visual tokens that look alike start close together; the table keeps its sharding.
-  """
-  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
-  cfg, path = model_config(config), config.init.visual_vocab
-  rows = vocabulary.visual_embedding_init(path, cfg.hidden_size, std=cfg.initializer_range,
-                                          seed=config.seed)
-  if rows.shape[0] != cfg.visual_vocab_size:
-    raise ValueError(f"config.init.visual_vocab={path!r} has {rows.shape[0]} tokens but "
-                     f"config.model.visual_vocab_size={cfg.visual_vocab_size}")
-  table = params["embeddings"]["visual_embeddings"]["embedding"]
-  # The rows past the vocabulary pad the table to a multiple of 128 and stay as they were.
-  put = jax.jit(lambda t, r: t.at[:r.shape[0]].set(r.astype(t.dtype)),
-                out_shardings=getattr(table, "sharding", None))
-  visual = {**params["embeddings"]["visual_embeddings"], "embedding": put(table, rows)}
-  return {**params, "embeddings": {**params["embeddings"], "visual_embeddings": visual}}
 
 
 def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, train_iter: Any,
@@ -584,133 +563,3 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
 # VideoBERT pretraining: one instance of the trainer.
 
 
-def model_config(config: ml_collections.ConfigDict):
-  """The VideoBERTConfig a pretraining config describes."""
-  from vbert_jax import model  # pylint: disable=g-import-not-at-top
-  fields = dict(config.model)
-  fields["remat"] = {"none": False, "full": True}.get(fields["remat"], fields["remat"])
-  fields["attention_impl"] = None if fields["attention_impl"] == "xla" else fields[
-      "attention_impl"]
-  fields["special_ids"] = sequence.SpecialIds.parse(fields.get("special_ids")).as_tuple()
-  if config.max_len > fields["max_position_embeddings"]:
-    raise ValueError(f"config.max_len={config.max_len} exceeds config.model."
-                     f"max_position_embeddings={fields['max_position_embeddings']}")
-  return model.VideoBERTConfig(**fields)
-
-
-def pretrain_batch_spec(config: ml_collections.ConfigDict, batch_size: int
-                        ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a pretraining batch (the shared batch contract)."""
-  length, pt, pv = (config.max_len, config.masking.max_predictions_text,
-                    config.masking.max_predictions_video)
-  i32, f32 = jnp.int32, jnp.float32
-  shapes = {"input_ids": ((length,), i32), "segment_ids": ((length,), i32),
-            "position_ids": ((length,), i32), "input_mask": ((length,), i32), "regime": ((), i32),
-            "mlm_positions": ((pt,), i32), "mlm_ids": ((pt,), i32), "mlm_weights": ((pt,), f32),
-            "mvm_positions": ((pv,), i32), "mvm_ids": ((pv,), i32), "mvm_weights": ((pv,), f32),
-            "lva_label": ((), i32), "lva_weight": ((), f32)}
-  return {k: jax.ShapeDtypeStruct((batch_size,) + s, d) for k, (s, d) in shapes.items()}
-
-
-def check_pretrain_batch(config: ml_collections.ConfigDict, vocab: Any, batch: Batch,
-                         where: str) -> None:
-  """Fields, shapes and id ranges of a host batch; errors name `where` and the field."""
-  spec = pretrain_batch_spec(config, len(np.asarray(batch["input_ids"])))
-  missing = sorted(set(spec) - set(batch))
-  if missing:
-    raise ValueError(f"{where}: missing fields {missing}")
-  for name, s in spec.items():
-    if tuple(np.shape(batch[name])) != s.shape:
-      raise ValueError(f"{where}: {name} has shape {tuple(np.shape(batch[name]))}; expected "
-                       f"{s.shape} (batch, max_len={config.max_len}, slots)")
-  vocab.check_ids(batch["input_ids"], where=f"{where}: input_ids")
-  for name, size in (("mlm_ids", vocab.text_size), ("mvm_ids", vocab.visual_size)):
-    ids = np.asarray(batch[name])
-    if ids.size and (ids.min() < 0 or ids.max() >= size):
-      raise ValueError(f"{where}: {name} in [{ids.min()}, {ids.max()}] fall outside [0, {size})")
-  for name in ("mlm_positions", "mvm_positions", "position_ids"):
-    pos = np.asarray(batch[name])
-    if pos.size and (pos.min() < 0 or pos.max() >= config.max_len):
-      raise ValueError(f"{where}: {name} in [{pos.min()}, {pos.max()}] fall outside "
-                       f"[0, max_len={config.max_len})")
-
-
-def videobert_task(config: ml_collections.ConfigDict) -> Task:
-  """MLM + MVM + LVA pretraining of the joint model, weighted by config.loss."""
-  from vbert_jax import flops, model, objectives  # pylint: disable=g-import-not-at-top
-  mcfg = model_config(config)
-  module = model.VideoBERT(mcfg)
-  weights = (config.loss.alpha, config.loss.beta, config.loss.gamma)
-
-  def init(rng: jax.Array) -> Params:
-    return module.init({"params": rng}, **model.dummy_inputs(mcfg))["params"]
-
-  def loss(params: Params, batch: Batch, rng: jax.Array | None, over: Any = None):
-    outputs = module.apply(
-        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["position_ids"],
-        batch["input_mask"], batch["mlm_positions"], batch["mvm_positions"],
-        deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    return objectives.compute_loss(outputs, batch, *weights,
-                                   masked_on_negatives=config.loss.masked_on_negatives,
-                                   over=over)
-
-  def train_flops(batch_size: int) -> float:
-    # Heads counted at every slot: an upper bound by the padding slots of short sequences.
-    return flops.flops_per_step(mcfg, batch_size, config.max_len,
-                                batch_size * config.masking.max_predictions_text,
-                                batch_size * config.masking.max_predictions_video).total
-
-  return Task(init=init, loss=loss,
-              denominators=functools.partial(
-                  objectives.denominators,
-                  masked_on_negatives=config.loss.masked_on_negatives),
-              check_batch=functools.partial(check_pretrain_batch, config, mcfg.vocab),
-              batch_spec=functools.partial(pretrain_batch_spec, config),
-              train_flops=train_flops, tokens_per_example=int(config.max_len))
-
-
-def make_source(config: ml_collections.ConfigDict, split: str, batch_size: int,
-                mesh: jax.sharding.Mesh) -> Any:
-  """This process's rows of the global batches of `split` ("train" or "eval") of
-  config.input.source: the rows its devices hold, wherever the mesh puts them."""
-  rows = sharding.process_rows(batch_size, mesh, sharding.make_rules(config.sharding_rules))
-  kind = config.input.source
-  if kind == "synthetic":
-    from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.from_config(config, split, batch_size=batch_size, rows=rows)
-  if kind == "tfds":
-    from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.create_iterator(config, split, batch_size=batch_size, rows=rows)
-  raise ValueError(f"config.input.source={kind!r}: expected 'tfds' or 'synthetic'")
-
-
-def check_input(config: ml_collections.ConfigDict) -> None:
-  """A run reads a dataset unless it asks for generated tokens, and says so when it does."""
-  inp = config.input
-  if inp.source == "tfds" and not inp.tfds_name:
-    raise ValueError(
-        "config.input.tfds_name is empty: pretraining reads a dataset of aligned videos. Build "
-        "one with `tfds build data/videobert --manual_dir=CORPUS --data_dir=DIR` (see "
-        "data/videobert/README.md), then pass --config.input.tfds_name=videobert/<config> "
-        "--config.input.data_dir=DIR. Generated tokens are for trying the trainer: add "
-        "`runlocal` to the config argument, or --config.input.source=synthetic.")
-  if inp.source == "synthetic":
-    logging.warning("input: GENERATED tokens (config.input.source=synthetic), not a dataset: "
-                    "this run learns a made-up task, for trying the trainer and for tests")
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
-                       mesh: jax.sharding.Mesh | None = None) -> LoopResult:
-  """VideoBERT pretraining as configured: the input sources, the task, the loop."""
-  check_input(config)
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  task = videobert_task(config)
-  rules = sharding.make_rules(config.sharding_rules)
-  sharding.check_batch_size(config.batch_size, mesh, rules,
-                            micro_steps=int(config.grad_accum_steps))
-  train_iter = make_source(config, "train", config.batch_size, mesh)
-  eval_fn = None
-  if config.eval.every_steps > 0 and config.eval.num_batches > 0:
-    sharding.check_batch_size(config.eval.batch_size, mesh, rules, key="config.eval.batch_size")
-    eval_fn = functools.partial(make_source, config, "eval", config.eval.batch_size, mesh)
-  return train_loop(task, config, workdir, train_iter, eval_fn, mesh)

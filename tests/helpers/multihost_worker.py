@@ -1,6 +1,6 @@
 """One process of a multi-host pretraining run on CPU, for tests/test_multihost.py.
 
-Runs `train.train_and_evaluate` on the TFDS records the test built, over a mesh whose devices are
+Runs `pretrain_lib.train_and_evaluate` on the TFDS records the test built, over a mesh whose devices are
 listed in a given order of processes (as a TPU topology interleaves hosts), and writes, step by
 step, which example of the global stream each of its rows got. Flags:
 
@@ -44,7 +44,7 @@ def _parse(argv):
 
 
 def _config(args):
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=mu,runlocal")
   overrides = dict(pretrain_runs.OVERRIDES)
   overrides.update({"input.source": "tfds", "input.tfds_name": args.dataset,
@@ -108,19 +108,19 @@ def main(argv):
   from vbert_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vbert_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
 
   config = _config(args)
   workdir = pathlib.Path(args.workdir)
   ids_path = workdir.parent / f"{workdir.name}.rows.process{jax.process_index()}.jsonl"
-  made = train.make_source
+  made = pretrain_lib.make_source
 
   def recording_source(config, split, batch_size, mesh):
     source = made(config, split, batch_size, mesh)
     rows = sharding.process_rows(batch_size, mesh, sharding.make_rules(config.sharding_rules))
     return RecordingSource(source, rows, ids_path, split)
 
-  train.make_source = recording_source
+  pretrain_lib.make_source = recording_source
   input_pipeline.create_iterator = functools.partial(input_pipeline.create_iterator, debug=True)
   if args.fail_read:
     read = checkpoints.CheckpointManager._read_step  # pylint: disable=protected-access
@@ -132,7 +132,7 @@ def main(argv):
     checkpoints.CheckpointManager._read_step = failing_read  # pylint: disable=protected-access
 
   mesh = sharding.make_mesh(config.mesh, _devices_in_order(args.order))
-  result = train.train_and_evaluate(config, workdir, mesh)
+  result = pretrain_lib.train_and_evaluate(config, workdir, mesh)
   print(f"finished at step {result.step}", flush=True)
 
 

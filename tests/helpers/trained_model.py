@@ -23,9 +23,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from configs import pretrain
+from helpers.configs import pretrain
 from vbert_jax import sequence
 from vbert_jax import sharding
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax import train
 from vbert_jax.tasks import bundle as bundle_lib
 
@@ -184,11 +185,11 @@ def train_world(root: pathlib.Path, steps: int = STEPS, **config_args) -> Traine
   config = make_config(vocab_path, steps, **config_args)
   from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizers.load_tokenizer(config)
-  layout = sequence.Layout(train.model_config(config).vocab, config.max_len)
+  layout = sequence.Layout(pretrain_lib.model_config(config).vocab, config.max_len)
   # One device: the tiny model trains fastest unsplit on two cores.
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   workdir = root / "run"
-  result = train.train_loop(train.videobert_task(config), config, workdir,
+  result = train.train_loop(pretrain_lib.videobert_task(config), config, workdir,
                             StepSource(layout, tokenizer, config.batch_size), None, mesh)
   final = result.train_history[-1][1]["loss"]
   return TrainedWorld(bundle_lib.load_bundle(workdir), workdir, vocab_path, float(final))

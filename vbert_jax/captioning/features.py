@@ -27,13 +27,15 @@ import numpy as np
 
 from vbert_jax import sequence
 from vbert_jax.captioning import task as task_lib
+from vbert_jax.tasks import bundle as bundle_lib
+from vbert_jax.tasks import prompts
+from vbert_jax.tasks import zero_shot
 
 CAPTION_TEMPLATE = "now let's [MASK] the [MASK] to the [MASK], and then [MASK] the [MASK]."
 CAPTION_MASKS = 5
 
 
 def _template(bundle: Any, template: str):
-  from vbert_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
   expected = CAPTION_MASKS if template == CAPTION_TEMPLATE else None
   return prompts.Template.parse(template, bundle.tokenizer, expected_masks=expected)
 
@@ -63,7 +65,6 @@ def caption_features(bundle: Any, videos: Sequence[Sequence[int]], *,
   `videos` holds the visual tokens (0 .. visual_size - 1) of each video or segment; `bundle` is a
   `vbert_jax.tasks.bundle.Bundle`.
   """
-  from vbert_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
   if not len(videos):
     raise ValueError("caption features: no videos given")
   if batch_size < 1:
@@ -127,8 +128,6 @@ def make_pairs(bundle: Any, videos: Mapping[str, Sequence[int]],
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(
       prog="python -m vbert_jax.captioning.features",
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -169,8 +168,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
   segments = _captioned_segments(args)
   bundle = bundle_lib.bundle_from_args(args)
   if bundle.visual_vocab is None:
@@ -193,7 +190,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _captioned_segments(args: argparse.Namespace) -> list:
-  from vbert_jax.tasks import zero_shot  # pylint: disable=g-import-not-at-top
   if args.labels:
     segments = [s for s in zero_shot.read_labels(args.labels) if s.sentence.strip()]
     if not segments:
@@ -212,7 +208,6 @@ def _report(results: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   return bundle_lib.run_command(run, parse_args(argv), _report)
 
 

@@ -22,6 +22,12 @@ import shutil
 import sys
 from typing import Hashable, Mapping, Sequence
 
+from pycocoevalcap.bleu import bleu
+from pycocoevalcap.cider import cider
+from pycocoevalcap.meteor import meteor as meteor_lib
+from pycocoevalcap.rouge import rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
+
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 NO_JAVA_MESSAGE = ("caption metrics: running without Java (none on the PATH, or use_java=False): "
                    "the PTB tokenizer and METEOR cannot run; captions are tokenized in Python "
@@ -69,7 +75,6 @@ def tokenize(captions: Mapping[Hashable, Sequence[str]], use_java: bool
   """{video: [tokenized caption, ...]} by the PTB tokenizer (Java) or `python_tokenize`."""
   if not use_java:
     return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
-  from pycocoevalcap.tokenizer import ptbtokenizer  # pylint: disable=g-import-not-at-top
   # The Java tokenizer reads one caption a line: a newline inside a caption would shift the rest.
   wrapped = {k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()}
   out = ptbtokenizer.PTBTokenizer().tokenize(wrapped)
@@ -84,16 +89,12 @@ def score_tokenized(candidates: Mapping[Hashable, list[str]],
                     references: Mapping[Hashable, list[str]], *, meteor: bool
                     ) -> dict[str, float]:
   """The scorers on tokenized captions ({video: [one candidate]}, {video: [references]})."""
-  from pycocoevalcap.bleu import bleu  # pylint: disable=g-import-not-at-top
-  from pycocoevalcap.cider import cider  # pylint: disable=g-import-not-at-top
-  from pycocoevalcap.rouge import rouge  # pylint: disable=g-import-not-at-top
   gts = {k: list(v) for k, v in references.items()}
   res = {k: list(candidates[k]) for k in gts}
   out = {}
   bleus, _ = bleu.Bleu(4).compute_score(gts, res, verbose=0)
   out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleus)})
   if meteor:
-    from pycocoevalcap.meteor import meteor as meteor_lib  # pylint: disable=g-import-not-at-top
     scorer = meteor_lib.Meteor()
     try:
       out["METEOR"] = float(scorer.compute_score(gts, res)[0])

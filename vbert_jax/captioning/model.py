@@ -29,7 +29,6 @@ Parameter tree (`params` collection):
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import flax.linen as nn
 import jax

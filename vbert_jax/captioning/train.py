@@ -19,13 +19,13 @@ from absl import logging
 
 from vbert_jax import console
 from vbert_jax import entry
+from vbert_jax.captioning import task
 
 
 def main(argv: list[str]) -> None:
   console.setup()
   config, workdir = entry.check_args(argv, "configs/captioner.py")
   entry.initialize_distributed()
-  from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
   result = task.train_captioner(config, workdir)
   logging.info("%s at step %d", "preempted" if result.preempted else "finished", result.step)
 

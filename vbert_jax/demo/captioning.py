@@ -2,7 +2,7 @@
 
 Captions (`captioning.captions`): "annotations", as the paper trained and scored on YouCook
 II's human captions: every step of the training videos with its annotator's sentence
-(data/demo_world/vocabulary.py ANNOTATIONS), and that sentence as a held-out step's reference.
+(vbert_jax/demo/world/words.py ANNOTATIONS), and that sentence as a held-out step's reference.
 Or "narration": training steps with what the narration says during them (the cue that overlaps
 the step longest, read from the transcript by time, fillers and faults included), and as
 references the sentences that narrate a held-out step correctly; its 24 phrasings, drawn at
@@ -24,6 +24,15 @@ import numpy as np
 
 from vbert_jax.demo import baselines
 from vbert_jax.demo import evaluate
+from vbert_jax import config_lib
+from vbert_jax.captioning import evaluate as cap_eval
+from vbert_jax.captioning import features
+from vbert_jax.captioning import metrics
+from vbert_jax.captioning import task
+from vbert_jax.demo import prepare
+from vbert_jax.demo.world import words
+from vbert_jax.text import sentences
+from vbert_jax.text import transcripts
 
 METRIC_KEYS = ("Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 CAPTION_SOURCES = ("annotations", "narration")
@@ -35,8 +44,6 @@ def step_id(step: evaluate.Step) -> str:
 
 def narration_captions(video: evaluate.Video, transcript: pathlib.Path) -> dict[int, str]:
   """Step index -> the cue of `transcript` said during it the longest (by times only)."""
-  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import transcripts  # pylint: disable=g-import-not-at-top
   cues = transcripts.read_vtt(transcript)
   out = {}
   for step in video.steps:
@@ -49,7 +56,6 @@ def narration_captions(video: evaluate.Video, transcript: pathlib.Path) -> dict[
 
 def references(video: evaluate.Video) -> dict[int, list[str]]:
   """Step index -> the sentences that narrate it without a fault (scoring only)."""
-  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
   out: dict[int, list[str]] = {}
   for cue in video.truth["cues"]:
     if cue["step"] is not None and cue["fault"] == "none":
@@ -80,7 +86,6 @@ def narrated_steps(videos: Sequence[evaluate.Video], transcripts: pathlib.Path) 
 def annotated_steps(videos: Sequence[evaluate.Video]) -> tuple:
   """As `narrated_steps`, with every step captioned as an annotator would (the world's
   ANNOTATIONS), for training and as the one reference: YouCook II's protocol."""
-  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
   out = ({}, {}, {}, {})
   for v in videos:
     tokens, caps = out[:2] if v.split == "train" else out[2:]
@@ -96,8 +101,7 @@ def caption_text(config: ml_collections.ConfigDict, bundle, captions: Sequence[s
   the narration-trained one never met."""
   if config.captioning.captions != "annotations":
     return {k: bundle.config.text[k] for k in ("tokenizer", "vocab", "lowercase")}
-  from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
-  model = pipeline.train_pieces(sorted(set(captions)), str(folder / "captions"), 0, "word",
+  model = prepare.train_pieces(sorted(set(captions)), str(folder / "captions"), 0, "word",
                                 config.seed)
   return {"tokenizer": "sentencepiece", "vocab": str(pathlib.Path(model).resolve()),
           "lowercase": "auto"}
@@ -105,9 +109,8 @@ def caption_text(config: ml_collections.ConfigDict, bundle, captions: Sequence[s
 
 def captioner_config(config: ml_collections.ConfigDict, text: dict, pairs_path: pathlib.Path
                      ) -> ml_collections.ConfigDict:
-  from configs import captioner  # pylint: disable=g-import-not-at-top
   k = config.captioning
-  c = captioner.get_config("variant=tiny,runlocal")
+  c = config_lib.load_config(config.captioner_config)
   c.seed = config.seed
   c.text.tokenizer, c.text.vocab, c.text.lowercase = (text["tokenizer"], text["vocab"],
                                                       text["lowercase"])
@@ -129,29 +132,23 @@ def captioner_config(config: ml_collections.ConfigDict, text: dict, pairs_path: 
 
 def _train_and_score(config, text: dict, pairs, pairs_path: pathlib.Path,
                      test_path: pathlib.Path, workdir: pathlib.Path) -> dict:
-  from vbert_jax.captioning import evaluate as cap_eval  # pylint: disable=g-import-not-at-top
-  from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
   pairs.write(pairs_path)
   task.train_captioner(captioner_config(config, text, pairs_path), workdir)
   return cap_eval.evaluate(workdir, test_path, beam_size=config.captioning.beam_size)
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder: pathlib.Path) -> dict:
-  from vbert_jax.captioning import features  # pylint: disable=g-import-not-at-top
-  from vbert_jax.captioning import metrics  # pylint: disable=g-import-not-at-top
-  from vbert_jax.captioning import task  # pylint: disable=g-import-not-at-top
-  from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
   if config.captioning.captions not in CAPTION_SOURCES:
     raise ValueError(f"config captioning.captions={config.captioning.captions!r}: expected one "
                      f"of {CAPTION_SOURCES}")
   bundle = evaluate.load_model(workdir)
-  videos = evaluate.load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
+  videos = evaluate.load_videos(workdir / prepare.WORLD, workdir / prepare.FEATURES,
                                 bundle.visual_vocab)
   if config.captioning.captions == "annotations":
     train_tokens, train_caps, test_tokens, test_refs = annotated_steps(videos)
   else:
     train_tokens, train_caps, test_tokens, test_refs = narrated_steps(
-        videos, workdir / pipeline.CORPUS / "transcripts")
+        videos, workdir / prepare.CORPUS / "transcripts")
   pairs = features.make_pairs(bundle, train_tokens, train_caps, folder / "train_pairs.npz",
                               batch_size=config.tasks.batch_size)
   features.make_pairs(bundle, test_tokens, test_refs, folder / "test_pairs.npz",

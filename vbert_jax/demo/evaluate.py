@@ -23,10 +23,22 @@ from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
+from PIL import Image, ImageDraw
 
 from vbert_jax.demo import baselines
-from vbert_jax.demo import pipeline
-from vbert_jax.demo import stages as stages_lib
+from vbert_jax.demo import prepare
+from vbert_jax import sequence
+from vbert_jax.demo.world import words
+from vbert_jax.demo.world import world
+from vbert_jax.tasks import bundle as bundle_lib
+from vbert_jax.tasks import forecast as fc
+from vbert_jax.tasks import prompts
+from vbert_jax.tasks import strips
+from vbert_jax.tasks import text_to_video as t2v
+from vbert_jax.tasks import zero_shot as zs
+from vbert_jax.text import sentences
+from vbert_jax.video import features_io
+from vbert_jax.vocab import grid
 
 TASKS, CAPTIONING, RESULTS = "tasks", "captioning", "results"
 STEP_TEMPLATE = "now let me show you how to {verb} the {noun}"
@@ -60,8 +72,6 @@ class Video:
 
 def load_videos(world_dir: pathlib.Path, features_dir: pathlib.Path, vocab) -> list[Video]:
   """Every video of the world with its clips' tokens (from the training vocabulary) and truth."""
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   out = []
   for entry in world.load_manifest(world_dir)["videos"]:
     vid = entry["video_id"]
@@ -96,8 +106,7 @@ def _training(videos: Sequence[Video]) -> list[Video]:
 def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
               ) -> tuple[dict, list[Step], dict[str, list]]:
   """Accuracies (both prompt orders, and 1-NN on raw features), the steps, the predictions."""
-  from vbert_jax.tasks import zero_shot as zs  # pylint: disable=g-import-not-at-top
-  verbs, nouns = pipeline.label_sets(config)
+  verbs, nouns = prepare.label_sets(config)
   # A word the training narration never says is [UNK] to the tokenizer: no model can name it.
   unk = bundle.tokenizer.specials.unk
   unheard = [w for w in verbs + nouns if unk in bundle.tokenizer.encode(w)]
@@ -142,8 +151,6 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
 def frames_figure(steps: Sequence[Step], predictions, videos: Sequence[Video], path,
                   num_videos: int, tile: int = 80) -> pathlib.Path:
   """For a few held-out videos: one row each, a frame per step with truth and prediction."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  from vbert_jax.vocab import grid  # pylint: disable=g-import-not-at-top
   sources = {v.video_id: v.source for v in videos}
   chosen = list(dict.fromkeys(s.video_id for s in steps))[:num_videos]
   rows = [[(s, p) for s, p in zip(steps, predictions) if s.video_id == vid] for vid in chosen]
@@ -178,7 +185,6 @@ def frames_figure(steps: Sequence[Step], predictions, videos: Sequence[Video], p
 
 def _narration(video: Video) -> dict[int, str]:
   """Step index -> the sentence said for it, where it was said correctly and on time."""
-  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
   out = {}
   for cue in video.truth["cues"]:
     if cue["step"] is not None and cue["fault"] == "none" and cue["step"] not in out:
@@ -190,7 +196,6 @@ def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
   """LVA accuracy on held-out (sentence, clips) pairs: each correctly narrated step once with
   its own clips and once with those of a step that shares neither verb nor noun. Beside it,
   the same pairs decided by `_token_ceiling`."""
-  from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([config.seed, 5])
   steps = [s for v in _held_out(videos) for s in v.steps]
   said = [(s, text) for v in _held_out(videos) for s in v.steps
@@ -240,9 +245,6 @@ def _clip_truth(videos: Sequence[Video]) -> dict[tuple[str, int], tuple[int, int
 
 def text_to_video(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video],
                   folder: pathlib.Path) -> dict:
-  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import text_to_video as t2v  # pylint: disable=g-import-not-at-top
   train = _training(videos)
   truth = _clip_truth(train)
   verb_prior = baselines.label_prior(np.concatenate([v.verbs for v in train]), len(words.VERBS))
@@ -280,10 +282,6 @@ def text_to_video(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vi
 def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video],
                 folder: pathlib.Path) -> dict:
   """Top-1 accuracy of the next clip's token given every earlier clip of a held-out video."""
-  from vbert_jax.tasks import forecast as fc  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
-  from vbert_jax.tasks import text_to_video as t2v  # pylint: disable=g-import-not-at-top
   bigram = baselines.Bigram([v.tokens for v in _training(videos)])
   held = _held_out(videos)
   base_acc, n = bigram.accuracy([v.tokens for v in held])
@@ -319,14 +317,13 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
 
 
 def load_model(workdir: pathlib.Path):
-  from vbert_jax.tasks import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  return bundle_lib.load_bundle(workdir / pipeline.PRETRAIN)
+  return bundle_lib.load_bundle(workdir / prepare.PRETRAIN)
 
 
 def run_tasks(config: ml_collections.ConfigDict, workdir: pathlib.Path,
               folder: pathlib.Path) -> dict:
   bundle = load_model(workdir)
-  videos = load_videos(workdir / pipeline.WORLD, workdir / pipeline.FEATURES,
+  videos = load_videos(workdir / prepare.WORLD, workdir / prepare.FEATURES,
                        bundle.visual_vocab)
   zs, steps, preds = zero_shot(config, bundle, videos)
   print(f"zero-shot on {zs['steps']} held-out steps: " + ", ".join(
@@ -345,38 +342,3 @@ def run_tasks(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   result = {"zero_shot": zs, "alignment": lva, "text_to_video": t2v, "forecast": fc}
   (folder / "tasks.json").write_text(json.dumps(result, indent=1))
   return result
-
-
-def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                folder: pathlib.Path) -> dict:
-  from vbert_jax.demo import report  # pylint: disable=g-import-not-at-top
-  tasks = json.loads((workdir / TASKS / "tasks.json").read_text())
-  captioning = None
-  if config.captioning.enabled:  # a folder left by an earlier run with captioning is not read
-    captioning = json.loads((workdir / CAPTIONING / "captioning.json").read_text())
-  rows = report.rows(tasks, captioning)
-  text = report.markdown(rows, title=f"VideoBERT demo ({config.size}): held-out videos")
-  (folder / "results.md").write_text(text)
-  (folder / "results.json").write_text(json.dumps({"rows": rows, "tasks": tasks,
-                                                   "captioning": captioning}, indent=1))
-  return {"rows": len(rows)}
-
-
-def build_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
-                 ) -> list[stages_lib.Stage]:
-  from vbert_jax.demo import captioning  # pylint: disable=g-import-not-at-top
-  tasks_config = {**config.tasks.to_dict(), "seed": config.seed}
-  out = [stages_lib.Stage(TASKS, lambda f: run_tasks(config, workdir, f), config=tasks_config,
-                          inputs=(pipeline.PRETRAIN,),
-                          description="zero-shot, alignment, text-to-video, forecasting")]
-  names = [TASKS]
-  if config.captioning.enabled:
-    out.append(stages_lib.Stage(CAPTIONING, lambda f: captioning.run(config, workdir, f),
-                                config=config.captioning.to_dict(), inputs=(pipeline.PRETRAIN,),
-                                description="captioning held-out steps"))
-    names.append(CAPTIONING)
-  out.append(stages_lib.Stage(RESULTS, lambda f: run_results(config, workdir, f),
-                              config={"size": config.size, "captioning": config.captioning.enabled},
-                              inputs=tuple(names),
-                              description="the results table"))
-  return out

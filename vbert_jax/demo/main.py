@@ -16,15 +16,25 @@ import pathlib
 import sys
 import time
 
-# Importing tensorflow before torchvision segfaults with the pinned versions; torch goes first.
-import torchvision  # noqa: F401  pylint: disable=unused-import
+# With the test requirements installed, importing tensorflow before torchvision segfaults with
+# the pinned versions, so torch goes first where it is installed; the demo itself never uses it.
+try:
+  import torchvision  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
 
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from vbert_jax import console
+from vbert_jax.demo import captioning
+from vbert_jax.demo import evaluate
+from vbert_jax.demo import prepare
+from vbert_jax.demo import report
+from vbert_jax.demo import stages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "Demo config file and arguments, e.g. configs/demo.py:size=small",
@@ -35,15 +45,12 @@ _UNTIL = flags.DEFINE_string("until", "", "Stop after this stage (a stage name).
 
 def run(config, workdir, until: str = "", log=None) -> dict:
   """Runs the stages (up to `until`); returns {stage name: StageResult}."""
-  from vbert_jax.demo import evaluate  # pylint: disable=g-import-not-at-top
-  from vbert_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
-  from vbert_jax.demo import stages  # pylint: disable=g-import-not-at-top
-  pipeline.check_config(config)
+  prepare.check_config(config)
   workdir = pathlib.Path(workdir)
   jax.config.update("jax_compilation_cache_dir",
                     os.path.expanduser(config.pretrain.compilation_cache_dir))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  all_stages = pipeline.build_stages(config, workdir) + evaluate.build_stages(config, workdir)
+  all_stages = prepare.build_stages(config, workdir) + evaluation_stages(config, workdir)
   names = [s.name for s in all_stages]
   if until and until not in names:
     raise ValueError(f"--until={until!r}: expected one of {names}")
@@ -51,6 +58,26 @@ def run(config, workdir, until: str = "", log=None) -> dict:
     all_stages = all_stages[:names.index(until) + 1]
   runner = stages.Runner(workdir, log=log)
   return runner.run_all(all_stages)
+
+
+def evaluation_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                      ) -> list[stages.Stage]:
+  """The stages after pretraining: the tasks, captioning (when enabled), the results table."""
+  tasks_config = {**config.tasks.to_dict(), "seed": config.seed}
+  out = [stages.Stage(evaluate.TASKS, lambda f: evaluate.run_tasks(config, workdir, f), config=tasks_config,
+                          inputs=(prepare.PRETRAIN,),
+                          description="zero-shot, alignment, text-to-video, forecasting")]
+  names = [evaluate.TASKS]
+  if config.captioning.enabled:
+    out.append(stages.Stage(evaluate.CAPTIONING, lambda f: captioning.run(config, workdir, f),
+                                config=config.captioning.to_dict(), inputs=(prepare.PRETRAIN,),
+                                description="captioning held-out steps"))
+    names.append(evaluate.CAPTIONING)
+  out.append(stages.Stage(evaluate.RESULTS, lambda f: report.run_results(config, workdir, f),
+                              config={"size": config.size, "captioning": config.captioning.enabled},
+                              inputs=tuple(names),
+                              description="the results table"))
+  return out
 
 
 def main(argv: list[str]) -> None:

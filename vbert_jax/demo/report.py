@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from vbert_jax.demo import evaluate
 
 Row = dict[str, Any]
 
@@ -71,3 +77,17 @@ def markdown(table: Sequence[Row], title: str = "") -> str:
     lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['chance'])} | "
                  f"{base} | {r['target']} |")
   return "\n".join(lines) + "\n"
+
+
+def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                folder: pathlib.Path) -> dict:
+  tasks = json.loads((workdir / evaluate.TASKS / "tasks.json").read_text())
+  captioning = None
+  if config.captioning.enabled:  # a folder left by an earlier run with captioning is not read
+    captioning = json.loads((workdir / evaluate.CAPTIONING / "captioning.json").read_text())
+  table = rows(tasks, captioning)
+  text = markdown(table, title=f"VideoBERT demo ({config.size}): held-out videos")
+  (folder / "results.md").write_text(text)
+  (folder / "results.json").write_text(json.dumps({"rows": table, "tasks": tasks,
+                                                   "captioning": captioning}, indent=1))
+  return {"rows": len(table)}

@@ -36,7 +36,7 @@ from vbert_jax import console
 from vbert_jax import checkpoints
 from vbert_jax import model as model_lib
 from vbert_jax import sequence
-from vbert_jax import train
+from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.text import tokenizers
 from vbert_jax.vocab import vocabulary
 
@@ -91,7 +91,7 @@ class Bundle:
                  visual_vocab: vocabulary.VisualVocabulary | None = None,
                  source: str = "config") -> "Bundle":
     """A bundle from objects in memory; the same checks as `load_bundle`."""
-    model_config = train.model_config(config)
+    model_config = pretrain_lib.model_config(config)
     check_tokenizer(model_config, tokenizer, source)
     if visual_vocab is not None:
       check_visual_vocab(model_config, visual_vocab, source)
@@ -178,7 +178,7 @@ def _prepare_params(params: Any, model_config: model_lib.VideoBERTConfig, source
   """The parameters in the layout (scanned or not) the config asks for, as device arrays."""
   abstract = jax.eval_shape(
       lambda: model_lib.init_params(model_config, jax.random.key(0)))
-  params = checkpoints.convert_layout(params, abstract)
+  params = model_lib.convert_layout(params, abstract)
   checkpoints.check_shapes(params, abstract, where=f"the parameters for {source}")
   return jax.tree.map(lambda p, a: jnp.asarray(np.asarray(p), a.dtype), params, abstract)
 
@@ -223,7 +223,7 @@ def load_bundle(workdir: Any, *, step: int | None = None, text_vocab: str | None
   (`visual_vocab`, default the config's `init.visual_vocab`; None when neither is set)."""
   config = read_config(workdir)
   source = str(epath.Path(workdir) / CONFIG_FILE)
-  model_config = train.model_config(config)
+  model_config = pretrain_lib.model_config(config)
   tokenizer = tokenizers.load_tokenizer(_tokenizer_config(config, text_vocab))
   check_tokenizer(model_config, tokenizer, source)
   vocab_path = visual_vocab or (config.get("init") or {}).get("visual_vocab") or ""

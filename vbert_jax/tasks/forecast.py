@@ -33,6 +33,8 @@ import numpy as np
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.tasks import text_to_video
+from vbert_jax.tasks import strips
+from vbert_jax.video import features_io
 
 METHODS = ("beam", "iterative")
 
@@ -160,14 +162,12 @@ def _video_tokens(args: argparse.Namespace, bundle) -> np.ndarray:
     return np.asarray(args.tokens, np.int64)
   if bundle.visual_vocab is None:
     raise ValueError("--features needs a visual vocabulary: pass --visual_vocab")
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   vf = features_io.load_features(args.features)
   features = vf.features[:args.clips] if args.clips else vf.features
   return bundle.visual_vocab.assign(np.asarray(features, np.float32))
 
 
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
   bundle = bundle_lib.bundle_from_args(args)
   video = _video_tokens(args, bundle)
   out = pathlib.Path(args.out)

@@ -29,6 +29,7 @@ import numpy as np
 from vbert_jax import sequence
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
+from vbert_jax.tasks import strips
 
 MODES = ("argmax", "topk", "sample")
 
@@ -137,7 +138,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-  from vbert_jax.tasks import strips  # pylint: disable=g-import-not-at-top
   bundle = bundle_lib.bundle_from_args(args)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

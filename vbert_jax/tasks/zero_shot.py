@@ -40,6 +40,7 @@ import numpy as np
 
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
+from vbert_jax.video import features_io
 
 DEFAULT_TEMPLATE = "now let me show you how to [MASK] the [MASK] ."
 YOUCOOK2_SUBSETS = ("training", "validation", "testing")
@@ -391,7 +392,6 @@ def _segment(video_id, start, end, verb, noun, sentence, where: str) -> Segment:
 def segment_clips(features_dir, segments: Sequence[Segment]) -> list[np.ndarray]:
   """Feature rows float32 [clips, dim] of the clips whose middle lies in [start, end) of each
   segment (none: [0, dim]). Each video's file (`features_dir/<video_id>.npz`) is read once."""
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
   out = []
   for seg in segments:
@@ -420,7 +420,6 @@ def clips_of_segments(features_dir, segments: Sequence[Segment]
                       ) -> tuple[list[tuple[Segment, np.ndarray]], list[dict]]:
   """(segment, clip features) of the segments that have clips, and the others as skipped
   entries with their reason (no feature file, or no clip inside)."""
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   has_file = [features_io.feature_path(features_dir, s.video_id).is_file() for s in segments]
   present = [s for s, ok in zip(segments, has_file) if ok]
   skipped = [skip_entry(s, f"no feature file in {features_dir}")

@@ -25,6 +25,8 @@ import re
 import unicodedata
 from typing import Any, Iterable, Sequence
 
+import sentencepiece as spm
+
 from vbert_jax import sequence
 from vbert_jax.text import sentences
 
@@ -262,7 +264,6 @@ class SentencePieceTokenizer(TextTokenizer):
 
   def __init__(self, model_path, lowercase: bool | None = None):
     """`lowercase=None` follows the model: lowercase when none of its pieces has a capital."""
-    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
     self.source = str(model_path)
     if not pathlib.Path(model_path).is_file():
       raise TokenizerError(f"{model_path}: no such SentencePiece model file")

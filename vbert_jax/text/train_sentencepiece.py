@@ -22,6 +22,8 @@ import sys
 import tempfile
 from typing import Sequence
 
+import sentencepiece as spm
+
 from vbert_jax.text import sentences as sentences_lib
 from vbert_jax.text import tokenizers
 from vbert_jax.text import transcripts
@@ -84,7 +86,6 @@ def train(texts: Sequence[str], out_prefix: str, vocab_size: int, model_type: st
           character_coverage: float = 0.9995, byte_fallback: bool = False,
           input_sentence_size: int = 2_000_000, seed: int = 0) -> pathlib.Path:
   """Trains on `texts` and writes OUT.model / OUT.vocab atomically; returns the .model path."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   specials = tokenizers.SENTENCEPIECE_SPECIAL_IDS
   out = pathlib.Path(out_prefix)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import pathlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import safetensors.numpy
 
 from vbert_jax.video import s3d
 
@@ -82,10 +83,9 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such weights file")
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return load_file(str(path))
-  try:
-    import torch
+    return safetensors.numpy.load_file(str(path))
+  try:  # optional: torch is no runtime requirement, and only .pth/.pt files need it
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"{path}: reading a .pth/.pt file needs PyTorch (pip install torch), or "
                       "give the weights as .safetensors") from e

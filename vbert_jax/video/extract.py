@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import tqdm
 
 from vbert_jax import console
 from vbert_jax.video import features_io
@@ -286,7 +287,6 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
 def _run(todo, out_dir, embed, per_batch, image_size, dtype, summary: Summary, progress: bool,
          queue_batches: int, resize: int | None = None) -> None:
-  import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=len(todo), unit="video", desc="S3D features", disable=not progress,
                   file=sys.stderr)
   rows: dict[str, list[tuple[np.ndarray, float, float]]] = collections.defaultdict(list)

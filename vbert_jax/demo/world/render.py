@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from data.demo_world import vocabulary
+from vbert_jax.demo.world import words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ LOOKS: dict[str, Look] = {
     "lemon": Look("lens", (170, 220, 40), "pores"),
     "fish": Look("fish", (80, 130, 210), "scales"),
 }
-assert set(LOOKS) == set(vocabulary.NOUNS)
+assert set(LOOKS) == set(words.NOUNS)
 
 KNIFE = np.array([70, 70, 80], np.float32) / 255
 WOOD = np.array([160, 110, 60], np.float32) / 255
@@ -261,7 +261,7 @@ def motion(verb: str, p: np.ndarray, seconds: np.ndarray, x0: float, y0: float, 
                         STEEL))
     layers.append(Layer(_segment_mask(y, x, cx, plate_y, cx, plate_y - 0.5, 0.015), STEEL))
   else:
-    raise ValueError(f"unknown verb {verb!r}; expected one of {vocabulary.VERBS}")
+    raise ValueError(f"unknown verb {verb!r}; expected one of {words.VERBS}")
   f32 = lambda a: np.asarray(a, np.float32) + zero
   layers = _setting(verb, f32(cx), f32(cy), x0, y0, r, aspect, y, x) + layers
   return Pose(f32(cx), f32(cy), f32(angle), f32(sx), f32(sy), f32(split)), layers

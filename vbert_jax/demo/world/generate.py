@@ -1,6 +1,6 @@
 """Writes a demo world to a folder.
 
-  python -m data.demo_world.generate --out=DIR --num_videos=24 --seed=0 [--size=112] \
+  python -m vbert_jax.demo.world.generate --out=DIR --num_videos=24 --seed=0 [--size=112] \
       [--workers=N] [--filler_rate=0.3 --early_rate=0.1 --late_rate=0.1 \
       --wrong_word_rate=0.1 --missing_rate=0.1]
 
@@ -15,12 +15,12 @@ import dataclasses
 import sys
 import time
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   defaults, narration = world.WorldConfig(), world.NarrationConfig()
-  ap = argparse.ArgumentParser(prog="python -m data.demo_world.generate", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m vbert_jax.demo.world.generate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output folder")
   ap.add_argument("--num_videos", type=int, default=defaults.num_videos)

@@ -12,7 +12,9 @@ import pathlib
 
 import numpy as np
 
-from data.demo_world import world
+from vbert_jax.demo.world import world
+from vbert_jax.video import extract
+from vbert_jax.video import features_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,6 @@ def build_small_corpus(folder, config: world.WorldConfig | None = None,
                        image_size: int | None = None, batch_size: int = 16, variables=None,
                        progress: bool = False) -> Corpus:
   """Writes (or completes) `folder`/world and `folder`/features; both steps resume."""
-  from vbert_jax.video import extract  # pylint: disable=g-import-not-at-top
   config = config or small_config()
   image_size = image_size or min(config.width, config.height)
   folder = pathlib.Path(folder)
@@ -62,7 +63,6 @@ def build_small_corpus(folder, config: world.WorldConfig | None = None,
 
 
 def load_clips(corpus: Corpus) -> Clips:
-  from vbert_jax.video import features_io  # pylint: disable=g-import-not-at-top
   parts = []
   ids = []
   for k, path in enumerate(features_io.list_features(corpus.features_dir)):

@@ -12,12 +12,25 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sys
 from typing import Any
+import re
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from vbert_jax.demo import stages as stages_lib
+from vbert_jax import pretrain as pretrain_lib
+from vbert_jax.demo.world import words
+from vbert_jax.demo.world import world
+from vbert_jax.text import sentences
+from vbert_jax.text import tokenizers
+from vbert_jax.text import train_sentencepiece
+from vbert_jax.video import extract
+from vbert_jax.vocab import grid
+from vbert_jax.vocab import kmeans
+from vbert_jax.vocab import vocabulary
 
 WORLD, FEATURES, CORPUS, VOCAB, TEXT, DATASET, PRETRAIN = (
     "world", "features", "corpus", "vocab", "text", "dataset", "pretrain")
@@ -31,7 +44,6 @@ def _plain(node: Any) -> Any:
 
 
 def world_config(config: ml_collections.ConfigDict):
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
   w = config.world
   narration = world.NarrationConfig(
       filler_rate=w.filler_rate, early_rate=w.early_rate, late_rate=w.late_rate,
@@ -43,8 +55,6 @@ def world_config(config: ml_collections.ConfigDict):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key when the config asks for what the world cannot give."""
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
-  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
   w = config.world
   problems = []
   if not 1 <= w.min_steps <= w.max_steps:
@@ -90,7 +100,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def label_sets(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """The verbs and nouns zero-shot chooses among: the config's, else all of the world's."""
-  from data.demo_world import vocabulary as words  # pylint: disable=g-import-not-at-top
   out = []
   for key, known in (("verbs", words.VERBS), ("nouns", words.NOUNS)):
     asked = [s.strip() for s in config.tasks[key].split(",") if s.strip()]
@@ -102,7 +111,6 @@ def label_sets(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]
 
 
 def run_world(config: ml_collections.ConfigDict, folder: pathlib.Path) -> dict:
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
   wc = world_config(config)
   manifest = world.generate_world(wc, folder, progress=True, workers=config.world.workers)
   videos = manifest["videos"]
@@ -115,8 +123,6 @@ def run_world(config: ml_collections.ConfigDict, folder: pathlib.Path) -> dict:
 
 def run_features(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
                  folder: pathlib.Path) -> dict:
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
-  from vbert_jax.video import extract  # pylint: disable=g-import-not-at-top
   manifest = world.load_manifest(world_dir)
   paths = [world_dir / f"{v['video_id']}.mp4" for v in manifest["videos"]]
   e = config.extract
@@ -147,7 +153,6 @@ def run_corpus(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
   Held-out videos are left out here, so nothing downstream (vocabulary, tokenizer, dataset,
   pretraining) can see them. With world.shuffle_narration, narration is dealt to other videos.
   """
-  from data.demo_world import world  # pylint: disable=g-import-not-at-top
   manifest = world.load_manifest(world_dir)
   train = [v["video_id"] for v in manifest["videos"] if v["split"] == "train"]
   (folder / "features").mkdir(parents=True, exist_ok=True)
@@ -165,9 +170,6 @@ def run_corpus(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
 
 def run_vocab(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
               folder: pathlib.Path) -> dict:
-  from vbert_jax.vocab import grid  # pylint: disable=g-import-not-at-top
-  from vbert_jax.vocab import kmeans  # pylint: disable=g-import-not-at-top
-  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
   v = config.vocab
   km = kmeans.KMeansConfig(depth=v.depth, branching=v.branching, iterations=v.iterations,
                            tol=v.tol, seed=v.seed, seed_sample=v.seed_sample)
@@ -187,9 +189,6 @@ def run_vocab(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
 
 def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
              folder: pathlib.Path) -> dict:
-  from vbert_jax.text import sentences  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import train_sentencepiece  # pylint: disable=g-import-not-at-top
   t = config.text
   split = sentences.SplitConfig(max_gap=config.dataset.max_gap,
                                 max_words=config.dataset.max_words, lowercase=t.lowercase)
@@ -208,9 +207,6 @@ def run_text(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
 def train_pieces(texts, prefix: str, vocab_size: int, model_type: str, seed: int):
   """SentencePiece with `vocab_size` pieces; 0 asks for as many as the narration allows (every
   word, with model_type "word"), the largest size SentencePiece accepts on this corpus."""
-  import re  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import train_sentencepiece  # pylint: disable=g-import-not-at-top
   size = vocab_size or 1_000_000
   try:
     return train_sentencepiece.train(texts, prefix, size, model_type=model_type, seed=seed)
@@ -222,13 +218,24 @@ def train_pieces(texts, prefix: str, vocab_size: int, model_type: str, seed: int
                                      seed=seed)
 
 
+def load_builder(folder: str | pathlib.Path) -> Any:
+  """The builder module of a TFDS dataset folder (`data/videobert`), read by path as `tfds build`
+  reads it."""
+  folder = pathlib.Path(folder).resolve()
+  if not (folder / f"{folder.name}_dataset_builder.py").is_file():
+    raise FileNotFoundError(f"config tfds_builder={str(folder)!r}: no "
+                            f"{folder.name}_dataset_builder.py there; expected a TFDS dataset "
+                            f"folder such as the repository's data/videobert")
+  with tfds.core.utils.add_sys_path(folder.parent):
+    builder_cls = tfds.core.community.builder_cls_from_module(
+        f"{folder.name}.{folder.name}_dataset_builder")
+  return sys.modules[builder_cls.__module__]
+
+
 def run_dataset(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
                 vocab_file: pathlib.Path, text_model: pathlib.Path,
                 folder: pathlib.Path) -> dict:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data.videobert import videobert_dataset_builder as vb  # pylint: disable=g-import-not-at-top
-  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
+  vb = load_builder(config.tfds_builder)
   d = config.dataset
   vocab = vocabulary.VisualVocabulary.load(vocab_file)
   tok = tokenizers.SentencePieceTokenizer(text_model)
@@ -248,8 +255,6 @@ def run_dataset(config: ml_collections.ConfigDict, corpus_dir: pathlib.Path,
 def pretrain_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     ) -> ml_collections.ConfigDict:
   """configs/pretrain.py's run as the demo sets it, pointed at this work folder's files."""
-  from vbert_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-  from vbert_jax.vocab import vocabulary  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.pretrain.to_dict())
   vocab_file = (workdir / VOCAB / VOCAB_FILE).resolve()
   text_model = (workdir / TEXT / f"{TEXT_PREFIX}.model").resolve()
@@ -269,12 +274,8 @@ def pretrain_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
 def run_pretrain(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                  folder: pathlib.Path) -> dict:
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
-  # Registers the builder, so that the input pipeline opens the dataset by name.
-  # pylint: disable-next=g-import-not-at-top,unused-import
-  from data.videobert import videobert_dataset_builder
   c = pretrain_config(config, workdir)
-  result = train.train_and_evaluate(c, folder)
+  result = pretrain_lib.train_and_evaluate(c, folder)
   last = result.train_history[-1][1] if result.train_history else {}
   keys = ("loss", "mlm_accuracy", "mvm_accuracy", "lva_accuracy")
   return {"step": int(result.step), **{k: float(last[k]) for k in keys if k in last}}

@@ -18,9 +18,10 @@ from typing import Iterable, Sequence
 
 import av
 import numpy as np
+import tqdm
 
-from data.demo_world import render
-from data.demo_world import vocabulary
+from vbert_jax.demo.world import render
+from vbert_jax.demo.world import words
 from vbert_jax import atomic
 
 FORMAT = "vbert_jax.demo_world/1"
@@ -62,8 +63,8 @@ class WorldConfig:
     if self.width % 2 or self.height % 2:
       raise ValueError(f"width and height must be even for H.264 4:2:0, got "
                        f"{self.width}x{self.height}")
-    if self.nouns_per_video[1] > len(vocabulary.NOUNS):
-      raise ValueError(f"nouns_per_video {self.nouns_per_video} exceeds {len(vocabulary.NOUNS)}")
+    if self.nouns_per_video[1] > len(words.NOUNS):
+      raise ValueError(f"nouns_per_video {self.nouns_per_video} exceeds {len(words.NOUNS)}")
 
   @classmethod
   def from_dict(cls, d: dict) -> "WorldConfig":
@@ -115,14 +116,14 @@ def split_of(config: WorldConfig, index: int) -> str:
 
 def plan_steps(config: WorldConfig, rng: np.random.Generator) -> list[Step]:
   lo, hi = config.nouns_per_video
-  nouns = rng.choice(vocabulary.NOUNS, size=int(rng.integers(lo, hi + 1)), replace=False)
+  nouns = rng.choice(words.NOUNS, size=int(rng.integers(lo, hi + 1)), replace=False)
   steps, t = [], 0.0
   for _ in range(int(rng.integers(config.steps_per_video[0], config.steps_per_video[1] + 1))):
     clips = int(rng.integers(config.clips_per_step[0], config.clips_per_step[1] + 1))
     end = round(t + clips * config.clip_seconds, 6)
     noun = str(rng.choice(nouns))
     free = rng.random() < config.free_pair_rate
-    verb = str(rng.choice(vocabulary.VERBS if free else vocabulary.AFFORDANCES[noun]))
+    verb = str(rng.choice(words.VERBS if free else words.AFFORDANCES[noun]))
     steps.append(Step(verb=verb, noun=noun, start=t, end=end,
                       speed=float(rng.uniform(*config.speed_range))))
     t = end
@@ -136,18 +137,18 @@ def narrate(steps: Sequence[Step], cfg: NarrationConfig, rng: np.random.Generato
   for i, step in enumerate(steps):
     if rng.random() < cfg.filler_rate:
       start = rng.uniform(step.start, max(step.start, step.end - 1.0))
-      cues.append(Cue(start, start + rng.uniform(0.8, 1.6), str(rng.choice(vocabulary.FILLERS)),
+      cues.append(Cue(start, start + rng.uniform(0.8, 1.6), str(rng.choice(words.FILLERS)),
                       None, "filler"))
     if rng.random() < cfg.missing_rate:
       continue
     verb, noun, fault = step.verb, step.noun, "none"
     if rng.random() < cfg.wrong_word_rate:
       if rng.random() < 0.5:
-        verb, fault = str(rng.choice([v for v in vocabulary.VERBS if v != verb])), "wrong_verb"
+        verb, fault = str(rng.choice([v for v in words.VERBS if v != verb])), "wrong_verb"
       else:
-        noun, fault = str(rng.choice([n for n in vocabulary.NOUNS if n != noun])), "wrong_noun"
-    text = vocabulary.step_sentence(str(rng.choice(vocabulary.TEMPLATES)), verb, noun,
-                                    str(rng.choice(vocabulary.ADVERBS)))
+        noun, fault = str(rng.choice([n for n in words.NOUNS if n != noun])), "wrong_noun"
+    text = words.step_sentence(str(rng.choice(words.TEMPLATES)), verb, noun,
+                                    str(rng.choice(words.ADVERBS)))
     shift = rng.random()
     if shift < cfg.early_rate:
       start, fault = step.start - rng.uniform(1.5, 3.0), _join(fault, "early")
@@ -272,7 +273,6 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
   todo = [i for i in range(config.num_videos) if not (out_dir / f"{video_id(i)}.json").exists()]
   bar = None
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=len(todo), desc="demo world", unit="video")
   if workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
@@ -292,9 +292,9 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
     videos.append({"video_id": truth["video_id"], "split": truth["split"],
                    "duration": truth["duration"], "steps": len(truth["steps"])})
   manifest = {"format": FORMAT, "config": dataclasses.asdict(config),
-              "verbs": list(vocabulary.VERBS), "nouns": list(vocabulary.NOUNS),
-              "templates": list(vocabulary.TEMPLATES),
-              "affordances": {k: list(v) for k, v in vocabulary.AFFORDANCES.items()},
+              "verbs": list(words.VERBS), "nouns": list(words.NOUNS),
+              "templates": list(words.TEMPLATES),
+              "affordances": {k: list(v) for k, v in words.AFFORDANCES.items()},
               "videos": videos}
   for split in ("train", "val"):
     write_labels(out_dir, out_dir / f"labels_{split}.tsv", split)
@@ -356,7 +356,7 @@ def clip_labels(steps: Sequence[dict], starts: np.ndarray, ends: np.ndarray
   for step in steps:
     overlap = np.minimum(ends, step["end"]) - np.maximum(starts, step["start"])
     better = overlap > best
-    verbs[better] = vocabulary.VERBS.index(step["verb"])
-    nouns[better] = vocabulary.NOUNS.index(step["noun"])
+    verbs[better] = words.VERBS.index(step["verb"])
+    nouns[better] = words.NOUNS.index(step["noun"])
     best = np.where(better, overlap, best)
   return verbs, nouns
