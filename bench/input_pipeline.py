@@ -48,6 +48,7 @@ def main() -> None:
   from vbert_jax import flops  # pylint: disable=g-import-not-at-top
   from vbert_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   from vbert_jax import model  # pylint: disable=g-import-not-at-top
+  from vbert_jax import synthetic  # pylint: disable=g-import-not-at-top
 
   config = pretrain.get_config("variant=base")
   with config.unlocked():
@@ -55,7 +56,7 @@ def main() -> None:
     config.masking.max_predictions_text = config.masking.max_predictions_video = 20
   vocab = ip.PipelineConfig.from_config(config, batch_size=1).vocab
   t0 = time.perf_counter()
-  records = ip.random_records(args.videos, vocab, seed=0, no_asr_rate=0.05)
+  records = synthetic.random_records(args.videos, vocab, seed=0, no_asr_rate=0.05)
   print(f"{len(records)} records in {time.perf_counter() - t0:.1f} s; "
         f"{np.mean([len(r['clip_tokens']) for r in records]):.0f} clips and "
         f"{np.mean([len(r['text_lengths']) for r in records]):.0f} sentences per video")

@@ -45,7 +45,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from vbert_jax import flops, objectives, sequence  # noqa: E402
+from vbert_jax import flops, masking, objectives, sequence  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
 LEARNING_RATE = 1e-4
@@ -103,7 +103,7 @@ def make_batch(vocab: sequence.JointVocab, batch_size: int, seq_len: int, seed: 
     video = rng.integers(0, vocab.visual_size, budget - n_text).tolist()
     packed.append(layout.pair(text, video))
   batch = sequence.stack(packed)
-  batch.update(objectives.mask_batch(rng, batch["input_ids"], vocab, pt, pv, RATE))
+  batch.update(masking.mask_batch(rng, batch["input_ids"], vocab, pt, pv, RATE))
   batch["lva_label"] = (np.arange(batch_size) % 2 == 0).astype(np.int32)
   batch["lva_weight"] = np.ones(batch_size, np.float32)
   return batch, pt, pv
@@ -231,7 +231,7 @@ def sharded_child(args) -> None:
     config.model.max_position_embeddings = cfg.max_position_embeddings
     config.masking.max_predictions_text, config.masking.max_predictions_video = pt, pv
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
   state = trainer.init_state()
   state, sums = trainer.train_step(state, trainer.put_batch(batch))  # compile
   jax.block_until_ready(sums)

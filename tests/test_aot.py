@@ -49,7 +49,7 @@ def _config(variant: str, **overrides):
 
 
 def _num_params(config) -> int:
-  return model.count_params(jax.eval_shape(pretrain_lib.videobert_task(config).init, jax.random.key(0)))
+  return model.count_params(jax.eval_shape(pretrain_lib.make_trainable(config).init, jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")

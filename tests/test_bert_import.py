@@ -18,7 +18,6 @@ import transformers
 from helpers import bert_dir
 from vbert_jax import bert_import
 from vbert_jax import model as model_lib
-from vbert_jax import sequence
 
 TEXT_SIZE = 200
 MAX_POSITIONS = 64

@@ -11,7 +11,7 @@ from helpers import trained_model as tm
 from vbert_jax import model as model_lib
 from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.captioning import features as features_lib
-from vbert_jax.captioning import task
+from vbert_jax.captioning import training
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.text import tokenizers
 
@@ -98,7 +98,7 @@ def test_make_pairs(bundle, tmp_path):
   captions = {"a": ["cut the onion", "cut onion"], "b": ["fry the pan"]}
   path = tmp_path / "pairs.npz"
   features_lib.make_pairs(bundle, videos, captions, path)
-  pairs = task.Pairs.read(path)
+  pairs = training.Pairs.read(path)
   assert pairs.video_ids == ["a", "a", "b"]
   assert pairs.captions == ["cut the onion", "cut onion", "fry the pan"]
   expected = features_lib.caption_features(bundle, VIDEOS[:2])
@@ -130,7 +130,7 @@ def test_pairs_command_on_youcook2_segments(tmp_path, tmp_path_factory, capsys):
                             f"--youcook2={annotations}", f"--visual_vocab={vocab_world.vocab_path}",
                             f"--out={out}", "--s3d"])
   assert code == 0, capsys.readouterr().err
-  pairs = task.Pairs.read(out / "pairs.npz")
+  pairs = training.Pairs.read(out / "pairs.npz")
   assert pairs.video_ids == ["v0/0-6", "v0/6-12"]
   assert pairs.captions == ["cut the egg", "stir the egg"]
   # Each row: the library's features of the segment's clips, then their mean clip feature.
@@ -166,7 +166,7 @@ def test_pairs_command_on_a_label_file_with_sentences(tmp_path, tmp_path_factory
                             f"--labels={labels}", f"--visual_vocab={vocab_world.vocab_path}",
                             f"--out={out}"])
   assert code == 0, capsys.readouterr().err
-  pairs = task.Pairs.read(out / "pairs.npz")
+  pairs = training.Pairs.read(out / "pairs.npz")
   assert pairs.video_ids == ["v0/0-6"] and pairs.captions == ["now we cut the egg"]
   want = features_lib.caption_features(world.bundle, [tm.step_tokens("cut", "egg")])
   np.testing.assert_allclose(pairs.features[:, 0], want, rtol=1e-5, atol=1e-6)

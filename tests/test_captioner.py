@@ -15,7 +15,7 @@ from vbert_jax import metrics as metrics_lib
 from vbert_jax.captioning import decode
 from vbert_jax.captioning import evaluate
 from vbert_jax.captioning import model as model_lib
-from vbert_jax.captioning import task
+from vbert_jax.captioning import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = ("cut fry boil chop onion garlic pan pot oil salt water stir add pour mix egg flour "
@@ -29,12 +29,12 @@ def write_vocab(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def generated_pairs(seed: int = 0) -> task.Pairs:
+def generated_pairs(seed: int = 0) -> training.Pairs:
   """One random caption of 3-6 words per video, and one random feature vector per video."""
   rng = np.random.default_rng(seed)
   captions = [" ".join(rng.choice(WORDS, size=rng.integers(3, 7))) for _ in range(NUM_VIDEOS)]
   features = rng.normal(size=(NUM_VIDEOS, FEATURE_DIM)).astype(np.float32)
-  return task.Pairs(features, None, captions, [f"video{i}" for i in range(NUM_VIDEOS)])
+  return training.Pairs(features, None, captions, [f"video{i}" for i in range(NUM_VIDEOS)])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_evaluate_cli_writes_results(trained, capsys):
   pairs = trained["pairs"]
   rows = list(range(NUM_VIDEOS)) * 2
   second = [c.split()[0] + " it" for c in pairs.captions]
-  eval_pairs = task.Pairs(pairs.features[rows], None, pairs.captions + second,
+  eval_pairs = training.Pairs(pairs.features[rows], None, pairs.captions + second,
                           pairs.video_ids * 2)
   eval_path = eval_pairs.write(trained["root"] / "eval_pairs.npz")
   out = trained["root"] / "results"
@@ -132,11 +132,11 @@ def test_evaluate_cli_writes_results(trained, capsys):
 
 
 def test_source_is_resumable_and_covers_each_epoch(tmp_path):
-  tokenizer = task.load_tokenizer(_config(tmp_path))
+  tokenizer = training.load_tokenizer(_config(tmp_path))
   pairs = generated_pairs()
 
   def source():
-    return task.PairsSource(pairs, tokenizer, max_caption_len=16, max_feature_len=2,
+    return training.PairsSource(pairs, tokenizer, max_caption_len=16, max_feature_len=2,
                             batch_size=4, seed=3)
   first = source()
   batches = [next(first) for _ in range(6)]
@@ -149,10 +149,10 @@ def test_source_is_resumable_and_covers_each_epoch(tmp_path):
   resumed.set_state(json.loads(json.dumps(_state_at(source(), 4))))
   for expected in batches[4:]:
     got = next(resumed)
-    for key in task.BATCH_FIELDS:
+    for key in training.BATCH_FIELDS:
       np.testing.assert_array_equal(got[key], expected[key])
   with pytest.raises(ValueError, match="another stream"):
-    task.PairsSource(pairs, tokenizer, max_caption_len=16, max_feature_len=2, batch_size=4,
+    training.PairsSource(pairs, tokenizer, max_caption_len=16, max_feature_len=2, batch_size=4,
                      seed=4).set_state(first.get_state())
 
 
@@ -163,15 +163,15 @@ def _state_at(source, steps):
 
 
 def test_caption_encoding(tmp_path):
-  tokenizer = task.load_tokenizer(_config(tmp_path))
+  tokenizer = training.load_tokenizer(_config(tmp_path))
   sp = tokenizer.specials
-  dec, tgt, w, cut = task.encode_caption(tokenizer, "Cut onion", 6)
+  dec, tgt, w, cut = training.encode_caption(tokenizer, "Cut onion", 6)
   ids = [tokenizer.token_to_id("cut"), tokenizer.token_to_id("onion")]
   np.testing.assert_array_equal(dec, [sp.cls, *ids, sp.pad, sp.pad, sp.pad])
   np.testing.assert_array_equal(tgt, [*ids, sp.sep, sp.pad, sp.pad, sp.pad])
   np.testing.assert_array_equal(w, [1, 1, 1, 0, 0, 0])
   assert not cut
-  dec, tgt, w, cut = task.encode_caption(tokenizer, "cut onion fry pan oil salt", 4)
+  dec, tgt, w, cut = training.encode_caption(tokenizer, "cut onion fry pan oil salt", 4)
   assert cut and tgt[-1] == sp.sep and w.sum() == 4 and dec[0] == sp.cls
 
 
@@ -182,36 +182,36 @@ def test_bad_pairs_files(tmp_path):
            video_ids=np.array(["x", "y", "z"]))
   with pytest.raises(ValueError, match=r"bad.npz: row counts differ \(features=3, captions=2, "
                                        r"video_ids=3\)"):
-    task.Pairs.read(path)
+    training.Pairs.read(path)
   np.savez(path, features=rng.normal(size=(3, 4)), captions=np.array(["a", "b", "c"]))
   with pytest.raises(ValueError, match=r"missing arrays \['video_ids'\]"):
-    task.Pairs.read(path)
+    training.Pairs.read(path)
   with pytest.raises(FileNotFoundError, match="no such file"):
-    task.Pairs.read(tmp_path / "absent.npz")
+    training.Pairs.read(tmp_path / "absent.npz")
   with pytest.raises(ValueError, match="rows \\[1\\] have no real feature vector"):
-    task.Pairs(rng.normal(size=(2, 2, 4)), np.array([[1, 0], [0, 0]]), ["a", "b"], ["x", "y"])
+    training.Pairs(rng.normal(size=(2, 2, 4)), np.array([[1, 0], [0, 0]]), ["a", "b"], ["x", "y"])
   config = _config(tmp_path)
   config.model.feature_dim = 5
   with pytest.raises(ValueError, match="feature_dim=5 but pairs has features of size 4"):
-    task.resolve_features(config, task.Pairs(rng.normal(size=(2, 4)), None, ["a", "b"],
+    training.resolve_features(config, training.Pairs(rng.normal(size=(2, 4)), None, ["a", "b"],
                                              ["x", "y"]))
 
 
 def test_batch_check_and_config_errors(tmp_path):
   config = _config(tmp_path)
   config.model.feature_dim, config.model.max_feature_len = FEATURE_DIM, 1
-  cfg = task.captioner_config(config)
-  tokenizer = task.load_tokenizer(config)
-  batch = next(task.PairsSource(generated_pairs(), tokenizer, max_caption_len=16,
+  cfg = training.captioner_config(config)
+  tokenizer = training.load_tokenizer(config)
+  batch = next(training.PairsSource(generated_pairs(), tokenizer, max_caption_len=16,
                                 max_feature_len=1, batch_size=2, seed=0))
-  task.check_batch(cfg, batch, "batch 0")
+  training.check_batch(cfg, batch, "batch 0")
   with pytest.raises(ValueError, match="batch 0: features has shape"):
-    task.check_batch(cfg, {**batch, "features": batch["features"][..., :3]}, "batch 0")
+    training.check_batch(cfg, {**batch, "features": batch["features"][..., :3]}, "batch 0")
   with pytest.raises(ValueError, match="targets in"):
-    task.check_batch(cfg, {**batch, "targets": batch["targets"] + 100}, "batch 0")
+    training.check_batch(cfg, {**batch, "targets": batch["targets"] + 100}, "batch 0")
   config.model.feature_dim = 0
   with pytest.raises(ValueError, match="config.model.feature_dim=0: not resolved"):
-    task.captioner_config(config)
+    training.captioner_config(config)
   with pytest.raises(ValueError, match="beam_size=0"):
     decode.beam_search({}, cfg, np.zeros((1, FEATURE_DIM)), beam_size=0)
   with pytest.raises(ValueError, match="max_len=16"):

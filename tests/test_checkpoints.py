@@ -462,7 +462,7 @@ def test_load_initial_from_a_bert_directory(tmp_path):
 
   config.unlock()
   config.init.bert_dir = str(tmp_path / "bert")
-  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
   fresh = trainer.init_state().params
   fresh_table = np.asarray(fresh["embeddings"]["word_embeddings"]["embedding"])
   params = pretrain_lib.load_initial(config, trainer.abstract_with_shardings(), lambda: fresh)

@@ -16,8 +16,9 @@ import pytest
 from helpers import records_dataset
 from vbert_jax import align
 from vbert_jax import input_pipeline as ip
-from vbert_jax import objectives
 from vbert_jax import sequence
+from vbert_jax import masking as masking_lib
+from vbert_jax import synthetic
 
 VOCAB = sequence.JointVocab(30522, 4096)
 SENTENCES, SILENT_CLIPS = 12, 20
@@ -38,7 +39,7 @@ def pipeline_config(**changes) -> ip.PipelineConfig:
   fields = dict(vocab=VOCAB, max_len=96, batch_size=16, regime_weights=(1.0, 1.0, 2.0),
                 lva_negative_rate=0.4, negative_other_video=0.5, max_concat=3,
                 max_subsample_rate=5, examples_per_video=4, seed=3, debug=True,
-                masking=objectives.MaskingConfig(max_predictions_text=12,
+                masking=masking_lib.MaskingConfig(max_predictions_text=12,
                                                  max_predictions_video=12))
   fields.update(changes)
   return ip.PipelineConfig(**fields)
@@ -59,7 +60,7 @@ def records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def unmasked_rows(records) -> list[dict]:
-  cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50)
+  cfg = pipeline_config(masking=masking_lib.MaskingConfig(rate=0.0), batch_size=50)
   return rows(take(ip.make_pipeline(cfg, records), 60))
 
 
@@ -124,7 +125,7 @@ def test_unmasked_pairs_alone_train_alignment(records):
 
 
 def test_video_only_examples_join_their_own_number_of_segments(records):
-  cfg = pipeline_config(masking=objectives.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
+  cfg = pipeline_config(masking=masking_lib.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
                         max_concat_video=5, max_subsample_rate=1)
   got = rows(take(ip.make_pipeline(cfg, records), 20))
   video = [r for r in got if r["regime"] == sequence.REGIME_VIDEO]
@@ -228,9 +229,9 @@ def test_batches_are_well_formed_and_fit_the_training_contract(records):
     assert (seg[n:] == 0).all() and len(body_seg) == n - 2
     assert VOCAB.is_text(text).all() and VOCAB.is_visual(video).all()
     m = config.masking
-    assert row["mlm_weights"].sum() == objectives.num_to_predict(len(text),
+    assert row["mlm_weights"].sum() == masking_lib.num_to_predict(len(text),
                                                                  m.max_predictions_text)
-    assert row["mvm_weights"].sum() == objectives.num_to_predict(len(video),
+    assert row["mvm_weights"].sum() == masking_lib.num_to_predict(len(video),
                                                                  m.max_predictions_video)
 
 
@@ -387,7 +388,7 @@ def test_every_example_with_tokens_of_a_modality_predicts_some_of_them():
   from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=base")
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
-  recs = ip.random_records(16, vocab, seed=2)
+  recs = synthetic.random_records(16, vocab, seed=2)
   batch = next(ip.make_pipeline(config, recs, batch_size=256))
   for name, is_kind in (("mvm", vocab.is_visual), ("mlm", vocab.is_text)):
     # An example whose masked tokens were all of that kind still has its weights.

@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from vbert_jax.video import features_io
 from vbert_jax.vocab import kmeans
+from helpers import clustering
 
 
 def planted_tree(depth: int, branching: int, dim: int, per_leaf: int, seed: int = 0,
@@ -159,7 +160,7 @@ def planted_fit(planted):
 
 def test_recovers_planted_clusters(planted, planted_fit):
   x, labels = planted
-  ari = kmeans.adjusted_rand_index(labels, planted_fit.leaf)
+  ari = clustering.adjusted_rand_index(labels, planted_fit.leaf)
   print(f"adjusted Rand index on {len(x)} points, 16 planted leaves: {ari:.4f}")
   assert ari >= 0.99
   assert [c.shape for c in planted_fit.centroids] == [(1, 4, 24), (4, 4, 24)]
@@ -173,13 +174,13 @@ def test_flat_mixture_recovered():
   labels = rng.integers(0, 10, 1500)
   x = (centres[labels] + rng.normal(size=(1500, 16))).astype(np.float32)
   fit = kmeans.fit_tree(x, kmeans.KMeansConfig(depth=1, branching=10, seed=2))
-  assert kmeans.adjusted_rand_index(labels, fit.leaf) >= 0.99
+  assert clustering.adjusted_rand_index(labels, fit.leaf) >= 0.99
 
 
 def test_tree_assignment_equals_brute_force_nearest_leaf(planted, planted_fit):
   x, _ = planted
   leaves = planted_fit.centroids[-1].reshape(-1, x.shape[1])
-  brute = kmeans.brute_force_leaf(x, leaves)
+  brute = clustering.brute_force_leaf(x, leaves)
   leaf, dist = kmeans.descend(x, planted_fit.centroids, planted_fit.mean, batch_size=256)
   np.testing.assert_array_equal(leaf, brute)
   # Without distances the last level skips its within-node pass; the leaves are the same.
@@ -200,7 +201,7 @@ def test_tree_index_finds_the_nearest_leaf_on_every_search(planted, planted_fit)
   index = kmeans.TreeIndex(planted_fit.centroids, planted_fit.mean)
   # One prepared tree, several searches: batch size and row order change nothing.
   leaf, dist = index.search(x, batch_size=256)
-  np.testing.assert_array_equal(leaf, kmeans.brute_force_leaf(x, leaves))
+  np.testing.assert_array_equal(leaf, clustering.brute_force_leaf(x, leaves))
   again, dist_again = index.search(x[::-1], batch_size=1000)
   np.testing.assert_array_equal(again[::-1], leaf)
   np.testing.assert_allclose(dist_again[::-1], dist, rtol=1e-3, atol=1e-3)
@@ -363,10 +364,10 @@ def test_empty_cluster_moves_to_the_farthest_point_of_its_node():
 
 def test_adjusted_rand_index_reference_values():
   # Values from scikit-learn's adjusted_rand_score documentation.
-  assert kmeans.adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
-  assert kmeans.adjusted_rand_index([0, 0, 1, 2], [0, 0, 1, 1]) == pytest.approx(0.5714285714)
-  assert kmeans.adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
-  assert kmeans.adjusted_rand_index([0, 0, 0, 0], [0, 1, 2, 3]) == pytest.approx(0.0)
+  assert clustering.adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+  assert clustering.adjusted_rand_index([0, 0, 1, 2], [0, 0, 1, 1]) == pytest.approx(0.5714285714)
+  assert clustering.adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+  assert clustering.adjusted_rand_index([0, 0, 0, 0], [0, 1, 2, 3]) == pytest.approx(0.0)
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -19,6 +19,7 @@ from vbert_jax import flops
 from vbert_jax import model as model_lib
 from vbert_jax import objectives
 from vbert_jax import sequence
+from vbert_jax import masking as masking_lib
 
 SMALL_VOCAB = dict(text_vocab_size=200, visual_vocab_size=100, max_position_embeddings=32)
 
@@ -42,7 +43,7 @@ def _batch(config: model_lib.VideoBERTConfig, length: int = 16, seed: int = 0) -
 
   batch = sequence.stack([layout.pair(text(6), video(6)), layout.text_only(text(9)),
                           layout.video_only(video(10)), layout.pair(text(4), video(7))])
-  batch.update(objectives.mask_batch(rng, batch["input_ids"], vocab, 3, 3))
+  batch.update(masking_lib.mask_batch(rng, batch["input_ids"], vocab, 3, 3))
   batch["lva_label"] = np.array([1, 0, 0, 0], np.int32)
   batch["lva_weight"] = np.array([1, 0, 0, 1], np.float32)
   return batch
@@ -267,9 +268,9 @@ def test_embedding_gradients_sum_in_f32_under_bf16_compute():
   def grads(dtype):
     with config.unlocked():
       config.model.dtype = dtype
-    task = pretrain_lib.videobert_task(config)
-    params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0)))
-    return jax.jit(jax.grad(lambda p: task.loss(p, batch, None)[0]))(params)
+    trainable = pretrain_lib.make_trainable(config)
+    params = nn.meta.unbox(jax.jit(trainable.init)(jax.random.key(0)))
+    return jax.jit(jax.grad(lambda p: trainable.loss(p, batch, None)[0]))(params)
 
   g32, g16 = grads("float32"), grads("bfloat16")
   for table in ("token_type_embeddings", "position_embeddings", "word_embeddings",

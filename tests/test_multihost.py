@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from helpers import pretrain_runs as pr
+from vbert_jax import synthetic
 
 pytestmark = pytest.mark.slow
 PROCESSES = 2
@@ -119,10 +120,9 @@ BATCH = 32  # the runlocal global batch: 8 shards of 4 rows
 @pytest.fixture(scope="module")
 def records_data(tmp_path_factory):
   from helpers import records_dataset  # pylint: disable=g-import-not-at-top
-  from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
   vocab = sequence.JointVocab(text_size=512, visual_size=256)  # the runlocal sizes
-  recs = input_pipeline.random_records(24, vocab, seed=5, min_clips=20, max_clips=60)
+  recs = synthetic.random_records(24, vocab, seed=5, min_clips=20, max_clips=60)
   data_dir = tmp_path_factory.mktemp("records")
   records_dataset.write(data_dir, {"train": recs[:20], "validation": recs[20:]})
   return data_dir

@@ -8,6 +8,7 @@ import pytest
 from vbert_jax import model as model_lib
 from vbert_jax import objectives, sequence
 from vbert_jax.sequence import JointVocab, Layout
+from vbert_jax import masking as masking_lib
 
 VOCAB = JointVocab(text_size=1000, visual_size=300)
 SPECIALS = VOCAB.specials.as_array()
@@ -31,7 +32,7 @@ def many_draws():
   for _ in range(4000):
     packed = _pair(rng, 30, 30)
     originals.append(packed.input_ids)
-    masked.append(objectives.mask_example(rng, packed.input_ids, VOCAB, 10, 10))
+    masked.append(masking_lib.mask_example(rng, packed.input_ids, VOCAB, 10, 10))
   return np.stack(originals), masked
 
 
@@ -99,10 +100,10 @@ def test_targets_are_the_original_ids(many_draws):
 
 def test_fixed_seed_gives_the_same_masks():
   packed = _pair(np.random.default_rng(1), 40, 20)
-  a = objectives.mask_example(np.random.default_rng(7), packed.input_ids, VOCAB, 8, 8)
-  b = objectives.mask_example(np.random.default_rng(7), packed.input_ids, VOCAB, 8, 8)
-  c = objectives.mask_example(np.random.default_rng(8), packed.input_ids, VOCAB, 8, 8)
-  for key in objectives.MASK_KEYS:
+  a = masking_lib.mask_example(np.random.default_rng(7), packed.input_ids, VOCAB, 8, 8)
+  b = masking_lib.mask_example(np.random.default_rng(7), packed.input_ids, VOCAB, 8, 8)
+  c = masking_lib.mask_example(np.random.default_rng(8), packed.input_ids, VOCAB, 8, 8)
+  for key in masking_lib.MASK_KEYS:
     np.testing.assert_array_equal(a[key], b[key])
   assert not np.array_equal(a["mlm_positions"], c["mlm_positions"])
 
@@ -117,7 +118,7 @@ def test_fixed_seed_gives_the_same_masks():
 def test_slot_counts_and_padding(n_text, n_video, max_text, max_video, want_text, want_video):
   rng = np.random.default_rng(3)
   packed = _pair(rng, n_text, n_video, max_len=160)
-  m = objectives.mask_example(rng, packed.input_ids, VOCAB, max_text, max_video)
+  m = masking_lib.mask_example(rng, packed.input_ids, VOCAB, max_text, max_video)
   for prefix, want, size in (("mlm", want_text, max_text), ("mvm", want_video, max_video)):
     pos, ids, w = m[f"{prefix}_positions"], m[f"{prefix}_ids"], m[f"{prefix}_weights"]
     assert pos.shape == ids.shape == w.shape == (size,)
@@ -132,18 +133,18 @@ def test_text_only_and_video_only_fill_one_modality():
   rng = np.random.default_rng(4)
   text = Layout(VOCAB, 48).text_only(_text_ids(rng, 40))
   video = Layout(VOCAB, 48).video_only(rng.integers(0, VOCAB.visual_size, 40).tolist())
-  batch = objectives.mask_batch(rng, np.stack([text.input_ids, video.input_ids]), VOCAB, 8, 8)
+  batch = masking_lib.mask_batch(rng, np.stack([text.input_ids, video.input_ids]), VOCAB, 8, 8)
   np.testing.assert_array_equal(batch["mlm_weights"].sum(1), [6, 0])
   np.testing.assert_array_equal(batch["mvm_weights"].sum(1), [0, 6])
   assert batch["input_ids"].shape == (2, 48) and batch["mvm_ids"].shape == (2, 8)
 
 
 def test_masking_config_matches_function():
-  cfg = objectives.MaskingConfig(max_predictions_text=6, max_predictions_video=4)
+  cfg = masking_lib.MaskingConfig(max_predictions_text=6, max_predictions_video=4)
   ids = _pair(np.random.default_rng(5), 30, 30).input_ids
   a = cfg.mask_example(np.random.default_rng(2), ids, VOCAB)
-  b = objectives.mask_example(np.random.default_rng(2), ids, VOCAB, 6, 4)
-  for key in objectives.MASK_KEYS:
+  b = masking_lib.mask_example(np.random.default_rng(2), ids, VOCAB, 6, 4)
+  for key in masking_lib.MASK_KEYS:
     np.testing.assert_array_equal(a[key], b[key])
 
 
@@ -154,7 +155,7 @@ def test_video_suffix_masking_hides_the_last_clips_only():
     visual = np.flatnonzero(VOCAB.is_visual(packed.input_ids))
     suffixed, plain = [], []
     for seed in range(200):
-      m = objectives.mask_example(np.random.default_rng(seed), packed.input_ids, VOCAB, 8, 4,
+      m = masking_lib.mask_example(np.random.default_rng(seed), packed.input_ids, VOCAB, 8, 4,
                                   rate=0.4, video_suffix_rate=0.5)
       pos = m["mvm_positions"][m["mvm_weights"] > 0]
       is_suffix = np.array_equal(pos, visual[-len(pos):])
@@ -167,24 +168,24 @@ def test_video_suffix_masking_hides_the_last_clips_only():
         np.testing.assert_array_equal(m["input_ids"][past], packed.input_ids[past])
     assert 70 < len(suffixed) < 130, len(suffixed)  # about half of 200
   # Rate 0 (the paper's recipe) draws exactly what masking without the option draws.
-  a = objectives.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4)
-  b = objectives.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4,
+  a = masking_lib.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4)
+  b = masking_lib.mask_example(np.random.default_rng(3), pair.input_ids, VOCAB, 8, 4,
                               video_suffix_rate=0.0)
-  for key in objectives.MASK_KEYS:
+  for key in masking_lib.MASK_KEYS:
     np.testing.assert_array_equal(a[key], b[key])
-  cfg = objectives.MaskingConfig.from_config({"rate": 0.4, "video_suffix_rate": 1.0})
+  cfg = masking_lib.MaskingConfig.from_config({"rate": 0.4, "video_suffix_rate": 1.0})
   assert (cfg.rate, cfg.video_suffix_rate, cfg.max_predictions_text) == (0.4, 1.0, 20)
 
 
 def test_bad_masking_arguments_are_named():
   with pytest.raises(ValueError, match="mask_prob"):
-    objectives.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
+    masking_lib.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
                             mask_prob=0.95, random_prob=0.1)
   with pytest.raises(ValueError, match="video_suffix_rate=1.5"):
-    objectives.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
+    masking_lib.mask_example(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2,
                             video_suffix_rate=1.5)
   with pytest.raises(ValueError, match=r"\[batch, length\]"):
-    objectives.mask_batch(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2)
+    masking_lib.mask_batch(np.random.default_rng(0), np.zeros(8, np.int32), VOCAB, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def _model_batch(regime, batch_size=4, max_len=32, seed=0):
                    sequence.REGIME_VIDEO: lambda: layout.video_only(video),
                    sequence.REGIME_PAIR: lambda: layout.pair(text, video)}[regime]())
   batch = sequence.stack(packed)
-  batch.update(objectives.mask_batch(rng, batch["input_ids"], VOCAB, 4, 4))
+  batch.update(masking_lib.mask_batch(rng, batch["input_ids"], VOCAB, 4, 4))
   is_pair = batch["regime"] == sequence.REGIME_PAIR
   batch["lva_label"] = (np.arange(batch_size) % 2).astype(np.int32)
   batch["lva_weight"] = is_pair.astype(np.float32)

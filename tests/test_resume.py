@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import pretrain_runs as pr
+from vbert_jax import synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -136,10 +137,9 @@ def test_checkpoint_from_another_config_is_named(reference, tmp_path):
 def test_sigkill_and_resume_exactly_on_the_tfds_pipeline(tmp_path):
   """The same promise end to end through the TFDS records and the grain pipeline, workers on."""
   from helpers import records_dataset  # pylint: disable=g-import-not-at-top
-  from vbert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
   vocab = sequence.JointVocab(text_size=512, visual_size=256)  # the runlocal sizes
-  recs = input_pipeline.random_records(12, vocab, seed=3, min_clips=20, max_clips=60)
+  recs = synthetic.random_records(12, vocab, seed=3, min_clips=20, max_clips=60)
   data_dir = records_dataset.write(tmp_path / "tfds", {"train": recs[:9], "validation": recs[9:]})
   extra = {"input.source": "tfds", "input.tfds_name": records_dataset.NAME,
            "input.data_dir": data_dir, "input.worker_count": 2}

@@ -48,8 +48,8 @@ def _config(mesh: dict):
 def _run(config, devices, magnitudes=False):
   """Initial params, then per step (loss, grads) and the final params, all on the host; with
   `magnitudes`, also each step's per-example gradient magnitudes (for the tolerances)."""
-  task = pretrain_lib.videobert_task(config)
-  trainer = train.Trainer(task, config, sharding.make_mesh(config.mesh, devices),
+  trainable = pretrain_lib.make_trainable(config)
+  trainer = train.Trainer(trainable, config, sharding.make_mesh(config.mesh, devices),
                           return_grads=True)
   state = trainer.init_state()
   initial = jax.device_get(state.params)
@@ -58,8 +58,8 @@ def _run(config, devices, magnitudes=False):
   for _ in range(STEPS):
     batch = next(source)
     if magnitudes:
-      over = task.denominators(batch)
-      abs_sum = tolerance.per_example_abs_grads(task.loss, jax.device_get(state.params), batch,
+      over = trainable.denominators(batch)
+      abs_sum = tolerance.per_example_abs_grads(trainable.loss, jax.device_get(state.params), batch,
                                                 over)
       atols.append(tolerance.reordered_sum_atol(abs_sum, batch["input_ids"].size))
     state, sums, g = trainer.train_step(state, trainer.put_batch(batch))
@@ -117,7 +117,7 @@ def test_parameters_match_one_device(reference, sharded):
 def _logical_names(trainer):
   """The logical axis names the model declares for each parameter, by path."""
   import flax.linen as nn
-  boxed = jax.eval_shape(trainer.task.init, jax.random.key(0))
+  boxed = jax.eval_shape(trainer.trainable.init, jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
   return {jax.tree_util.keystr(path): tuple(spec) for path, spec in flat}
@@ -194,12 +194,12 @@ def test_mesh_that_does_not_divide_the_batch_is_named():
                                        r"expected a multiple of 8. On 8 cpu devices in 1 "
                                        r"process, process 0 would feed 12 rows to its 8 "
                                        r"devices"):
-    train.Trainer(pretrain_lib.videobert_task(config), config)
+    train.Trainer(pretrain_lib.make_trainable(config), config)
   with config.unlocked():
     config.batch_size, config.grad_accum_steps = 16, 4
   with pytest.raises(ValueError, match=r"times config.grad_accum_steps=4; expected a "
                                        r"multiple of 32"):
-    train.Trainer(pretrain_lib.videobert_task(config), config)
+    train.Trainer(pretrain_lib.make_trainable(config), config)
 
 
 def test_rules_naming_an_unknown_mesh_axis_are_rejected():
@@ -230,7 +230,7 @@ def test_tied_heads_never_move_the_word_tables_between_tensor_shards():
   config = _config(dict(data=2, fsdp=1, tensor=4))
   with config.unlocked():
     config.model.update(num_layers=1, text_vocab_size=1000, visual_vocab_size=500)
-  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
   hlo = trainer.lower_train_step().compile().as_text()
   vocab = pretrain_lib.model_config(config).vocab
   rows = {vocab.text_padded, vocab.visual_padded, vocab.total_size}

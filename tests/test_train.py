@@ -23,10 +23,10 @@ from vbert_jax import train
 DIM = 16
 
 
-# A toy task and input source: the trainer takes any (init, loss, iterator) triple.
+# A toy trainable and input source: the trainer takes any (init, loss, iterator) triple.
 
 
-def toy_task(dropout: float = 0.0) -> train.Task:
+def toy_trainable(dropout: float = 0.0) -> train.Trainable:
   def init(rng):
     w = nn.with_logical_partitioning(nn.initializers.normal(0.5), ("embed", "mlp"))
     b = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",))
@@ -46,7 +46,7 @@ def toy_task(dropout: float = 0.0) -> train.Task:
     return mse, {"mse": mse, "close_accuracy": hits.mean(),
                  "close_count": jnp.float32(x.shape[0])}
 
-  return train.Task(init=init, loss=loss, tokens_per_example=DIM,
+  return train.Trainable(init=init, loss=loss, tokens_per_example=DIM,
                     denominators=lambda batch: {"mse": jnp.float32(batch["x"].size)})
 
 
@@ -97,8 +97,8 @@ def toy_config(total_steps=6, **changes):
   return c
 
 
-def _toy_run(workdir, config, source=None, task=None):
-  return train.train_loop(task or toy_task(dropout=0.2), config, workdir,
+def _toy_run(workdir, config, source=None, trainable=None):
+  return train.train_loop(trainable or toy_trainable(dropout=0.2), config, workdir,
                           source or ToySource(config.batch_size),
                           lambda: ToySource(config.batch_size, poison_step=-1))
 
@@ -139,7 +139,7 @@ def test_runlocal_learns_the_generated_task(runlocal_run):
   assert final["lva_accuracy"] >= 0.9
   # Evaluated over real slots and examples of every kind.
   assert final["mlm_count"] > 50 and final["mvm_count"] > 50 and final["lva_count"] > 50
-  # Before training the task is not solved: the accuracies were learned.
+  # Before training the toy problem is not solved: the accuracies were learned.
   first_train = metrics.read_jsonl(workdir, "train")[0]
   assert first_train["lva_accuracy"] < 0.75 and first_train["mvm_accuracy"] < 0.5
 
@@ -223,7 +223,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   for micro in (1, 4):
     # 32 rows over 8 devices: each of the 4 micro-batches still covers every device.
     config = toy_config(grad_accum_steps=micro, batch_size=32)
-    trainer = train.Trainer(toy_task(), config, return_grads=True)
+    trainer = train.Trainer(toy_trainable(), config, return_grads=True)
     state = trainer.init_state()
     batch = trainer.put_batch(next(ToySource(config.batch_size)))
     state, sums, g = trainer.train_step(state, batch)
@@ -244,13 +244,13 @@ def test_accumulated_micro_batches_weigh_by_their_predictions():
   with config.unlocked():
     config.masking.max_predictions_text = config.masking.max_predictions_video = 4
     config.max_len = 24
-  task = pretrain_lib.videobert_task(config)
+  trainable = pretrain_lib.make_trainable(config)
   batch = next(synthetic.from_config(config, "train", batch_size=32))
   grads = {}
   for micro in (1, 4):
     with config.unlocked():
       config.grad_accum_steps = micro
-    trainer = train.Trainer(task, config, return_grads=True)
+    trainer = train.Trainer(trainable, config, return_grads=True)
     state = trainer.init_state()
     params = jax.device_get(state.params)
     _, sums, grads[micro] = trainer.train_step(state, trainer.put_batch(batch))
@@ -258,12 +258,12 @@ def test_accumulated_micro_batches_weigh_by_their_predictions():
   # Micro-batch j holds rows j, j + 4, ...: their prediction counts differ.
   counts = [batch["mlm_weights"][j::4].sum() for j in range(4)]
   assert len(set(counts)) > 1, counts
-  over = jax.tree.map(jnp.asarray, task.denominators(batch))
-  magnitude = tolerance.per_example_abs_grads(task.loss, params, batch, over)
+  over = jax.tree.map(jnp.asarray, trainable.denominators(batch))
+  magnitude = tolerance.per_example_abs_grads(trainable.loss, params, batch, over)
   atol = tolerance.reordered_sum_atol(magnitude, 32 * config.max_len)
   tolerance.assert_trees_within(grads[4], grads[1], atol, "accumulated gradient")
   # Equal weights for the micro-batches (each divided by its own count) miss by far more.
-  own_mean = jax.jit(jax.grad(lambda p, mb: task.loss(p, mb, None)[0]))
+  own_mean = jax.jit(jax.grad(lambda p, mb: trainable.loss(p, mb, None)[0]))
   equal = jax.tree.map(lambda *g: sum(g) / 4, *[
       own_mean(params, jax.tree.map(lambda x, j=j: x[j::4], batch)) for j in range(4)])
   table = ("embeddings", "word_embeddings", "embedding")
@@ -375,15 +375,15 @@ def test_ids_outside_the_vocabulary_are_named(tmp_path):
   source = _Corrupting(synthetic.from_config(config, "train", batch_size=config.batch_size))
   with pytest.raises(ValueError, match=r"train batch of step 1: input_ids: token ids \[1000000\] "
                                        r"are outside the joint vocabulary \(text \[0, 512\)"):
-    train.train_loop(pretrain_lib.videobert_task(config), config, tmp_path, source)
+    train.train_loop(pretrain_lib.make_trainable(config), config, tmp_path, source)
   bad = next(synthetic.from_config(config, "train", batch_size=4))
   bad["mvm_ids"][0, 0] = 256
   with pytest.raises(ValueError, match=r"eval: mvm_ids in \[\d+, 256\] fall outside \[0, 256\)"):
-    pretrain_lib.videobert_task(config).check_batch(bad, "eval")
+    pretrain_lib.make_trainable(config).check_batch(bad, "eval")
   bad = next(synthetic.from_config(config, "train", batch_size=4))
   bad["input_ids"] = bad["input_ids"][:, :8]
   with pytest.raises(ValueError, match=r"x: input_ids has shape \(4, 8\); expected \(4, 16\)"):
-    pretrain_lib.videobert_task(config).check_batch(bad, "x")
+    pretrain_lib.make_trainable(config).check_batch(bad, "x")
 
 
 def test_max_len_beyond_positions_is_named():
@@ -392,7 +392,7 @@ def test_max_len_beyond_positions_is_named():
     config.max_len = 100
   with pytest.raises(ValueError, match=r"config.max_len=100 exceeds config.model."
                                        r"max_position_embeddings=64"):
-    pretrain_lib.videobert_task(config)
+    pretrain_lib.make_trainable(config)
 
 
 # The generated source.
@@ -478,7 +478,7 @@ def test_visual_rows_start_from_the_vocabulary_centroids(tmp_path):
   with config.unlocked():
     config.model.visual_vocab_size = 16
     config.init.visual_vocab = str(path)
-  trainer = train.Trainer(pretrain_lib.videobert_task(config), config)
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
   fresh = trainer.init_state().params
   params = pretrain_lib.init_visual_rows(fresh, config)
   table = np.asarray(params["embeddings"]["visual_embeddings"]["embedding"])
@@ -508,7 +508,7 @@ def test_each_evaluation_closes_its_input_workers(tmp_path):
   config = toy_config(total_steps=2, **{"eval.every_steps": 2, "eval.num_batches": 1,
                                         "eval.batch_size": 8})
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
-  records = ip.random_records(6, vocab, seed=1, min_clips=10, max_clips=20)
+  records = synthetic.random_records(6, vocab, seed=1, min_clips=10, max_clips=20)
   made = []
 
   def eval_input():
@@ -516,7 +516,7 @@ def test_each_evaluation_closes_its_input_workers(tmp_path):
     return made[-1]
 
   before = {p.pid for p in psutil.Process().children(recursive=True)}
-  result = train.train_loop(pretrain_lib.videobert_task(config), config, tmp_path,
+  result = train.train_loop(pretrain_lib.make_trainable(config), config, tmp_path,
                             synthetic.from_config(config, "train", batch_size=8), eval_input)
   assert len(made) == 1 and len(result.eval_history) == 1
   # multiprocessing's resource tracker outlives the workers by design: one per process.

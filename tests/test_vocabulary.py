@@ -14,6 +14,7 @@ from PIL import Image
 import fixtures_world as fw
 from vbert_jax.video import features_io
 from vbert_jax.vocab import grid, kmeans, vocabulary
+from helpers import clustering
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_fit_records_settings_and_statistics(fitted):
   tokens = vocab.assign(x)
   np.testing.assert_array_equal(vocab.leaf_counts, np.bincount(tokens, minlength=9))
   assert tokens.dtype == np.int32 and tokens.min() >= 0 and tokens.max() < 9
-  np.testing.assert_array_equal(tokens, kmeans.brute_force_leaf(x, vocab.leaves))
+  np.testing.assert_array_equal(tokens, clustering.brute_force_leaf(x, vocab.leaves))
 
 
 def test_save_load_round_trip(fitted, tmp_path):
@@ -141,14 +142,14 @@ def test_l2_vocabulary_clusters_directions_and_assigns_any_length(tmp_path):
   cfg = kmeans.KMeansConfig(depth=1, branching=3, iterations=20, seed=0)
   l2 = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2, normalize="l2")
   raw = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2)
-  assert kmeans.adjusted_rand_index(l2.assign(x), label) == 1.0
-  assert kmeans.adjusted_rand_index(raw.assign(x), label) < 0.5
+  assert clustering.adjusted_rand_index(l2.assign(x), label) == 1.0
+  assert clustering.adjusted_rand_index(raw.assign(x), label) < 0.5
   norms = np.linalg.norm(l2.leaves, axis=1)  # means of unit rows: inside the unit ball
   assert np.all(norms <= 1 + 1e-5) and np.all(norms > 0.9), norms
   # A clip's token does not depend on its feature's length, and matches brute force on unit rows.
   np.testing.assert_array_equal(l2.assign(x * 7.5), l2.assign(x))
   unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-  np.testing.assert_array_equal(l2.assign(x), kmeans.brute_force_leaf(unit, l2.leaves))
+  np.testing.assert_array_equal(l2.assign(x), clustering.brute_force_leaf(unit, l2.leaves))
   loaded = vocabulary.VisualVocabulary.load(l2.save(tmp_path / "l2.npz"))
   assert loaded.normalize == "l2"
   np.testing.assert_array_equal(loaded.assign(x), l2.assign(x))
@@ -169,14 +170,14 @@ def test_standardized_vocabulary_clusters_low_variance_dimensions(tmp_path):
   cfg = kmeans.KMeansConfig(depth=1, branching=3, iterations=30, seed=0)
   std = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2, normalize="standardize")
   raw = vocabulary.VisualVocabulary.fit(x, cfg, nearest_per_leaf=2)
-  assert kmeans.adjusted_rand_index(raw.assign(x), label) < 0.5
-  assert kmeans.adjusted_rand_index(std.assign(x), label) == 1.0
+  assert clustering.adjusted_rand_index(raw.assign(x), label) < 0.5
+  assert clustering.adjusted_rand_index(std.assign(x), label) == 1.0
   np.testing.assert_allclose(std.input_mean, x.mean(0, dtype=np.float64), rtol=1e-6)
   np.testing.assert_allclose(std.input_std, x.std(0, dtype=np.float64), rtol=1e-4, atol=1e-6)
   assert std.input_std[5] == 0
   z = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1)
   np.testing.assert_allclose(std.mean, z.mean(0), atol=1e-5)  # statistics of the fitted space
-  np.testing.assert_array_equal(std.assign(x), kmeans.brute_force_leaf(z, std.leaves))
+  np.testing.assert_array_equal(std.assign(x), clustering.brute_force_leaf(z, std.leaves))
   loaded = vocabulary.VisualVocabulary.load(std.save(tmp_path / "std.npz"))
   assert loaded.normalize == "standardize"
   np.testing.assert_array_equal(loaded.input_std, std.input_std)
@@ -233,7 +234,7 @@ def test_fit_cli_writes_a_vocabulary_and_lists_skipped_files(tmp_path):
   assert "1 files skipped" in out.stdout and f"skipped {folder / 'cut.npz'}" in out.stdout
   vocab = vocabulary.VisualVocabulary.load(tmp_path / "v.npz")
   assert (vocab.size, vocab.count, vocab.nearest.video.shape) == (4, 50, (4, 3))
-  assert kmeans.adjusted_rand_index(vocab.assign(x), kmeans.brute_force_leaf(x, vocab.leaves)) == 1
+  assert clustering.adjusted_rand_index(vocab.assign(x), clustering.brute_force_leaf(x, vocab.leaves)) == 1
   bad = run_module("vbert_jax.vocab.fit", f"--features={tmp_path / 'none'}", "--out=x.npz")
   assert bad.returncode == 1 and "none: expected a features folder or a .npy" in bad.stderr
 
@@ -301,7 +302,7 @@ def test_demo_world_tree_vs_exhaustive_mismatch_rate(tmp_path):
   src = kmeans.FolderSource(corpus.features_dir)
   x = src.read(0, src.num_rows)
   tree, tree_d = vocab.assign_with_distance(x)
-  brute = kmeans.brute_force_leaf(x, vocab.leaves)
+  brute = clustering.brute_force_leaf(x, vocab.leaves)
   leaves = vocab.leaves.astype(np.float64)
   brute_d = ((x - leaves[brute]) ** 2).sum(1)
   mismatch = float(np.mean(tree != brute))

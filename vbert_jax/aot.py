@@ -136,7 +136,7 @@ class CompileReport:
 def make_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any],
                  where: str = "") -> train.Trainer:
   mesh = sharding.make_mesh(config.mesh, devices, where=where)
-  return train.Trainer(pretrain_lib.videobert_task(config), config, mesh)
+  return train.Trainer(pretrain_lib.make_trainable(config), config, mesh)
 
 
 def compile_report(compiled: Any, devices: Sequence[Any], topology: str = "") -> CompileReport:
@@ -328,7 +328,7 @@ def sharding_summary(trainer: train.Trainer, batch_size: int, top: int = 5) -> t
     rest = [sum(g[i] for _, g in state[top:]) for i in range(3)]
     state = state[:top] + [(f"{len(state) - top} other specs", rest)]
   groups.clear()
-  for a in trainer.task.batch_spec(batch_size).values():
+  for a in trainer.trainable.batch_spec(batch_size).values():
     add(_spec_text(trainer.batch_sharding.spec), a, trainer.batch_sharding)
   rows = [(f"state {k}", g) for k, g in state] + [(f"batch {k}", g) for k, g in groups.items()]
   return tuple(f"{name}: {int(n)} arrays, {total / GIB:.3f} GiB, {local / GIB:.3f} GiB per chip"
@@ -365,7 +365,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
   common = dict(topology=topo, mesh=dict(zip(sharding.MESH_AXES, sizes)),
                 num_devices=len(devices), device_kind=kind,
                 hbm_bytes=topo.hbm_bytes * chips // len(devices),
-                model_flops=float(pretrain_lib.videobert_task(config).train_flops(config.batch_size)),
+                model_flops=float(pretrain_lib.make_trainable(config).train_flops(config.batch_size)),
                 peak_flops=peak, mfu=mfu, num_slices=num_slices,
                 axes=sharding.axis_placement(device_mesh))
   try:
@@ -374,7 +374,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
         micro_steps=int(config.grad_accum_steps), where=where)
   except ValueError as e:
     return Readiness(**common, shardings=(), placement=str(e), feedable=False)
-  trainer = train.Trainer(pretrain_lib.videobert_task(config), config, device_mesh)
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config, device_mesh)
   common.update(shardings=sharding_summary(trainer, config.batch_size),
                 placement=placement.summary())
   try:

@@ -18,7 +18,7 @@ number of hosts. One example, the paper's recipe:
      with the visual tokens of a different window, from the same video where one does not overlap
      the sentence's clips, else from another video of the dataset (`negative_other_video` sets how
      often another video is preferred);
-  5. packing with `sequence.Layout` and BERT masking with `objectives.MaskingConfig`.
+  5. packing with `sequence.Layout` and BERT masking with `vbert_jax.masking`.
 
 Every choice comes from a NumPy generator seeded by (seed, split, epoch, global element index),
 never from worker, thread or host order, so a row of a batch is a pure function of (seed, step,
@@ -43,10 +43,9 @@ from absl import flags
 import grain
 import numpy as np
 
-from vbert_jax import objectives
+from vbert_jax import masking as masking_lib
 from vbert_jax import sequence
 from vbert_jax import stream
-from vbert_jax import align
 
 SPLIT_CODES = {"train": 0, "eval": 1}
 # How many records an example may look at before it settles for another regime.
@@ -64,7 +63,7 @@ class PipelineConfig:
   vocab: sequence.JointVocab
   max_len: int
   batch_size: int  # rows of a global batch
-  masking: objectives.MaskingConfig = objectives.MaskingConfig()
+  masking: masking_lib.MaskingConfig = masking_lib.MaskingConfig()
   regime_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # text, video, pair
   lva_negative_rate: float = 0.5
   negative_other_video: float = 0.5  # share of negatives that look in another video first
@@ -122,7 +121,7 @@ class PipelineConfig:
                   **overrides) -> "PipelineConfig":
     """From a pretraining config (configs/pretrain.py); `config.input.*` keys it lacks default."""
     inp = config.input
-    masking = objectives.MaskingConfig.from_config(config.masking)
+    masking = masking_lib.MaskingConfig.from_config(config.masking)
     specials = sequence.SpecialIds.parse(config.model.get("special_ids", None))
     fields = dict(
         vocab=sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size,
@@ -492,34 +491,3 @@ def create_iterator(config: Any, split: str, *, batch_size: int,
     raise ValueError(f"input pipeline: split={split!r}; expected one of {sorted(SPLIT_CODES)}")
   return make_pipeline(config, open_tfds_source(config, split), split=split,
                        batch_size=batch_size, rows=rows, **overrides)
-
-
-def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,
-                   min_clips: int = 40, max_clips: int = 160, no_asr_rate: float = 0.0,
-                   ) -> list[dict[str, Any]]:
-  """Record dicts shaped like real ones, aligned by `align.align_video`: for tests and benches.
-
-  Videos of 1-4 minutes in 1.5 s clips; ASR sentences of 4-20 tokens lasting 1.5-6 s, with
-  silent stretches (which become 16-token video-only segments); a share of videos has no ASR.
-  """
-  rng = np.random.default_rng([seed, 4242])
-  ids = np.arange(vocab.text_size)
-  words = ids[vocab.is_text(ids)]
-  records = []
-  for v in range(num_videos):
-    n = int(rng.integers(min_clips, max_clips + 1))
-    starts = np.arange(n) * 1.5
-    sentences, t = [], 0.0
-    has_asr = rng.random() >= no_asr_rate
-    while has_asr and t < n * 1.5 - 1.0:
-      if rng.random() < 0.1:
-        t += float(rng.uniform(5.0, 40.0))  # a silent stretch
-        continue
-      length = float(rng.uniform(1.5, 6.0))
-      text = rng.choice(words, size=int(rng.integers(4, 21)))
-      sentences.append(align.TokenizedSentence(text.tolist(), t, min(t + length, n * 1.5)))
-      t += length
-    record = align.align_video(f"video_{seed}_{v}", sentences, starts, starts + 1.5,
-                               rng.integers(0, vocab.visual_size, size=n))
-    records.append(record.to_features())
-  return records

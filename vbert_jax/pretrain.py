@@ -1,4 +1,4 @@
-"""VideoBERT pretraining as a task of the generic trainer (`vbert_jax.train`).
+"""VideoBERT pretraining for the generic trainer (`vbert_jax.train`).
 
 The model a config describes (`model_config`), its batch contract (`pretrain_batch_spec`,
 `check_pretrain_batch`), its loss (MLM + MVM + LVA, weighted by `config.loss`), where a fresh run
@@ -86,7 +86,7 @@ def check_pretrain_batch(config: ml_collections.ConfigDict, vocab: Any, batch: B
                        f"[0, max_len={config.max_len})")
 
 
-def videobert_task(config: ml_collections.ConfigDict) -> train.Task:
+def make_trainable(config: ml_collections.ConfigDict) -> train.Trainable:
   """MLM + MVM + LVA pretraining of the joint model, weighted by config.loss."""
   mcfg = model_config(config)
   module = model.VideoBERT(mcfg)
@@ -110,7 +110,7 @@ def videobert_task(config: ml_collections.ConfigDict) -> train.Task:
                                 batch_size * config.masking.max_predictions_text,
                                 batch_size * config.masking.max_predictions_video).total
 
-  return train.Task(init=init, loss=loss,
+  return train.Trainable(init=init, loss=loss,
               denominators=functools.partial(
                   objectives.denominators,
                   masked_on_negatives=config.loss.masked_on_negatives),
@@ -145,15 +145,15 @@ def check_input(config: ml_collections.ConfigDict) -> None:
         "`runlocal` to the config argument, or --config.input.source=synthetic.")
   if inp.source == "synthetic":
     logging.warning("input: GENERATED tokens (config.input.source=synthetic), not a dataset: "
-                    "this run learns a made-up task, for trying the trainer and for tests")
+                    "this run learns a made-up trainable, for trying the trainer and for tests")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
                        mesh: jax.sharding.Mesh | None = None) -> train.LoopResult:
-  """VideoBERT pretraining as configured: the input sources, the task, the loop."""
+  """VideoBERT pretraining as configured: the input sources, the trainable, the loop."""
   check_input(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  task = videobert_task(config)
+  trainable = make_trainable(config)
   rules = sharding.make_rules(config.sharding_rules)
   sharding.check_batch_size(config.batch_size, mesh, rules,
                             micro_steps=int(config.grad_accum_steps))
@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
   if config.eval.every_steps > 0 and config.eval.num_batches > 0:
     sharding.check_batch_size(config.eval.batch_size, mesh, rules, key="config.eval.batch_size")
     eval_fn = functools.partial(make_source, config, "eval", config.eval.batch_size, mesh)
-  return train.train_loop(task, config, workdir, train_iter, eval_fn, mesh)
+  return train.train_loop(trainable, config, workdir, train_iter, eval_fn, mesh)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ function of its words (each word id maps to one visual token), so a model can le
 the video, the video from the text, and whether the two belong together. Each example picks a
 regime (text-only, video-only or video-text) and a topic; a video-text example is a negative
 (video of another topic, `lva_label` 0) with probability `lva_negative_rate`. Examples are packed
-with `sequence.Layout` and masked with `objectives.mask_example`.
+with `sequence.Layout` and masked with `vbert_jax.masking.mask_example`.
 
 Every example is a pure function of (seed, split, position in the global stream): row r of global
 batch b is example b * batch_size + r. So the iterator's state is one number, a resumed run sees
@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vbert_jax import objectives
+from vbert_jax import align
+from vbert_jax import masking as masking_lib
 from vbert_jax import sequence
 from vbert_jax import stream
 
@@ -62,7 +63,7 @@ class SyntheticSource:
   """An iterator over this process's rows of global batches of generated, masked examples."""
 
   def __init__(self, *, vocab: sequence.JointVocab, max_len: int, batch_size: int,
-               masking: objectives.MaskingConfig, regime_weights: tuple[float, float, float],
+               masking: masking_lib.MaskingConfig, regime_weights: tuple[float, float, float],
                lva_negative_rate: float, world: World, seed: int, split: str = "train",
                rows: Sequence[int] | None = None):
     if split not in SPLITS:
@@ -140,9 +141,40 @@ def from_config(config: Any, split: str, *, batch_size: int,
   vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
   world = World.generate(vocab, config.input.synthetic_topics, config.input.synthetic_min_words,
                          config.input.synthetic_max_words, config.seed)
-  masking = objectives.MaskingConfig.from_config(config.masking)
+  masking = masking_lib.MaskingConfig.from_config(config.masking)
   regimes = (config.regimes.text, config.regimes.video, config.regimes.pair)
   return SyntheticSource(vocab=vocab, max_len=config.max_len, batch_size=batch_size,
                          masking=masking, regime_weights=regimes,
                          lva_negative_rate=config.lva_negative_rate, world=world,
                          seed=config.seed, split=split, rows=rows)
+
+
+def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,
+                   min_clips: int = 40, max_clips: int = 160, no_asr_rate: float = 0.0,
+                   ) -> list[dict[str, Any]]:
+  """Record dicts shaped like real ones, aligned by `align.align_video`: for tests and benches.
+
+  Videos of 1-4 minutes in 1.5 s clips; ASR sentences of 4-20 tokens lasting 1.5-6 s, with
+  silent stretches (which become 16-token video-only segments); a share of videos has no ASR.
+  """
+  rng = np.random.default_rng([seed, 4242])
+  ids = np.arange(vocab.text_size)
+  words = ids[vocab.is_text(ids)]
+  records = []
+  for v in range(num_videos):
+    n = int(rng.integers(min_clips, max_clips + 1))
+    starts = np.arange(n) * 1.5
+    sentences, t = [], 0.0
+    has_asr = rng.random() >= no_asr_rate
+    while has_asr and t < n * 1.5 - 1.0:
+      if rng.random() < 0.1:
+        t += float(rng.uniform(5.0, 40.0))  # a silent stretch
+        continue
+      length = float(rng.uniform(1.5, 6.0))
+      text = rng.choice(words, size=int(rng.integers(4, 21)))
+      sentences.append(align.TokenizedSentence(text.tolist(), t, min(t + length, n * 1.5)))
+      t += length
+    record = align.align_video(f"video_{seed}_{v}", sentences, starts, starts + 1.5,
+                               rng.integers(0, vocab.visual_size, size=n))
+    records.append(record.to_features())
+  return records

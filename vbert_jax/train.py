@@ -1,7 +1,7 @@
 """The generic trainer: sharded state, one jitted step, evaluation, and the loop with resume.
 
-Any model trains through it as a `Task`: an `init(rng) -> params` (boxed with logical axis names,
-as `flax.linen.with_logical_partitioning` makes them), a `loss(params, batch, rng) -> (loss,
+Any model trains through it as a `Trainable`: an `init(rng) -> params` (boxed with logical axis
+names, as `flax.linen.with_logical_partitioning` makes them), a `loss(params, batch, rng) -> (loss,
 metrics)` (`rng` None means evaluation: no dropout), and optional batch checks, a batch spec and a
 FLOP count, and the parameters a fresh run starts from. VideoBERT pretraining
 (`vbert_jax.pretrain`) is one instance; the captioner (`vbert_jax.captioning`) is another.
@@ -62,7 +62,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Trainable:
   """What the trainer needs to know about a model and its objective."""
   init: Callable[[jax.Array], Params]
   loss: Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -137,26 +137,27 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int
 # The step.
 
 
-def _loss_and_grads(task: Task, params: Params, batch: Batch, rng: jax.Array
+def _loss_and_grads(trainable: Trainable, params: Params, batch: Batch, rng: jax.Array
                     ) -> tuple[dict[str, jax.Array], Params]:
-  (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+  (loss, metrics), grads = jax.value_and_grad(trainable.loss, has_aux=True)(params, batch, rng)
   return metrics_lib.to_sums({"loss": loss, **metrics}), grads
 
 
-def _accumulate(task: Task, params: Params, batch: Batch, rng: jax.Array, micro_steps: int,
-                batch_sharding: jax.sharding.NamedSharding) -> tuple[dict, Params]:
+def _accumulate(trainable: Trainable, params: Params, batch: Batch, rng: jax.Array,
+                micro_steps: int, batch_sharding: jax.sharding.NamedSharding
+                ) -> tuple[dict, Params]:
   """The whole batch's gradient from micro-batches, scanned so only one is live at a time.
 
-  Each micro-batch's loss divides by the whole batch's counts (`Task.denominators`), so a
+  Each micro-batch's loss divides by the whole batch's counts (`Trainable.denominators`), so a
   micro-batch weighs by its real predictions and the gradients simply add up.
   """
-  over = task.denominators(batch)
+  over = trainable.denominators(batch)
   # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a slice of each.
   def split(x):
     x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
   micro = jax.tree.map(split, batch)
-  loss_fn = functools.partial(task.loss, over=over)
+  loss_fn = functools.partial(trainable.loss, over=over)
 
   def one(mb: Batch, key: jax.Array) -> tuple[dict, Params]:
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, key)
@@ -179,15 +180,15 @@ def _accumulate(task: Task, params: Params, batch: Batch, rng: jax.Array, micro_
   return sums, grads
 
 
-def train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def train_step(trainable: Trainable, tx: optax.GradientTransformation, schedule: optax.Schedule,
                seed: int, micro_steps: int, batch_sharding: jax.sharding.NamedSharding,
                return_grads: bool, state: TrainState, batch: Batch):
   """One update: (new state, metric sums[, gradients])."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   if micro_steps == 1:
-    sums, grads = _loss_and_grads(task, state.params, batch, rng)
+    sums, grads = _loss_and_grads(trainable, state.params, batch, rng)
   else:
-    sums, grads = _accumulate(task, state.params, batch, rng, micro_steps, batch_sharding)
+    sums, grads = _accumulate(trainable, state.params, batch, rng, micro_steps, batch_sharding)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   sums.update(metrics_lib.to_sums({"grad_norm": optax.tree.norm(grads),
@@ -196,8 +197,8 @@ def train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Sch
   return (new_state, sums, grads) if return_grads else (new_state, sums)
 
 
-def eval_step(task: Task, params: Params, batch: Batch) -> dict[str, jax.Array]:
-  loss, metrics = task.loss(params, batch, None)
+def eval_step(trainable: Trainable, params: Params, batch: Batch) -> dict[str, jax.Array]:
+  loss, metrics = trainable.loss(params, batch, None)
   return metrics_lib.to_sums({"loss": loss, **metrics})
 
 
@@ -208,20 +209,20 @@ def _unbox_abstract(tree: Any) -> Any:
 
 
 class Trainer:
-  """The sharded train state and the jitted step and eval functions of a task under a config."""
+  """The sharded train state, and the jitted step and eval functions, of a trainable and a config."""
 
-  def __init__(self, task: Task, config: ml_collections.ConfigDict,
+  def __init__(self, trainable: Trainable, config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh | None = None, return_grads: bool = False):
     jax.config.update("jax_threefry_partitionable", True)
-    self.task, self.config = task, config
+    self.trainable, self.config = trainable, config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     self.rules = sharding.make_rules(config.sharding_rules)
     self.micro_steps = int(config.grad_accum_steps)
     if self.micro_steps < 1:
       raise ValueError(f"config.grad_accum_steps={self.micro_steps}: expected at least 1")
-    if self.micro_steps > 1 and task.denominators is None:
-      raise ValueError(f"config.grad_accum_steps={self.micro_steps}: this task does not say "
-                       f"what its loss averages over (Task.denominators), so micro-batches "
+    if self.micro_steps > 1 and trainable.denominators is None:
+      raise ValueError(f"config.grad_accum_steps={self.micro_steps}: this trainable does not say "
+                       f"what its loss averages over (Trainable.denominators), so micro-batches "
                        f"cannot be weighed to give the whole batch's gradient; use 1")
     self.placement = sharding.input_placement(
         config.batch_size, self.mesh, self.rules, micro_steps=self.micro_steps,
@@ -236,7 +237,7 @@ class Trainer:
     self.abstract_state = _unbox_abstract(boxed)
     self.param_shardings = self.state_shardings.params
     replicated = sharding.replicated(self.mesh)
-    step_fn = functools.partial(train_step, task, self.tx, self.schedule, int(config.seed),
+    step_fn = functools.partial(train_step, trainable, self.tx, self.schedule, int(config.seed),
                                 self.micro_steps, self.batch_sharding, return_grads)
     outs = (self.state_shardings, replicated)
     if return_grads:
@@ -244,7 +245,7 @@ class Trainer:
     self._compiled_step = None
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                out_shardings=outs, donate_argnums=(0,))
-    self._eval_step = jax.jit(functools.partial(eval_step, task),
+    self._eval_step = jax.jit(functools.partial(eval_step, trainable),
                               in_shardings=(self.param_shardings, self.batch_sharding),
                               out_shardings=replicated)
     self._init = jax.jit(lambda rng: _unbox_abstract(self._boxed_state(rng)),
@@ -253,10 +254,10 @@ class Trainer:
                                 out_shardings=self.state_shardings)
 
   def activate(self):
-    return sharding.activate(self.mesh if self.task.shard_activations else None, self.rules)
+    return sharding.activate(self.mesh if self.trainable.shard_activations else None, self.rules)
 
   def _boxed_state(self, rng: jax.Array) -> TrainState:
-    params = self.task.init(rng)
+    params = self.trainable.init(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params))
 
@@ -302,9 +303,9 @@ class Trainer:
 
   def lower_train_step(self, batch_size: int | None = None):
     """The step lowered for abstract inputs (no data, no devices needed: AOT compilation)."""
-    if self.task.batch_spec is None:
-      raise ValueError("ahead-of-time lowering needs the task's batch_spec")
-    spec = self.task.batch_spec(batch_size or self.config.batch_size)
+    if self.trainable.batch_spec is None:
+      raise ValueError("ahead-of-time lowering needs the trainable's batch_spec")
+    spec = self.trainable.batch_spec(batch_size or self.config.batch_size)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
              for k, v in spec.items()}
     with self.activate():
@@ -397,8 +398,8 @@ def evaluate(trainer: Trainer, params: Params, batches: Iterator[Batch], num_bat
         if i == 0:
           raise ValueError("the eval input gave no batches") from None
         break
-      if trainer.task.check_batch is not None:
-        trainer.task.check_batch(local, f"eval batch {i} after step {step}")
+      if trainer.trainable.check_batch is not None:
+        trainer.trainable.check_batch(local, f"eval batch {i} after step {step}")
       sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(local)))
       total = metrics_lib.add_sums(total, sums)
   finally:
@@ -416,18 +417,19 @@ def _initial_state(trainer: Trainer, ckpt: Any, config: ml_collections.ConfigDic
     logging.info("resumed at step %d", int(state.step))
     return state
   params = None
-  if trainer.task.initial_params is not None:
-    params = trainer.task.initial_params(trainer.abstract_with_shardings(),
+  if trainer.trainable.initial_params is not None:
+    params = trainer.trainable.initial_params(trainer.abstract_with_shardings(),
                                          lambda: trainer.init_state().params)
   if params is not None:
     return trainer.state_from_params(params)
   return trainer.init_state()
 
 
-def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, train_iter: Any,
+def train_loop(trainable: Trainable, config: ml_collections.ConfigDict, workdir: Any,
+               train_iter: Any,
                eval_iter_fn: Callable[[], Iterator[Batch]] | None = None,
                mesh: jax.sharding.Mesh | None = None) -> LoopResult:
-  """Trains `task` until config.total_steps, resuming from `workdir` when it holds a checkpoint.
+  """Trains `trainable` until config.total_steps, resuming from `workdir` when it has a checkpoint.
 
   `train_iter` follows the input contract (next / get_state / set_state) and gives this
   process's rows of each global batch; `eval_iter_fn()` gives a fresh iterator over held-out
@@ -436,7 +438,7 @@ def train_loop(task: Task, config: ml_collections.ConfigDict, workdir: Any, trai
   processes.check_same_run(config)
   workdir = prepare_workdir(workdir)
   with console.log_to(run_log_path(workdir)) as log_path:
-    return _train(task, config, workdir, train_iter, eval_iter_fn, mesh, log_path)
+    return _train(trainable, config, workdir, train_iter, eval_iter_fn, mesh, log_path)
 
 
 def run_log_path(workdir: epath.Path) -> pathlib.Path:
@@ -447,11 +449,12 @@ def run_log_path(workdir: epath.Path) -> pathlib.Path:
   return pathlib.Path(workdir) / name
 
 
-def _train(task: Task, config: ml_collections.ConfigDict, workdir: epath.Path, train_iter: Any,
+def _train(trainable: Trainable, config: ml_collections.ConfigDict, workdir: epath.Path,
+           train_iter: Any,
            eval_iter_fn: Callable[[], Iterator[Batch]] | None, mesh: jax.sharding.Mesh | None,
            log_path: pathlib.Path) -> LoopResult:
   setup_compilation_cache(config)
-  trainer = Trainer(task, config, mesh)
+  trainer = Trainer(trainable, config, mesh)
   if jax.process_index() == 0:
     logging.info("%s", trainer.placement.summary())
   if int(config.log_every_steps) < 1:
@@ -491,14 +494,15 @@ def final_summary(result: LoopResult, total: int) -> str:
 def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState, train_iter: Any,
          eval_iter_fn: Callable[[], Iterator[Batch]] | None, ckpt: Any,
          reporter: metrics_lib.Reporter, profile: metrics_lib.ProfileWindow) -> LoopResult:
-  task, total = trainer.task, int(config.total_steps)
+  trainable, total = trainer.trainable, int(config.total_steps)
   step = int(jax.device_get(state.step))
   batch_size = int(config.batch_size)
-  flops = task.train_flops(batch_size) if task.train_flops else 0.0
+  flops = trainable.train_flops(batch_size) if trainable.train_flops else 0.0
   devices = trainer.mesh.devices.size
   peak = metrics_lib.peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind,
                                            config.peak_flops_per_device)
-  throughput = metrics_lib.Throughput(batch_size * task.tokens_per_example, flops, devices, peak)
+  throughput = metrics_lib.Throughput(batch_size * trainable.tokens_per_example, flops, devices,
+                                      peak)
   progress = metrics_lib.Progress(total, step)
   result = LoopResult(state, step, [], [])
   pending: list[tuple[int, dict]] = []
@@ -514,7 +518,7 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
       result.train_history.append((last, means))
 
   logging.info("training from step %d to %d", step + 1, total)
-  if jax.process_count() > 1 and task.batch_spec is not None:
+  if jax.process_count() > 1 and trainable.batch_spec is not None:
     trainer.compile_train_step()
     processes.barrier("train_step_compiled")
   first = step + 1
@@ -526,8 +530,8 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
     except StopIteration:
       raise ValueError(f"the train input ended before step {step} of {total}; expected an "
                        f"endless (repeating) iterator") from None
-    if task.check_batch is not None:
-      task.check_batch(local, f"train batch of step {step}")
+    if trainable.check_batch is not None:
+      trainable.check_batch(local, f"train batch of step {step}")
     state, sums = trainer.train_step(state, trainer.put_batch(local))
     profile.after_step(step, sums)
     pending.append((step, sums))

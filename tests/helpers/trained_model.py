@@ -189,7 +189,7 @@ def train_world(root: pathlib.Path, steps: int = STEPS, **config_args) -> Traine
   # One device: the tiny model trains fastest unsplit on two cores.
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   workdir = root / "run"
-  result = train.train_loop(pretrain_lib.videobert_task(config), config, workdir,
+  result = train.train_loop(pretrain_lib.make_trainable(config), config, workdir,
                             StepSource(layout, tokenizer, config.batch_size), None, mesh)
   final = result.train_history[-1][1]["loss"]
   return TrainedWorld(bundle_lib.load_bundle(workdir), workdir, vocab_path, float(final))

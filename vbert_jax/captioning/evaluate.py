@@ -4,7 +4,7 @@ r"""Captions the videos of a pairs file with a trained captioner and scores them
         --out=results/captioner
 
 --workdir is a run of `python -m vbert_jax.captioning.train` (its config.json and checkpoints).
---pairs is a pairs file (.npz of features, captions, video_ids; see vbert_jax/captioning/task.py):
+--pairs is a pairs file (.npz of features, captions, video_ids; see vbert_jax/captioning/training.py):
 its rows are grouped by video_id, every caption of a video is one of its references, and each
 video gets one generated caption (greedy with --beam_size=1, else beam search).
 --out receives results.json: BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap's scorers with
@@ -26,7 +26,7 @@ from vbert_jax import checkpoints
 from vbert_jax.captioning import decode
 from vbert_jax.captioning import metrics
 from vbert_jax.captioning import model as model_lib
-from vbert_jax.captioning import task as task_lib
+from vbert_jax.captioning import training as task_lib
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.text import tokenizers
 

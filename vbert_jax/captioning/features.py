@@ -10,7 +10,7 @@ with the mean of those at the five `[MASK]`s, optionally followed by the mean S3
 segment's clips: [2 * hidden] or [2 * hidden + S3D size].
 
 `make_pairs` chains this to the captioner's input: per-video visual tokens and captions ->
-a pairs file (`task.Pairs`) with one row per caption. The command line does it for YouCook II:
+a pairs file (`training.Pairs`) with one row per caption. The command line does it for YouCook II:
 
     python -m vbert_jax.captioning.features --workdir=RUN --features=FEATURES \
         --youcook2=youcookii_annotations.json --split=training --out=pairs/training
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vbert_jax import sequence
-from vbert_jax.captioning import task as task_lib
+from vbert_jax.captioning import training as task_lib
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.tasks import zero_shot

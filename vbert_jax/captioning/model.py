@@ -260,7 +260,7 @@ def as_sequence(features: jax.Array, feature_mask: jax.Array | None
 
 
 def init_params(config: CaptionerConfig, rng: jax.Array, *, unbox: bool = True) -> dict:
-  """Fresh parameters; `unbox=False` keeps the logical-axis boxes (what a Task's init returns)."""
+  """Fresh parameters; `unbox=False` keeps the logical-axis boxes (what a Trainable's init returns)."""
   features = jnp.zeros((1, config.max_feature_len, config.feature_dim), jnp.float32)
   tokens = jnp.zeros((1, config.max_caption_len), jnp.int32)
   # One compilation rather than an eager op-by-op init.

@@ -28,7 +28,7 @@ from vbert_jax import config_lib
 from vbert_jax.captioning import evaluate as cap_eval
 from vbert_jax.captioning import features
 from vbert_jax.captioning import metrics
-from vbert_jax.captioning import task
+from vbert_jax.captioning import training
 from vbert_jax.demo import prepare
 from vbert_jax.demo.world import words
 from vbert_jax.text import sentences
@@ -133,7 +133,7 @@ def captioner_config(config: ml_collections.ConfigDict, text: dict, pairs_path: 
 def _train_and_score(config, text: dict, pairs, pairs_path: pathlib.Path,
                      test_path: pathlib.Path, workdir: pathlib.Path) -> dict:
   pairs.write(pairs_path)
-  task.train_captioner(captioner_config(config, text, pairs_path), workdir)
+  training.train_captioner(captioner_config(config, text, pairs_path), workdir)
   return cap_eval.evaluate(workdir, test_path, beam_size=config.captioning.beam_size)
 
 
@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder: pathli
   model = _train_and_score(config, text, pairs, folder / "train_pairs.npz",
                            folder / "test_pairs.npz", folder / "captioner")
   perm = np.random.default_rng([config.seed, 11]).permutation(len(pairs))
-  shuffled = task.Pairs(pairs.features[perm], pairs.feature_mask[perm], pairs.captions,
+  shuffled = training.Pairs(pairs.features[perm], pairs.feature_mask[perm], pairs.captions,
                         pairs.video_ids, source="shuffled training pairs")
   control = _train_and_score(config, text, shuffled, folder / "shuffled_pairs.npz",
                              folder / "test_pairs.npz", folder / "shuffled_captioner")

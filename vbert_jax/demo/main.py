@@ -64,19 +64,18 @@ def evaluation_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
                       ) -> list[stages.Stage]:
   """The stages after pretraining: the tasks, captioning (when enabled), the results table."""
   tasks_config = {**config.tasks.to_dict(), "seed": config.seed}
-  out = [stages.Stage(evaluate.TASKS, lambda f: evaluate.run_tasks(config, workdir, f), config=tasks_config,
-                          inputs=(prepare.PRETRAIN,),
-                          description="zero-shot, alignment, text-to-video, forecasting")]
+  out = [stages.Stage(evaluate.TASKS, lambda f: evaluate.run_tasks(config, workdir, f),
+                      config=tasks_config, inputs=(prepare.PRETRAIN,),
+                      description="zero-shot, alignment, text-to-video, forecasting")]
   names = [evaluate.TASKS]
   if config.captioning.enabled:
     out.append(stages.Stage(evaluate.CAPTIONING, lambda f: captioning.run(config, workdir, f),
-                                config=config.captioning.to_dict(), inputs=(prepare.PRETRAIN,),
-                                description="captioning held-out steps"))
+                            config=config.captioning.to_dict(), inputs=(prepare.PRETRAIN,),
+                            description="captioning held-out steps"))
     names.append(evaluate.CAPTIONING)
   out.append(stages.Stage(evaluate.RESULTS, lambda f: report.run_results(config, workdir, f),
-                              config={"size": config.size, "captioning": config.captioning.enabled},
-                              inputs=tuple(names),
-                              description="the results table"))
+                          config={"size": config.size, "captioning": config.captioning.enabled},
+                          inputs=tuple(names), description="the results table"))
   return out
 
 

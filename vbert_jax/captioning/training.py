@@ -1,4 +1,4 @@
-"""The captioner as a task of the generic trainer, and its input: (features, caption) pairs files.
+"""The captioner for the generic trainer, and its input: (features, caption) pairs files.
 
 A pairs file is one `.npz` (numpy, no pickles) with these arrays, one row per caption:
 
@@ -225,7 +225,7 @@ class PairsSource:
 
 
 # ---------------------------------------------------------------------------------------------
-# The task.
+# The trainable.
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.TextTokenizer:
@@ -311,8 +311,8 @@ def caption_loss(cfg: model_lib.CaptionerConfig, params: Any, batch: Mapping[str
   return loss, metrics
 
 
-def captioner_task(config: ml_collections.ConfigDict,
-                   tokenizer: tokenizers.TextTokenizer | None = None) -> train_lib.Task:
+def make_trainable(config: ml_collections.ConfigDict,
+                   tokenizer: tokenizers.TextTokenizer | None = None) -> train_lib.Trainable:
   """The captioner under the generic trainer (its checkpoints, metrics and sharding)."""
   cfg = captioner_config(config, tokenizer)
   module = model_lib.Captioner(cfg)
@@ -322,7 +322,7 @@ def captioner_task(config: ml_collections.ConfigDict,
     tokens = jnp.zeros((1, cfg.max_caption_len), jnp.int32)
     return module.init({"params": rng}, features, tokens)["params"]
 
-  return train_lib.Task(init=init, loss=functools.partial(caption_loss, cfg),
+  return train_lib.Trainable(init=init, loss=functools.partial(caption_loss, cfg),
                         denominators=caption_denominators,
                         check_batch=functools.partial(check_batch, cfg),
                         batch_spec=functools.partial(batch_spec, cfg),
@@ -370,7 +370,7 @@ def train_captioner(config: ml_collections.ConfigDict, workdir: Any,
   rules = sharding.make_rules(config.sharding_rules)
   sharding.check_batch_size(config.batch_size, mesh, rules,
                             micro_steps=int(config.grad_accum_steps))
-  task = captioner_task(config, tokenizer)
+  trainable = make_trainable(config, tokenizer)
   train_iter = make_source(config, pairs, tokenizer, "train", int(config.batch_size), mesh)
   eval_fn = None
   if config.input.eval_pairs and config.eval.every_steps > 0 and config.eval.num_batches > 0:
@@ -380,4 +380,4 @@ def train_captioner(config: ml_collections.ConfigDict, workdir: Any,
                        f"{pairs.source} has {pairs.feature_dim}")
     eval_fn = functools.partial(make_source, config, eval_pairs, tokenizer, "eval",
                                 int(config.eval.batch_size), mesh)
-  return train_lib.train_loop(task, config, workdir, train_iter, eval_fn, mesh)
+  return train_lib.train_loop(trainable, config, workdir, train_iter, eval_fn, mesh)
