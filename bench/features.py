@@ -14,7 +14,6 @@ Last line: BENCH features: ours_clips_per_s=... peer_clips_per_s=... ratio_112=.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -35,6 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags  # noqa: E402
+
+from vbert_jax import cli  # noqa: E402
 from vbert_jax.video import convert_s3d, s3d  # noqa: E402
 
 BATCH = 4
@@ -148,13 +150,20 @@ def bench_decode(reps: int) -> float:
   return ours_vps / peer_vps
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("reps", 3, "timed repetitions of each side", flag_values=fv)
+  flags.DEFINE_bool("skip_decode", False, "skip the decoding benchmark", flag_values=fv)
+  flags.DEFINE_bool("skip_s3d", False, "skip the S3D benchmark", flag_values=fv)
+  flags.DEFINE_string("sizes", "224,112", "comma-separated crop sizes of the S3D benchmark",
+                      flag_values=fv)
+
+
+def parse_args(argv=None):
+  return cli.parse(define_flags, argv, __doc__)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--skip_decode", action="store_true")
-  parser.add_argument("--skip_s3d", action="store_true")
-  parser.add_argument("--sizes", default="224,112")
-  args = parser.parse_args()
+  args = parse_args()
   torch.set_num_threads(THREADS)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus), torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads", flush=True)

@@ -20,27 +20,38 @@ fill) and the v5e peak from `vbert_jax.flops.PEAK_BF16_FLOPS`. ratio = ours / ne
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
+from absl import flags
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/common.py)
 
+sys.path.insert(0, common.REPO)
+# Only absl: nothing here imports jax or torch before common.setup() has set their threads.
+from vbert_jax import cli  # noqa: E402
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("videos", 1000, "generated videos the pipeline reads", flag_values=fv)
+  flags.DEFINE_integer("batch", 128, "examples per batch", flag_values=fv)
+  flags.DEFINE_integer("batches", 16, "batches per round", flag_values=fv)
+  flags.DEFINE_integer("rounds", 3, "alternating rounds", flag_values=fv)
+  flags.DEFINE_integer("workers", 2, "grain worker processes", flag_values=fv)
+  flags.DEFINE_integer("drain", 24, "batches taken untimed before each round of the worker "
+                       "pipeline", flag_values=fv)
+  flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation of the v5e host", flag_values=fv)
+  flags.DEFINE_integer("chips", 8, "chips per v5e host", flag_values=fv)
+
+
+def parse_args(argv=None):
+  return cli.parse(define_flags, argv, __doc__)
+
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--videos", type=int, default=1000)
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--batches", type=int, default=16, help="batches per round")
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--workers", type=int, default=2)
-  parser.add_argument("--drain", type=int, default=24,
-                      help="batches taken untimed before each round of the worker pipeline")
-  parser.add_argument("--mfu", type=float, default=0.4)
-  parser.add_argument("--chips", type=int, default=8, help="chips per v5e host")
-  args = parser.parse_args()
+  args = parse_args()
   common.setup(threads=1)
 
   import numpy as np  # pylint: disable=g-import-not-at-top

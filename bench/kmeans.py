@@ -9,16 +9,15 @@ than branches gets its points repeated as centroids on both sides.
 Reported: fit seconds and their ratio, leaf inertia ratio, our tree assignment in vectors/s and
 against faiss IndexFlatL2 search over the 20736 leaves (each index is built before its searches
 are timed: our `TreeIndex` puts the prepared tree on the devices, faiss's `add` copies the
-leaves), and (unless --no-fit_1m) the peak anonymous resident memory (RssAnon, in GB of 10^9
+leaves), and (unless --nofit_1m) the peak anonymous resident memory (RssAnon, in GB of 10^9
 bytes) of a fit over 1,000,000 float16 vectors memory-mapped from disk, run in a child process
 whose /proc status this one reads every 5 ms.
 
-  python bench/kmeans.py [--no-fit_1m] [--rows=50000] [--repeats=3]
+  python bench/kmeans.py [--nofit_1m] [--rows=50000] [--repeats=3]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import subprocess
@@ -29,7 +28,10 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
+
+from vbert_jax import cli  # noqa: E402
 
 DEPTH, BRANCHING, ITERATIONS, DIM, SEED = 4, 12, 20, 1024, 0
 
@@ -143,18 +145,25 @@ def fit_1m(rows: int, chunk: int) -> float:
   return peak
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("rows", 50_000, "vectors of the in-memory fits", flag_values=fv)
+  flags.DEFINE_integer("repeats", 3, "timed fits of each side", flag_values=fv)
+  flags.DEFINE_bool("fit_1m", True, "also run the 1M-row on-disk fit (about 4 minutes)",
+                    flag_values=fv)
+  flags.DEFINE_integer("rows_1m", 1_000_000, "rows of the on-disk fit", flag_values=fv)
+  flags.DEFINE_integer("chunk", 32768, "chunk rows of the on-disk fit", flag_values=fv)
+  flags.DEFINE_integer("seed_sample", 128, "k-means++ rows per node", flag_values=fv)
+  flags.DEFINE_bool("only_1m", False, "run only the 1M-row on-disk fit", flag_values=fv)
+  flags.DEFINE_string("child_fit", None, "internal: the .npy file the child process of the "
+                      "on-disk fit reads", flag_values=fv)
+
+
+def parse_args(argv=None):
+  return cli.parse(define_flags, argv, __doc__)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", type=int, default=50_000)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--fit_1m", action=argparse.BooleanOptionalAction, default=True,
-                      help="also run the 1M-row on-disk fit (about 4 minutes)")
-  parser.add_argument("--rows_1m", type=int, default=1_000_000)
-  parser.add_argument("--chunk", type=int, default=32768, help="chunk rows of the on-disk fit")
-  parser.add_argument("--seed_sample", type=int, default=128, help="k-means++ rows per node")
-  parser.add_argument("--only_1m", action="store_true", help="run only the 1M-row on-disk fit")
-  parser.add_argument("--child_fit", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parse_args()
   if args.child_fit:
     child_fit(args.child_fit, args.chunk)
     return
@@ -210,7 +219,7 @@ def main() -> None:
   print(f"assignment: ours {assign_per_s:,.0f} vectors/s, faiss IndexFlatL2 {flat_per_s:,.0f} "
         f"vectors/s; tree leaf == nearest leaf for {agree:.3f} of queries")
 
-  rss = "skipped(--no-fit_1m)"
+  rss = "skipped(--nofit_1m)"
   if args.fit_1m:
     rss = f"{fit_1m(args.rows_1m, args.chunk):.3f}"
   ours_best, faiss_best = min(ours_s), min(faiss_s)

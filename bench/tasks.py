@@ -32,7 +32,6 @@ one's read, which nothing overlaps, weigh a quarter more, and the ratio was 9.2-
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -42,9 +41,11 @@ from bench import common  # noqa: E402
 
 common.setup(threads=2)
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vbert_jax import cli  # noqa: E402
 from vbert_jax.demo.world import words as demo_words  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 from vbert_jax import pretrain as pretrain_lib  # noqa: E402
@@ -73,15 +74,22 @@ def make_bundle(folder: str, max_len: int) -> bundle_lib.Bundle:
   return bundle_lib.Bundle.from_parts(config, params, tokenizers.load_tokenizer(config))
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("queries", 1024, "zero-shot queries, one segment each", flag_values=fv)
+  flags.DEFINE_integer("rounds", 3, "alternating rounds", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "prompts per jitted forward pass of the batched path",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_len", 64, "the model's sequence length", flag_values=fv)
+  flags.DEFINE_integer("min_tokens", 8, "fewest visual tokens of a query", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 24, "most visual tokens of a query", flag_values=fv)
+
+
+def parse_args(argv=None):
+  return cli.parse(define_flags, argv, __doc__)
+
+
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--queries", type=int, default=1024)
-  p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--max_len", type=int, default=64)
-  p.add_argument("--min_tokens", type=int, default=8)
-  p.add_argument("--max_tokens", type=int, default=24)
-  args = p.parse_args()
+  args = parse_args()
   with tempfile.TemporaryDirectory() as folder:
     bundle = make_bundle(folder, args.max_len)
   rng = np.random.default_rng(0)

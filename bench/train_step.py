@@ -29,7 +29,6 @@ share the machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -38,6 +37,7 @@ from bench import common  # noqa: E402
 
 common.setup(threads=2)
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,7 +45,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from vbert_jax import flops, masking, objectives, sequence  # noqa: E402
+from vbert_jax import cli, flops, masking, objectives, sequence  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
 LEARNING_RATE = 1e-4
@@ -54,28 +54,28 @@ RATE = 0.15
 PEAK_N, PEAK_RUNS = 2048, 5
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--demo", action="store_true",
-                 help="one round (1-2 minutes on an idle 2-core machine) that says "
-                 "what each number means")
-  p.add_argument("--variant", default="small", help="model variant (default: small)")
-  p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
-  p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
-  p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
-  p.add_argument("--steps", type=int, default=1, help="steps per round (default 1)")
-  p.add_argument("--prng", default="rbg", choices=("threefry2x32", "rbg", "unsafe_rbg"),
-                 help="PRNG of our dropout masks (rbg: about 4%% less CPU time per step here "
-                 "than threefry2x32)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the batch and both models")
-  p.add_argument("--sharded_steps", type=int, default=3,
-                 help="steps of the sharded trainer on 8 fake CPU devices, in a child process "
-                 "(0: skip)")
-  p.add_argument("--sharded_child", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--profile", metavar="DIR", default=None,
-                 help="also trace 2 of our steps into DIR and print where their time goes")
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_bool("demo", False, "one round (1-2 minutes on an idle 2-core machine) that says "
+                    "what each number means", flag_values=fv)
+  flags.DEFINE_string("variant", "small", "model variant", flag_values=fv)
+  flags.DEFINE_integer("batch", 16, "sequences per step", flag_values=fv)
+  flags.DEFINE_integer("seq", 128, "sequence length", flag_values=fv)
+  flags.DEFINE_integer("rounds", None, "alternating rounds (default 5; 1 with --demo)",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", 1, "steps per round", flag_values=fv)
+  flags.DEFINE_enum("prng", "rbg", ("threefry2x32", "rbg", "unsafe_rbg"), "PRNG of our dropout "
+                    "masks (rbg: about 4% less CPU time per step here than threefry2x32)",
+                    flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the batch and both models", flag_values=fv)
+  flags.DEFINE_integer("sharded_steps", 3, "steps of the sharded trainer on 8 fake CPU devices, "
+                       "in a child process (0: skip)", flag_values=fv)
+  flags.DEFINE_bool("sharded_child", False, "internal: be that child process", flag_values=fv)
+  flags.DEFINE_string("profile", None, "DIR: also trace 2 of our steps into DIR and print where "
+                      "their time goes", flag_values=fv)
+
+
+def parse_args(argv=None):
+  args = cli.parse(define_flags, argv, __doc__)
   if args.rounds is None:
     args.rounds = 1 if args.demo else 5
   return args

@@ -30,7 +30,6 @@ Reported: tokens/s and milliseconds per step, `ratio` = ours / peer, and MFU = m
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -39,9 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 from bench import train_step as ts  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from vbert_jax import cli  # noqa: E402
 from vbert_jax import flops  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
@@ -85,18 +86,26 @@ def contenders(args, batch):
   return cfg, out, failed
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("variant", "base", "model variant", flag_values=fv)
+  flags.DEFINE_integer("batch", 32, "sequences per step", flag_values=fv)
+  flags.DEFINE_integer("seq", 512, "sequence length", flag_values=fv)
+  flags.DEFINE_integer("rounds", 5, "alternating rounds", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "steps per round", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the batch and the models", flag_values=fv)
+  flags.DEFINE_list("contenders", list(DEFAULT_CONTENDERS), "comma-separated, from the list "
+                    "above", flag_values=fv)
+
+
+def parse_args(argv=None):
+  args = cli.parse(define_flags, argv, __doc__)
+  # An empty item (a trailing comma) names no contender.
+  args.contenders = [name for name in args.contenders if name]
+  return args
+
+
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--variant", default="base")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--seq", type=int, default=512)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--steps", type=int, default=5, help="steps per round")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--contenders", type=lambda v: [x for x in v.split(",") if x],
-                 default=list(DEFAULT_CONTENDERS),
-                 help="comma-separated, from the list in this file's docstring")
-  args = p.parse_args()
+  args = parse_args()
   if jax.default_backend() != "gpu" or not torch.cuda.is_available():
     raise SystemExit(f"needs a CUDA GPU for both jax (backend: {jax.default_backend()}) and "
                      f"torch (cuda available: {torch.cuda.is_available()})")

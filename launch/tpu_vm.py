@@ -1,4 +1,4 @@
-"""Cloud TPU VMs for vbert_jax: create, copy code, set up, run on all workers, logs, stop, delete.
+r"""Cloud TPU VMs for vbert_jax: create, copy code, set up, run on all workers, logs, stop, delete.
 
 Run from the repository root; every subcommand takes --dry_run, which prints the exact commands
 (one per line, shell-quoted) instead of running them.
@@ -27,7 +27,6 @@ ssh key in an agent (`ssh-add ~/.ssh/google_compute_engine`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pathlib
@@ -37,7 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Mapping, Sequence
+
+from absl import flags
+
+from vbert_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_REMOTE_DIR = "~/vbert_jax"
@@ -141,7 +145,7 @@ def _truthy(value: str | None) -> bool:
   return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+def settings_from(args: types.SimpleNamespace, environ: Mapping[str, str]) -> Settings:
   def get(key: str) -> str:
     value = getattr(args, key, None)
     return str(value) if value not in (None, "") else environ.get(ENV[key], "")
@@ -161,7 +165,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
   if num_slices > 1:
     if args.queued is False:
       raise ValueError(f"{args.command}: --num_slices={num_slices} is one queued resource of "
-                       f"several slices; drop --no-queued")
+                       f"several slices; drop --noqueued")
     queued = True
   internal_ip = (args.internal_ip if args.internal_ip is not None
                  else _truthy(environ.get(ENV["internal_ip"])))
@@ -322,64 +326,109 @@ def status_commands(s: Settings) -> list[Command]:
 # Command line.
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--tpu", help="TPU VM (or queued resource) name; $TPU_NAME")
-  p.add_argument("--zone", help="zone, e.g. us-central2-b; $TPU_ZONE")
-  p.add_argument("--project", help="Cloud project (gcloud's default if unset); $TPU_PROJECT")
-  p.add_argument("--accelerator_type", help="e.g. v4-32, v5litepod-16, v5p-16; $TPU_TYPE")
-  p.add_argument("--runtime_version", help="TPU software version (default: the generation's); "
-                 "$TPU_RUNTIME")
-  p.add_argument("--queued", action=argparse.BooleanOptionalAction, default=None,
-                 help="use a queued resource rather than a plain TPU VM; $TPU_QUEUED=1")
-  p.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None,
-                 help="spot capacity; $TPU_SPOT=1")
-  p.add_argument("--num_slices", help="slices joined over the data-center network: one queued "
-                 "resource whose nodes are <tpu>-0, <tpu>-1, ... (default 1); $TPU_NUM_SLICES")
-  p.add_argument("--internal_ip", action=argparse.BooleanOptionalAction, default=None,
-                 help="reach the workers on their internal IPs (from a VM in the same "
-                 "network); $TPU_INTERNAL_IP=1")
-  p.add_argument("--remote_dir", help=f"code directory on the workers (default "
-                 f"{DEFAULT_REMOTE_DIR}); $TPU_REMOTE_DIR")
-  p.add_argument("--dry_run", action="store_true",
-                 help="print the commands, one per line, instead of running them")
+LAUNCHER = "python -m launch.tpu_vm"
+
+SUBCOMMANDS = {
+    "create": "create the TPU VM or queued resource",
+    "copy": "copy the working tree to every worker",
+    "setup": "copy the code and set up the venv on every worker (idempotent)",
+    "run": "stop stale processes, then run on all workers; the module's arguments after --",
+    "logs": "tail or fetch the per-worker logs of a run",
+    "stop": "stop whatever holds the TPU on every worker",
+    "delete": "delete the TPU VM or queued resource",
+    "status": "describe the TPU VM or queued resource",
+}
+
+# The flags that only some subcommands take, and those subcommands; every other flag is shared.
+OWN_FLAGS = {
+    "run_name": ("run", "logs"), "module": ("run",), "workdir": ("run",),
+    "foreground": ("run",), "env": ("run",), "wait": ("create",), "poll_s": ("create",),
+    "worker": ("logs",), "lines": ("logs",), "follow": ("logs",), "fetch": ("logs",),
+}
+
+HELP = (__doc__ + "\nSubcommands (the first argument):\n"
+        + "".join(f"  {name:<8}{text}\n" for name, text in SUBCOMMANDS.items())
+        + "\nA flag marked [run], [logs] or [create] is taken by those subcommands only.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m launch.tpu_vm", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  for name, text in (("create", "create the TPU VM or queued resource"),
-                     ("copy", "copy the working tree to every worker"),
-                     ("setup", "copy the code and set up the venv on every worker (idempotent)"),
-                     ("run", "stop stale processes, then run on all workers; args after --"),
-                     ("logs", "tail or fetch the per-worker logs of a run"),
-                     ("stop", "stop whatever holds the TPU on every worker"),
-                     ("delete", "delete the TPU VM or queued resource"),
-                     ("status", "describe the TPU VM or queued resource")):
-    p = sub.add_parser(name, help=text, description=text)
-    _common(p)
-    if name in ("run", "logs"):
-      p.add_argument("--run_name", default="vbert", help="names the logs: "
-                     "~/logs/RUN_NAME_<hostname>.log")
-    if name == "run":
-      p.add_argument("--module", default=DEFAULT_MODULE, help="python -m MODULE")
-      p.add_argument("--workdir", help="passed as --workdir (gs://... on a pod); $WORKDIR")
-      p.add_argument("--foreground", action="store_true",
-                     help="wait for the run to end, streaming worker output")
-      p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                     help="an environment variable for the run on every worker (repeatable), "
-                     "e.g. LIBTPU_INIT_ARGS=... or XLA_FLAGS=...")
-    if name == "create":
-      p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                     help="after a queued create, wait until the resource is ACTIVE")
-      p.add_argument("--poll_s", type=float, default=30.0,
-                     help="seconds between two looks at a queued resource's state")
-    if name == "logs":
-      p.add_argument("--worker", default="all", help="worker index, or all")
-      p.add_argument("--lines", type=int, default=100)
-      p.add_argument("--follow", action="store_true")
-      p.add_argument("--fetch", default="", help="local directory to copy the logs into")
-  return parser
+def _own(name: str, text: str) -> str:
+  return f"[{', '.join(OWN_FLAGS[name])}] {text}"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The shared flags, then those of each subcommand (see OWN_FLAGS)."""
+  flags.DEFINE_string("tpu", None, "TPU VM (or queued resource) name; $TPU_NAME", flag_values=fv)
+  flags.DEFINE_string("zone", None, "zone, e.g. us-central2-b; $TPU_ZONE", flag_values=fv)
+  flags.DEFINE_string("project", None, "Cloud project (gcloud's default if unset); $TPU_PROJECT",
+                      flag_values=fv)
+  flags.DEFINE_string("accelerator_type", None, "e.g. v4-32, v5litepod-16, v5p-16; $TPU_TYPE",
+                      flag_values=fv)
+  flags.DEFINE_string("runtime_version", None, "TPU software version (default: the "
+                      "generation's); $TPU_RUNTIME", flag_values=fv)
+  # Unset (None) defers to the environment; --noqueued etc. override it.
+  flags.DEFINE_bool("queued", None, "use a queued resource rather than a plain TPU VM; "
+                    "$TPU_QUEUED=1", flag_values=fv)
+  flags.DEFINE_bool("spot", None, "spot capacity; $TPU_SPOT=1", flag_values=fv)
+  # A string, so that $TPU_NUM_SLICES and the flag are checked by the same parse_slices.
+  flags.DEFINE_string("num_slices", None, "slices joined over the data-center network: one "
+                      "queued resource whose nodes are <tpu>-0, <tpu>-1, ... (default 1); "
+                      "$TPU_NUM_SLICES", flag_values=fv)
+  flags.DEFINE_bool("internal_ip", None, "reach the workers on their internal IPs (from a VM in "
+                    "the same network); $TPU_INTERNAL_IP=1", flag_values=fv)
+  flags.DEFINE_string("remote_dir", None, f"code directory on the workers (default "
+                      f"{DEFAULT_REMOTE_DIR}); $TPU_REMOTE_DIR", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "print the commands, one per line, instead of running "
+                    "them", flag_values=fv)
+
+  flags.DEFINE_string("run_name", "vbert", _own("run_name", "names the logs: "
+                      "~/logs/RUN_NAME_<hostname>.log"), flag_values=fv)
+  flags.DEFINE_string("module", DEFAULT_MODULE, _own("module", "python -m MODULE"),
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, _own("workdir", "passed as --workdir (gs://... on a "
+                      "pod); $WORKDIR"), flag_values=fv)
+  flags.DEFINE_bool("foreground", False, _own("foreground", "wait for the run to end, streaming "
+                    "worker output"), flag_values=fv)
+  flags.DEFINE_multi_string("env", [], _own("env", "KEY=VALUE: an environment variable for the "
+                            "run on every worker (repeatable), e.g. LIBTPU_INIT_ARGS=... or "
+                            "XLA_FLAGS=..."), flag_values=fv)
+  flags.DEFINE_bool("wait", True, _own("wait", "after a queued create, wait until the resource "
+                    "is ACTIVE"), flag_values=fv)
+  flags.DEFINE_float("poll_s", 30.0, _own("poll_s", "seconds between two looks at a queued "
+                     "resource's state"), flag_values=fv)
+  flags.DEFINE_string("worker", "all", _own("worker", "worker index, or all"), flag_values=fv)
+  flags.DEFINE_integer("lines", 100, _own("lines", "lines of each log to show"), flag_values=fv)
+  flags.DEFINE_bool("follow", False, _own("follow", "keep showing lines as they are written"),
+                    flag_values=fv)
+  flags.DEFINE_string("fetch", "", _own("fetch", "local directory to copy the logs into"),
+                      flag_values=fv)
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """The flags of the launcher's own arguments (those before any `--`), with the subcommand as
+  `command`; a missing or unknown subcommand, a stray argument or a flag of another subcommand
+  is one line on stderr and exit status 2."""
+  registry = []
+
+  def define(fv: flags.FlagValues) -> None:
+    define_flags(fv)
+    registry.append(fv)  # kept to see which flags the command line set
+
+  args = cli.parse(define, argv, HELP, positional="command")
+  choices = ", ".join(SUBCOMMANDS)
+  if not args.command:
+    cli.usage_error(f"{LAUNCHER}: missing the subcommand, one of {choices}")
+  command, *extra = args.command
+  if command not in SUBCOMMANDS:
+    cli.usage_error(f"{LAUNCHER}: unknown subcommand {command!r}; choose one of {choices}")
+  if extra:
+    after = "; the module's arguments go after --" if command == "run" else ""
+    cli.usage_error(f"{command}: unexpected arguments {extra}{after}")
+  fv = registry[0]
+  for name, takers in OWN_FLAGS.items():
+    if fv[name].present and command not in takers:
+      cli.usage_error(f"{command}: takes no --{name} (a flag of {' and '.join(takers)})")
+  args.command = command
+  return args
 
 
 def module_args(command: str, module: str, rest: Sequence[str], workdir: str,
@@ -433,11 +482,11 @@ def split_rest(argv: Sequence[str], launcher: str) -> tuple[list[str], list[str]
 
 
 def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None
-         ) -> tuple[argparse.Namespace, Settings, list[Command]]:
+         ) -> tuple[types.SimpleNamespace, Settings, list[Command]]:
   """Parses the command line and returns the commands it stands for; runs nothing."""
   environ = os.environ if environ is None else environ
-  own, rest = split_rest(argv, "python -m launch.tpu_vm")
-  args = build_parser().parse_args(own)
+  own, rest = split_rest(argv, LAUNCHER)
+  args = parse_args(own)
   if rest and args.command != "run":
     raise ValueError(f"{args.command}: takes no arguments after --, got {rest}")
   s = settings_from(args, environ)

@@ -1,4 +1,4 @@
-"""vbert_jax on GKE: the same run as `launch.tpu_vm run`, as an xpk workload (`pip install xpk`).
+r"""vbert_jax on GKE: the same run as `launch.tpu_vm run`, as an xpk workload (`pip install xpk`).
 
 xpk builds a container from --base_docker_image with this repository in it (--script_dir), or runs
 a prebuilt --docker_image that already holds the requirements, and starts the command on every
@@ -17,46 +17,61 @@ and XPK_CLUSTER.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
 import sys
+import types
 from typing import Mapping, Sequence
 
+from absl import flags
+
 from launch import tpu_vm
+from vbert_jax import cli
 
 DEFAULT_BASE_IMAGE = "python:3.11"
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m launch.xpk", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--cluster", help="the GKE cluster xpk made; $XPK_CLUSTER")
-  p.add_argument("--workload", required=True, help="the workload's name (lowercase, -)")
-  p.add_argument("--zone", help="the cluster's zone; $TPU_ZONE")
-  p.add_argument("--project", help="Cloud project (gcloud's default if unset); $TPU_PROJECT")
-  p.add_argument("--accelerator_type", help="e.g. v5litepod-16, v5p-32; $TPU_TYPE")
-  p.add_argument("--num_slices", help="slices of that type (default 1); $TPU_NUM_SLICES")
-  p.add_argument("--docker_image", default="", help="a prebuilt image holding the "
-                 "requirements (and jax[tpu]); default: build on --base_docker_image")
-  p.add_argument("--base_docker_image", default=DEFAULT_BASE_IMAGE,
-                 help="the image xpk adds this repository to; the run installs the "
-                 "requirements at start")
-  p.add_argument("--run_name", default="vbert", help="names the per-host logs")
-  p.add_argument("--module", default=tpu_vm.DEFAULT_MODULE, help="python -m MODULE")
-  p.add_argument("--workdir", help="passed as --workdir (gs://...); $WORKDIR")
-  p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="an environment variable for every host (repeatable)")
-  p.add_argument("--dry_run", action="store_true", help="print the command instead of "
-                 "running it")
-  return p
+LAUNCHER = "python -m launch.xpk"
 
 
-def plan(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-  """The `xpk workload create` command that the arguments stand for; runs nothing."""
-  own, rest = tpu_vm.split_rest(argv, "python -m launch.xpk")
-  args = build_parser().parse_args(own)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("cluster", None, "the GKE cluster xpk made; $XPK_CLUSTER", flag_values=fv)
+  flags.DEFINE_string("workload", None, "the workload's name (lowercase, -)", flag_values=fv)
+  flags.DEFINE_string("zone", None, "the cluster's zone; $TPU_ZONE", flag_values=fv)
+  flags.DEFINE_string("project", None, "Cloud project (gcloud's default if unset); $TPU_PROJECT",
+                      flag_values=fv)
+  flags.DEFINE_string("accelerator_type", None, "e.g. v5litepod-16, v5p-32; $TPU_TYPE",
+                      flag_values=fv)
+  # A string, so that $TPU_NUM_SLICES and the flag are checked by the same parse_slices.
+  flags.DEFINE_string("num_slices", None, "slices of that type (default 1); $TPU_NUM_SLICES",
+                      flag_values=fv)
+  flags.DEFINE_string("docker_image", "", "a prebuilt image holding the requirements (and "
+                      "jax[tpu]); default: build on --base_docker_image", flag_values=fv)
+  flags.DEFINE_string("base_docker_image", DEFAULT_BASE_IMAGE, "the image xpk adds this "
+                      "repository to; the run installs the requirements at start",
+                      flag_values=fv)
+  flags.DEFINE_string("run_name", "vbert", "names the per-host logs", flag_values=fv)
+  flags.DEFINE_string("module", tpu_vm.DEFAULT_MODULE, "python -m MODULE", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "passed as --workdir (gs://...); $WORKDIR",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("env", [], "KEY=VALUE: an environment variable for every host "
+                            "(repeatable)", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "print the command instead of running it", flag_values=fv)
+  flags.mark_flag_as_required("workload", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """The launcher's flags, and the module's arguments (all after `--`, untouched) as
+  `module_args`."""
+  own, rest = tpu_vm.split_rest(argv, LAUNCHER)
+  args = cli.parse(define_flags, own, __doc__)
+  args.module_args = rest
+  return args
+
+
+def workload_command(args: types.SimpleNamespace, environ: Mapping[str, str]) -> list[str]:
+  """The `xpk workload create` command that the parsed arguments stand for; runs nothing."""
   get = lambda flag, env: getattr(args, flag) or environ.get(env, "")  # noqa: E731
   cluster, zone = get("cluster", "XPK_CLUSTER"), get("zone", tpu_vm.ENV["zone"])
   accel_type = get("accelerator_type", tpu_vm.ENV["accelerator_type"])
@@ -68,7 +83,7 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     raise ValueError(f"xpk: missing {' and '.join(missing)}")
   accelerator = tpu_vm.parse_accelerator(accel_type)
   slices = tpu_vm.parse_slices(get("num_slices", tpu_vm.ENV["num_slices"]))
-  module_args = tpu_vm.module_args("xpk", args.module, rest,
+  module_args = tpu_vm.module_args("xpk", args.module, args.module_args,
                                    get("workdir", tpu_vm.ENV["workdir"]),
                                    accelerator.workers * slices)
   line = tpu_vm.run_line(args.run_name, args.module, module_args, foreground=True)
@@ -85,14 +100,20 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
           *[f"--env={e}" for e in env], f"--command={line}"]
 
 
+def plan(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+  """The `xpk workload create` command that the arguments stand for; runs nothing."""
+  return workload_command(parse_args(argv), environ)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    command = plan(argv, os.environ if environ is None else environ)
+    args = parse_args(argv)
+    command = workload_command(args, os.environ if environ is None else environ)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if "--dry_run" in tpu_vm.split_rest(argv, "python -m launch.xpk")[0]:
+  if args.dry_run:
     print(shlex.join(command))
     return 0
   print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import pytest
 
 from launch import tpu_vm
 from launch import xpk
+from vbert_jax import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_TPU = REPO / "launch" / "run_tpu.sh"
@@ -113,7 +114,7 @@ def test_queued_v5e_pod_from_environment_variables(capsys):
   assert cmds == [["gcloud", "compute", "tpus", "queued-resources", "delete", "vb-v5e", *where,
                    "--force", "--quiet"]]
   # Flags win over the environment.
-  cmds, _ = dry_run(["status", "--tpu=other", "--no-queued"], capsys, env)
+  cmds, _ = dry_run(["status", "--tpu=other", "--noqueued"], capsys, env)
   assert cmds == [["gcloud", "compute", "tpus", "tpu-vm", "describe", "other", *where]]
 
 
@@ -143,8 +144,8 @@ def test_worker_counts(name, chips, workers):
     (["logs", *FLAGS, "--accelerator_type=v4-16", "--worker=2"],
      "logs: --worker=2; v4-16 has workers 0..1"),
     (["stop", *FLAGS, "--", "x"], "stop: takes no arguments after --"),
-    (["create", *FLAGS, "--accelerator_type=v4-32", "--num_slices=2", "--no-queued"],
-     "--num_slices=2 is one queued resource of several slices; drop --no-queued"),
+    (["create", *FLAGS, "--accelerator_type=v4-32", "--num_slices=2", "--noqueued"],
+     "--num_slices=2 is one queued resource of several slices; drop --noqueued"),
     (["create", *FLAGS, "--accelerator_type=v4-32", "--num_slices=0"],
      "--num_slices=0: expected a positive number of slices"),
     (["run", *FLAGS, "--workdir=gs://b/r", "--env=1BAD=x", "--", "--config=c.py"],
@@ -157,6 +158,77 @@ def test_bad_input_fails_before_anything_runs(argv, message, capsys):
   out, err = capsys.readouterr()
   assert out == ""
   assert message in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "missing the subcommand, one of create, copy, setup, run, logs, stop, delete, status"),
+    (["bogus", *FLAGS], "unknown subcommand 'bogus'; choose one of create, copy, setup, run, "
+                        "logs, stop, delete, status"),
+    (["logs", *FLAGS, "--workdir=gs://b/r"], "logs: takes no --workdir (a flag of run)"),
+    (["create", *FLAGS, "--accelerator_type=v4-8", "--run_name=a"],
+     "create: takes no --run_name (a flag of run and logs)"),
+    (["run", *FLAGS, "--workdir=gs://b/r", "--nowait", "--", "--config=c.py"],
+     "run: takes no --wait (a flag of create)"),
+    (["stop", *FLAGS, "--follow"], "stop: takes no --follow (a flag of logs)"),
+    (["run", *FLAGS, "--workdir=gs://b/r", "--config=c.py"],
+     "Unknown command line flag 'config'"),
+    (["run", *FLAGS, "--workdir=gs://b/r", "c.py", "--", "--config=c.py"],
+     "run: unexpected arguments ['c.py']; the module's arguments go after --"),
+    (["logs", *FLAGS, "--lines=many"], "flag --lines=many"),
+])
+def test_bad_command_line_is_a_usage_error(argv, message, capsys):
+  """Flags the subcommand does not take, a missing or unknown subcommand and stray arguments end
+  the launcher with exit status 2 and one line on stderr, before anything runs."""
+  with pytest.raises(SystemExit) as stopped:
+    tpu_vm.main(argv, environ={})
+  assert stopped.value.code == 2
+  out, err = capsys.readouterr()
+  assert out == ""
+  assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_help_lists_the_subcommands_and_their_flags(capsys):
+  for argv in (["--help"], ["run", "-h"]):
+    with pytest.raises(SystemExit) as stopped:
+      tpu_vm.main(argv, environ={})
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert "  logs    tail or fetch the per-worker logs of a run" in out
+    assert "--fetch: [logs] local directory" in out and "--run_name: [run, logs]" in out
+
+
+def test_boolean_flags_in_both_absl_spellings(capsys):
+  env = {"TPU_QUEUED": "1"}
+  # --noqueued and --queued=false override $TPU_QUEUED.
+  for flag in ("--noqueued", "--queued=false"):
+    cmds, _ = dry_run(["status", *FLAGS, flag], capsys, env)
+    assert cmds == [["gcloud", "compute", "tpus", "tpu-vm", "describe", "vb-pod", *WHERE]], flag
+  cmds, _ = dry_run(["status", *FLAGS], capsys, env)
+  assert cmds[0][3] == "queued-resources"
+  # A queued create that does not wait: the same commands, each spelling accepted.
+  for flag in ("--nowait", "--wait=false"):
+    cmds, _ = dry_run(["create", *FLAGS, "--accelerator_type=v4-8", "--queued", "--spot", flag],
+                      capsys)
+    assert [c[3:5] for c in cmds] == [["queued-resources", "create"],
+                                      ["queued-resources", "describe"]]
+    assert "--spot" in cmds[0]
+  # Only the launcher's own arguments are respelled: the module's are passed on as given.
+  cmds, _ = dry_run(["run", *FLAGS, "--workdir=gs://b/r", "--", "--config=c.py", "--no-queued"],
+                    capsys)
+  assert cmds[0][-1].endswith("vbert_jax.main --config=c.py --no-queued --workdir=gs://b/r")
+
+
+def test_arguments_after_the_dashes_pass_through_untouched(capsys):
+  """After `--` come the module's arguments: flags of the launcher, help, values with spaces,
+  `=` and quotes, and further `--` reach the module as given and change nothing here."""
+  rest = ["--config=configs/pretrain.py:variant=base", "--tpu=other", "--help", "-h",
+          "--config.name=a b", "--config.note=it's", "--env=X=1", "--", "positional"]
+  cmds, _ = dry_run(["run", *FLAGS, "--workdir=gs://vb/r", "--env=A=1", "--", *rest], capsys)
+  command = cmds[0][-1]
+  assert cmds[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "vb-pod"]
+  line = command.removeprefix("--command=cd ~/vbert_jax && ")
+  assert shlex.split(line) == ["env", "A=1", "bash", "launch/run_tpu.sh", "start", "vbert",
+                               "vbert_jax.main", *rest, "--workdir=gs://vb/r"]
 
 
 def test_unknown_type_lists_every_generation(capsys):
@@ -184,7 +256,8 @@ def test_run_tpu_script_starts_logs_and_stops_a_run(tmp_path):
   # Attached: waits, and the output is in the log too. The module runs from the code directory.
   proc = script("run", "help", "vbert_jax.sweep", "--help")
   assert proc.returncode == 0, proc.stderr
-  assert "usage: python -m vbert_jax.sweep" in (logs / f"help_{host}.log").read_text()
+  # The module's own help (it begins with the module's docstring) reached the log.
+  assert sweep.__doc__.splitlines()[0] in (logs / f"help_{host}.log").read_text()
   # Every run joins JAX's distributed runtime unless told otherwise.
   joins = "import os; assert os.environ['VBERT_DISTRIBUTED'] == '1'"
   assert script("run", "env", "timeit", "-n", "1", joins).returncode == 0
@@ -269,6 +342,25 @@ def test_xpk_workload_of_two_slices(capsys):
   assert xpk.main(["--workload=w", "--zone=z", "--accelerator_type=v5litepod-16", "--dry_run"],
                   environ={}) == 2
   assert "xpk: missing --cluster (or $XPK_CLUSTER)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cluster=c", "--zone=z", "--accelerator_type=v5litepod-16", "--dry_run"],
+     "--workload must have a value"),
+    (["--workload=w", "--cluster=c", "--zone=z", "--accelerator_type=v5litepod-16",
+      "--workdir=gs://b/r", "--dry_run", "stray", "--", "--config=c.py"],
+     "unexpected arguments ['stray']"),
+    (["--workload=w", "--tpu=t", "--dry_run"], "Unknown command line flag 'tpu'"),
+])
+def test_xpk_bad_command_line_is_a_usage_error(argv, message, capsys):
+  with pytest.raises(SystemExit) as stopped:
+    xpk.main(argv, environ={})
+  assert stopped.value.code == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.count("\n") == 1 and message in err, err
+  with pytest.raises(SystemExit) as stopped:
+    xpk.main(["--help"], environ={})
+  assert stopped.value.code == 0 and "--base_docker_image" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("gcloud") is None, reason="needs the Google Cloud CLI")

@@ -184,13 +184,13 @@ def test_cli_reads_pth_and_safetensors(tmp_path, torch_s3d, variables, capsys):
             str(tmp_path / "s3d.safetensors"))
   for src in ("s3d.pth", "s3d.safetensors"):
     out = tmp_path / f"{src}.msgpack"
-    convert_s3d.main([f"--torch_weights={tmp_path / src}", f"--out={out}"])
+    assert convert_s3d.main([f"--torch_weights={tmp_path / src}", f"--out={out}"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     _assert_same(s3d.load_params(out), variables, src)
   (tmp_path / "bad.pth").write_bytes(b"\x00" * 64)
   with pytest.raises(ValueError, match="bad.pth: not a PyTorch weights file"):
     convert_s3d.read_state_dict(tmp_path / "bad.pth")
-  with pytest.raises(SystemExit):
-    convert_s3d.main([f"--torch_weights={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}"])
+  assert convert_s3d.main([f"--torch_weights={tmp_path / 'nope.pth'}",
+                           f"--out={tmp_path / 'o'}"]) == 1
   assert "nope.pth: no such weights file" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()

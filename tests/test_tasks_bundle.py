@@ -14,7 +14,9 @@ from vbert_jax import model as model_lib
 from vbert_jax import sequence
 from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.tasks import bundle as bundle_lib
+from vbert_jax.tasks import forecast
 from vbert_jax.tasks import prompts
+from vbert_jax.tasks import zero_shot
 from vbert_jax.text import tokenizers
 
 
@@ -130,6 +132,38 @@ def test_missing_config_and_checkpoint_are_named(world, tmp_path):
     bundle_lib.load_bundle(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7"):
     bundle_lib.load_bundle(world.workdir, step=7)
+
+
+# Command lines.
+
+
+def test_task_flags_start_from_their_defaults_at_each_parse(capsys):
+  run = ["--workdir=runs/a", "--out", "results/a"]
+  args = zero_shot.parse_args([*run, "--features=f", "--labels=l.tsv", "--order=text_first",
+                               "--template=a [MASK] b [MASK]", "--template", "c [MASK] [MASK]",
+                               "--open_vocabulary", "--step=3"])
+  assert (args.order, args.open_vocabulary, args.step) == ("text_first", True, 3)
+  assert args.template == ["a [MASK] b [MASK]", "c [MASK] [MASK]"] and args.out == "results/a"
+  # A second command, then the first again: nothing of an earlier parse is left over.
+  args = forecast.parse_args([*run, "--tokens=4,5, 6", "--beam_size=2"])
+  assert args.tokens == [4, 5, 6] and args.horizons == [1, 2, 3] and args.beam_size == 2
+  args = zero_shot.parse_args([*run, "--features=f", "--labels=l.tsv"])
+  assert (args.order, args.open_vocabulary, args.step, args.template) == (
+      "both", False, None, None)
+  assert (args.split, args.top_k, args.batch_size) == ("validation", 5, 64)
+  capsys.readouterr()
+  for argv in ([*run, "--features=f", "--labels=l.tsv", "--top_k=five"],
+               [*run, "--features=f", "--labels=l.tsv", "--order=sideways"],
+               [*run, "--labels=l.tsv"]):
+    with pytest.raises(SystemExit) as exit_info:
+      zero_shot.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+  with pytest.raises(SystemExit) as exit_info:
+    forecast.parse_args([*run, "--horizons=1,two"])
+  assert exit_info.value.code == 2
+  assert "expected comma-separated integers" in capsys.readouterr().err
 
 
 # Prompts.

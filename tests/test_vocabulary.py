@@ -13,7 +13,7 @@ from PIL import Image
 
 import fixtures_world as fw
 from vbert_jax.video import features_io
-from vbert_jax.vocab import grid, kmeans, vocabulary
+from vbert_jax.vocab import fit, grid, kmeans, vocabulary
 from helpers import clustering
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -237,6 +237,18 @@ def test_fit_cli_writes_a_vocabulary_and_lists_skipped_files(tmp_path):
   assert clustering.adjusted_rand_index(vocab.assign(x), clustering.brute_force_leaf(x, vocab.leaves)) == 1
   bad = run_module("vbert_jax.vocab.fit", f"--features={tmp_path / 'none'}", "--out=x.npz")
   assert bad.returncode == 1 and "none: expected a features folder or a .npy" in bad.stderr
+
+
+def test_fit_and_grid_flags_live_side_by_side(capsys):
+  """Both commands define --out, in one process; each parse starts from its own defaults."""
+  a = fit.parse_args(["--features=f", "--out=v.npz", "--depth", "2"])
+  b = grid.parse_args(["--vocab=v.npz", "--out=g.png", "--tokens=3,17"])
+  assert (a.out, a.depth, a.branching, a.normalize) == ("v.npz", 2, 12, "none")
+  assert (b.out, b.tokens, b.top) == ("g.png", ["3", "17"], 12)
+  assert fit.parse_args(["--features=f", "--out=w.npz"]).depth == 4
+  with pytest.raises(SystemExit) as exit_info:
+    fit.main(["--features=f"])
+  assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230]], np.uint8)

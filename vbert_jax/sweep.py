@@ -23,7 +23,6 @@ checked against the config before anything starts; an unknown one is an error th
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -39,11 +38,14 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import flags
 import ml_collections
 from etils import epath
 
+from vbert_jax import cli
 from vbert_jax import config_lib
 
 Overrides = dict[str, Any]
@@ -337,39 +339,46 @@ def _split_extra(extra: Sequence[str]) -> list[tuple[str, str]]:
   for arg in extra:
     m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", arg)
     if not m:
-      raise ValueError(f"argument {arg!r} after --: expected --config.KEY=VALUE overrides for "
-                       f"every run")
+      # Not only what follows --: a non-flag argument before it comes here too.
+      raise ValueError(f"argument {arg!r}: expected --config.KEY=VALUE overrides for every run "
+                       f"(after --)")
     out.append((m.group(1), m.group(2)))
   return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m vbert_jax.sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sweep", required=True, help="sweep file, e.g. configs/sweeps/mu_lr_loss.py")
-  p.add_argument("--workdir", required=True, help="parent of the runs' workdirs (local or gs://)")
-  p.add_argument("--config", default=None, help="config the runs start from (default: the "
-                 "sweep file's CONFIG)")
-  p.add_argument("--launcher", choices=("local", "tpu"), default="local")
-  p.add_argument("--tpu_flags", default="", help="flags for `python -m launch.tpu_vm run`, e.g. "
-                 "\"--tpu=vb --zone=us-central2-b\" (or set TPU_NAME, TPU_ZONE)")
-  p.add_argument("--dry_run", action="store_true", help="print the runs' command lines only "
-                 "(with --launcher=tpu: the gcloud commands too)")
-  p.add_argument("--collect_only", action="store_true",
-                 help="only gather the table from the runs' workdirs")
-  p.add_argument("--metric", default="loss", help="final metric that picks the best run")
-  p.add_argument("--mode", choices=("min", "max"), default="min")
-  return p
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", None, "sweep file, e.g. configs/sweeps/mu_lr_loss.py",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "parent of the runs' workdirs (local or gs://)",
+                      flag_values=fv)
+  flags.DEFINE_string("config", None, "config the runs start from (default: the sweep file's "
+                      "CONFIG)", flag_values=fv)
+  flags.DEFINE_enum("launcher", "local", ("local", "tpu"), "where the runs go: local processes "
+                    "one after another, or the TPU launcher", flag_values=fv)
+  flags.DEFINE_string("tpu_flags", "", "flags for `python -m launch.tpu_vm run`, e.g. "
+                      "\"--tpu=vb --zone=us-central2-b\" (or set TPU_NAME, TPU_ZONE)",
+                      flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "print the runs' command lines only (with --launcher=tpu: "
+                    "the gcloud commands too)", flag_values=fv)
+  flags.DEFINE_bool("collect_only", False, "only gather the table from the runs' workdirs",
+                    flag_values=fv)
+  flags.DEFINE_string("metric", "loss", "final metric that picks the best run", flag_values=fv)
+  flags.DEFINE_enum("mode", "min", ("min", "max"), "whether the best run has the lowest or the "
+                    "highest --metric", flag_values=fv)
+  flags.mark_flag_as_required("sweep", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  """The sweep's flags; `extra` lists the other arguments, those after `--` being the overrides
+  for every run."""
+  return cli.parse(define_flags, argv, __doc__, positional="extra")
 
 
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
   out = out or sys.stdout
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra: list[str] = []
-  if "--" in argv:
-    cut = argv.index("--")
-    argv, extra = argv[:cut], argv[cut + 1:]
-  args = build_parser().parse_args(argv)
+  args = parse_args(argv)
+  extra = args.extra
   try:
     runs, default_config = load_sweep(args.sweep)
     config_spec = args.config or default_config

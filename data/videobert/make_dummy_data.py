@@ -10,11 +10,15 @@ without a video. Deterministic, so rerunning it gives the same files.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
+import sys
+import types
 from typing import Sequence
 
+from absl import flags
 import numpy as np
+
+from vbert_jax import cli
 
 OUT = pathlib.Path(__file__).resolve().parent / "dummy_data"
 DIM = 8
@@ -61,11 +65,18 @@ def write(out: pathlib.Path = OUT) -> pathlib.Path:
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(OUT))
-  write(pathlib.Path(parser.parse_args(argv).out))
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out", str(OUT), "folder to write the corpus to", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  write(pathlib.Path(parse_args(argv).out))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -14,15 +14,17 @@ per video the generated caption beside its references.
 
 from __future__ import annotations
 
-import argparse
 import sys
+import types
 from typing import Any, Sequence
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from vbert_jax import checkpoints
+from vbert_jax import cli
 from vbert_jax.captioning import decode
 from vbert_jax.captioning import metrics
 from vbert_jax.captioning import model as model_lib
@@ -95,37 +97,38 @@ def evaluate(workdir: Any, pairs_path: Any, *, step: int | None = None,
   }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m vbert_jax.captioning.evaluate", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True,
-                      help="the captioner's training workdir (config.json and checkpoints)")
-  parser.add_argument("--pairs", required=True,
-                      help="pairs file (.npz) of the videos to caption, with their reference "
-                           "captions")
-  parser.add_argument("--out", required=True, help="output folder; receives results.json")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step to load (default: the newest)")
-  parser.add_argument("--beam_size", type=int, default=None,
-                      help="1 for greedy decoding, more for beam search (default: the run's "
-                           "config.decode.beam_size)")
-  parser.add_argument("--max_len", type=int, default=None,
-                      help="most tokens per caption, [EOS] included (default: the config's)")
-  parser.add_argument("--length_penalty", type=float, default=None,
-                      help="beam search ranks by log p / ((5 + length) / 6) ** this (default: "
-                           "the config's; 0 ranks by log p)")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help="videos decoded at once (default: the config's)")
-  parser.add_argument("--java", choices=("auto", "yes", "no"), default="auto",
-                      help="use Java for the PTB tokenizer and METEOR: auto (when `java` is on "
-                           "the PATH), yes (required), no (Python tokenization, no METEOR)")
-  parser.add_argument("--text_vocab", default=None,
-                      help="the caption tokenizer's vocabulary file, if it moved since training")
-  return parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  # Not bundle_lib.define_run_flags: --workdir is a captioner's run, read without a VideoBERT
+  # bundle, and there is no visual vocabulary to name.
+  flags.DEFINE_string("workdir", None,
+                      "the captioner's training workdir (config.json and checkpoints)",
+                      flag_values=fv)
+  flags.DEFINE_string("pairs", None, "pairs file (.npz) of the videos to caption, with their "
+                      "reference captions", flag_values=fv)
+  flags.DEFINE_string("out", None, "output folder; receives results.json", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step to load (default: the newest)",
+                       flag_values=fv)
+  flags.DEFINE_integer("beam_size", None, "1 for greedy decoding, more for beam search "
+                       "(default: the run's config.decode.beam_size)", flag_values=fv)
+  flags.DEFINE_integer("max_len", None, "most tokens per caption, [EOS] included (default: the "
+                       "config's)", flag_values=fv)
+  flags.DEFINE_float("length_penalty", None, "beam search ranks by log p / ((5 + length) / 6) "
+                     "** this (default: the config's; 0 ranks by log p)", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "videos decoded at once (default: the config's)",
+                       flag_values=fv)
+  flags.DEFINE_enum("java", "auto", ("auto", "yes", "no"), "use Java for the PTB tokenizer and "
+                    "METEOR: auto (when `java` is on the PATH), yes (required), no (Python "
+                    "tokenization, no METEOR)", flag_values=fv)
+  flags.DEFINE_string("text_vocab", None, "the caption tokenizer's vocabulary file, if it moved "
+                      "since training", flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "pairs", "out"], flag_values=fv)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
+
+
+def _run(args: types.SimpleNamespace) -> dict[str, Any]:
   use_java = {"auto": None, "yes": True, "no": False}[args.java]
   results = evaluate(args.workdir, args.pairs, step=args.step, beam_size=args.beam_size,
                      max_len=args.max_len, length_penalty=args.length_penalty,

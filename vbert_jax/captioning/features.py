@@ -18,13 +18,15 @@ a pairs file (`training.Pairs`) with one row per caption. The command line does 
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
+import types
 from typing import Any, Mapping, Sequence
 
+from absl import flags
 import numpy as np
 
+from vbert_jax import cli
 from vbert_jax import sequence
 from vbert_jax.captioning import training as task_lib
 from vbert_jax.tasks import bundle as bundle_lib
@@ -127,47 +129,53 @@ def make_pairs(bundle: Any, videos: Mapping[str, Sequence[int]],
 # ------------------------------------------------------------------------------ command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m vbert_jax.captioning.features",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description=(
-          "Caption features of captioned segments (YouCook II's annotation JSON, or a label\n"
-          "file with a sentence column) from a trained VideoBERT, written as a\n"
-          "pairs file for the captioner (python -m vbert_jax.captioning.train). Each segment's\n"
-          "clips (those whose middle lies inside it) become visual tokens; the model reads them\n"
-          f"with the template '{CAPTION_TEMPLATE}'\n"
-          "and the feature is the mean output at the video tokens beside the mean output at\n"
-          "the [MASK]s (with --s3d, also the mean clip feature). One row per segment, its\n"
-          "sentence the caption; the row's video id is '<video_id>/<start>-<end>'."),
-      epilog=("Example:\n"
-              "  python -m vbert_jax.captioning.features --workdir=runs/videobert \\\n"
-              "      --features=features/youcook2 --youcook2=youcookii_annotations.json \\\n"
-              "      --split=training --out=pairs/training\n\n"
-              "Writes OUT/pairs.npz and OUT/results.json (counts, settings, skipped segments)."))
-  bundle_lib.add_run_arguments(
-      p, out_help="Folder for pairs.npz and results.json.",
+# What --help prints above the flags: the command's purpose and an example.
+_HELP = (
+    "python -m vbert_jax.captioning.features\n\n"
+    "Caption features of captioned segments (YouCook II's annotation JSON, or a label\n"
+    "file with a sentence column) from a trained VideoBERT, written as a\n"
+    "pairs file for the captioner (python -m vbert_jax.captioning.train). Each segment's\n"
+    "clips (those whose middle lies inside it) become visual tokens; the model reads them\n"
+    f"with the template '{CAPTION_TEMPLATE}'\n"
+    "and the feature is the mean output at the video tokens beside the mean output at\n"
+    "the [MASK]s (with --s3d, also the mean clip feature). One row per segment, its\n"
+    "sentence the caption; the row's video id is '<video_id>/<start>-<end>'.\n\n"
+    "Example:\n"
+    "  python -m vbert_jax.captioning.features --workdir=runs/videobert \\\n"
+    "      --features=features/youcook2 --youcook2=youcookii_annotations.json \\\n"
+    "      --split=training --out=pairs/training\n\n"
+    "Writes OUT/pairs.npz and OUT/results.json (counts, settings, skipped segments).")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  bundle_lib.define_run_flags(
+      fv, out_help="Folder for pairs.npz and results.json.",
       visual_vocab_help="Visual vocabulary (.npz) that turns --features into tokens; default: "
       "the run's config.init.visual_vocab.")
-  p.add_argument("--features", required=True, help="Folder of per-video feature files "
-                 "(<video_id>.npz from the feature extractor).")
-  source = p.add_mutually_exclusive_group(required=True)
-  source.add_argument("--youcook2", help="YouCook II annotation JSON (segments with times and "
-                      "sentences).")
-  source.add_argument("--labels", help="A label file whose rows carry a sentence: TSV or JSON "
+  flags.DEFINE_string("features", None, "Folder of per-video feature files (<video_id>.npz from "
+                      "the feature extractor).", flag_values=fv)
+  flags.DEFINE_string("youcook2", None, "YouCook II annotation JSON (segments with times and "
+                      "sentences).", flag_values=fv)
+  flags.DEFINE_string("labels", None, "A label file whose rows carry a sentence: TSV or JSON "
                       "lines of video_id, start, end, verb, noun, sentence (rows without a "
-                      "sentence are skipped).")
-  p.add_argument("--split", default="training", choices=zero_shot.YOUCOOK2_SUBSETS,
-                 help="The YouCook II subset to write (default: training).")
-  p.add_argument("--s3d", action="store_true", help="Append the mean clip feature of each "
-                 "segment (the paper's option).")
-  p.add_argument("--order", default="video_first", choices=("video_first", "text_first"),
-                 help="Prompt order: video then template (default), or the pretraining layout.")
-  p.add_argument("--batch_size", type=int, default=64, help="Prompts per forward pass.")
-  return p.parse_args(argv)
+                      "sentence are skipped).", flag_values=fv)
+  flags.DEFINE_enum("split", "training", zero_shot.YOUCOOK2_SUBSETS, "The YouCook II subset to "
+                    "write (default: training).", flag_values=fv)
+  flags.DEFINE_bool("s3d", False, "Append the mean clip feature of each segment (the paper's "
+                    "option).", flag_values=fv)
+  flags.DEFINE_enum("order", "video_first", ("video_first", "text_first"), "Prompt order: video "
+                    "then template (default), or the pretraining layout.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Prompts per forward pass.", flag_values=fv)
+  flags.mark_flag_as_required("features", flag_values=fv)
+  # The segments come from exactly one of the two sources.
+  flags.mark_flags_as_mutual_exclusive(["youcook2", "labels"], required=True, flag_values=fv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, _HELP)
+
+
+def run(args: types.SimpleNamespace) -> dict:
   segments = _captioned_segments(args)
   bundle = bundle_lib.bundle_from_args(args)
   if bundle.visual_vocab is None:
@@ -189,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
   return results
 
 
-def _captioned_segments(args: argparse.Namespace) -> list:
+def _captioned_segments(args: types.SimpleNamespace) -> list:
   if args.labels:
     segments = [s for s in zero_shot.read_labels(args.labels) if s.sentence.strip()]
     if not segments:

@@ -9,7 +9,7 @@ names (`config.text.vocab`, `config.init.visual_vocab`) and may be given instead
 given must match the model: the tokenizer's size and special ids, the vocabulary's size. A
 mismatch stops with an error that names both sides.
 
-The task command lines share their run flags (`add_run_arguments`, `bundle_from_args`), their
+The task command lines share their run flags (`define_run_flags`, `bundle_from_args`), their
 exit convention (`run_command`) and their results file (`write_results`).
 """
 
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import argparse
 import json
 import os
 import pathlib
 import sys
+import types
 from typing import Any, Callable, Mapping
 
+from absl import flags
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -279,19 +280,19 @@ def read_run_params(workdir: Any, step: int | None = None) -> tuple[int, Any]:
 # ----------------------------------------------------------------------------- command lines
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str,
-                      visual_vocab_help: str) -> None:
+def define_run_flags(fv: flags.FlagValues, *, out_help: str, visual_vocab_help: str) -> None:
   """The flags that name a trained run and the output folder, the same in every task command."""
-  parser.add_argument("--workdir", required=True, help="The training run's folder (config.json "
-                      "and checkpoints/).")
-  parser.add_argument("--out", required=True, help=out_help)
-  parser.add_argument("--text_vocab", help="Text vocabulary (vocab.txt or .model); default: the "
-                      "run's config.text.vocab.")
-  parser.add_argument("--visual_vocab", help=visual_vocab_help)
-  parser.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+  flags.DEFINE_string("workdir", None, "The training run's folder (config.json and "
+                      "checkpoints/).", flag_values=fv)
+  flags.DEFINE_string("out", None, out_help, flag_values=fv)
+  flags.DEFINE_string("text_vocab", None, "Text vocabulary (vocab.txt or .model); default: the "
+                      "run's config.text.vocab.", flag_values=fv)
+  flags.DEFINE_string("visual_vocab", None, visual_vocab_help, flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
-def bundle_from_args(args: argparse.Namespace) -> Bundle:
+def bundle_from_args(args: types.SimpleNamespace) -> Bundle:
   return load_bundle(args.workdir, step=args.step, text_vocab=args.text_vocab,
                      visual_vocab=args.visual_vocab)
 
@@ -306,7 +307,7 @@ def write_results(results: Mapping[str, Any], out: Any) -> pathlib.Path:
   return atomic.write_atomic(path, write)
 
 
-def run_command(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
+def run_command(run: Callable[[types.SimpleNamespace], dict], args: types.SimpleNamespace,
                 report: Callable[[dict], None]) -> int:
   """A task command's exit code: bad input is one line on stderr and 1, not a traceback."""
   console.setup()

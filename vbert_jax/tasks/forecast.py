@@ -22,14 +22,16 @@ best first, and the result depends on nothing but the inputs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import sys
+import types
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
+from vbert_jax import cli
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.tasks import text_to_video
@@ -109,53 +111,75 @@ def _int_list(text: str) -> list[int]:
   try:
     return [int(x) for x in text.replace(" ", "").split(",") if x]
   except ValueError as e:
-    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from e
+    raise ValueError(f"{text!r}: expected comma-separated integers") from e
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m vbert_jax.tasks.forecast",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description=(
-          "Forecasting with a trained VideoBERT: given the visual tokens of the clips so far,\n"
-          "the most likely next clips, for each horizon (number of future clips). The video\n"
-          "comes from --tokens, or from a feature file (--features, its first --clips clips)\n"
-          "turned into tokens with the visual vocabulary."),
-      epilog=("Examples:\n"
-              "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
-              "      --tokens=120,120,4031,77 --out=results/forecast\n"
-              "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
-              "      --features=features/vid_a.npz --clips=12 --horizons=1,2,3,5 \\\n"
-              "      --method=iterative --out=results/forecast\n\n"
-              "Writes OUT/results.json (per horizon: the futures, best first, with their summed\n"
-              "log-probabilities) and, with a visual vocabulary, OUT/horizon_<h>.png: the last\n"
-              "clips so far, then one row per future."))
-  bundle_lib.add_run_arguments(
-      p, out_help="Folder for results.json and the PNG strips.",
+class _IntListParser(flags.ArgumentParser):
+  """Comma-separated integers as a list of ints (absl's list flags give strings)."""
+
+  def parse(self, argument):
+    # A default comes in as a list already; a command-line value as text.
+    if isinstance(argument, (list, tuple)):
+      return [int(x) for x in argument]
+    return _int_list(argument)
+
+  def flag_type(self) -> str:
+    return "comma-separated integers"
+
+
+def _define_int_list(name: str, default: list[int] | None, help_text: str,
+                     fv: flags.FlagValues) -> None:
+  flags.DEFINE(_IntListParser(), name, default, help_text, flag_values=fv,
+               serializer=flags.CsvListSerializer(","))
+
+
+# What --help prints above the flags: the command's purpose and examples.
+_HELP = (
+    "python -m vbert_jax.tasks.forecast\n\n"
+    "Forecasting with a trained VideoBERT: given the visual tokens of the clips so far,\n"
+    "the most likely next clips, for each horizon (number of future clips). The video\n"
+    "comes from --tokens, or from a feature file (--features, its first --clips clips)\n"
+    "turned into tokens with the visual vocabulary.\n\n"
+    "Examples:\n"
+    "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
+    "      --tokens=120,120,4031,77 --out=results/forecast\n"
+    "  python -m vbert_jax.tasks.forecast --workdir=runs/videobert \\\n"
+    "      --features=features/vid_a.npz --clips=12 --horizons=1,2,3,5 \\\n"
+    "      --method=iterative --out=results/forecast\n\n"
+    "Writes OUT/results.json (per horizon: the futures, best first, with their summed\n"
+    "log-probabilities) and, with a visual vocabulary, OUT/horizon_<h>.png: the last\n"
+    "clips so far, then one row per future.")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  bundle_lib.define_run_flags(
+      fv, out_help="Folder for results.json and the PNG strips.",
       visual_vocab_help="Visual vocabulary (.npz); default: the run's "
       "config.init.visual_vocab. Needed for --features and for the pictures.")
-  p.add_argument("--tokens", type=_int_list, help="The visual tokens so far, comma-separated.")
-  p.add_argument("--features", help="A feature file (<video_id>.npz) instead of --tokens.")
-  p.add_argument("--clips", type=int, help="With --features: use its first N clips (default "
-                 "all).")
-  p.add_argument("--horizons", type=_int_list, default=[1, 2, 3],
-                 help="Future lengths in clips (default 1,2,3).")
-  p.add_argument("--top", type=int, default=3, help="Futures per horizon (default 3).")
-  p.add_argument("--method", default="beam", choices=METHODS,
-                 help="beam: fill the slots left to right; iterative: most certain slot first.")
-  p.add_argument("--layout", default="video_only", choices=prompts.FORECAST_LAYOUTS,
-                 help="video_only: [CLS] video [MASK]s [SEP]; pair: [CLS] video [>] [MASK]s "
-                 "[SEP].")
-  p.add_argument("--beam_size", type=int, default=8, help="Hypotheses kept per step.")
-  p.add_argument("--context", type=int, default=None,
-                 help="Keep only the last N tokens so far (default: as many as fit max_len). "
-                 "N no larger than pretraining's video-only examples minus the horizon keeps "
-                 "the prompt at positions the model was trained at.")
-  p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
-  return p.parse_args(argv)
+  _define_int_list("tokens", None, "The visual tokens so far, comma-separated.", fv)
+  flags.DEFINE_string("features", None, "A feature file (<video_id>.npz) instead of --tokens.",
+                      flag_values=fv)
+  flags.DEFINE_integer("clips", None, "With --features: use its first N clips (default all).",
+                       flag_values=fv)
+  _define_int_list("horizons", [1, 2, 3], "Future lengths in clips (default 1,2,3).", fv)
+  flags.DEFINE_integer("top", 3, "Futures per horizon (default 3).", flag_values=fv)
+  flags.DEFINE_enum("method", "beam", METHODS, "beam: fill the slots left to right; iterative: "
+                    "most certain slot first.", flag_values=fv)
+  flags.DEFINE_enum("layout", "video_only", prompts.FORECAST_LAYOUTS, "video_only: [CLS] video "
+                    "[MASK]s [SEP]; pair: [CLS] video [>] [MASK]s [SEP].", flag_values=fv)
+  flags.DEFINE_integer("beam_size", 8, "Hypotheses kept per step.", flag_values=fv)
+  flags.DEFINE_integer("context", None, "Keep only the last N tokens so far (default: as many "
+                       "as fit max_len). N no larger than pretraining's video-only examples minus "
+                       "the horizon keeps the prompt at positions the model was trained at.",
+                       flag_values=fv)
+  flags.DEFINE_integer("tile", 96, "Picture tile size in pixels.", flag_values=fv)
 
 
-def _video_tokens(args: argparse.Namespace, bundle) -> np.ndarray:
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, _HELP)
+
+
+def _video_tokens(args: types.SimpleNamespace, bundle) -> np.ndarray:
   if (args.tokens is None) == (args.features is None):
     raise ValueError("give the video as exactly one of --tokens or --features")
   if args.tokens is not None:
@@ -167,7 +191,7 @@ def _video_tokens(args: argparse.Namespace, bundle) -> np.ndarray:
   return bundle.visual_vocab.assign(np.asarray(features, np.float32))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: types.SimpleNamespace) -> dict:
   bundle = bundle_lib.bundle_from_args(args)
   video = _video_tokens(args, bundle)
   out = pathlib.Path(args.out)

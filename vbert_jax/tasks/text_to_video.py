@@ -19,13 +19,15 @@ strip of those clips' middle frames.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
+import types
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
+from vbert_jax import cli
 from vbert_jax import sequence
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
@@ -105,39 +107,43 @@ def generate(bundle, text: str, num_slots: int, *, mode: str = "argmax", k: int 
 # ------------------------------------------------------------------------------ command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m vbert_jax.tasks.text_to_video",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description=(
-          "Text-to-video with a trained VideoBERT: the model reads '[CLS] text [>]' followed by\n"
-          "--num_slots masked video slots and fills them with visual tokens. Each row of the\n"
-          "answer is one video of num_slots clips; rows come best first."),
-      epilog=("Example:\n"
-              "  python -m vbert_jax.tasks.text_to_video --workdir=runs/videobert \\\n"
-              "      --text='now let me show you how to cut the tomato' --num_slots=6 \\\n"
-              "      --mode=topk --k=3 --out=results/t2v\n\n"
-              "Writes OUT/results.json (per text: the token rows and their scores, the summed\n"
-              "log-probabilities) and, with a visual vocabulary, OUT/text_<i>.png: per row, the\n"
-              "middle frame of each token's nearest training clip."))
-  bundle_lib.add_run_arguments(
-      p, out_help="Folder for results.json and the PNG strips.",
+# What --help prints above the flags: the command's purpose and an example.
+_HELP = (
+    "python -m vbert_jax.tasks.text_to_video\n\n"
+    "Text-to-video with a trained VideoBERT: the model reads '[CLS] text [>]' followed by\n"
+    "--num_slots masked video slots and fills them with visual tokens. Each row of the\n"
+    "answer is one video of num_slots clips; rows come best first.\n\n"
+    "Example:\n"
+    "  python -m vbert_jax.tasks.text_to_video --workdir=runs/videobert \\\n"
+    "      --text='now let me show you how to cut the tomato' --num_slots=6 \\\n"
+    "      --mode=topk --k=3 --out=results/t2v\n\n"
+    "Writes OUT/results.json (per text: the token rows and their scores, the summed\n"
+    "log-probabilities) and, with a visual vocabulary, OUT/text_<i>.png: per row, the\n"
+    "middle frame of each token's nearest training clip.")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  bundle_lib.define_run_flags(
+      fv, out_help="Folder for results.json and the PNG strips.",
       visual_vocab_help="Visual vocabulary (.npz) for the pictures; default: the run's "
       "config.init.visual_vocab (no pictures when neither is set).")
-  p.add_argument("--text", action="append", required=True,
-                 help="The text to show (repeat the flag for several texts).")
-  p.add_argument("--num_slots", type=int, default=6, help="Video tokens (clips) to generate.")
-  p.add_argument("--mode", default="argmax", choices=MODES,
-                 help="argmax: the best token per slot; topk: the k best rows; sample: k rows "
-                 "drawn with --temperature and --seed.")
-  p.add_argument("--k", type=int, default=1, help="Rows (alternatives) per text.")
-  p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (>0).")
-  p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-  p.add_argument("--tile", type=int, default=96, help="Picture tile size in pixels.")
-  return p.parse_args(argv)
+  flags.DEFINE_multi_string("text", None, "The text to show (repeat the flag for several texts).",
+                            flag_values=fv)
+  flags.DEFINE_integer("num_slots", 6, "Video tokens (clips) to generate.", flag_values=fv)
+  flags.DEFINE_enum("mode", "argmax", MODES, "argmax: the best token per slot; topk: the k best "
+                    "rows; sample: k rows drawn with --temperature and --seed.", flag_values=fv)
+  flags.DEFINE_integer("k", 1, "Rows (alternatives) per text.", flag_values=fv)
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (>0).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_integer("tile", 96, "Picture tile size in pixels.", flag_values=fv)
+  flags.mark_flag_as_required("text", flag_values=fv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, _HELP)
+
+
+def run(args: types.SimpleNamespace) -> dict:
   bundle = bundle_lib.bundle_from_args(args)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

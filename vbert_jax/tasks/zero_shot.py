@@ -28,16 +28,18 @@ segment. `topk_accuracy` scores predictions as the paper did (top-1 and top-5).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
 import pathlib
 import sys
+import types
 from typing import Iterator, Sequence
 
+from absl import flags
 import numpy as np
 
+from vbert_jax import cli
 from vbert_jax.tasks import bundle as bundle_lib
 from vbert_jax.tasks import prompts
 from vbert_jax.video import features_io
@@ -450,50 +452,57 @@ def _label_list(value: str | None) -> list[str] | None:
   return [x.strip() for x in value.split(",") if x.strip()]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m vbert_jax.tasks.zero_shot",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description=(
-          "Zero-shot verb and noun classification with a trained VideoBERT, as in the paper:\n"
-          "each labelled segment's visual tokens are shown to the model with the template\n"
-          f"'{DEFAULT_TEMPLATE}'; the first [MASK] gives the verb, the second the noun.\n"
-          "Each label is scored by the mean log-probability of its word pieces (a label of\n"
-          "several pieces widens its slot to as many [MASK]s). Reports top-1 and top-5\n"
-          "accuracy for each prompt order.\n\n" + LABELS_HELP),
-      epilog=("Example (YouCook II validation, labels in labels.tsv):\n"
-              "  python -m vbert_jax.tasks.zero_shot --workdir=runs/videobert \\\n"
-              "      --features=features/youcook2 --labels=labels.tsv \\\n"
-              "      --youcook2=youcookii_annotations.json --split=validation \\\n"
-              "      --out=results/zero_shot\n\n"
-              "Writes OUT/results.json (accuracies, settings, skipped segments) and\n"
-              "OUT/predictions.jsonl (one line per segment and order)."))
-  bundle_lib.add_run_arguments(
-      p, out_help="Folder for results.json and predictions.jsonl.",
+# What --help prints above the flags: the command's purpose, the label format and an example.
+_HELP = (
+    "python -m vbert_jax.tasks.zero_shot\n\n"
+    "Zero-shot verb and noun classification with a trained VideoBERT, as in the paper:\n"
+    "each labelled segment's visual tokens are shown to the model with the template\n"
+    f"'{DEFAULT_TEMPLATE}'; the first [MASK] gives the verb, the second the noun.\n"
+    "Each label is scored by the mean log-probability of its word pieces (a label of\n"
+    "several pieces widens its slot to as many [MASK]s). Reports top-1 and top-5\n"
+    "accuracy for each prompt order.\n\n" + LABELS_HELP + "\n\n"
+    "Example (YouCook II validation, labels in labels.tsv):\n"
+    "  python -m vbert_jax.tasks.zero_shot --workdir=runs/videobert \\\n"
+    "      --features=features/youcook2 --labels=labels.tsv \\\n"
+    "      --youcook2=youcookii_annotations.json --split=validation \\\n"
+    "      --out=results/zero_shot\n\n"
+    "Writes OUT/results.json (accuracies, settings, skipped segments) and\n"
+    "OUT/predictions.jsonl (one line per segment and order).")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  bundle_lib.define_run_flags(
+      fv, out_help="Folder for results.json and predictions.jsonl.",
       visual_vocab_help="Visual vocabulary (.npz) that turns --features into tokens; default: "
       "the run's config.init.visual_vocab.")
-  p.add_argument("--features", required=True, help="Folder of per-video feature files "
-                 "(<video_id>.npz from the feature extractor).")
-  p.add_argument("--labels", required=True, help="The verb/noun label file (format above).")
-  p.add_argument("--youcook2", help="Optional YouCook II annotation JSON: keeps only the "
-                 "labelled segments of --split that it lists, and takes their sentences.")
-  p.add_argument("--split", default="validation", choices=YOUCOOK2_SUBSETS,
-                 help="The YouCook II subset used with --youcook2 (default: validation).")
-  p.add_argument("--verbs", help="Verb label set: comma-separated, or @FILE with one per line. "
-                 "Default: the verbs of the label file.")
-  p.add_argument("--nouns", help="Noun label set, as --verbs. Default: the nouns of the label "
-                 "file.")
-  p.add_argument("--open_vocabulary", action="store_true", help="Rank every text token instead "
-                 "of a label set.")
-  p.add_argument("--template", action="append", help="Prompt with two [MASK]s, verb then noun "
-                 f"(default: '{DEFAULT_TEMPLATE}'). Give it several times for an ensemble: each "
-                 "label's score is averaged over the templates.")
-  p.add_argument("--order", default="both", choices=("video_first", "text_first", "both"),
-                 help="Prompt order: video then text (the paper's figure), text then video (the "
-                 "pretraining layout), or both (default).")
-  p.add_argument("--top_k", type=int, default=5, help="Predictions kept per segment.")
-  p.add_argument("--batch_size", type=int, default=64, help="Prompts per forward pass.")
-  return p.parse_args(argv)
+  flags.DEFINE_string("features", None, "Folder of per-video feature files (<video_id>.npz from "
+                      "the feature extractor).", flag_values=fv)
+  flags.DEFINE_string("labels", None, "The verb/noun label file (format above).", flag_values=fv)
+  flags.DEFINE_string("youcook2", None, "Optional YouCook II annotation JSON: keeps only the "
+                      "labelled segments of --split that it lists, and takes their sentences.",
+                      flag_values=fv)
+  flags.DEFINE_enum("split", "validation", YOUCOOK2_SUBSETS, "The YouCook II subset used with "
+                    "--youcook2 (default: validation).", flag_values=fv)
+  flags.DEFINE_string("verbs", None, "Verb label set: comma-separated, or @FILE with one per "
+                      "line. Default: the verbs of the label file.", flag_values=fv)
+  flags.DEFINE_string("nouns", None, "Noun label set, as --verbs. Default: the nouns of the "
+                      "label file.", flag_values=fv)
+  flags.DEFINE_bool("open_vocabulary", False, "Rank every text token instead of a label set.",
+                    flag_values=fv)
+  flags.DEFINE_multi_string("template", None, "Prompt with two [MASK]s, verb then noun "
+                            f"(default: '{DEFAULT_TEMPLATE}'). Give it several times for an "
+                            "ensemble: each label's score is averaged over the templates.",
+                            flag_values=fv)
+  flags.DEFINE_enum("order", "both", ("video_first", "text_first", "both"), "Prompt order: "
+                    "video then text (the paper's figure), text then video (the pretraining "
+                    "layout), or both (default).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 5, "Predictions kept per segment.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Prompts per forward pass.", flag_values=fv)
+  flags.mark_flags_as_required(["features", "labels"], flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, _HELP)
 
 
 def _restrict_to_youcook2(labelled: list[Segment], annotations: list[Segment]
@@ -510,7 +519,7 @@ def _restrict_to_youcook2(labelled: list[Segment], annotations: list[Segment]
   return kept, skipped
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: types.SimpleNamespace) -> dict:
   segments = read_labels(args.labels)
   skipped = []
   if args.youcook2:

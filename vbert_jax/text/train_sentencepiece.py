@@ -14,45 +14,50 @@ and listed at the end; the model files are written under temporary names, then r
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import pathlib
 import sys
 import tempfile
+import types
 from typing import Sequence
 
+from absl import flags
 import sentencepiece as spm
 
+from vbert_jax import cli
 from vbert_jax.text import sentences as sentences_lib
 from vbert_jax.text import tokenizers
 from vbert_jax.text import transcripts
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--transcripts", required=True,
-                 help="glob(s) of .vtt/.srt/.json transcripts, comma-separated")
-  p.add_argument("--vocab_size", type=int, required=True,
-                 help="pieces in the model, the 6 special symbols included")
-  p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
-  p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe", "word", "char"))
-  p.add_argument("--lowercase", default=True, type=_bool, help="lowercase the corpus")
-  p.add_argument("--character_coverage", type=float, default=0.9995)
-  p.add_argument("--byte_fallback", default=False, type=_bool,
-                 help="spell unknown characters as bytes instead of [UNK]")
-  p.add_argument("--max_gap", type=float, default=sentences_lib.SplitConfig.max_gap)
-  p.add_argument("--max_words", type=int, default=sentences_lib.SplitConfig.max_words)
-  p.add_argument("--input_sentence_size", type=int, default=2_000_000,
-                 help="sentences sampled for training (0: all)")
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("transcripts", None,
+                      "glob(s) of .vtt/.srt/.json transcripts, comma-separated", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", None, "pieces in the model, the 6 special symbols included",
+                       flag_values=fv)
+  flags.DEFINE_string("out", None, "output prefix: writes PREFIX.model, PREFIX.vocab",
+                      flag_values=fv)
+  flags.DEFINE_enum("model_type", "unigram", ("unigram", "bpe", "word", "char"),
+                    "SentencePiece model type", flag_values=fv)
+  flags.DEFINE_bool("lowercase", True, "lowercase the corpus", flag_values=fv)
+  flags.DEFINE_float("character_coverage", 0.9995,
+                     "share of the corpus' characters the model covers", flag_values=fv)
+  flags.DEFINE_bool("byte_fallback", False,
+                    "spell unknown characters as bytes instead of [UNK]", flag_values=fv)
+  flags.DEFINE_float("max_gap", sentences_lib.SplitConfig.max_gap,
+                     "seconds of silence that end an unpunctuated sentence", flag_values=fv)
+  flags.DEFINE_integer("max_words", sentences_lib.SplitConfig.max_words,
+                       "longer sentences are cut at their longest pause", flag_values=fv)
+  flags.DEFINE_integer("input_sentence_size", 2_000_000,
+                       "sentences sampled for training (0: all)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the sentence sampling", flag_values=fv)
+  for name in ("transcripts", "vocab_size", "out"):
+    flags.mark_flag_as_required(name, flag_values=fv)
 
 
-def _bool(value: str) -> bool:
-  if value.lower() not in ("true", "false", "1", "0"):
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-  return value.lower() in ("true", "1")
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
 
 
 def find_transcripts(patterns: str) -> list[pathlib.Path]:

@@ -8,13 +8,16 @@ The .pth/.pt file is read with `torch.load(weights_only=True)` (no code from the
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-from typing import Any, Iterator, Mapping
+import sys
+import types
+from typing import Any, Iterator, Mapping, Sequence
 
+from absl import flags
 import numpy as np
 import safetensors.numpy
 
+from vbert_jax import cli
 from vbert_jax.video import s3d
 
 # torchvision's `features` indices of the layers that carry weights.
@@ -103,19 +106,30 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
           for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--torch_weights", required=True, help="torchvision S3D .pth/.pt or .safetensors")
-  parser.add_argument("--out", required=True, help="output Flax variables (.msgpack)")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("torch_weights", None, "torchvision S3D .pth/.pt or .safetensors",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output Flax variables (.msgpack)", flag_values=fv)
+  flags.mark_flag_as_required("torch_weights", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
   try:
     variables = convert_torch_state_dict(read_state_dict(args.torch_weights))
     out = s3d.save_params(args.out, variables)
   except (OSError, ValueError, KeyError, ImportError) as e:
-    parser.exit(1, f"convert_s3d: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
+    print(f"convert_s3d: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+    return 1
   count = sum(np.size(v) for tree in variables.values() for v in s3d.flatten(tree).values())
   print(f"wrote {out}: {count:,} values (classifier dropped; features are 1024-d)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

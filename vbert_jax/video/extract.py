@@ -16,7 +16,6 @@ index and count). Without `--s3d_weights` the network is randomly initialised, a
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -26,13 +25,16 @@ import queue
 import sys
 import threading
 import time
+import types
 from typing import Callable, Iterable, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import tqdm
 
+from vbert_jax import cli
 from vbert_jax import console
 from vbert_jax.video import features_io
 from vbert_jax.video import reader
@@ -354,26 +356,31 @@ def _write(out_dir, done: _Done, rows, image_size: int, dtype, summary: Summary)
 # ------------------------------------------------------------------------------------- the CLI
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m vbert_jax.video.extract", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--videos", action="append", required=True,
-                  help="a glob (quote it), a video path or a .txt list; may be repeated")
-  ap.add_argument("--out", required=True, help="folder for the per-video feature files")
-  ap.add_argument("--s3d_weights", default=None,
-                  help="S3D variables from vbert_jax.video.convert_s3d (default: random init)")
-  ap.add_argument("--image_size", type=int, default=224, help="side of the square crop")
-  ap.add_argument("--resize", type=int, default=0,
-                  help="squash frames to RESIZE x RESIZE before the crop (256 with the Kinetics "
-                       "S3D weights, as torchvision's transform does); 0: short side to image_size")
-  ap.add_argument("--batch_size", type=int, default=32,
-                  help="clips per step, rounded up to a multiple of the local device count")
-  ap.add_argument("--dtype", choices=DTYPES, default="float16")
-  ap.add_argument("--shard_index", type=int, default=None)
-  ap.add_argument("--num_shards", type=int, default=None)
-  ap.add_argument("--seed", type=int, default=0, help="seed of the random S3D weights")
-  ap.add_argument("--no_progress", action="store_true")
-  return ap.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("videos", None, "a glob (quote it), a video path or a .txt list; "
+                            "may be repeated", flag_values=fv)
+  flags.DEFINE_string("out", None, "folder for the per-video feature files", flag_values=fv)
+  flags.DEFINE_string("s3d_weights", None, "S3D variables from vbert_jax.video.convert_s3d "
+                      "(default: random init)", flag_values=fv)
+  flags.DEFINE_integer("image_size", 224, "side of the square crop", flag_values=fv)
+  flags.DEFINE_integer("resize", 0, "squash frames to RESIZE x RESIZE before the crop (256 with "
+                       "the Kinetics S3D weights, as torchvision's transform does); 0: short "
+                       "side to image_size", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "clips per step, rounded up to a multiple of the local "
+                       "device count", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float16", DTYPES, "dtype of the written features", flag_values=fv)
+  flags.DEFINE_integer("shard_index", None, "this host's shard of the sorted video list "
+                       "(default: the JAX process index)", flag_values=fv)
+  flags.DEFINE_integer("num_shards", None, "shards the video list is split into (default: the "
+                       "JAX process count)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the random S3D weights", flag_values=fv)
+  flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
+  flags.mark_flag_as_required("videos", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,30 +11,43 @@ from __future__ import annotations
 
 import sys
 import time
+import types
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 import tqdm
 
+from vbert_jax import cli
 from vbert_jax import console
 from vbert_jax.vocab import kmeans, vocabulary
 
-_FEATURES = flags.DEFINE_string("features", None, "Features folder or .npy array.")
-_OUT = flags.DEFINE_string("out", None, "Vocabulary file to write (.npz).")
-_DEPTH = flags.DEFINE_integer("depth", 4, "Levels of the k-means tree.")
-_BRANCHING = flags.DEFINE_integer("branching", 12, "Children per node.")
-_ITERATIONS = flags.DEFINE_integer("iterations", 20, "Most Lloyd iterations per level.")
-_TOL = flags.DEFINE_float("tol", 1e-4, "Stop a level when inertia falls by at most this fraction.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means++ seeding.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 65536, "Rows per streamed chunk.")
-_SEED_SAMPLE = flags.DEFINE_integer("seed_sample", 128, "Most rows of a node that k-means++ "
-                                    "seeding chooses among (at least --branching).")
-_NEAREST = flags.DEFINE_integer("nearest", 8, "Training clips kept per token for lookups.")
-_NORMALIZE = flags.DEFINE_enum("normalize", "none", list(vocabulary.NORMALIZE),
-                               "Feature transform before fitting and assigning: none; l2 "
-                               "(unit-length rows: clusters of directions, not lengths); or "
-                               "standardize (each dimension to zero mean and unit variance "
-                               "over the training features).")
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("features", None, "Features folder or .npy array.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Vocabulary file to write (.npz).", flag_values=fv)
+  flags.DEFINE_integer("depth", 4, "Levels of the k-means tree.", flag_values=fv)
+  flags.DEFINE_integer("branching", 12, "Children per node.", flag_values=fv)
+  flags.DEFINE_integer("iterations", 20, "Most Lloyd iterations per level.", flag_values=fv)
+  flags.DEFINE_float("tol", 1e-4, "Stop a level when inertia falls by at most this fraction.",
+                     flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the k-means++ seeding.", flag_values=fv)
+  flags.DEFINE_integer("chunk_size", 65536, "Rows per streamed chunk.", flag_values=fv)
+  flags.DEFINE_integer("seed_sample", 128, "Most rows of a node that k-means++ seeding chooses "
+                       "among (at least --branching).", flag_values=fv)
+  flags.DEFINE_integer("nearest", 8, "Training clips kept per token for lookups.",
+                       flag_values=fv)
+  flags.DEFINE_enum("normalize", "none", list(vocabulary.NORMALIZE),
+                    "Feature transform before fitting and assigning: none; l2 (unit-length "
+                    "rows: clusters of directions, not lengths); or standardize (each dimension "
+                    "to zero mean and unit variance over the training features).",
+                    flag_values=fv)
+  flags.mark_flag_as_required("features", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
 
 
 def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int,
@@ -73,22 +86,19 @@ def run(features: str, out: str, config: kmeans.KMeansConfig, nearest: int,
   return 0
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
   console.setup()
-  if not _FEATURES.value or not _OUT.value:
-    raise app.UsageError("--features and --out are required")
-  config = kmeans.KMeansConfig(depth=_DEPTH.value, branching=_BRANCHING.value,
-                               iterations=_ITERATIONS.value, tol=_TOL.value, seed=_SEED.value,
-                               chunk_size=_CHUNK.value, seed_sample=_SEED_SAMPLE.value)
+  config = kmeans.KMeansConfig(depth=args.depth, branching=args.branching,
+                               iterations=args.iterations, tol=args.tol, seed=args.seed,
+                               chunk_size=args.chunk_size, seed_sample=args.seed_sample)
   try:
     config.validate()
-    code = run(_FEATURES.value, _OUT.value, config, _NEAREST.value, _NORMALIZE.value)
+    return run(args.features, args.out, config, args.nearest, args.normalize)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
-    code = 1
-  sys.exit(code)
+    return 1
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -14,24 +14,37 @@ from __future__ import annotations
 import collections
 import pathlib
 import sys
+import types
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw
 
 from vbert_jax import atomic
+from vbert_jax import cli
 from vbert_jax import console
 from vbert_jax.video import reader
 from vbert_jax.vocab import vocabulary
 
-_VOCAB = flags.DEFINE_string("vocab", None, "Vocabulary file (.npz).")
-_OUT = flags.DEFINE_string("out", None, "PNG file to write.")
-_TOKENS = flags.DEFINE_list("tokens", [], "Tokens to show (default: the most frequent).")
-_TOP = flags.DEFINE_integer("top", 12, "How many of the most frequent tokens to show.")
-_CLIPS = flags.DEFINE_integer("clips", 6, "Clips per token.")
-_TILE = flags.DEFINE_integer("tile", 96, "Tile size in pixels.")
-_FPS = flags.DEFINE_float("fps", 20.0, "Frame rate the features were extracted at.")
-_CLIP_FRAMES = flags.DEFINE_integer("clip_frames", 30, "Frames per clip at extraction.")
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("vocab", None, "Vocabulary file (.npz).", flag_values=fv)
+  flags.DEFINE_string("out", None, "PNG file to write.", flag_values=fv)
+  flags.DEFINE_list("tokens", [], "Tokens to show (default: the most frequent).", flag_values=fv)
+  flags.DEFINE_integer("top", 12, "How many of the most frequent tokens to show.",
+                       flag_values=fv)
+  flags.DEFINE_integer("clips", 6, "Clips per token.", flag_values=fv)
+  flags.DEFINE_integer("tile", 96, "Tile size in pixels.", flag_values=fv)
+  flags.DEFINE_float("fps", 20.0, "Frame rate the features were extracted at.", flag_values=fv)
+  flags.DEFINE_integer("clip_frames", 30, "Frames per clip at extraction.", flag_values=fv)
+  flags.mark_flag_as_required("vocab", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
+
 
 _LABEL_WIDTH = 110
 _GREY = (96, 96, 96)
@@ -90,25 +103,24 @@ def save_png(image: Image.Image, path) -> pathlib.Path:
   return atomic.write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
   console.setup()
-  if not _VOCAB.value or not _OUT.value:
-    raise app.UsageError("--vocab and --out are required")
   try:
-    vocab = vocabulary.VisualVocabulary.load(_VOCAB.value)
-    if _TOKENS.value:
-      tokens = [vocab._token(int(t)) for t in _TOKENS.value]  # pylint: disable=protected-access
+    vocab = vocabulary.VisualVocabulary.load(args.vocab)
+    if args.tokens:
+      tokens = [vocab._token(int(t)) for t in args.tokens]  # pylint: disable=protected-access
     else:
-      tokens = [int(t) for t in vocab.most_frequent(_TOP.value) if vocab.leaf_counts[t] > 0]
-    image = draw_grid(vocab, tokens, clips=_CLIPS.value, tile=_TILE.value, fps=_FPS.value,
-                      clip_frames=_CLIP_FRAMES.value)
+      tokens = [int(t) for t in vocab.most_frequent(args.top) if vocab.leaf_counts[t] > 0]
+    image = draw_grid(vocab, tokens, clips=args.clips, tile=args.tile, fps=args.fps,
+                      clip_frames=args.clip_frames)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  save_png(image, _OUT.value)
-  print(f"wrote {_OUT.value}: {len(tokens)} tokens x up to {_CLIPS.value} clips")
+    return 1
+  save_png(image, args.out)
+  print(f"wrote {args.out}: {len(tokens)} tokens x up to {args.clips} clips")
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -9,38 +9,58 @@ Videos already written are kept, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import argparse
-import os
 import dataclasses
+import os
 import sys
 import time
+import types
 
+from absl import flags
+
+from vbert_jax import cli
 from vbert_jax.demo.world import world
 
+# What each NarrationConfig rate does, for --help; every field gets a flag even without an entry.
+_NARRATION_HELP = {
+    "filler_rate": "an extra sentence that describes nothing on screen",
+    "early_rate": "the step is narrated before it happens",
+    "late_rate": "the step is narrated after it has happened",
+    "wrong_word_rate": "the verb or the noun said is not the one shown",
+    "missing_rate": "the step is not narrated at all",
+}
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def define_flags(fv: flags.FlagValues) -> None:
   defaults, narration = world.WorldConfig(), world.NarrationConfig()
-  ap = argparse.ArgumentParser(prog="python -m vbert_jax.demo.world.generate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", required=True, help="output folder")
-  ap.add_argument("--num_videos", type=int, default=defaults.num_videos)
-  ap.add_argument("--seed", type=int, default=defaults.seed)
-  ap.add_argument("--size", type=int, default=None, help="square frames of this size")
-  ap.add_argument("--width", type=int, default=defaults.width)
-  ap.add_argument("--height", type=int, default=defaults.height)
-  ap.add_argument("--fps", type=int, default=defaults.fps)
-  ap.add_argument("--min_steps", type=int, default=defaults.steps_per_video[0])
-  ap.add_argument("--max_steps", type=int, default=defaults.steps_per_video[1])
-  ap.add_argument("--val_fraction", type=float, default=defaults.val_fraction)
-  ap.add_argument("--crf", type=int, default=defaults.crf)
-  ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                  help="processes that render videos in parallel")
+  flags.DEFINE_string("out", None, "output folder", flag_values=fv)
+  flags.DEFINE_integer("num_videos", defaults.num_videos, "videos in the world", flag_values=fv)
+  flags.DEFINE_integer("seed", defaults.seed, "seed of the world", flag_values=fv)
+  flags.DEFINE_integer("size", None, "square frames of this size", flag_values=fv)
+  flags.DEFINE_integer("width", defaults.width, "frame width (without --size)", flag_values=fv)
+  flags.DEFINE_integer("height", defaults.height, "frame height (without --size)",
+                       flag_values=fv)
+  flags.DEFINE_integer("fps", defaults.fps, "frames per second", flag_values=fv)
+  flags.DEFINE_integer("min_steps", defaults.steps_per_video[0], "fewest steps of a video",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_steps", defaults.steps_per_video[1], "most steps of a video",
+                       flag_values=fv)
+  flags.DEFINE_float("val_fraction", defaults.val_fraction, "share of the videos in val",
+                     flag_values=fv)
+  flags.DEFINE_integer("crf", defaults.crf, "H.264 constant rate factor", flag_values=fv)
+  flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                       "processes that render videos in parallel", flag_values=fv)
   for field in dataclasses.fields(narration):
-    ap.add_argument(f"--{field.name}", type=float, default=getattr(narration, field.name))
-  return ap.parse_args(argv)
+    flags.DEFINE_float(field.name, getattr(narration, field.name),
+                       "probability per step: " + _NARRATION_HELP.get(field.name, field.name),
+                       flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
 
 
-def config_from_args(args: argparse.Namespace) -> world.WorldConfig:
+def parse_args(argv: list[str] | None = None) -> types.SimpleNamespace:
+  return cli.parse(define_flags, argv, __doc__)
+
+
+def config_from_args(args: types.SimpleNamespace) -> world.WorldConfig:
   narration = world.NarrationConfig(**{f.name: getattr(args, f.name)
                                        for f in dataclasses.fields(world.NarrationConfig)})
   width = height = args.size
