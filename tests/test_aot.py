@@ -49,7 +49,8 @@ def _config(variant: str, **overrides):
 
 
 def _num_params(config) -> int:
-  return model.count_params(jax.eval_shape(pretrain_lib.make_trainable(config).init, jax.random.key(0)))
+  init = pretrain_lib.make_trainable(config).init
+  return model.count_params(jax.eval_shape(init, jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ import ml_collections
 from etils import epath
 
 from vbert_jax import cli
+from vbert_jax import console
 from vbert_jax import config_lib
 
 Overrides = dict[str, Any]
@@ -378,6 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
   out = out or sys.stdout
   args = parse_args(argv)
+  console.setup()
   extra = args.extra
   try:
     runs, default_config = load_sweep(args.sweep)

@@ -26,6 +26,7 @@ from absl import flags
 import sentencepiece as spm
 
 from vbert_jax import cli
+from vbert_jax import console
 from vbert_jax.text import sentences as sentences_lib
 from vbert_jax.text import tokenizers
 from vbert_jax.text import transcripts
@@ -120,6 +121,7 @@ def train(texts: Sequence[str], out_prefix: str, vocab_size: int, model_type: st
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  console.setup()
   paths = find_transcripts(args.transcripts)
   if not paths:
     print(f"no transcripts (.vtt, .srt, .json) match {args.transcripts!r}", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from vbert_jax import cli
+from vbert_jax import console
 from vbert_jax.video import s3d
 
 # torchvision's `features` indices of the layers that carry weights.
@@ -120,6 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  console.setup()
   try:
     variables = convert_torch_state_dict(read_state_dict(args.torch_weights))
     out = s3d.save_params(args.out, variables)

@@ -18,6 +18,7 @@ import types
 from absl import flags
 
 from vbert_jax import cli
+from vbert_jax import console
 from vbert_jax.demo.world import world
 
 # What each NarrationConfig rate does, for --help; every field gets a flag even without an entry.
@@ -73,6 +74,7 @@ def config_from_args(args: types.SimpleNamespace) -> world.WorldConfig:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  console.setup()
   try:
     config = config_from_args(args)
   except ValueError as e:
