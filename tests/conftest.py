@@ -28,3 +28,13 @@ jax.config.update("jax_threefry_partitionable", True)
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
   return REPO
+
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with slow tests first, each module's tests kept together (so that its module-scoped
+  fixtures are built once): the workers start on the long ones and share out the short ones
+  after, so that the run ends at about the same time on each (`--dist loadgroup`)."""
+  del config
+  slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)

@@ -14,6 +14,9 @@ from typing import Sequence
 import av
 import numpy as np
 
+from helpers import shared
+from vbert_jax.demo.world import corpus as corpus_lib
+
 Fraction = fractions.Fraction
 
 
@@ -172,24 +175,22 @@ def call_without_read_permission(fn):
   return unreadable_as_root(fn)
 
 
-# ----------------------------------------------------- the small demo corpus, built once per process
+# ------------------------------------------------------- the small demo corpus, built once per session
 
 _CORPORA: dict = {}
 
 
-def small_corpus(num_videos: int = 12, size: int = 64, seed: int = 0):
-  """The demo corpus with random-init S3D features, built once per test process and shared by
-  every test that asks for the same settings (removed when the process exits)."""
-  import atexit  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from vbert_jax.demo.world import corpus  # pylint: disable=g-import-not-at-top
+def small_corpus(tmp_path_factory, num_videos: int = 12, size: int = 64, seed: int = 0):
+  """The demo corpus with random-init S3D features, built once per test session (shared by its
+  worker processes) for every test that asks for the same settings."""
   key = (num_videos, size, seed)
   if key not in _CORPORA:
-    folder = tempfile.mkdtemp(prefix="vbert_demo_corpus_")
-    atexit.register(shutil.rmtree, folder, True)
-    _CORPORA[key] = corpus.build_small_corpus(
-        folder, corpus.small_config(num_videos, size, seed), batch_size=EXTRACT_BATCH)
+    config = corpus_lib.small_config(num_videos, size, seed)
+    folder = shared.build_once(
+        tmp_path_factory, f"demo_corpus_{num_videos}_{size}_{seed}",
+        lambda f: corpus_lib.build_small_corpus(f, config, batch_size=EXTRACT_BATCH))
+    _CORPORA[key] = corpus_lib.Corpus(folder / "world", folder / "features", config,
+                                      min(config.width, config.height))
   return _CORPORA[key]
 
 

@@ -38,7 +38,7 @@ def demo(tmp_path_factory):
   """The shared demo corpus as a manual directory: transcripts/, features/ (and videos/ for
   three videos), a fitted visual vocabulary and a SentencePiece model trained on the corpus.
   One transcript is left out and one transcript without a video is added."""
-  corpus = fw.small_corpus()
+  corpus = fw.small_corpus(tmp_path_factory)
   root = tmp_path_factory.mktemp("videobert_demo")
   manual = root / "manual"
   ids = [v["video_id"] for v in world.load_manifest(corpus.world_dir)["videos"]]

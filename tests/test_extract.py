@@ -187,9 +187,9 @@ def _nearest_neighbour(train: np.ndarray, test: np.ndarray) -> np.ndarray:
   return np.argmax(b @ a.T, axis=1)
 
 
-def test_random_s3d_features_separate_the_steps():
+def test_random_s3d_features_separate_the_steps(tmp_path_factory):
   """1-NN over held-out videos: the ceiling that zero-shot results are compared with."""
-  clips = demo_corpus.load_clips(fw.small_corpus())
+  clips = demo_corpus.load_clips(fw.small_corpus(tmp_path_factory))
   train, val = ~clips.is_val, clips.is_val
   assert val.sum() >= 30 and train.sum() >= 60
   nearest = _nearest_neighbour(clips.features[train], clips.features[val])

@@ -306,9 +306,9 @@ def test_grid_tiles_are_the_middle_frame_of_each_clip(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_world_tree_vs_exhaustive_mismatch_rate(tmp_path):
+def test_demo_world_tree_vs_exhaustive_mismatch_rate(tmp_path_factory):
   """Measured and reported: how often descending the tree misses the nearest leaf."""
-  corpus = fw.small_corpus()
+  corpus = fw.small_corpus(tmp_path_factory)
   vocab = vocabulary.VisualVocabulary.fit(
       corpus.features_dir, kmeans.KMeansConfig(depth=3, branching=4, seed=0))
   src = kmeans.FolderSource(corpus.features_dir)

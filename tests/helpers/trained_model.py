@@ -17,12 +17,14 @@ once per test process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from helpers import shared
 from helpers.configs import pretrain
 from vbert_jax import sequence
 from vbert_jax import sharding
@@ -196,9 +198,16 @@ def train_world(root: pathlib.Path, steps: int = STEPS, **config_args) -> Traine
 
 
 def trained_bundle(tmp_path_factory) -> TrainedWorld:
-  """The trained world, made once per test process (pass pytest's tmp_path_factory)."""
+  """The trained world, made once per test session and shared by its worker processes (pass
+  pytest's tmp_path_factory)."""
   if "world" not in _CACHE:
-    _CACHE["world"] = train_world(tmp_path_factory.mktemp("trained_videobert"))
+    def build(folder: pathlib.Path) -> None:
+      world = train_world(folder)
+      (folder / "final_loss.json").write_text(json.dumps(world.final_loss))
+    folder = shared.build_once(tmp_path_factory, "trained_videobert", build)
+    _CACHE["world"] = TrainedWorld(bundle_lib.load_bundle(folder / "run"), folder / "run",
+                                   folder / "vocab.txt",
+                                   json.loads((folder / "final_loss.json").read_text()))
   return _CACHE["world"]
 
 
