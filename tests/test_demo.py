@@ -1,25 +1,35 @@
 """The demo end to end on a smaller world: it learns, it resumes, and it is honest.
 
-One run of every stage (captioning aside, which its own tests cover) is shared by the tests of
-this file; a second run with the narration dealt to other videos checks that zero-shot accuracy
-comes from the link between video and narration, not from anything else.
+The demo runs as `make demo` runs it: its command in a process of its own, on one CPU device. One
+run of every stage (captioning aside, which its own tests cover) is shared by the tests of this
+file; a second run with the narration dealt to other videos checks that zero-shot accuracy comes
+from the link between video and narration, not from anything else. The two runs start from the
+same world and features, made once, and go on side by side on the suite's two workers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
 
 import pytest
 
+from helpers import shared
 from helpers.configs import demo as demo_config
 from vbert_jax.demo import main as demo_main
 from vbert_jax.demo import prepare
+from vbert_jax.demo import report
 from vbert_jax.demo import stages
 
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "jax"
+# The settings of the end-to-end run, as flags of the demo's command and as a config.
+FLAGS = ("--config.captioning.enabled=False", "--config.world.workers=1",
+         f"--config.pretrain.compilation_cache_dir={CACHE}")
 
 
 def _config(shuffle: bool = False):
@@ -27,27 +37,63 @@ def _config(shuffle: bool = False):
   c.captioning.enabled = False
   c.world.workers = 1
   c.world.shuffle_narration = shuffle
-  c.pretrain.compilation_cache_dir = str(REPO / ".cache" / "jax")
+  c.pretrain.compilation_cache_dir = str(CACHE)
   return c
 
 
-def _quiet(_: str) -> None:
-  pass
+def run_demo(workdir: pathlib.Path, *flags: str) -> list[str]:
+  """`make demo` on the small world (the README's command; one CPU device); its log lines."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "").strip()
+  cmd = ["make", "-s", "-C", str(REPO), "demo", f"DEMO_WORKDIR={workdir}",
+         "DEMO_CONFIG=configs/demo.py:size=small", "DEMO_ARGS=" + " ".join((*FLAGS, *flags))]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout.splitlines()
+
+
+def _copy_stages(source: pathlib.Path, target: pathlib.Path, names) -> None:
+  """Finished stages of one work folder into another, with their markers: the second run reuses
+  them as they are."""
+  target.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    shutil.copytree(source / name, target / name, symlinks=True)
+    for kind in (stages.DONE, stages.STARTED):
+      shutil.copy(source / f"{name}.{kind}", target / f"{name}.{kind}")
+
+
+def _run_from_features(tmp_path_factory, name: str, *flags: str) -> pathlib.Path:
+  features = shared.build_once(tmp_path_factory, "demo_features",
+                               lambda f: run_demo(f / "work", f"--until={prepare.FEATURES}"))
+  def build(folder: pathlib.Path) -> None:
+    _copy_stages(features / "work", folder / "work", (prepare.WORLD, prepare.FEATURES))
+    (folder / "log.json").write_text(json.dumps(run_demo(folder / "work", *flags)))
+  return shared.build_once(tmp_path_factory, name, build) / "work"
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo") / "work"
-  results = demo_main.run(_config(), workdir, log=_quiet)
-  return workdir, results
+  return _run_from_features(tmp_path_factory, "demo_run")
+
+
+@pytest.fixture(scope="module")
+def shuffled_run(tmp_path_factory):
+  return _run_from_features(tmp_path_factory, "demo_shuffled",
+                            "--config.world.shuffle_narration=True")
+
+
+def _summary(workdir: pathlib.Path, stage: str) -> dict:
+  return json.loads((workdir / f"{stage}.{stages.DONE}").read_text())["summary"]
 
 
 def _tasks(workdir) -> dict:
   return json.loads((workdir / "tasks" / "tasks.json").read_text())
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_zero_shot_learns_on_held_out_steps(small_run):
-  workdir, _ = small_run
+  workdir = small_run
   zs = _tasks(workdir)["zero_shot"]
   assert zs["steps"] >= 50
   # The best prompt order: the model pretrains on [CLS] text [>] video [SEP] only.
@@ -63,8 +109,9 @@ def test_zero_shot_learns_on_held_out_steps(small_run):
   assert "1-NN raw S3D" in results
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small_run):
-  workdir, _ = small_run
+  workdir = small_run
   lva = _tasks(workdir)["alignment"]
   assert lva["pairs"] == 2 * lva["positives"] >= 40
   assert 0 <= lva["accuracy"] <= 1
@@ -73,9 +120,10 @@ def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small
   assert "naive Bayes on tokens" in (workdir / "results" / "results.md").read_text()
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_writes_its_pictures_and_tensorboard_logs(small_run):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  workdir, _ = small_run
+  workdir = small_run
   pictures = [workdir / prepare.VOCAB / "vocabulary_grid.png"] + [
       workdir / "tasks" / f"{name}.png" for name in ("zero_shot_frames", "text_to_video",
                                                      "forecast")]
@@ -86,10 +134,10 @@ def test_writes_its_pictures_and_tensorboard_logs(small_run):
   assert list((workdir / prepare.PRETRAIN).rglob("events.out.tfevents*"))
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_path):
   """With captioning off, figures an earlier run left in captioning/ never reach the table."""
-  from vbert_jax.demo import evaluate  # pylint: disable=g-import-not-at-top
-  workdir, _ = small_run
+  workdir = small_run
   (tmp_path / "tasks").mkdir()
   shutil.copy(workdir / "tasks" / "tasks.json", tmp_path / "tasks")
   (tmp_path / "captioning").mkdir()
@@ -98,60 +146,72 @@ def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_p
   (tmp_path / "captioning" / "captioning.json").write_text(json.dumps(stale))
   out = tmp_path / "results"
   out.mkdir()
-  evaluate.run_results(_config(), tmp_path, out)
+  report.run_results(_config(), tmp_path, out)
   assert "captioning" not in (out / "results.md").read_text()
   assert json.loads((out / "results.json").read_text())["captioning"] is None
   assert (out / "results.md").read_text() == (workdir / "results" / "results.md").read_text()
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_held_out_videos_never_reach_pretraining(small_run):
   from vbert_jax.demo.world import world  # pylint: disable=g-import-not-at-top
-  workdir, results = small_run
+  workdir = small_run
   manifest = world.load_manifest(workdir / "world")
   held = {v["video_id"] for v in manifest["videos"] if v["split"] == "val"}
   trained = {p.stem for p in (workdir / "corpus" / "features").glob("*.npz")}
   assert held and trained and not held & trained
   assert {p.stem for p in (workdir / "corpus" / "transcripts").glob("*.vtt")} == trained
-  assert results["dataset"].summary["records"] == {"train": len(trained)}
+  assert _summary(workdir, prepare.DATASET)["records"] == {"train": len(trained)}
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_second_run_reuses_every_stage(small_run):
-  workdir, first = small_run
+  workdir = small_run
   before = (workdir / "results" / "results.md").read_text()
   lines = []
   again = demo_main.run(_config(), workdir, log=lines.append)
   assert all(r.reused for r in again.values()), lines
-  assert list(again) == list(first)
+  assert list(again) == _logged_stages(workdir)
   assert (workdir / "results" / "results.md").read_text() == before
 
 
-def test_interrupted_stage_is_rebuilt(small_run):
-  workdir, _ = small_run
-  before = _tasks(workdir)
+@pytest.mark.xdist_group("demo_run")
+def test_interrupted_stage_is_rebuilt(small_run, tmp_path):
+  before = _tasks(small_run)
+  workdir = tmp_path / "work"
+  _copy_stages(small_run, workdir, _logged_stages(small_run))
   # An interrupted run: the stage folder has a stray file and no done-marker.
   (workdir / f"tasks.{stages.DONE}").unlink()
   (workdir / "tasks" / "half_written.json").write_text("{")
-  lines = []
-  again = demo_main.run(_config(), workdir, log=lines.append)
-  assert not again["tasks"].reused and not again["results"].reused
-  assert all(again[n].reused for n in (prepare.WORLD, prepare.FEATURES, prepare.PRETRAIN))
+  lines = run_demo(workdir)
+  rebuilt = [line for line in lines if ": finished in " in line]
+  assert [line.split("] ")[1].split(":")[0] for line in rebuilt] == ["tasks", "results"], lines
+  for name in (prepare.WORLD, prepare.FEATURES, prepare.PRETRAIN):
+    assert any(f"] {name}: done in an earlier run, reused" in line for line in lines), lines
   assert not (workdir / "tasks" / "half_written.json").exists()
   assert _tasks(workdir)["zero_shot"] == before["zero_shot"]
   assert any("tasks was left by an interrupted run" in line for line in lines)
 
 
-def test_shuffled_narration_falls_to_chance(small_run, tmp_path):
+def _logged_stages(workdir: pathlib.Path) -> list[str]:
+  """The stages of a shared run, in the order its log names them ("[3/10] corpus: ...")."""
+  names = []
+  for line in json.loads((workdir.parent / "log.json").read_text()):
+    if line.startswith("[") and "] " in line and ":" in line:
+      name = line.split("] ", 1)[1].split(":", 1)[0]
+      if name not in names:
+        names.append(name)
+  return names
+
+
+@pytest.mark.xdist_group("demo_shuffled")
+def test_shuffled_narration_falls_to_chance(shuffled_run, small_run):
   """Honesty: with every training video narrated by another video, the video no longer says
   what the narration says, and zero-shot accuracy falls to chance."""
-  workdir, _ = small_run
-  shuffled = tmp_path / "shuffled"
-  shuffled.mkdir()
-  for name in (prepare.WORLD, prepare.FEATURES):  # pixels and features do not change
-    shutil.copytree(workdir / name, shuffled / name, symlinks=True)
-    for kind in (stages.DONE, stages.STARTED):
-      shutil.copy(workdir / f"{name}.{kind}", shuffled / f"{name}.{kind}")
-  results = demo_main.run(_config(shuffle=True), shuffled, log=_quiet)
-  assert results[prepare.WORLD].reused and not results[prepare.CORPUS].reused
+  workdir, shuffled = small_run, shuffled_run
+  lines = json.loads((shuffled.parent / "log.json").read_text())
+  assert any(f"] {prepare.WORLD}: done in an earlier run, reused" in line for line in lines)
+  assert not any(f"] {prepare.CORPUS}: done in an earlier run" in line for line in lines)
   told = json.loads((shuffled / "corpus" / "narration.json").read_text())
   assert all(video != narrator for video, narrator in told.items())
   real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]
@@ -163,3 +223,19 @@ def test_shuffled_narration_falls_to_chance(small_run, tmp_path):
       assert r[f"{key}_top1"] < 2 * chance or r[f"{key}_top1"] <= majority, (order, key, control)
       assert r[f"{key}_top1"] < real["orders"][order][f"{key}_top1"] or \
           real["orders"][order][f"{key}_top1"] < 2 * chance, (order, key, real, control)
+
+
+@pytest.mark.xdist_group("demo_shuffled")
+def test_captioning_stage_on_the_finished_run(small_run, tmp_path):
+  """The captioning stage (short) added to the finished run: the other stages are reused, and the
+  results table gains its rows."""
+  workdir = tmp_path / "work"
+  _copy_stages(small_run, workdir, _logged_stages(small_run))
+  lines = run_demo(workdir, "--config.captioning.enabled=True",
+                   "--config.captioning.total_steps=20")
+  rebuilt = [line.split("] ")[1].split(":")[0] for line in lines if ": finished in " in line]
+  assert rebuilt == ["captioning", "results"], lines
+  scores = json.loads((workdir / "captioning" / "captioning.json").read_text())
+  assert {"model", "most_frequent", "shuffled_features"} <= set(scores)
+  assert "| captioning CIDEr | score |" in (workdir / "results" / "results.md").read_text()
+

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from helpers import pretrain_runs as pr
+from helpers import shared
 from vbert_jax import synthetic
 
 pytestmark = pytest.mark.slow
@@ -123,9 +124,8 @@ def records_data(tmp_path_factory):
   from vbert_jax import sequence  # pylint: disable=g-import-not-at-top
   vocab = sequence.JointVocab(text_size=512, visual_size=256)  # the runlocal sizes
   recs = synthetic.random_records(24, vocab, seed=5, min_clips=20, max_clips=60)
-  data_dir = tmp_path_factory.mktemp("records")
-  records_dataset.write(data_dir, {"train": recs[:20], "validation": recs[20:]})
-  return data_dir
+  return shared.build_once(tmp_path_factory, "multihost_records", lambda d: records_dataset.write(
+      d, {"train": recs[:20], "validation": recs[20:]}))
 
 
 def _worker(workdir, data_dir, name, *, process=0, processes=1, address="", order="",
@@ -175,18 +175,18 @@ def _assert_losses_close(got_dir, want_dir, steps):
 @pytest.fixture(scope="module")
 def stream_reference(records_data, tmp_path_factory):
   """1 process x 8 devices on the records: every row of every step and the loss curve."""
-  workdir = tmp_path_factory.mktemp("stream") / "one_process"
-  run = _worker(workdir, records_data, "reference")
-  assert run.wait() == 0, run.log_tail()
-  return workdir
+  def build(folder):
+    run = _worker(folder / "one_process", records_data, "reference")
+    assert run.wait() == 0, run.log_tail()
+  return shared.build_once(tmp_path_factory, "multihost_stream", build) / "one_process"
 
 
 @pytest.fixture(scope="module")
-def interleaved_pair(records_data, stream_reference):
-  workdir = stream_reference.parent / "interleaved"
-  runs, codes = _pair(workdir, records_data, "interleaved")
-  assert codes == [0, 0], _logs(runs)
-  return workdir
+def interleaved_pair(records_data, tmp_path_factory):
+  def build(folder):
+    runs, codes = _pair(folder / "interleaved", records_data, "interleaved")
+    assert codes == [0, 0], _logs(runs)
+  return shared.build_once(tmp_path_factory, "multihost_interleaved", build) / "interleaved"
 
 
 def test_interleaved_processes_read_their_rows_and_train_like_one(stream_reference,

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from helpers import shared
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = "configs/pretrain.py:variant=mu,runlocal"
 TOTAL_STEPS = 12
@@ -151,11 +153,12 @@ _REFERENCE: dict[str, pathlib.Path] = {}
 
 
 def reference_run(tmp_path_factory: Any) -> pathlib.Path:
-  """One uninterrupted run on 1 process x 8 devices, shared by the tests of a session."""
+  """One uninterrupted run on 1 process x 8 devices, shared by the tests (and the worker
+  processes) of a session."""
   if "workdir" not in _REFERENCE:
-    workdir = tmp_path_factory.mktemp("reference_run") / "reference"
-    run_to_end(workdir, "reference")
-    _REFERENCE["workdir"] = workdir
+    folder = shared.build_once(tmp_path_factory, "reference_run",
+                               lambda f: run_to_end(f / "reference", "reference"))
+    _REFERENCE["workdir"] = folder / "reference"
   return _REFERENCE["workdir"]
 
 

@@ -89,9 +89,9 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  report = results.get("results")
-  if report is not None:
-    print((report.folder / "results.md").read_text())
+  table = results.get("results")
+  if table is not None:
+    print((table.folder / "results.md").read_text())
   print(f"demo finished in {time.time() - t0:.0f} s; outputs in {_WORKDIR.value}")
 
 
