@@ -35,7 +35,7 @@ demo: $(RUNTIME)
 	  --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
 
 test: $(DEV)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(DEV)
 	for b in $(filter-out bench/common.py bench/train_step_gpu.py,$(wildcard bench/*.py)); do JAX_PLATFORMS=cpu $(PY) $$b || exit 1; done

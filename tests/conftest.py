@@ -31,27 +31,20 @@ def repo_root() -> pathlib.Path:
 
 
 
+
 # The modules that take longest, in the order the workers should start them: the end-to-end demo
-# (two runs, one per worker), the README's commands, the TPU compilations, the multi-process runs.
+# (its real and shuffled runs are two scopes, one per worker), the README's commands, the TPU
+# compilations, the multi-process runs.
 FIRST = ("test_demo", "test_readme", "test_aot", "test_multihost", "test_resume", "test_sweep",
          "test_captioner", "test_caption_features", "test_dataset_builder", "test_sharding",
          "test_train", "test_flops")
-# Modules whose tests the workers share out one by one: their costly set-up is either per test or
-# built once for the session on disk (helpers/shared.py). Every other module goes to one worker as
-# a whole, so that its module-scoped fixtures are built once.
-SPLIT = ("test_readme", "test_aot", "test_multihost", "test_resume")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  """The longest modules first, each module's tests together, in the xdist group of their module
-  unless they have one: with `--dist loadgroup --no-loadscope-reorder` the workers start on the
-  long ones and share out the short ones after, so that the run ends at about the same time on
-  each."""
+  """The longest modules first, each module's tests together: with `--dist loadscope
+  --no-loadscope-reorder` a worker takes a whole module (so that its module-scoped fixtures are
+  built once), the long ones first, and the run ends at about the same time on each."""
   del config
   rank = {name: i for i, name in enumerate(FIRST)}
   items.sort(key=lambda item: rank.get(item.module.__name__, len(FIRST)))
-  for item in items:
-    name = item.module.__name__
-    if name not in SPLIT and item.get_closest_marker("xdist_group") is None:
-      item.add_marker(pytest.mark.xdist_group(name))

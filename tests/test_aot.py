@@ -65,7 +65,6 @@ def base_v5e_4x4():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("aot_base")  # they share the compilation of `base`
 def test_base_train_step_compiles_for_v5e_2x2(base_v5e_2x2, record_property):
   result = base_v5e_2x2
   report = result.report
@@ -103,7 +102,6 @@ def test_base_train_step_compiles_for_v5e_2x2(base_v5e_2x2, record_property):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("aot_base")  # they share the compilation of `base`
 def test_base_fsdp_on_16_chips_shards_the_state(base_v5e_2x2, base_v5e_4x4, record_property):
   result, replicated = base_v5e_4x4, base_v5e_2x2
   print("\n".join(result.lines()))

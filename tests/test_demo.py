@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -41,8 +42,9 @@ def _config(shuffle: bool = False):
   return c
 
 
-def run_demo(workdir: pathlib.Path, *flags: str) -> list[str]:
-  """`make demo` on the small world (the README's command; one CPU device); its log lines."""
+def run_demo(workdir: pathlib.Path, *flags: str) -> list[list[str]]:
+  """`make demo` on the small world (the README's command; one CPU device); the [stage, message]
+  of each line its stage runner logged ("[3/9] corpus: finished in 0.1 s")."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=8", "").strip()
@@ -50,7 +52,18 @@ def run_demo(workdir: pathlib.Path, *flags: str) -> list[str]:
          "DEMO_CONFIG=configs/demo.py:size=small", "DEMO_ARGS=" + " ".join((*FLAGS, *flags))]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout.splitlines()
+  return [list(m.groups()) for m in STAGE_LINE.finditer(proc.stdout + proc.stderr)]
+
+
+STAGE_LINE = re.compile(r"\[\d+/\d+\] (\w+): (.*)$", re.M)
+
+
+def _finished(events) -> list[str]:
+  return [name for name, message in events if message.startswith("finished in ")]
+
+
+def _reused(events) -> list[str]:
+  return [name for name, message in events if message.startswith("done in an earlier run")]
 
 
 def _copy_stages(source: pathlib.Path, target: pathlib.Path, names) -> None:
@@ -91,7 +104,6 @@ def _tasks(workdir) -> dict:
   return json.loads((workdir / "tasks" / "tasks.json").read_text())
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_zero_shot_learns_on_held_out_steps(small_run):
   workdir = small_run
   zs = _tasks(workdir)["zero_shot"]
@@ -109,7 +121,6 @@ def test_zero_shot_learns_on_held_out_steps(small_run):
   assert "1-NN raw S3D" in results
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small_run):
   workdir = small_run
   lva = _tasks(workdir)["alignment"]
@@ -120,7 +131,6 @@ def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small
   assert "naive Bayes on tokens" in (workdir / "results" / "results.md").read_text()
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_writes_its_pictures_and_tensorboard_logs(small_run):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir = small_run
@@ -134,7 +144,6 @@ def test_writes_its_pictures_and_tensorboard_logs(small_run):
   assert list((workdir / prepare.PRETRAIN).rglob("events.out.tfevents*"))
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_path):
   """With captioning off, figures an earlier run left in captioning/ never reach the table."""
   workdir = small_run
@@ -152,7 +161,6 @@ def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_p
   assert (out / "results.md").read_text() == (workdir / "results" / "results.md").read_text()
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_held_out_videos_never_reach_pretraining(small_run):
   from vbert_jax.demo.world import world  # pylint: disable=g-import-not-at-top
   workdir = small_run
@@ -164,7 +172,6 @@ def test_held_out_videos_never_reach_pretraining(small_run):
   assert _summary(workdir, prepare.DATASET)["records"] == {"train": len(trained)}
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_second_run_reuses_every_stage(small_run):
   workdir = small_run
   before = (workdir / "results" / "results.md").read_text()
@@ -175,7 +182,6 @@ def test_second_run_reuses_every_stage(small_run):
   assert (workdir / "results" / "results.md").read_text() == before
 
 
-@pytest.mark.xdist_group("demo_run")
 def test_interrupted_stage_is_rebuilt(small_run, tmp_path):
   before = _tasks(small_run)
   workdir = tmp_path / "work"
@@ -183,59 +189,52 @@ def test_interrupted_stage_is_rebuilt(small_run, tmp_path):
   # An interrupted run: the stage folder has a stray file and no done-marker.
   (workdir / f"tasks.{stages.DONE}").unlink()
   (workdir / "tasks" / "half_written.json").write_text("{")
-  lines = run_demo(workdir)
-  rebuilt = [line for line in lines if ": finished in " in line]
-  assert [line.split("] ")[1].split(":")[0] for line in rebuilt] == ["tasks", "results"], lines
-  for name in (prepare.WORLD, prepare.FEATURES, prepare.PRETRAIN):
-    assert any(f"] {name}: done in an earlier run, reused" in line for line in lines), lines
+  events = run_demo(workdir)
+  assert _finished(events) == ["tasks", "results"], events
+  assert {prepare.WORLD, prepare.FEATURES, prepare.PRETRAIN} <= set(_reused(events)), events
   assert not (workdir / "tasks" / "half_written.json").exists()
   assert _tasks(workdir)["zero_shot"] == before["zero_shot"]
-  assert any("tasks was left by an interrupted run" in line for line in lines)
+  assert any(n == "tasks" and "was left by an interrupted run" in m for n, m in events), events
 
 
 def _logged_stages(workdir: pathlib.Path) -> list[str]:
   """The stages of a shared run, in the order its log names them ("[3/10] corpus: ...")."""
   names = []
-  for line in json.loads((workdir.parent / "log.json").read_text()):
-    if line.startswith("[") and "] " in line and ":" in line:
-      name = line.split("] ", 1)[1].split(":", 1)[0]
-      if name not in names:
-        names.append(name)
+  for name, _ in json.loads((workdir.parent / "log.json").read_text()):
+    if name not in names:
+      names.append(name)
   return names
 
 
-@pytest.mark.xdist_group("demo_shuffled")
-def test_shuffled_narration_falls_to_chance(shuffled_run, small_run):
-  """Honesty: with every training video narrated by another video, the video no longer says
-  what the narration says, and zero-shot accuracy falls to chance."""
-  workdir, shuffled = small_run, shuffled_run
-  lines = json.loads((shuffled.parent / "log.json").read_text())
-  assert any(f"] {prepare.WORLD}: done in an earlier run, reused" in line for line in lines)
-  assert not any(f"] {prepare.CORPUS}: done in an earlier run" in line for line in lines)
-  told = json.loads((shuffled / "corpus" / "narration.json").read_text())
-  assert all(video != narrator for video, narrator in told.items())
-  real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]
-  for key in ("verb", "noun"):
-    # Chance for a model that does not read the video: 1 / labels, or, when one label covers
-    # more of the held-out steps, always answering that label.
-    chance, majority = control[f"{key}_chance"], control[f"{key}_majority"]
-    for order, r in control["orders"].items():
-      assert r[f"{key}_top1"] < 2 * chance or r[f"{key}_top1"] <= majority, (order, key, control)
-      assert r[f"{key}_top1"] < real["orders"][order][f"{key}_top1"] or \
-          real["orders"][order][f"{key}_top1"] < 2 * chance, (order, key, real, control)
+class TestBesideTheRun:
+  """A scope of its own, which the other worker takes while the first run goes on."""
 
+  def test_shuffled_narration_falls_to_chance(self, shuffled_run, small_run):
+    """Honesty: with every training video narrated by another video, the video no longer says
+    what the narration says, and zero-shot accuracy falls to chance."""
+    workdir, shuffled = small_run, shuffled_run
+    events = json.loads((shuffled.parent / "log.json").read_text())
+    assert prepare.WORLD in _reused(events) and prepare.CORPUS in _finished(events), events
+    told = json.loads((shuffled / "corpus" / "narration.json").read_text())
+    assert all(video != narrator for video, narrator in told.items())
+    real, control = _tasks(workdir)["zero_shot"], _tasks(shuffled)["zero_shot"]
+    for key in ("verb", "noun"):
+      # Chance for a model that does not read the video: 1 / labels, or, when one label covers
+      # more of the held-out steps, always answering that label.
+      chance, majority = control[f"{key}_chance"], control[f"{key}_majority"]
+      for order, r in control["orders"].items():
+        assert r[f"{key}_top1"] < 2 * chance or r[f"{key}_top1"] <= majority, (order, key, control)
+        assert r[f"{key}_top1"] < real["orders"][order][f"{key}_top1"] or \
+            real["orders"][order][f"{key}_top1"] < 2 * chance, (order, key, real, control)
 
-@pytest.mark.xdist_group("demo_shuffled")
-def test_captioning_stage_on_the_finished_run(small_run, tmp_path):
-  """The captioning stage (short) added to the finished run: the other stages are reused, and the
-  results table gains its rows."""
-  workdir = tmp_path / "work"
-  _copy_stages(small_run, workdir, _logged_stages(small_run))
-  lines = run_demo(workdir, "--config.captioning.enabled=True",
-                   "--config.captioning.total_steps=20")
-  rebuilt = [line.split("] ")[1].split(":")[0] for line in lines if ": finished in " in line]
-  assert rebuilt == ["captioning", "results"], lines
-  scores = json.loads((workdir / "captioning" / "captioning.json").read_text())
-  assert {"model", "most_frequent", "shuffled_features"} <= set(scores)
-  assert "| captioning CIDEr | score |" in (workdir / "results" / "results.md").read_text()
-
+  def test_captioning_stage_on_the_finished_run(self, small_run, tmp_path):
+    """The captioning stage (short) added to the finished run: the other stages are reused, and the
+    results table gains its rows."""
+    workdir = tmp_path / "work"
+    _copy_stages(small_run, workdir, _logged_stages(small_run))
+    events = run_demo(workdir, "--config.captioning.enabled=True",
+                      "--config.captioning.total_steps=20")
+    assert _finished(events) == ["captioning", "results"], events
+    scores = json.loads((workdir / "captioning" / "captioning.json").read_text())
+    assert {"model", "most_frequent", "shuffled_features"} <= set(scores)
+    assert "| captioning CIDEr | score |" in (workdir / "results" / "results.md").read_text()

@@ -171,9 +171,8 @@ def test_every_command_is_in_a_group_with_something_to_run():
   assert groups.count("aot") >= 2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("group", list(CHECKS))
-def test_readme_commands_run(group, tmp_path):
+def run_group(group: str, tmp_path: pathlib.Path) -> None:
+  """The group's commands as written, in the documents' order, in a folder of their own."""
   env = _workspace(tmp_path)
   for command in readme_commands():
     if command in NOT_RUN or group_of(command) != group:
@@ -184,6 +183,33 @@ def test_readme_commands_run(group, tmp_path):
     assert proc.returncode == 0, (f"README command failed: {command}\nran: {run}\n"
                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
   CHECKS[group](tmp_path)
+
+
+# One class per group: each is a scope of its own, which the suite's workers take separately.
+@pytest.mark.slow
+class TestCorpusCommands:
+
+  def test_run(self, tmp_path):
+    run_group("corpus", tmp_path)
+
+
+@pytest.mark.slow
+class TestRunsCommands:
+
+  def test_run(self, tmp_path):
+    run_group("runs", tmp_path)
+
+
+@pytest.mark.slow
+class TestAotCommands:
+
+  def test_run(self, tmp_path):
+    run_group("aot", tmp_path)
+
+
+def test_every_group_has_its_test():
+  assert {"corpus": TestCorpusCommands, "runs": TestRunsCommands,
+          "aot": TestAotCommands}.keys() == CHECKS.keys()
 
 
 def test_not_run_commands_are_real_make_targets():
