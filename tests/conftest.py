@@ -20,7 +20,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
+# One cache in the checkout for the workers and every process they start (the commands' own
+# default is the user's ~/.cache, which a test run must neither read nor fill).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".cache" / "jax")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_threefry_partitionable", True)
 

@@ -1,5 +1,6 @@
 """Sweeps: the override helpers, run names and command lines, refusals before anything starts,
-the results table, and a real local sweep of `mu` over 2 learning rates x 2 loss weightings."""
+the results table, and a real local sweep of `mu`: 2 runs that change the learning rate and the
+loss weights together."""
 
 import csv
 import json
@@ -165,8 +166,21 @@ def test_collect_takes_the_last_records_into_csv_and_table(tmp_path):
   assert text[-1] == "best by loss (min): loss.beta=0.5 (loss=1.5)"
 
 
+# Two of the example's four runs, zipped: each override differs between them, and each run is a
+# process that pays its start-up and compilation.
+LOCAL_SWEEP = f"""
+CONFIG = "{CONFIG}"
+
+
+def get_sweep(h):
+  return h.zipit(h.sweep("optimizer.learning_rate", [1e-3, 3e-3]),
+                 h.sweep("loss.beta", [1.0, 0.5]), h.sweep("loss.gamma", [1.0, 0.5]))
+"""
+LOCAL_NAMES = [NAMES[0], NAMES[3]]
+
+
 @pytest.mark.slow
-def test_local_sweep_of_mu_runs_four_and_tables_their_final_losses(tmp_path, capsys,
+def test_local_sweep_of_mu_runs_each_and_tables_their_final_losses(tmp_path, capsys,
                                                                     monkeypatch):
   # One device per run: the runs are separate processes on two cores.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -174,23 +188,25 @@ def test_local_sweep_of_mu_runs_four_and_tables_their_final_losses(tmp_path, cap
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   root = tmp_path / "lr_loss"
-  code = sweep.main([f"--sweep={EXAMPLE}", f"--workdir={root}", "--",
+  sweep_file = tmp_path / "lr_loss_zip.py"
+  sweep_file.write_text(LOCAL_SWEEP)
+  code = sweep.main([f"--sweep={sweep_file}", f"--workdir={root}", "--",
                      "--config.total_steps=10", "--config.optimizer.warmup_steps=2",
                      "--config.log_every_steps=1",
                      "--config.eval.every_steps=0", "--config.checkpoint.every_steps=10",
                      f"--config.compilation_cache_dir={REPO / '.cache' / 'jax'}"])
   out = capsys.readouterr().out
   print(out)
-  logs = "".join((root / f"{n}.log").read_text()[-2000:] for n in NAMES
+  logs = "".join((root / f"{n}.log").read_text()[-2000:] for n in LOCAL_NAMES
                  if (root / f"{n}.log").exists())
   assert code == 0, out + logs
-  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(NAMES)
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(LOCAL_NAMES)
 
   with open(root / "results.csv") as f:
     table = {r["run"]: r for r in csv.DictReader(f)}
-  assert set(table) == set(NAMES)
+  assert set(table) == set(LOCAL_NAMES)
   finals = {}
-  for name in NAMES:
+  for name in LOCAL_NAMES:
     lines = (root / name / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     last = [r for r in records if r["kind"] == "train"][-1]
@@ -202,10 +218,10 @@ def test_local_sweep_of_mu_runs_four_and_tables_their_final_losses(tmp_path, cap
         last["mlm_loss"] + weight * (last["mvm_loss"] + last["lva_loss"]), rel=1e-5)
     finals[name] = last
   # ... and the learning rate: the same point of the schedule, 3x apart.
-  assert finals[NAMES[2]]["learning_rate"] == pytest.approx(
-      3 * finals[NAMES[0]]["learning_rate"], rel=1e-5)
+  assert finals[LOCAL_NAMES[1]]["learning_rate"] == pytest.approx(
+      3 * finals[LOCAL_NAMES[0]]["learning_rate"], rel=1e-5)
   # The printed table has a row per run with its final loss, and names the best.
-  for name in NAMES:
+  for name in LOCAL_NAMES:
     row = next(line for line in out.splitlines() if name in line and " ok " in line)
     assert f"{finals[name]['loss']:.4g}" in row.split()
   assert "best by loss (min): " in out and f"results: {root / 'results.csv'}" in out
