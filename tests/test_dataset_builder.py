@@ -204,9 +204,11 @@ def test_tfds_build_on_direct_runner_gives_same_records(demo, built, tmp_path):
 
 def test_dummy_data_bad_inputs(tmp_path, capfd):
   """The TFDS-layout dummy data: an empty transcript, a video without a transcript and a
-  transcript without a video."""
+  transcript without a video; here also a broken cue (a backwards timing) after vid_a's two."""
   manual = tmp_path / "dummy"
   shutil.copytree(REPO / "data" / "videobert" / "dummy_data", manual)
+  with open(manual / "transcripts" / "vid_a.vtt", "a") as f:
+    f.write("\n00:00:09.000 --> 00:00:08.000\nBackwards.\n")
   builder = _build(manual, tmp_path / "tfds", vb.VideoBertConfig(
       name="dummy", tokenizer="wordpiece", tokenizer_file="vocab.txt", validation_fraction=0.4,
       visual_vocab_size=3, text_vocab_size=19))
@@ -217,7 +219,8 @@ def test_dummy_data_bad_inputs(tmp_path, capfd):
   assert summary["transcripts_without_video"] == [str(manual / "transcripts" / "orphan.vtt")]
   assert summary["videos_without_transcript"] == ["vid_e"]
   assert summary["no_sentences"] == ["vid_d"]
-  for name in ("orphan.vtt", "vid_e", "vid_d"):
+  assert summary["broken_cues"] == 1
+  for name in ("orphan.vtt", "vid_e", "vid_d", "1 broken cue(s) skipped"):
     assert name in printed
   # A transcript with only a sound tag: a video-only record of its 4 clips.
   d = got["vid_d"]

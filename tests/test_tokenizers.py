@@ -152,7 +152,8 @@ def test_sentencepiece_cli_lists_skipped_and_errors(spm_model, tmp_path, capsys)
                                  f"--out={tmp_path}/again"])
   printed = capsys.readouterr().out
   assert rc == 0 and "skipped 1 transcripts" in printed
-  assert re.search(r"broken\.vtt: cue 1: end 1\.000s is before start 5\.000s", printed)
+  assert re.search(r"broken\.vtt: no usable cue: all 1 cue\(s\) are broken; the first, cue 1 "
+                   r"\(line 3\): end 1\.000s is before start 5\.000s", printed)
   assert train_sentencepiece.main(["--transcripts=/nonexistent/*.vtt", "--vocab_size=100",
                                    f"--out={tmp_path}/x"]) == 2
   # A vocabulary larger than the corpus supports fails with the output named, leaving no files.

@@ -71,13 +71,14 @@ class BuildSummary:
   videos_without_transcript: list[str] = dataclasses.field(default_factory=list)
   no_sentences: list[str] = dataclasses.field(default_factory=list)  # video-only records
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
+  broken_cues: int = 0  # cues skipped inside otherwise good transcripts (each one logged)
 
   def as_dict(self) -> dict:
     return {"records": dict(self.records),
             "transcripts_without_video": list(self.transcripts_without_video),
             "videos_without_transcript": list(self.videos_without_transcript),
             "no_sentences": list(self.no_sentences),
-            "skipped": [list(s) for s in self.skipped]}
+            "skipped": [list(s) for s in self.skipped], "broken_cues": self.broken_cues}
 
   def format(self) -> str:
     lines = ["build summary: " + (", ".join(f"{n} {s} records" for s, n in
@@ -89,6 +90,9 @@ class BuildSummary:
       if names:
         lines.append(f"  {len(names)} {title}:")
         lines.extend(f"    {n}" for n in names)
+    if self.broken_cues:
+      lines.append(f"  {self.broken_cues} broken cue(s) skipped inside transcripts (each named "
+                   f"in a warning)")
     if self.skipped:
       lines.append(f"  {len(self.skipped)} skipped:")
       lines.extend(f"    {name}: {reason}" for name, reason in self.skipped)
@@ -192,22 +196,25 @@ class RecordMaker:
     self.split_config = split_config
     self.align_config = align_config
 
-  def sentences(self, item: VideoInputs) -> list[sentences_lib.Sentence]:
+  def sentences(self, item: VideoInputs, broken: list[str] | None = None
+                ) -> list[sentences_lib.Sentence]:
+    """The transcript's sentences; its broken cues go to `broken` (see transcripts)."""
     if item.transcript is None:
       return []
-    cues = transcripts.read_transcript(item.transcript, video_id=item.video_id)
+    cues = transcripts.read_transcript(item.transcript, video_id=item.video_id, skipped=broken)
     return sentences_lib.split_sentences(cues, self.split_config)
 
-  def make(self, item: VideoInputs, features: features_io.VideoFeatures | None = None
-           ) -> align.VideoRecord:
-    """Raises ValueError (TranscriptError, AlignError, ...) naming the file on bad input."""
+  def make(self, item: VideoInputs, features: features_io.VideoFeatures | None = None,
+           broken: list[str] | None = None) -> align.VideoRecord:
+    """Raises ValueError (TranscriptError, AlignError, ...) naming the file on bad input; the
+    transcript's broken cues, skipped, go to `broken`."""
     if features is None:
       if item.features is None:
         raise ValueError(f"video {item.video_id}: no feature file given")
       features = features_io.load_features(item.features)
     feats = np.asarray(features.features, np.float32)
     tokens = self.vocabulary.assign(feats) if len(feats) else np.zeros(0, np.int32)
-    tokenized = align.tokenize_sentences(self.sentences(item), self.tokenizer)
+    tokenized = align.tokenize_sentences(self.sentences(item, broken), self.tokenizer)
     record = align.align_video(item.video_id, tokenized, features.starts, features.ends, tokens,
                                self.align_config)
     record.validate(visual_size=self.vocabulary.size, text_size=self.tokenizer.vocab_size)
@@ -245,11 +252,12 @@ class RecordSettings:
 _MAKERS: dict[tuple, RecordMaker] = {}
 
 
-def try_make(maker: RecordMaker, item: VideoInputs
+def try_make(maker: RecordMaker, item: VideoInputs, broken: list[str] | None = None
              ) -> tuple[align.VideoRecord | None, str | None]:
-  """(record, None), or (None, reason) for a video whose files cannot be used."""
+  """(record, None), or (None, reason) for a video whose files cannot be used; broken cues of
+  a usable transcript go to `broken`."""
   try:
-    return maker.make(item), None
+    return maker.make(item, broken=broken), None
   except ValueError as e:  # every reader and the aligner raise ValueError subclasses
     return None, str(e)
 
@@ -259,7 +267,9 @@ def make_records(items: Sequence[VideoInputs], maker: RecordMaker, summary: Buil
   """Yields the records of `items`; failures go to `summary.skipped`, video-only records from
   transcripts without sentences to `summary.no_sentences`, counts to `summary.records[split]`."""
   for item in items:
-    record, reason = try_make(maker, item)
+    broken: list[str] = []
+    record, reason = try_make(maker, item, broken)
+    summary.broken_cues += len(broken)
     if record is None:
       summary.skipped.append((item.video_id, reason))
       continue

@@ -34,6 +34,7 @@ from vbert_jax.video import features_io
 _SOURCES = ("auto", "videos", "features")
 _SUMMARY_KEY = "build_summary"
 _BEAM_NAMESPACE = "videobert"
+_BROKEN_CUES = "broken_cues"  # a Beam counter beside records_<split>
 
 
 @dataclasses.dataclass(eq=False)
@@ -237,6 +238,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         beam.metrics.MetricsFilter().with_namespace(_BEAM_NAMESPACE))
     for counter in query["counters"]:
       name, value = counter.key.metric.name, int(counter.committed or counter.attempted or 0)
+      if name == _BROKEN_CUES:
+        self._summary.broken_cues += value
+        continue
       split = name[len("records_"):]
       self._summary.records[split] = self._summary.records.get(split, 0) + value
     for names in query["string_sets"]:
@@ -257,9 +261,12 @@ def _beam_transform(items, settings: records.RecordSettings, split: str):
   made = beam.metrics.Metrics.counter(_BEAM_NAMESPACE, f"records_{split}")
   skipped = beam.metrics.Metrics.string_set(_BEAM_NAMESPACE, "skipped")
   no_sentences = beam.metrics.Metrics.string_set(_BEAM_NAMESPACE, "no_sentences")
+  broken_cues = beam.metrics.Metrics.counter(_BEAM_NAMESPACE, _BROKEN_CUES)
 
   def make(item: records.VideoInputs):
-    record, reason = records.try_make(settings.maker(), item)
+    broken: list[str] = []
+    record, reason = records.try_make(settings.maker(), item, broken)
+    broken_cues.inc(len(broken))
     if record is None:
       skipped.add(f"{item.video_id}\t{reason}")
       logging.warning("videobert: skipped %s: %s", item.video_id, reason)

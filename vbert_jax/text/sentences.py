@@ -7,8 +7,9 @@ ASR has no punctuation, so a transcript is split one of two ways, chosen per tra
 - unpunctuated (ASR): at pauses, where the silence between two cues is at least `max_gap`.
 
 Either way, a sentence longer than `max_words` is cut at its longest internal pause (in halves
-when it has none) until every piece fits. Word times inside a cue are spread over the cue's
-duration in proportion to the words' lengths, so a sentence that ends inside a cue ends at the
+when it has none) until every piece fits. Where the transcript times its words (`Cue.words`),
+each timed piece runs until the next one; otherwise, and inside a piece, word times are spread over
+the duration in proportion to the words' lengths, so a sentence that ends inside a cue ends at the
 time its last word was (probably) spoken.
 
 `normalize_text` is the single text normalisation: Unicode NFKC, control and format characters
@@ -79,18 +80,25 @@ class _Word(NamedTuple):
 def _words(cues: Sequence[transcripts.Cue], drop_sound_tags: bool) -> list[_Word]:
   words: list[_Word] = []
   for cue in cues:
-    text = _SOUND_TAG.sub(" ", cue.text) if drop_sound_tags else cue.text
-    tokens = normalize_text(text).split()
-    if not tokens:
-      continue
-    weights = [len(t) + 1 for t in tokens]
-    total, acc = float(sum(weights)), 0
-    span = cue.end - cue.start
-    for token, w in zip(tokens, weights):
-      words.append(_Word(cue.start + span * acc / total, cue.start + span * (acc + w) / total,
-                         token))
-      acc += w
+    # Timed pieces where the file gives them (each runs until the next one), else the whole cue.
+    pieces = cue.words or ((cue.start, cue.text),)
+    ends = [t for t, _ in pieces[1:]] + [cue.end]
+    for (start, text), end in zip(pieces, ends):
+      words.extend(_spread(text, start, max(end, start), drop_sound_tags))
   return words
+
+
+def _spread(text: str, start: float, end: float, drop_sound_tags: bool) -> list[_Word]:
+  """The words of `text` over [start, end], each in proportion to its length."""
+  text = _SOUND_TAG.sub(" ", text) if drop_sound_tags else text
+  tokens = normalize_text(text).split()
+  weights = [len(t) + 1 for t in tokens]
+  total, acc, out = float(sum(weights)), 0, []
+  for token, w in zip(tokens, weights):
+    out.append(_Word(start + (end - start) * acc / total,
+                     start + (end - start) * (acc + w) / total, token))
+    acc += w
+  return out
 
 
 def _ends_sentence(word: str) -> bool:
