@@ -245,6 +245,36 @@ def test_dummy_data_bad_inputs(tmp_path, capfd):
       tok.token_to_id("cut"), tok.token_to_id("the"), tok.specials.unk, tok.token_to_id(".")]
 
 
+def test_one_caption_file_for_many_videos_pairs_with_each(tmp_path):
+  """HowTo100M's layout: one caption.json keyed by video id beside per-video features. Its videos
+  get the records their own transcripts give; ids without a video are counted, not listed."""
+  dummy = REPO / "data" / "videobert" / "dummy_data"
+  config = vb.VideoBertConfig(name="dummy", tokenizer="wordpiece", tokenizer_file="vocab.txt",
+                              validation_fraction=0.4, visual_vocab_size=3, text_vocab_size=19)
+  reference = _read_all(_build(dummy, tmp_path / "reference", config))
+  manual = tmp_path / "keyed"
+  shutil.copytree(dummy, manual)
+  captions = {}
+  for vid in ("vid_a", "vid_b"):
+    cues = transcripts.read_vtt(manual / "transcripts" / f"{vid}.vtt")
+    captions[vid] = {"start": [c.start for c in cues], "end": [c.end for c in cues],
+                     "text": [c.text for c in cues]}
+    (manual / "transcripts" / f"{vid}.vtt").unlink()
+  captions.update({f"elsewhere_{i}": {"start": [0], "end": [1], "text": ["hi"]} for i in range(3)})
+  (manual / "transcripts" / "caption.json").write_text(json.dumps(captions))
+  builder = _build(manual, tmp_path / "tfds", config)
+  got = {v: r for recs in _read_all(builder).values() for v, r in recs.items()}
+  want = {v: r for recs in reference.values() for v, r in recs.items()}
+  assert sorted(got) == sorted(want)
+  for vid in want:
+    _assert_same(got[vid], want[vid])
+  assert got["vid_a"].num_sentences == 2
+  summary = builder.info.metadata["build_summary"]
+  assert summary["transcripts_without_video"] == [
+      str(manual / "transcripts" / "orphan.vtt"),
+      f"{manual / 'transcripts' / 'caption.json'}: 3 of its 5 videos"]
+
+
 @pytest.mark.parametrize("override,names", [
     ({"visual_vocab_size": 4}, ["visual_vocab.npz", "visual_vocab_size is 4", "3 tokens"]),
     ({"text_vocab_size": 30522}, ["vocab.txt", "text_vocab_size is 30522", "19 tokens"]),

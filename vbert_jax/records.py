@@ -3,7 +3,9 @@
 A corpus is a folder of transcripts (`.vtt`, `.srt`, per-video `.json`) and either a folder of
 videos or a folder of precomputed feature files (`vbert_jax.video.features_io`). Files pair by
 video id, the file name without its suffix; a transcript may carry a language tag before its
-suffix (`abc.en.vtt` pairs with `abc.mp4`), as YouTube's caption downloads do.
+suffix (`abc.en.vtt` pairs with `abc.mp4`), as YouTube's caption downloads do. A caption file of
+many videos, keyed by video id (HowTo100M's `caption.json`), pairs with each of them; a video's
+own transcript wins over it.
 
 Per video: features -> visual tokens (the visual vocabulary), transcript -> cues -> sentences ->
 text ids (the text tokenizer), then `align.align_video`. A video without a transcript, or whose
@@ -21,7 +23,7 @@ import dataclasses
 import hashlib
 import pathlib
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -121,8 +123,33 @@ def _by_id(paths: Iterable[pathlib.Path], what: str,
   return out
 
 
+def _keyed_ids(path: pathlib.Path) -> list[str] | None:
+  try:
+    return transcripts.keyed_video_ids(path)
+  except transcripts.TranscriptError:
+    return None  # an unreadable file of no video: listed as a transcript without a video
+
+
+def _pair_keyed(path: pathlib.Path, media: Mapping[str, Any], by_video: dict[str, pathlib.Path],
+                orphans: list[str], duplicates: list[tuple[str, str]]) -> None:
+  """The videos of a caption file of many videos (HowTo100M's caption.json), after the
+  per-video transcripts, which win; the ids it has without a video are counted, not listed."""
+  ids = _keyed_ids(path) or []
+  for vid in ids:
+    if vid not in media:
+      continue
+    if vid in by_video:
+      duplicates.append((str(path), f"video {vid!r} also has {by_video[vid]}, which is used"))
+    else:
+      by_video[vid] = path
+  missing = sum(vid not in media for vid in ids)
+  if missing:
+    orphans.append(f"{path}: {missing} of its {len(ids)} videos")
+
+
 def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairing:
-  """Pairs transcripts with videos (or feature files) by video id."""
+  """Pairs transcripts with videos (or feature files) by video id; a caption file of many
+  videos (HowTo100M's) pairs with each of its videos."""
   if (videos_dir is None) == (features_dir is None):
     raise ValueError("pair_inputs: give exactly one of videos_dir and features_dir")
   duplicates: list[tuple[str, str]] = []
@@ -132,17 +159,23 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
     media = _by_id(_files(videos_dir, VIDEO_SUFFIXES), "video", duplicates)
   by_video: dict[str, pathlib.Path] = {}
   orphans: list[str] = []
+  keyed = []
   for path in _files(transcripts_dir, TRANSCRIPT_SUFFIXES):
     vid = path.stem
     if vid not in media and (m := _LANGUAGE_TAG.match(vid)) and m["id"] in media:
       vid = m["id"]
     if vid not in media:
-      orphans.append(str(path))
+      if path.suffix.lower() == ".json" and _keyed_ids(path) is not None:
+        keyed.append(path)
+      else:
+        orphans.append(str(path))
     elif vid in by_video:
       duplicates.append((str(path), f"second transcript for video {vid!r} (also "
                                     f"{by_video[vid]}); remove one"))
     else:
       by_video[vid] = path
+  for path in keyed:
+    _pair_keyed(path, media, by_video, orphans, duplicates)
   key = "features" if features_dir is not None else "video"
   items = [VideoInputs(vid, transcript=str(by_video[vid]) if vid in by_video else None,
                        **{key: str(media[vid])}) for vid in sorted(media)]

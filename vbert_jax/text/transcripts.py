@@ -407,12 +407,41 @@ def read_srt(path, encoding: str | None = None, skipped: list[str] | None = None
 # ------------------------------------------------------------------------------------ JSON
 
 
+# The last caption file of many videos that was parsed, by (path, mtime, size, encoding): a build
+# reads HowTo100M's corpus-wide file (over a gigabyte) once per process, not once per video.
+_KEYED: dict[tuple, dict] = {}
+
+
 def _load_json(path, encoding: str | None):
   try:
-    return json.loads(read_text(path, encoding))
+    stat = pathlib.Path(path).stat()
+    key = (str(pathlib.Path(path).resolve()), stat.st_mtime_ns, stat.st_size, encoding)
+  except OSError:
+    key = None  # read_text names the problem
+  if key in _KEYED:
+    return _KEYED[key]
+  try:
+    data = json.loads(read_text(path, encoding))
   except json.JSONDecodeError as e:
     raise TranscriptError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column "
                           f"{e.colno})") from e
+  if key is not None and _is_keyed(data):
+    _KEYED.clear()
+    _KEYED[key] = data
+  return data
+
+
+def _is_keyed(data: Any) -> bool:
+  """HowTo100M's corpus-wide layout: {video id: {"start", "end", "text"}}."""
+  return (isinstance(data, dict) and bool(data) and not {"start", "end", "text"} <= set(data)
+          and all(isinstance(v, dict) for v in data.values()))
+
+
+def keyed_video_ids(path, encoding: str | None = None) -> list[str] | None:
+  """The video ids of a caption file of many videos (HowTo100M's), or None for any other
+  JSON transcript."""
+  data = _load_json(path, encoding)
+  return sorted(data) if _is_keyed(data) else None
 
 
 _JSON_SHAPES = ("YouTube's json3 ({'events': [{'tStartMs', 'dDurationMs', 'segs'}]}), a list of "
@@ -424,7 +453,7 @@ def _json_entry(path, data, video_id: str | None) -> dict:
   keys = {"start", "end", "text"}
   if isinstance(data, dict) and keys <= set(data):
     return data
-  if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+  if _is_keyed(data):
     if video_id is None:
       if len(data) != 1:
         raise TranscriptError(path, f"holds {len(data)} videos; name one with video_id= "
