@@ -55,6 +55,22 @@ def test_fit_records_settings_and_statistics(fitted):
   np.testing.assert_array_equal(tokens, clustering.brute_force_leaf(x, vocab.leaves))
 
 
+def test_videos_of_every_length_share_a_few_compiled_searches(fitted):
+  """A dataset build assigns one video at a time: its clip count must not compile a program of
+  its own. Lengths 1..300 run in batches of 64, 128, 256 and 512 rows; each video's tokens are
+  still the brute-force nearest leaves."""
+  _, x, vocab = fitted
+  rng = np.random.default_rng(0)
+  kmeans._descend_fn.cache_clear()  # pylint: disable=protected-access
+  for n in range(1, 301):
+    rows = x[rng.integers(0, len(x), n)]
+    np.testing.assert_array_equal(vocab.assign(rows), clustering.brute_force_leaf(rows,
+                                                                                vocab.leaves))
+  assert kmeans._descend_fn.cache_info().currsize == 4  # pylint: disable=protected-access
+  assert [kmeans.batch_rows(n, 1000, 8) for n in (1, 64, 65, 300, 999, 5000)] == [
+      64, 64, 128, 512, 1000, 1000]
+
+
 def test_save_load_round_trip(fitted, tmp_path):
   _, x, vocab = fitted
   path = vocab.save(tmp_path / "sub" / "vocab.npz")

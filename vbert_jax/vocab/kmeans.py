@@ -858,6 +858,16 @@ def _descend_fn(mesh: Mesh, depth: int, batch_rows: int, distance: bool):
 # grow fatter with the batch (100,000 queries of the benchmark ran at 76k/s in batches of 32768,
 # 108k/s in one).
 ASSIGN_BATCH = 131072
+# Smaller searches run in a power-of-two batch of at least this many rows: one video's clips
+# (a few to a few thousand) would otherwise compile a new program for every distinct count.
+MIN_ASSIGN_BATCH = 64
+
+
+def batch_rows(n: int, batch_size: int, devices: int) -> int:
+  """Rows of the batches that search `n` rows: `batch_size`, or the power of two at or above n
+  (at least MIN_ASSIGN_BATCH) where that is smaller; a multiple of `devices` either way."""
+  bucket = max(MIN_ASSIGN_BATCH, 1 << max(n - 1, 0).bit_length())
+  return -(-min(batch_size, bucket) // devices) * devices
 
 
 class TreeIndex:
@@ -884,7 +894,7 @@ class TreeIndex:
       raise ValueError(f"tree search: rows of shape {x.shape}; this tree expects [N, {self.dim}]")
     ndev = self.mesh.size
     n = x.shape[0]
-    batch = -(-min(batch_size, max(n, 1)) // ndev) * ndev
+    batch = batch_rows(n, batch_size, ndev)
     fn = _descend_fn(self.mesh, self.depth, batch // ndev, self.distance)
     sharding = NamedSharding(self.mesh, P(AXIS))
     leaf = np.empty(n, np.int32)
