@@ -273,7 +273,8 @@ def test_float16_array_source_reads_into_a_given_float32_array(tmp_path):
   np.testing.assert_array_equal(src.read(2, 8), out)
 
 
-def test_features_folder_source_streams_every_clip(tmp_path):
+def test_features_folder_source_streams_every_clip(tmp_path, monkeypatch):
+  """The folder is laid out from the files' headers; the arrays are read by the passes."""
   rng = np.random.default_rng(0)
   parts = []
   for i, n in enumerate([5, 1, 9, 4]):
@@ -286,7 +287,16 @@ def test_features_folder_source_streams_every_clip(tmp_path):
   features_io.save_features(tmp_path, features_io.VideoFeatures(
       "wide", "/videos/wide.mp4", np.zeros((3, 7), np.float32), np.zeros(3), np.ones(3),
       "mean", 64))
-  src = kmeans.FolderSource(tmp_path)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "v0.npz").read_bytes()[:-40])  # truncated
+  load = features_io.load_features
+  with monkeypatch.context() as m:
+    m.setattr(features_io, "load_features", lambda path: pytest.fail(f"{path} read whole"))
+    src = kmeans.FolderSource(tmp_path)
+  assert kmeans.features_io.load_features is load
+  for path in src.paths:
+    index, whole = features_io.load_index(path), load(path)
+    assert index.shape == whole.features.shape and index.video_id == whole.video_id
+    np.testing.assert_array_equal(index.ends, whole.ends)
   want = np.concatenate(parts)
   assert (src.num_rows, src.dim) == (19, 6)
   np.testing.assert_array_equal(src.read(3, 17), want[3:17])
@@ -299,7 +309,8 @@ def test_features_folder_source_streams_every_clip(tmp_path):
   assert (ref.video_id, ref.source, ref.clip, ref.start, ref.end) == (
       "v2", "/videos/v2.mp4", 1, 1.5, 3.0)
   reasons = dict(src.skipped)
-  assert "not a readable feature file" in reasons[str(tmp_path / "broken.npz")]
+  for name in ("broken.npz", "cut.npz"):
+    assert "not a readable feature file" in reasons[str(tmp_path / name)]
   assert reasons[str(tmp_path / "wide.npz")] == "feature width 7, expected 6"
 
 

@@ -62,6 +62,33 @@ def load_features(path) -> VideoFeatures:
     raise ValueError(f"{path}: not a readable feature file ({e})") from e
 
 
+@dataclasses.dataclass
+class FeatureIndex:
+  """A feature file without its features: what a corpus-wide pass needs to lay files out."""
+  video_id: str
+  source: str
+  shape: tuple[int, ...]  # of `features`
+  starts: np.ndarray
+  ends: np.ndarray
+
+
+def load_index(path) -> FeatureIndex:
+  """The shape of `features` (from its .npy header, without reading the array) and the clip
+  times; errors as `load_features`."""
+  path = pathlib.Path(path)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      with z.zip.open("features.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape = tuple(int(d) for d in read_header(f)[0])
+      return FeatureIndex(path.name[:-len(SUFFIX)], str(z["source"]), shape, z["starts"],
+                          z["ends"])
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a readable feature file ({e})") from e
+
+
 def list_features(folder) -> list[pathlib.Path]:
   """Finished feature files in a folder, sorted; temporary files are not listed."""
   return sorted(p for p in pathlib.Path(folder).glob(f"*{SUFFIX}") if not p.name.startswith("."))
