@@ -57,18 +57,33 @@ def test_fit_records_settings_and_statistics(fitted):
 
 def test_videos_of_every_length_share_a_few_compiled_searches(fitted):
   """A dataset build assigns one video at a time: its clip count must not compile a program of
-  its own. Lengths 1..300 run in batches of 64, 128, 256 and 512 rows; each video's tokens are
-  still the brute-force nearest leaves."""
-  _, x, vocab = fitted
+  its own. Every length from 1 to 10,000 clips falls in one of at most 8 batch sizes, and a
+  4 x 12 tree compiles one search per size; each video's tokens are those of the same rows
+  searched among others."""
+  assert len({kmeans.batch_rows(n, kmeans.ASSIGN_BATCH, 8) for n in range(1, 10_001)}) <= 8
+  assert [kmeans.batch_rows(n, 1000, 8) for n in (1, 256, 257, 999, 5000)] == [
+      256, 256, 512, 1000, 1000]
   rng = np.random.default_rng(0)
+  dim = 8
+  centroids = [rng.normal(size=(12 ** level, 12, dim)).astype(np.float32) for level in range(4)]
+  index = kmeans.TreeIndex(centroids, np.zeros(dim, np.float32), distance=False)
+  x = rng.normal(size=(4097, dim)).astype(np.float32)
+  everything = index.search(x)[0]
+  lengths = [1, 2, 199, 256, 257, 1000, 4097]
+  kmeans._descend_fn.cache_clear()  # pylint: disable=protected-access
+  for n in lengths:
+    np.testing.assert_array_equal(index.search(x[:n])[0], everything[:n])
+  sizes = {kmeans.batch_rows(n, kmeans.ASSIGN_BATCH, 8) for n in lengths}
+  compiled = kmeans._descend_fn.cache_info().currsize  # pylint: disable=protected-access
+  assert compiled == len(sizes) == 4
+  # The fitted vocabulary, on lengths 1..300: the brute-force nearest leaves, two programs.
+  _, x, vocab = fitted
   kmeans._descend_fn.cache_clear()  # pylint: disable=protected-access
   for n in range(1, 301):
     rows = x[rng.integers(0, len(x), n)]
-    np.testing.assert_array_equal(vocab.assign(rows), clustering.brute_force_leaf(rows,
-                                                                                vocab.leaves))
-  assert kmeans._descend_fn.cache_info().currsize == 4  # pylint: disable=protected-access
-  assert [kmeans.batch_rows(n, 1000, 8) for n in (1, 64, 65, 300, 999, 5000)] == [
-      64, 64, 128, 512, 1000, 1000]
+    np.testing.assert_array_equal(vocab.assign(rows),
+                                  clustering.brute_force_leaf(rows, vocab.leaves))
+  assert kmeans._descend_fn.cache_info().currsize == 2  # pylint: disable=protected-access
 
 
 def test_save_load_round_trip(fitted, tmp_path):

@@ -856,7 +856,7 @@ def _descend_fn(mesh: Mesh, depth: int, batch_rows: int, distance: bool):
 ASSIGN_BATCH = 131072
 # Smaller searches run in a power-of-two batch of at least this many rows: one video's clips
 # (a few to a few thousand) would otherwise compile a new program for every distinct count.
-MIN_ASSIGN_BATCH = 64
+MIN_ASSIGN_BATCH = 256
 
 
 def batch_rows(n: int, batch_size: int, devices: int) -> int:
