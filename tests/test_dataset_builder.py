@@ -139,9 +139,7 @@ def test_demo_corpus_records(demo, built):
   meta = builder.info.metadata
   assert meta["visual_vocab_size"] == 9 and meta["text_vocab_size"] == SPM_SIZE
   summary = meta["build_summary"]
-  assert summary["transcripts_without_video"] == [str(demo["manual"] / "transcripts" /
-                                                      "ghost.vtt")]
-  assert summary["videos_without_transcript"] == [ids[NO_TRANSCRIPT]]
+  assert (summary["transcripts_without_video"], summary["videos_without_transcript"]) == (1, 1)
   assert summary["records"] == {s: len(r) for s, r in by_split.items()}
   # array_record on disk; the data source reads any index in any order.
   assert builder.info.file_format.value == "array_record"
@@ -216,12 +214,16 @@ def test_dummy_data_bad_inputs(tmp_path, capfd):
   got = {v: r for recs in _read_all(builder).values() for v, r in recs.items()}
   assert sorted(got) == ["vid_a", "vid_b", "vid_c", "vid_d", "vid_e"]
   summary = builder.info.metadata["build_summary"]
-  assert summary["transcripts_without_video"] == [str(manual / "transcripts" / "orphan.vtt")]
-  assert summary["videos_without_transcript"] == ["vid_e"]
-  assert summary["no_sentences"] == ["vid_d"]
-  assert summary["broken_cues"] == 1
-  for name in ("orphan.vtt", "vid_e", "vid_d", "1 broken cue(s) skipped"):
-    assert name in printed
+  # Counts in the metadata; a few names of each kind where the summary is printed.
+  assert {k: summary[k] for k in ("transcripts_without_video", "videos_without_transcript",
+                                  "no_sentences", "broken_cues")} == {
+      "transcripts_without_video": 1, "videos_without_transcript": 1, "no_sentences": 1,
+      "broken_cues": 1}
+  for line in ("1 transcripts without a video (not built): " + str(manual / "transcripts" /
+                                                                 "orphan.vtt"),
+               "1 videos without a transcript (video-only records): vid_e",
+               "1 transcripts with no sentences", "1 broken cue(s) skipped"):
+    assert line in printed, printed
   # A transcript with only a sound tag: a video-only record of its 4 clips.
   d = got["vid_d"]
   assert d.num_sentences == 0 and d.segment_sentence.tolist() == [-1]
@@ -270,7 +272,9 @@ def test_one_caption_file_for_many_videos_pairs_with_each(tmp_path):
     _assert_same(got[vid], want[vid])
   assert got["vid_a"].num_sentences == 2
   summary = builder.info.metadata["build_summary"]
-  assert summary["transcripts_without_video"] == [
+  assert summary["transcripts_without_video"] == 2
+  pairing = records.pair_inputs(manual / "transcripts", features_dir=manual / "features")
+  assert pairing.transcripts_without_video == [
       str(manual / "transcripts" / "orphan.vtt"),
       f"{manual / 'transcripts' / 'caption.json'}: 3 of its 5 videos"]
 

@@ -10,8 +10,8 @@ own transcript wins over it.
 Per video: features -> visual tokens (the visual vocabulary), transcript -> cues -> sentences ->
 text ids (the text tokenizer), then `align.align_video`. A video without a transcript, or whose
 transcript has no sentences, becomes a video-only record. A transcript without a video is not a
-record. Each of these cases, and every video that fails with its reason, is listed by name in the
-`BuildSummary`.
+record. The `BuildSummary` counts each of these cases and lists every video that fails, with its
+reason.
 
 Before any record is made, `check_inputs` compares the vocabulary and the tokenizer with the
 sizes a config expects, and the vocabulary with the feature width, and stops on a mismatch.
@@ -25,6 +25,7 @@ import pathlib
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 
 from vbert_jax import align
@@ -67,38 +68,49 @@ class Pairing:
 
 @dataclasses.dataclass
 class BuildSummary:
-  """What a build did, by name: the end-of-build report."""
+  """What a build did: the end-of-build report. The dataset's metadata keeps counts and the
+  failed files with their reasons; names of videos that merely lack a transcript or sentences
+  (a million on a YouTube corpus) go to the log only."""
   records: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> count
   transcripts_without_video: list[str] = dataclasses.field(default_factory=list)
   videos_without_transcript: list[str] = dataclasses.field(default_factory=list)
-  no_sentences: list[str] = dataclasses.field(default_factory=list)  # video-only records
+  no_sentences: int = 0  # transcripts without sentences: video-only records (each logged)
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
-  broken_cues: int = 0  # cues skipped inside otherwise good transcripts (each one logged)
+  broken_cues: int = 0  # cues skipped inside otherwise good transcripts (each logged)
 
   def as_dict(self) -> dict:
     return {"records": dict(self.records),
-            "transcripts_without_video": list(self.transcripts_without_video),
-            "videos_without_transcript": list(self.videos_without_transcript),
-            "no_sentences": list(self.no_sentences),
-            "skipped": [list(s) for s in self.skipped], "broken_cues": self.broken_cues}
+            "transcripts_without_video": len(self.transcripts_without_video),
+            "videos_without_transcript": len(self.videos_without_transcript),
+            "no_sentences": self.no_sentences, "broken_cues": self.broken_cues,
+            "skipped": [list(s) for s in self.skipped]}
 
-  def format(self) -> str:
+  def format(self, examples: int = 5) -> str:
+    """Counts, a few names of each kind, and every skipped video with its reason."""
     lines = ["build summary: " + (", ".join(f"{n} {s} records" for s, n in
                                            sorted(self.records.items())) or "no records")]
     for title, names in (
         ("transcripts without a video (not built)", self.transcripts_without_video),
-        ("videos without a transcript (video-only records)", self.videos_without_transcript),
-        ("transcripts with no sentences (video-only records)", self.no_sentences)):
+        ("videos without a transcript (video-only records)", self.videos_without_transcript)):
       if names:
-        lines.append(f"  {len(names)} {title}:")
-        lines.extend(f"    {n}" for n in names)
-    if self.broken_cues:
-      lines.append(f"  {self.broken_cues} broken cue(s) skipped inside transcripts (each named "
-                   f"in a warning)")
+        more = f", ... ({len(names) - examples} more in the log)" if len(names) > examples else ""
+        lines.append(f"  {len(names)} {title}: {', '.join(names[:examples])}{more}")
+    for count, title in (
+        (self.no_sentences, "transcripts with no sentences (video-only records; each in the log)"),
+        (self.broken_cues, "broken cue(s) skipped inside transcripts (each named in a warning)")):
+      if count:
+        lines.append(f"  {count} {title}")
     if self.skipped:
       lines.append(f"  {len(self.skipped)} skipped:")
       lines.extend(f"    {name}: {reason}" for name, reason in self.skipped)
     return "\n".join(lines)
+
+  def log_names(self) -> None:
+    """Every name the summary only counts, to the log."""
+    for title, names in (("transcript without a video", self.transcripts_without_video),
+                         ("video without a transcript", self.videos_without_transcript)):
+      for name in names:
+        logging.info("build: %s: %s", title, name)
 
 
 # ------------------------------------------------------------------------------------ pairing
@@ -295,10 +307,16 @@ def try_make(maker: RecordMaker, item: VideoInputs, broken: list[str] | None = N
     return None, str(e)
 
 
+def log_no_sentences(item: VideoInputs) -> None:
+  logging.info("build: video %s: its transcript %s has no sentences; a video-only record",
+               item.video_id, item.transcript)
+
+
 def make_records(items: Sequence[VideoInputs], maker: RecordMaker, summary: BuildSummary,
                  split: str):
   """Yields the records of `items`; failures go to `summary.skipped`, video-only records from
-  transcripts without sentences to `summary.no_sentences`, counts to `summary.records[split]`."""
+  transcripts without sentences are counted in `summary.no_sentences`, records in
+  `summary.records[split]`."""
   for item in items:
     broken: list[str] = []
     record, reason = try_make(maker, item, broken)
@@ -307,6 +325,7 @@ def make_records(items: Sequence[VideoInputs], maker: RecordMaker, summary: Buil
       summary.skipped.append((item.video_id, reason))
       continue
     if item.transcript is not None and record.num_sentences == 0:
-      summary.no_sentences.append(item.video_id)
+      log_no_sentences(item)
+      summary.no_sentences += 1
     summary.records[split] = summary.records.get(split, 0) + 1
     yield record

@@ -34,7 +34,8 @@ from vbert_jax.video import features_io
 _SOURCES = ("auto", "videos", "features")
 _SUMMARY_KEY = "build_summary"
 _BEAM_NAMESPACE = "videobert"
-_BROKEN_CUES = "broken_cues"  # a Beam counter beside records_<split>
+# Beam counters beside records_<split>, named as the BuildSummary fields they add to.
+_BROKEN_CUES, _NO_SENTENCES = "broken_cues", "no_sentences"
 
 
 @dataclasses.dataclass(eq=False)
@@ -232,27 +233,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _process_pipeline_result(self, pipeline_result) -> None:
     # Workers report what the launching process cannot see through Beam metrics: counts per
-    # split, and the names of skipped videos (with reasons) and of empty transcripts.
+    # split, of empty transcripts and broken cues, and the names of skipped videos with reasons.
     beam = tfds.core.lazy_imports.apache_beam
     query = pipeline_result.metrics().query(
         beam.metrics.MetricsFilter().with_namespace(_BEAM_NAMESPACE))
     for counter in query["counters"]:
       name, value = counter.key.metric.name, int(counter.committed or counter.attempted or 0)
-      if name == _BROKEN_CUES:
-        self._summary.broken_cues += value
+      if name in (_BROKEN_CUES, _NO_SENTENCES):
+        setattr(self._summary, name, getattr(self._summary, name) + value)
         continue
       split = name[len("records_"):]
       self._summary.records[split] = self._summary.records.get(split, 0) + value
     for names in query["string_sets"]:
       values = sorted(names.committed or names.attempted or ())
-      if names.key.metric.name == "no_sentences":
-        self._summary.no_sentences.extend(values)
-      else:
-        self._summary.skipped.extend(tuple(v.split("\t", 1)) for v in values)
+      self._summary.skipped.extend(tuple(v.split("\t", 1)) for v in values)
 
   def _finish_summary(self) -> None:
     self.info.metadata[_SUMMARY_KEY] = self._summary.as_dict()
     print(self._summary.format(), file=sys.stderr, flush=True)
+    self._summary.log_names()
     logging.info("%s", self._summary.format())
 
 
@@ -260,7 +259,7 @@ def _beam_transform(items, settings: records.RecordSettings, split: str):
   beam = tfds.core.lazy_imports.apache_beam
   made = beam.metrics.Metrics.counter(_BEAM_NAMESPACE, f"records_{split}")
   skipped = beam.metrics.Metrics.string_set(_BEAM_NAMESPACE, "skipped")
-  no_sentences = beam.metrics.Metrics.string_set(_BEAM_NAMESPACE, "no_sentences")
+  no_sentences = beam.metrics.Metrics.counter(_BEAM_NAMESPACE, _NO_SENTENCES)
   broken_cues = beam.metrics.Metrics.counter(_BEAM_NAMESPACE, _BROKEN_CUES)
 
   def make(item: records.VideoInputs):
@@ -272,7 +271,8 @@ def _beam_transform(items, settings: records.RecordSettings, split: str):
       logging.warning("videobert: skipped %s: %s", item.video_id, reason)
       return
     if item.transcript is not None and record.num_sentences == 0:
-      no_sentences.add(item.video_id)
+      records.log_no_sentences(item)
+      no_sentences.inc()
     made.inc()
     yield record.video_id, _example(record)
 
