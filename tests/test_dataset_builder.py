@@ -338,7 +338,7 @@ def test_pair_inputs_by_id(tmp_path):
     (tmp_path / "v").mkdir(exist_ok=True)
     (tmp_path / "v" / name).write_bytes(b"")
   (tmp_path / "t").mkdir()
-  for name in ("a.en.vtt", "c.srt", "c.vtt", "zz.vtt", "a.b.c.json"):
+  for name in ("a.en.vtt", "c.srt", "c.vtt", "zz.vtt", "a.b.c.json", "c.txt", ".hidden"):
     (tmp_path / "t" / name).write_text("")
   pairing = records.pair_inputs(tmp_path / "t", videos_dir=tmp_path / "v")
   assert [(i.video_id, pathlib.Path(i.transcript).name if i.transcript else None,
@@ -347,9 +347,12 @@ def test_pair_inputs_by_id(tmp_path):
   assert [pathlib.Path(p).name for p in pairing.transcripts_without_video] == ["a.b.c.json",
                                                                               "zz.vtt"]
   assert pairing.videos_without_transcript == ["b"]
-  reasons = dict((pathlib.Path(p).name, r) for p, r in pairing.duplicates)
+  reasons = dict((pathlib.Path(p).name, r) for p, r in pairing.skipped)
+  assert sorted(reasons) == ["b.mp4", "c.txt", "c.vtt"]
   assert "duplicate video for video id 'b'" in reasons["b.mp4"]
   assert "second transcript for video 'c'" in reasons["c.vtt"]
+  assert reasons["c.txt"] == ("unknown transcript format '.txt'; expected one of ['.vtt', "
+                              "'.srt', '.json']")
 
 
 def test_dummy_data_is_reproducible(tmp_path):

@@ -59,7 +59,7 @@ class VideoInputs:
 class Pairing:
   items: list[VideoInputs]  # sorted by video id
   transcripts_without_video: list[str]  # paths
-  duplicates: list[tuple[str, str]]  # (path, reason)
+  skipped: list[tuple[str, str]]  # (path, reason): duplicates, and files that no reader takes
 
   @property
   def videos_without_transcript(self) -> list[str]:
@@ -124,15 +124,24 @@ def _files(folder, suffixes: Sequence[str]) -> list[pathlib.Path]:
 
 
 def _by_id(paths: Iterable[pathlib.Path], what: str,
-           duplicates: list[tuple[str, str]]) -> dict[str, pathlib.Path]:
+           skipped: list[tuple[str, str]]) -> dict[str, pathlib.Path]:
   out: dict[str, pathlib.Path] = {}
   for p in paths:
     if p.stem in out:
-      duplicates.append((str(p), f"duplicate {what} for video id {p.stem!r} (also "
+      skipped.append((str(p), f"duplicate {what} for video id {p.stem!r} (also "
                                  f"{out[p.stem]}); rename or remove one"))
     else:
       out[p.stem] = p
   return out
+
+
+def _unknown_transcripts(folder) -> list[tuple[str, str]]:
+  """(path, reason) for each file of the transcripts folder that no reader takes."""
+  return [(str(p), f"unknown transcript format {p.suffix or '(no suffix)'!r}; expected one of "
+                   f"{list(TRANSCRIPT_SUFFIXES)}")
+          for p in sorted(pathlib.Path(folder).iterdir())
+          if p.is_file() and p.suffix.lower() not in TRANSCRIPT_SUFFIXES
+          and not p.name.startswith(".")]
 
 
 def _keyed_ids(path: pathlib.Path) -> list[str] | None:
@@ -143,7 +152,7 @@ def _keyed_ids(path: pathlib.Path) -> list[str] | None:
 
 
 def _pair_keyed(path: pathlib.Path, media: Mapping[str, Any], by_video: dict[str, pathlib.Path],
-                orphans: list[str], duplicates: list[tuple[str, str]]) -> None:
+                orphans: list[str], skipped: list[tuple[str, str]]) -> None:
   """The videos of a caption file of many videos (HowTo100M's caption.json), after the
   per-video transcripts, which win; the ids it has without a video are counted, not listed."""
   ids = _keyed_ids(path) or []
@@ -151,7 +160,7 @@ def _pair_keyed(path: pathlib.Path, media: Mapping[str, Any], by_video: dict[str
     if vid not in media:
       continue
     if vid in by_video:
-      duplicates.append((str(path), f"video {vid!r} also has {by_video[vid]}, which is used"))
+      skipped.append((str(path), f"video {vid!r} also has {by_video[vid]}, which is used"))
     else:
       by_video[vid] = path
   missing = sum(vid not in media for vid in ids)
@@ -164,14 +173,15 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
   videos (HowTo100M's) pairs with each of its videos."""
   if (videos_dir is None) == (features_dir is None):
     raise ValueError("pair_inputs: give exactly one of videos_dir and features_dir")
-  duplicates: list[tuple[str, str]] = []
+  skipped: list[tuple[str, str]] = []
   if features_dir is not None:
-    media = _by_id(features_io.list_features(features_dir), "feature file", duplicates)
+    media = _by_id(features_io.list_features(features_dir), "feature file", skipped)
   else:
-    media = _by_id(_files(videos_dir, VIDEO_SUFFIXES), "video", duplicates)
+    media = _by_id(_files(videos_dir, VIDEO_SUFFIXES), "video", skipped)
   by_video: dict[str, pathlib.Path] = {}
   orphans: list[str] = []
   keyed = []
+  skipped.extend(_unknown_transcripts(transcripts_dir))
   for path in _files(transcripts_dir, TRANSCRIPT_SUFFIXES):
     vid = path.stem
     if vid not in media and (m := _LANGUAGE_TAG.match(vid)) and m["id"] in media:
@@ -182,16 +192,16 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
       else:
         orphans.append(str(path))
     elif vid in by_video:
-      duplicates.append((str(path), f"second transcript for video {vid!r} (also "
+      skipped.append((str(path), f"second transcript for video {vid!r} (also "
                                     f"{by_video[vid]}); remove one"))
     else:
       by_video[vid] = path
   for path in keyed:
-    _pair_keyed(path, media, by_video, orphans, duplicates)
+    _pair_keyed(path, media, by_video, orphans, skipped)
   key = "features" if features_dir is not None else "video"
   items = [VideoInputs(vid, transcript=str(by_video[vid]) if vid in by_video else None,
                        **{key: str(media[vid])}) for vid in sorted(media)]
-  return Pairing(items, orphans, duplicates)
+  return Pairing(items, orphans, skipped)
 
 
 def split_of(video_id: str, validation_fraction: float, salt: str = "") -> str:

@@ -162,7 +162,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       self._check(config, settings, pairing)  # now also the extracted features' width
     self._summary.transcripts_without_video = list(pairing.transcripts_without_video)
     self._summary.videos_without_transcript = pairing.videos_without_transcript
-    self._summary.skipped.extend(pairing.duplicates)
+    self._summary.skipped.extend(pairing.skipped)
     by_split: dict[str, list[records.VideoInputs]] = {records.TRAIN: [], records.VALIDATION: []}
     for item in pairing.items:
       by_split[records.split_of(item.video_id, config.validation_fraction,
