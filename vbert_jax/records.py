@@ -26,6 +26,7 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import numpy as np
 
 from vbert_jax import align
@@ -116,16 +117,24 @@ class BuildSummary:
 # ------------------------------------------------------------------------------------ pairing
 
 
-def _files(folder, suffixes: Sequence[str]) -> list[pathlib.Path]:
+def _entries(folder) -> list[epath.Path]:
+  """The files of a folder, local or in a bucket, sorted; hidden ones left out. In a bucket
+  every entry counts as a file: a stat per file would cost a round trip for each of millions."""
+  folder = epath.Path(folder)
+  remote = "://" in str(folder)
+  return sorted(p for p in folder.iterdir()
+                if not p.name.startswith(".") and (remote or p.is_file()))
+
+
+def _files(folder, suffixes: Sequence[str]) -> list[epath.Path]:
   if folder is None:
     return []
-  return sorted(p for p in pathlib.Path(folder).iterdir()
-                if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+  return [p for p in _entries(folder) if p.suffix.lower() in suffixes]
 
 
-def _by_id(paths: Iterable[pathlib.Path], what: str,
-           skipped: list[tuple[str, str]]) -> dict[str, pathlib.Path]:
-  out: dict[str, pathlib.Path] = {}
+def _by_id(paths: Iterable[epath.Path], what: str,
+           skipped: list[tuple[str, str]]) -> dict[str, epath.Path]:
+  out: dict[str, epath.Path] = {}
   for p in paths:
     if p.stem in out:
       skipped.append((str(p), f"duplicate {what} for video id {p.stem!r} (also "
@@ -139,19 +148,17 @@ def _unknown_transcripts(folder) -> list[tuple[str, str]]:
   """(path, reason) for each file of the transcripts folder that no reader takes."""
   return [(str(p), f"unknown transcript format {p.suffix or '(no suffix)'!r}; expected one of "
                    f"{list(TRANSCRIPT_SUFFIXES)}")
-          for p in sorted(pathlib.Path(folder).iterdir())
-          if p.is_file() and p.suffix.lower() not in TRANSCRIPT_SUFFIXES
-          and not p.name.startswith(".")]
+          for p in _entries(folder) if p.suffix.lower() not in TRANSCRIPT_SUFFIXES]
 
 
-def _keyed_ids(path: pathlib.Path) -> list[str] | None:
+def _keyed_ids(path: epath.Path) -> list[str] | None:
   try:
     return transcripts.keyed_video_ids(path)
   except transcripts.TranscriptError:
     return None  # an unreadable file of no video: listed as a transcript without a video
 
 
-def _pair_keyed(path: pathlib.Path, media: Mapping[str, Any], by_video: dict[str, pathlib.Path],
+def _pair_keyed(path: epath.Path, media: Mapping[str, Any], by_video: dict[str, epath.Path],
                 orphans: list[str], skipped: list[tuple[str, str]]) -> None:
   """The videos of a caption file of many videos (HowTo100M's caption.json), after the
   per-video transcripts, which win; the ids it has without a video are counted, not listed."""
@@ -178,7 +185,7 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
     media = _by_id(features_io.list_features(features_dir), "feature file", skipped)
   else:
     media = _by_id(_files(videos_dir, VIDEO_SUFFIXES), "video", skipped)
-  by_video: dict[str, pathlib.Path] = {}
+  by_video: dict[str, epath.Path] = {}
   orphans: list[str] = []
   keyed = []
   skipped.extend(_unknown_transcripts(transcripts_dir))

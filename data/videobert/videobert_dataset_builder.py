@@ -24,6 +24,7 @@ import logging
 import pathlib
 import sys
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from vbert_jax import align
@@ -72,11 +73,11 @@ class VideoBertConfig(tfds.core.BuilderConfig):
       raise ValueError(f"videobert config {self.name}: validation_fraction="
                        f"{self.validation_fraction}; expected a fraction in [0, 1]")
 
-  def resolve(self, manual_dir: pathlib.Path, path: str) -> str:
+  def resolve(self, manual_dir: epath.Path, path: str) -> str:
     p = pathlib.Path(path).expanduser()
     return str(p if p.is_absolute() else manual_dir / p)
 
-  def settings(self, manual_dir: pathlib.Path) -> records.RecordSettings:
+  def settings(self, manual_dir: epath.Path) -> records.RecordSettings:
     return records.RecordSettings(
         vocabulary=self.resolve(manual_dir, self.vocabulary), tokenizer=self.tokenizer,
         tokenizer_file=self.resolve(manual_dir, self.tokenizer_file), lowercase=self.lowercase,
@@ -91,7 +92,7 @@ def _feature_spec() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(spec)
 
 
-def _uses_features(config: VideoBertConfig, manual_dir: pathlib.Path) -> bool:
+def _uses_features(config: VideoBertConfig, manual_dir: epath.Path) -> bool:
   return config.source == "features" or (config.source == "auto" and
                                          (manual_dir / "features").is_dir())
 
@@ -153,7 +154,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config: VideoBertConfig = self.builder_config
     config.check()
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = epath.Path(dl_manager.manual_dir)  # a local folder or a bucket
     settings = config.settings(manual_dir)
     pairing = self._pair(config, manual_dir)
     self._check(config, settings, pairing)  # before any record is written
@@ -173,7 +174,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(items, settings, name)
             for name, items in by_split.items() if items}
 
-  def _pair(self, config: VideoBertConfig, manual_dir: pathlib.Path) -> records.Pairing:
+  def _pair(self, config: VideoBertConfig, manual_dir: epath.Path) -> records.Pairing:
     transcripts = manual_dir / "transcripts"
     features, videos = manual_dir / "features", manual_dir / "videos"
     use_features = _uses_features(config, manual_dir)

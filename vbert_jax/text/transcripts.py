@@ -42,6 +42,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 from absl import logging
 import charset_normalizer
+from etils import epath
 
 
 class TranscriptError(ValueError):
@@ -113,11 +114,12 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
 
 def read_text(path, encoding: str | None = None) -> str:
   """The file's text with newlines as "\\n" and no byte-order mark (see the module docstring)."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   try:
     data = path.read_bytes()
-  except OSError as e:
-    raise TranscriptError(path, f"cannot read the file ({e.strerror or e})") from e
+  except Exception as e:  # pylint: disable=broad-except; a bucket's client has its own errors
+    raise TranscriptError(path, f"cannot read the file "
+                          f"({getattr(e, 'strerror', None) or e})") from e
   if encoding is not None:
     try:
       text = data.decode(encoding)
@@ -128,7 +130,7 @@ def read_text(path, encoding: str | None = None) -> str:
   return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _decode(path: pathlib.Path, data: bytes) -> str:
+def _decode(path: epath.Path, data: bytes) -> str:
   for bom, name in _BOMS:
     if data.startswith(bom):
       try:
@@ -147,7 +149,7 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
   return text
 
 
-def _detect(path: pathlib.Path, data: bytes) -> tuple[str, str]:
+def _detect(path: epath.Path, data: bytes) -> tuple[str, str]:
   matches = list(charset_normalizer.from_bytes(data))
   if not matches:
     raise TranscriptError(path, "not UTF-8, and no other encoding decodes it; expected a text "
@@ -413,11 +415,7 @@ _KEYED: dict[tuple, dict] = {}
 
 
 def _load_json(path, encoding: str | None):
-  try:
-    stat = pathlib.Path(path).stat()
-    key = (str(pathlib.Path(path).resolve()), stat.st_mtime_ns, stat.st_size, encoding)
-  except OSError:
-    key = None  # read_text names the problem
+  key = _file_key(path, encoding)
   if key in _KEYED:
     return _KEYED[key]
   try:
@@ -429,6 +427,19 @@ def _load_json(path, encoding: str | None):
     _KEYED.clear()
     _KEYED[key] = data
   return data
+
+
+def _file_key(path, encoding: str | None) -> tuple | None:
+  """(path, modification time, size, encoding), local or in a bucket; None if it cannot be
+  read (read_text then names the problem)."""
+  try:
+    if "://" in str(path):
+      stat = epath.Path(path).stat()
+      return str(path), stat.mtime, stat.length, encoding
+    stat = pathlib.Path(path).stat()
+    return str(pathlib.Path(path).resolve()), stat.st_mtime_ns, stat.st_size, encoding
+  except Exception:  # pylint: disable=broad-except; a bucket's client has its own errors
+    return None
 
 
 def _is_keyed(data: Any) -> bool:

@@ -29,6 +29,7 @@ import types
 from typing import Callable, Iterable, Sequence
 
 from absl import flags
+from etils import epath
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -250,7 +251,7 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
   if num_shards < 1 or not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} / num_shards {num_shards}: expected "
                      f"0 <= shard_index < num_shards")
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)  # a local folder or a bucket; the videos are read locally
   out_dir.mkdir(parents=True, exist_ok=True)
   summary = Summary(pooling=s3d.pooling_mode(CLIP_FRAMES, image_size, image_size))
 

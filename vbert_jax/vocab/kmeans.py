@@ -39,6 +39,7 @@ import functools
 import pathlib
 from typing import Callable, Protocol, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +120,7 @@ class FolderSource:
   """
 
   def __init__(self, folder, dim: int | None = None):
-    self.folder = pathlib.Path(folder)
+    self.folder = epath.Path(folder)  # a local folder or a bucket
     if not self.folder.is_dir():
       raise ValueError(f"{self.folder}: features folder does not exist")
     self.paths, self.video_ids, self.sources, self.skipped = [], [], [], []
