@@ -34,8 +34,6 @@ def repo_root() -> pathlib.Path:
   return REPO
 
 
-
-
 # The modules that take longest, in the order the workers should start them: the end-to-end demo
 # (its real and shuffled runs are two scopes, one per worker), the README's commands, the TPU
 # compilations, the multi-process runs.

@@ -113,15 +113,18 @@ def test_every_readme_command_has_a_stand_in(tmp_path):
       stand_in(command, tmp_path)
 
 
-def _workspace(tmp: pathlib.Path) -> dict[str, str]:
-  """The user's folder: the repo's data/ and configs/, a BERT and an S3D file of their own."""
+def _workspace(tmp: pathlib.Path, commands: list[str]) -> dict[str, str]:
+  """The user's folder: the repo's data/ and configs/, and the BERT and S3D files of their own
+  that `commands` name."""
   for name in ("data", "configs"):
     (tmp / name).symlink_to(REPO / name)
-  bert_dir.write_bert_dir(tmp / "bert-large-uncased", vocab_size=512, hidden_size=32,
-                          num_layers=2, num_heads=2, mlp_dim=64, max_positions=64)
-  import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  torch.save(torchvision.models.video.s3d().state_dict(), tmp / "S3D_kinetics400.pt")
+  if any("bert-large-uncased" in c for c in commands):
+    bert_dir.write_bert_dir(tmp / "bert-large-uncased", vocab_size=512, hidden_size=32,
+                            num_layers=2, num_heads=2, mlp_dim=64, max_positions=64)
+  if any("S3D_kinetics400.pt" in c for c in commands):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torchvision  # pylint: disable=g-import-not-at-top
+    torch.save(torchvision.models.video.s3d().state_dict(), tmp / "S3D_kinetics400.pt")
   venv_bin = str(pathlib.Path(sys.executable).parent)
   return dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
               JAX_PLATFORMS="cpu")
@@ -173,10 +176,9 @@ def test_every_command_is_in_a_group_with_something_to_run():
 
 def run_group(group: str, tmp_path: pathlib.Path) -> None:
   """The group's commands as written, in the documents' order, in a folder of their own."""
-  env = _workspace(tmp_path)
-  for command in readme_commands():
-    if command in NOT_RUN or group_of(command) != group:
-      continue
+  commands = [c for c in readme_commands() if c not in NOT_RUN and group_of(c) == group]
+  env = _workspace(tmp_path, commands)
+  for command in commands:
     run = stand_in(command, tmp_path)
     proc = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -23,6 +23,7 @@ Files as they come:
 - A broken cue (no timing line, a malformed or backwards timestamp) in an otherwise good file is
   skipped with a warning that names the file and the cue, and is reported to `skipped` when the
   caller passes a list. A file with cues of which none is usable is an error.
+- Paths go through `etils.epath`: transcripts may sit in a bucket (`gs://...`).
 
 YouTube's automatic captions repeat the previous line at the top of every cue (the "rolling"
 display) and add 10 ms cues that repeat it once more. `dedupe_rolling` drops a cue's leading lines
@@ -79,7 +80,7 @@ class _Skips:
   def add(self, error: TranscriptError) -> None:
     self.count += 1
     self.first = self.first or error
-    logging.warning("transcript %s: skipped %s", self.path, error)
+    logging.warning("transcript: skipped %s", error)  # the error names the file and the cue
     if self.out is not None:
       self.out.append(str(error))
 
