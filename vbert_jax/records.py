@@ -144,11 +144,10 @@ def _by_id(paths: Iterable[epath.Path], what: str,
   return out
 
 
-def _unknown_transcripts(folder) -> list[tuple[str, str]]:
-  """(path, reason) for each file of the transcripts folder that no reader takes."""
-  return [(str(p), f"unknown transcript format {p.suffix or '(no suffix)'!r}; expected one of "
-                   f"{list(TRANSCRIPT_SUFFIXES)}")
-          for p in _entries(folder) if p.suffix.lower() not in TRANSCRIPT_SUFFIXES]
+def _unknown_transcript(path: epath.Path) -> tuple[str, str]:
+  """(path, reason) for a file of the transcripts folder that no reader takes."""
+  return (str(path), f"unknown transcript format {path.suffix or '(no suffix)'!r}; expected "
+                     f"one of {list(TRANSCRIPT_SUFFIXES)}")
 
 
 def _keyed_ids(path: epath.Path) -> list[str] | None:
@@ -158,11 +157,11 @@ def _keyed_ids(path: epath.Path) -> list[str] | None:
     return None  # an unreadable file of no video: listed as a transcript without a video
 
 
-def _pair_keyed(path: epath.Path, media: Mapping[str, Any], by_video: dict[str, epath.Path],
-                orphans: list[str], skipped: list[tuple[str, str]]) -> None:
-  """The videos of a caption file of many videos (HowTo100M's caption.json), after the
+def _pair_keyed(path: epath.Path, ids: list[str], media: Mapping[str, Any],
+                by_video: dict[str, epath.Path], orphans: list[str],
+                skipped: list[tuple[str, str]]) -> None:
+  """The videos `ids` of a caption file of many videos (HowTo100M's caption.json), after the
   per-video transcripts, which win; the ids it has without a video are counted, not listed."""
-  ids = _keyed_ids(path) or []
   for vid in ids:
     if vid not in media:
       continue
@@ -187,15 +186,18 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
     media = _by_id(_files(videos_dir, VIDEO_SUFFIXES), "video", skipped)
   by_video: dict[str, epath.Path] = {}
   orphans: list[str] = []
-  keyed = []
-  skipped.extend(_unknown_transcripts(transcripts_dir))
-  for path in _files(transcripts_dir, TRANSCRIPT_SUFFIXES):
+  keyed: list[tuple[epath.Path, list[str]]] = []
+  for path in _entries(transcripts_dir):  # listed once: a bucket may hold millions
+    if path.suffix.lower() not in TRANSCRIPT_SUFFIXES:
+      skipped.append(_unknown_transcript(path))
+      continue
     vid = path.stem
     if vid not in media and (m := _LANGUAGE_TAG.match(vid)) and m["id"] in media:
       vid = m["id"]
     if vid not in media:
-      if path.suffix.lower() == ".json" and _keyed_ids(path) is not None:
-        keyed.append(path)
+      ids = _keyed_ids(path) if path.suffix.lower() == ".json" else None
+      if ids is not None:
+        keyed.append((path, ids))
       else:
         orphans.append(str(path))
     elif vid in by_video:
@@ -203,8 +205,8 @@ def pair_inputs(transcripts_dir, *, videos_dir=None, features_dir=None) -> Pairi
                                     f"{by_video[vid]}); remove one"))
     else:
       by_video[vid] = path
-  for path in keyed:
-    _pair_keyed(path, media, by_video, orphans, skipped)
+  for path, ids in keyed:
+    _pair_keyed(path, ids, media, by_video, orphans, skipped)
   key = "features" if features_dir is not None else "video"
   items = [VideoInputs(vid, transcript=str(by_video[vid]) if vid in by_video else None,
                        **{key: str(media[vid])}) for vid in sorted(media)]
