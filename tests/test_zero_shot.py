@@ -298,3 +298,15 @@ def test_command_help_and_errors(world, tmp_path, capsys):
                   f"--labels={labels}", f"--out={tmp_path / 'out'}"])
   assert code == 1
   assert "no visual vocabulary: pass --visual_vocab" in capsys.readouterr().err
+
+
+def test_segments_of_every_length_compile_a_few_shapes(world):
+  """Prompt widths are powers of two (16, then max_len here): segments of 1 to 60 clips, eight to
+  a pass, compile one forward pass per width."""
+  rng = np.random.default_rng(5)
+  videos = [tm.sample_video(rng, "cut", "egg", length=n) for n in range(1, 61)]
+  world.bundle._jitted.clear_cache()
+  zs.classify(world.bundle, videos, verbs=tm.VERBS, nouns=tm.NOUNS, batch_size=8)
+  widths = {prompts.prompt_width(n, tm.MAX_LEN) for n in range(1, 200)}
+  assert widths == {16, tm.MAX_LEN}
+  assert world.bundle._jitted._cache_size() == len(widths)

@@ -24,8 +24,9 @@ from vbert_jax.text import tokenizers
 ORDERS = ("video_first", "text_first")
 FORECAST_LAYOUTS = ("video_only", "pair")
 MASK_TOKEN = "[MASK]"
-# Batches are cut to their longest prompt rounded up to this, to bound the compiled shapes.
-LENGTH_MULTIPLE = 4
+# Batches are cut to their longest prompt rounded up to a power of two of at least this (or to
+# max_len), so that a corpus of any segment lengths compiles a few shapes.
+MIN_WIDTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], templa
                 order: str, rows: int, ids: Sequence[int] | None = None
                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """`build` for each video, stacked into `rows` rows and cut after the longest prompt
-  (rounded up to `LENGTH_MULTIPLE`: the cut columns are padding in every row, masked out of
+  (rounded up by `prompt_width`: the cut columns are padding in every row, masked out of
   attention, so the answers do not change and the pass costs what the prompts need); returns
   (batch, mask positions [rows, masks]).
 
@@ -141,13 +142,19 @@ def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], templa
       raise ValueError(f"video {i if ids is None else ids[i]}: {e}") from e
   fitted += [fitted[0]] * (rows - len(fitted))
   longest = max(len(v) for v in fitted) + len(template.ids) + 3
-  width = min(layout.max_len, -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+  width = prompt_width(longest, layout.max_len)
   video_first = order == "video_first"
   batch = layout.stack_with_text(fitted, template.ids, video_first, width)
   slots = np.asarray(template.slots, np.int32)
   n_v = np.array([len(v) for v in fitted], np.int32)[:, None]
   positions = n_v + 2 + slots if video_first else np.tile(1 + slots, (len(fitted), 1))
   return batch, positions.astype(np.int32)
+
+
+def prompt_width(longest: int, max_len: int) -> int:
+  """The columns of a batch whose longest prompt has `longest` tokens: the next power of two,
+  at least MIN_WIDTH, at most max_len."""
+  return min(max_len, max(MIN_WIDTH, 1 << (longest - 1).bit_length()))
 
 
 def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
