@@ -373,3 +373,11 @@ def test_dummy_data_is_reproducible(tmp_path):
     else:
       assert (out / name).read_text() == (shipped / name).read_text()
 
+
+
+def test_punctuation_model_is_read_from_the_manual_dir(tmp_path):
+  settings = vb.VideoBertConfig(name="p", punctuation_model="punct.msgpack").settings(tmp_path)
+  assert settings.split_config.punctuation_model == str(tmp_path / "punct.msgpack")
+  settings = vb.VideoBertConfig(name="p", punctuation_model="/models/p.msgpack").settings(tmp_path)
+  assert settings.split_config.punctuation_model == "/models/p.msgpack"
+  assert vb.VideoBertConfig(name="p").settings(tmp_path).split_config.punctuation_model == ""

@@ -40,6 +40,9 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
     ("python -m vbert_jax.vocab.fit", [(r"--depth=4 --branching=12", "--depth=2 --branching=3")]),
     ("python -m vbert_jax.vocab.grid", []),
     ("python -m vbert_jax.text.train_sentencepiece", [(r"--vocab_size=8000", "--vocab_size=100")]),
+    # The README itself is punctuated prose, one paragraph (or line) a document.
+    ("python -m vbert_jax.text.train_punctuation", [
+        (r"--text=prose.txt", "--text={repo}/README.md --steps=4 --eval_every=2 --no_progress")]),
     ("tfds build data/videobert --manual_dir=corpus --data_dir=tfds_data --config='",
      [(r'"visual_vocab_size": 20736, "text_vocab_size": 8000',
        '"visual_vocab_size": 9, "text_vocab_size": 100, "validation_fraction": 0.4')]),
@@ -150,6 +153,7 @@ def _check_corpus(tmp: pathlib.Path) -> None:
   assert len(list((tmp / "corpus" / "features").glob("*.npz"))) == 8
   assert (tmp / "corpus" / "vocab_grid.png").stat().st_size > 0
   assert (tmp / "corpus" / "text.model").is_file()
+  assert (tmp / "corpus" / "punctuation.msgpack").is_file()
   for run in ("base", "large", "captioner"):
     assert any((tmp / "runs" / run / "checkpoints").iterdir()), run
   for task in ("zero_shot", "t2v", "forecast", "captions"):

@@ -57,6 +57,9 @@ class VideoBertConfig(tfds.core.BuilderConfig):
   # Sentence splitting and alignment (vbert_jax.text.sentences, vbert_jax.align).
   max_gap: float = 1.0
   max_words: int = 32
+  # A model from vbert_jax.text.train_punctuation for unpunctuated transcripts; empty: they are
+  # cut at pauses of max_gap seconds.
+  punctuation_model: str = ""
   video_segment_tokens: int = align.VIDEO_SEGMENT_TOKENS
   # Feature extraction, used when the source is videos.
   s3d_weights: str = ""  # from vbert_jax.video.convert_s3d; empty: random init (a warning)
@@ -81,7 +84,10 @@ class VideoBertConfig(tfds.core.BuilderConfig):
     return records.RecordSettings(
         vocabulary=self.resolve(manual_dir, self.vocabulary), tokenizer=self.tokenizer,
         tokenizer_file=self.resolve(manual_dir, self.tokenizer_file), lowercase=self.lowercase,
-        split_config=sentences_lib.SplitConfig(max_gap=self.max_gap, max_words=self.max_words),
+        split_config=sentences_lib.SplitConfig(
+            max_gap=self.max_gap, max_words=self.max_words,
+            punctuation_model=(self.resolve(manual_dir, self.punctuation_model)
+                               if self.punctuation_model else "")),
         align_config=align.AlignConfig(video_segment_tokens=self.video_segment_tokens))
 
 

@@ -4,7 +4,10 @@ ASR has no punctuation, so a transcript is split one of two ways, chosen per tra
 
 - punctuated (human captions): after words ending in `.`, `!`, `?` or `…` (closing quotes and
   brackets may follow; a few abbreviations such as "Dr." do not end a sentence);
-- unpunctuated (ASR): at pauses, where the silence between two cues is at least `max_gap`.
+- unpunctuated (ASR): at pauses, where the silence between two cues is at least `max_gap`; or,
+  with a punctuation model (`punctuation_model`, see `vbert_jax.text.punctuation`), after the
+  marks that the model restores, as for punctuated text. Continuous auto-captions have no pauses
+  to cut at, which is what the model is for.
 
 Either way, a sentence longer than `max_words` is cut at its longest internal pause (in halves
 when it has none) until every piece fits. Where the transcript times its words (`Cue.words`),
@@ -58,12 +61,15 @@ class Sentence(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
   """How cues become sentences. `punctuated`: None decides per transcript (at least one
-  sentence-final mark per `max_words` words); True/False force the mode."""
+  sentence-final mark per `max_words` words); True/False force the mode. `punctuation_model`: a
+  file from `vbert_jax.text.train_punctuation` that restores the marks of unpunctuated
+  transcripts; empty: they are cut at pauses."""
   max_gap: float = 1.0  # seconds of silence that end an unpunctuated sentence
   max_words: int = 32
   punctuated: bool | None = None
   lowercase: bool = False
   drop_sound_tags: bool = True
+  punctuation_model: str = ""
 
   def __post_init__(self):
     if self.max_gap <= 0 or self.max_words <= 0:
@@ -101,13 +107,14 @@ def _spread(text: str, start: float, end: float, drop_sound_tags: bool) -> list[
   return out
 
 
-def _ends_sentence(word: str) -> bool:
+def ends_sentence(word: str) -> bool:
+  """Whether a word of punctuated text ends its sentence."""
   return bool(_SENTENCE_END.search(word)) and word.lower() not in _ABBREVIATIONS
 
 
 def is_punctuated(cues: Sequence[transcripts.Cue], max_words: int = 32) -> bool:
   words = [w for c in cues for w in c.text.split()]
-  ends = sum(_ends_sentence(w) for w in words)
+  ends = sum(ends_sentence(w) for w in words)
   return bool(words) and ends * max_words >= len(words)
 
 
@@ -126,6 +133,13 @@ def _cut_long(words: list[_Word], max_words: int) -> list[list[_Word]]:
   return done
 
 
+def _restore(words: list[_Word], model_path: str) -> list[_Word]:
+  """The words with the model's marks appended; their times are unchanged."""
+  from vbert_jax.text import punctuation  # pylint: disable=import-outside-toplevel (a cycle)
+  restored = punctuation.load_cached(str(model_path)).restore([w.text for w in words])
+  return [w._replace(text=text) for w, text in zip(words, restored)]
+
+
 def split_sentences(cues: Sequence[transcripts.Cue],
                     config: SplitConfig = SplitConfig()) -> list[Sentence]:
   """Sentences, in time order, each with the start of its first and the end of its last word."""
@@ -133,6 +147,9 @@ def split_sentences(cues: Sequence[transcripts.Cue],
   punctuated = config.punctuated
   if punctuated is None:
     punctuated = is_punctuated(cues, config.max_words)
+  if not punctuated and config.punctuation_model and words:
+    words = _restore(words, config.punctuation_model)
+    punctuated = True
   groups: list[list[_Word]] = []
   current: list[_Word] = []
   for i, word in enumerate(words):
@@ -140,7 +157,7 @@ def split_sentences(cues: Sequence[transcripts.Cue],
       groups.append(current)
       current = []
     current.append(word)
-    if punctuated and _ends_sentence(word.text):
+    if punctuated and ends_sentence(word.text):
       groups.append(current)
       current = []
   if current:

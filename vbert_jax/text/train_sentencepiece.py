@@ -50,6 +50,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                      "seconds of silence that end an unpunctuated sentence", flag_values=fv)
   flags.DEFINE_integer("max_words", sentences_lib.SplitConfig.max_words,
                        "longer sentences are cut at their longest pause", flag_values=fv)
+  flags.DEFINE_string("punctuation_model", "", "a model from vbert_jax.text.train_punctuation "
+                      "that restores the marks of unpunctuated transcripts", flag_values=fv)
   flags.DEFINE_integer("input_sentence_size", 2_000_000,
                        "sentences sampled for training (0: all)", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "seed of the sentence sampling", flag_values=fv)
@@ -127,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"no transcripts (.vtt, .srt, .json) match {args.transcripts!r}", file=sys.stderr)
     return 2
   config = sentences_lib.SplitConfig(max_gap=args.max_gap, max_words=args.max_words,
-                                     lowercase=args.lowercase)
+                                     lowercase=args.lowercase,
+                                     punctuation_model=args.punctuation_model)
   texts, skipped = corpus_sentences(paths, config)
   if not texts:
     print(f"no sentences in the {len(paths)} transcripts matching {args.transcripts!r}",

@@ -1,0 +1,246 @@
+"""Punctuation restoration for ASR: a small BiLSTM that predicts the mark after each word.
+
+Automatic captions come without punctuation and, when they are continuous, without the pauses
+that the unpunctuated split of `sentences` cuts at. As in the paper, a punctuation model runs over
+such a transcript first; its sentences are then split as for punctuated text, and every word
+keeps its time.
+
+Each word is classed by the mark that follows it: none, comma, full stop or question mark (`!`
+counts as a full stop, `;` and `:` as commas). The input of a word is its lowercased form without
+punctuation (what ASR gives) through a word embedding, plus an embedding of its last three
+letters hashed into buckets, so unseen words still carry their endings. Two bidirectional LSTM
+layers read windows of `WINDOW` words; at inference windows overlap by half and each word takes
+the prediction of the window where it lies most centrally. Windows are batched in power-of-two
+counts, so transcripts of any length compile a handful of times.
+
+A sentence ends after a word whose full-stop and question-mark probabilities sum to more than the
+model's `boundary_threshold`, which the training command chooses on its validation text.
+
+The model file (msgpack) records its format tag and version, its word list and its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import zlib
+from typing import Sequence
+
+from etils import epath
+from flax import serialization
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vbert_jax import atomic
+from vbert_jax.text import sentences
+
+FORMAT = "vbert_jax.punctuation"
+FORMAT_VERSION = 1
+MARKS = ("", ",", ".", "?")  # class k appends MARKS[k]
+NONE, COMMA, PERIOD, QUESTION = range(4)
+PAD, UNK = 0, 1
+WINDOW = 64
+_MIN_WINDOWS = 8
+
+_STRIP = re.compile(r"[^\w'$%&+#@-]+")
+_FINAL = re.compile(r"([.!?\u2026\u3002\uff01\uff1f,;:])[\"'\u201d\u2019)\]]*$")
+
+
+def word_form(token: str) -> str:
+  """The model's view of a token: lowercase, punctuation removed (apostrophes and a few signs
+  that are spoken, such as `%` or `$`, kept), as ASR would write the word."""
+  form = _STRIP.sub("", token.lower()).strip("'-")
+  return form or token.lower()
+
+
+def mark_class(token: str) -> int:
+  """The class of the punctuation that ends `token` in written text; the full stop of an
+  abbreviation ("Dr.") is no mark, as `sentences` reads it."""
+  match = _FINAL.search(token)
+  if not match:
+    return NONE
+  mark = match.group(1)
+  if mark in ",;:":
+    return COMMA
+  if not sentences.ends_sentence(token):
+    return NONE
+  return QUESTION if mark in "?\uff1f" else PERIOD
+
+
+def suffix_bucket(form: str, buckets: int) -> int:
+  # crc32, not hash(): Python salts str hashes per process, and the buckets must be stable.
+  return zlib.crc32(form[-3:].encode("utf-8")) % buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  embed_dim: int = 128
+  hidden: int = 128
+  layers: int = 2
+  suffix_buckets: int = 4096
+  dropout: float = 0.3
+
+
+class BiLSTMTagger(nn.Module):
+  """[B, T] word ids and suffix buckets -> [B, T, 4] logits of the mark after each word."""
+  vocab_size: int
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, words: jax.Array, suffixes: jax.Array, train: bool = False) -> jax.Array:
+    c = self.config
+    # Padding (id 0) only ever trails a window; the backward LSTMs start at each row's last word.
+    lengths = jnp.sum(words != PAD, axis=-1)
+    h = nn.Embed(self.vocab_size, c.embed_dim, name="words")(words)
+    h = h + nn.Embed(c.suffix_buckets, c.embed_dim, name="suffixes")(suffixes)
+    h = nn.Dropout(c.dropout, deterministic=not train)(h)
+    for i in range(c.layers):
+      h = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(c.hidden)),
+                           nn.RNN(nn.OptimizedLSTMCell(c.hidden)),
+                           name=f"bilstm_{i}")(h, seq_lengths=lengths)
+      h = nn.Dropout(c.dropout, deterministic=not train)(h)
+    return nn.Dense(len(MARKS), name="marks")(h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probabilities(module: BiLSTMTagger, params, words, suffixes) -> jax.Array:
+  return jax.nn.softmax(module.apply({"params": params}, words, suffixes).astype(jnp.float32))
+
+
+@dataclasses.dataclass
+class Punctuator:
+  """A trained model: its word list (index = id; 0 and 1 are padding and unknown), settings,
+  parameters and the boundary threshold chosen on validation text."""
+  words: list[str]
+  config: ModelConfig
+  params: dict
+  boundary_threshold: float = 0.5
+
+  def __post_init__(self):
+    self._ids = {w: i for i, w in enumerate(self.words)}
+    self.module = BiLSTMTagger(len(self.words), self.config)
+
+  def encode(self, forms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([self._ids.get(f, UNK) for f in forms], np.int32)
+    buckets = np.array([suffix_bucket(f, self.config.suffix_buckets) for f in forms], np.int32)
+    return ids, buckets
+
+  def probabilities(self, forms: Sequence[str]) -> np.ndarray:
+    """[len(forms), 4] probabilities of the mark after each word (forms as `word_form` gives)."""
+    n = len(forms)
+    if n == 0:
+      return np.zeros((0, len(MARKS)), np.float32)
+    ids, buckets = self.encode(forms)
+    starts = window_starts(n, WINDOW)
+    count = max(_MIN_WINDOWS, 1 << (len(starts) - 1).bit_length())
+    words = np.zeros((count, WINDOW), np.int32)
+    suffixes = np.zeros((count, WINDOW), np.int32)
+    for row, start in enumerate(starts):
+      piece = slice(start, min(start + WINDOW, n))
+      words[row, :piece.stop - start] = ids[piece]
+      suffixes[row, :piece.stop - start] = buckets[piece]
+    probs = np.asarray(_probabilities(self.module, self.params, words, suffixes))
+    return _centred(probs, starts, n)
+
+  def boundaries(self, forms: Sequence[str]) -> np.ndarray:
+    """[len(forms)] bool: a sentence ends after this word."""
+    probs = self.probabilities(forms)
+    return probs[:, PERIOD] + probs[:, QUESTION] > self.boundary_threshold
+
+  def restore(self, tokens: Sequence[str]) -> list[str]:
+    """`tokens` with the predicted mark appended where they do not already end in one."""
+    probs = self.probabilities([word_form(t) for t in tokens])
+    ends = probs[:, PERIOD] + probs[:, QUESTION] > self.boundary_threshold
+    out = []
+    for token, p, end in zip(tokens, probs, ends):
+      if mark_class(token) != NONE:
+        out.append(token)
+      elif end:
+        out.append(token + MARKS[QUESTION if p[QUESTION] > p[PERIOD] else PERIOD])
+      else:
+        out.append(token + (MARKS[COMMA] if p[COMMA] > p[NONE] + p[PERIOD] + p[QUESTION]
+                            else ""))
+    return out
+
+  def save(self, path) -> None:
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "words": list(self.words),
+               "config": dataclasses.asdict(self.config),
+               "boundary_threshold": float(self.boundary_threshold),
+               "params": jax.tree.map(np.asarray, self.params)}
+    data = serialization.msgpack_serialize(payload)
+    atomic.write_atomic(path, lambda tmp: epath.Path(tmp).write_bytes(data))
+
+
+def window_starts(n: int, window: int) -> list[int]:
+  """Starts of windows that overlap by half and cover [0, n)."""
+  step = window // 2
+  starts = list(range(0, max(n - window, 0) + 1, step))
+  if starts[-1] + window < n:
+    starts.append(n - window)
+  return starts
+
+
+def _centred(probs: np.ndarray, starts: Sequence[int], n: int) -> np.ndarray:
+  """Per word, the prediction of the window where it sits farthest from an edge (a BiLSTM sees
+  least context at a window's ends)."""
+  out = np.zeros((n, probs.shape[-1]), np.float32)
+  best = np.full(n, -1)
+  for row, start in enumerate(starts):
+    length = min(WINDOW, n - start)
+    pos = np.arange(length)
+    margin = np.minimum(pos, length - 1 - pos)
+    # A window cut short by the transcript's end has no context to miss past its last word.
+    if start + length == n:
+      margin = np.where(pos >= length // 2, length, margin)
+    if start == 0:
+      margin = np.where(pos < length // 2, length, margin)
+    take = margin > best[start:start + length]
+    out[start:start + length][take] = probs[row, :length][take]
+    best[start:start + length] = np.where(take, margin, best[start:start + length])
+  return out
+
+
+def load(path) -> Punctuator:
+  """Reads a model file written by `Punctuator.save`; anything else is refused, naming the file."""
+  path = epath.Path(path)
+  try:
+    payload = serialization.msgpack_restore(path.read_bytes())
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"{path}: not a readable punctuation model file ({e})") from e
+  if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    raise ValueError(f"{path}: not a punctuation model file (expected format tag {FORMAT!r}; "
+                     "train one with `python -m vbert_jax.text.train_punctuation`)")
+  version = payload.get("version", 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise ValueError(f"{path}: punctuation model format version {version} is newer than this "
+                     f"code reads (version {FORMAT_VERSION}); update vbert_jax")
+  try:
+    config = ModelConfig(**payload["config"])
+    model = Punctuator(list(payload["words"]), config, payload["params"],
+                       float(payload["boundary_threshold"]))
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path}: punctuation model file is incomplete ({e!r})") from e
+  _check_shapes(model, path)
+  return model
+
+
+def _check_shapes(model: Punctuator, path) -> None:
+  want = jax.eval_shape(lambda: model.module.init(
+      jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32)))["params"]
+  want_shapes = jax.tree.map(lambda x: tuple(x.shape), want)
+  try:
+    got_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), model.params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: punctuation model parameters unreadable ({e})") from e
+  if got_shapes != want_shapes:
+    raise ValueError(f"{path}: punctuation model parameters do not match its word list and "
+                     "settings (the file is damaged)")
+
+
+@functools.lru_cache(maxsize=4)
+def load_cached(path: str) -> Punctuator:
+  """One load per process and path: a dataset build restores thousands of transcripts."""
+  return load(path)
