@@ -221,8 +221,8 @@ def test_build_batch_equals_the_rows_built_one_by_one(small, order):
   ref = sequence.stack([p for p, _ in built])
   width = batch["input_ids"].shape[1]
   longest = int(ref["input_mask"].sum(axis=1).max())
-  assert width == min(layout.max_len, max(prompts.MIN_WIDTH,
-                                          2 ** int(np.ceil(np.log2(longest)))))
+  assert width == min(layout.max_len, next(w for w in (16, 24, 32, 48, 64, 96, 128, 192, 256)
+                                          if w >= longest))
   assert ref["input_mask"][:, width:].sum() == 0  # only padding columns were cut
   for key in ("input_ids", "segment_ids", "position_ids", "input_mask"):
     np.testing.assert_array_equal(batch[key], ref[key][:, :width], err_msg=key)
@@ -230,6 +230,13 @@ def test_build_batch_equals_the_rows_built_one_by_one(small, order):
   np.testing.assert_array_equal(positions, np.stack([p for _, p in built]))
   with pytest.raises(ValueError, match=r"video 7: visual tokens must lie in \[0, 64\)"):
     prompts.build_batch(layout, [[1], [64]], tpl, order, rows=2, ids=[6, 7])
+
+
+def test_prompt_widths_are_few():
+  widths = [prompts.prompt_width(n, 512) for n in range(1, 513)]
+  assert sorted(set(widths)) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+  assert all(w >= n and (w <= 16 or w <= 1.5 * n) for n, w in enumerate(widths, 1))
+  assert prompts.prompt_width(100, 28) == 28 and prompts.prompt_width(3, 8) == 8
 
 
 def test_long_video_is_subsampled_evenly_and_the_text_kept_whole(small):

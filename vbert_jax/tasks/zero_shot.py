@@ -122,8 +122,8 @@ def _batches(bundle, videos: Sequence[np.ndarray], template: prompts.Template, o
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(row indices, log-probabilities [rows, masks, K]) over all videos, in batches.
 
-  Videos of similar length share a batch, which is cut to its longest prompt (rounded up to a
-  power of two, `prompts.prompt_width`), so that short segments do not pay for max_len. `ids`: the text
+  Videos of similar length share a batch, which is cut to its longest prompt (rounded up to one
+  of a few widths, `prompts.prompt_width`), so that short segments do not pay for max_len. `ids`: the text
   ids whose log-probabilities come back (None: all of them).
   """
   size = _bucket(len(videos), batch_size)
