@@ -173,12 +173,15 @@ class _Worker:
     child.close()  # so that the worker's death closes the pipe for us
     self.ready = False
     for job in self.jobs:  # a restarted worker takes over its predecessor's queue
-      self.conn.send(job)
+      self._send(job)
 
   def send(self, index: int, path: str) -> None:
     self.jobs.append((index, path))
+    self._send((index, path))
+
+  def _send(self, job) -> None:
     try:
-      self.conn.send((index, path))
+      self.conn.send(job)
     except OSError:  # it died: seen when its video is read; its successor gets self.jobs
       pass
 
@@ -267,7 +270,6 @@ class DecodePool:
     self._fed = 0  # videos sent to a worker so far
     self._next = 0  # the video clips() must be asked for next
     self._cancelled = False
-    self.restarts = 0
     try:
       for i in range(workers):
         self._workers.append(_Worker(self._ctx, i, slots, settings, decode))
@@ -281,10 +283,6 @@ class DecodePool:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-  @property
-  def shm_names(self) -> list[str]:
-    return [w.shm.name for w in self._workers]
 
   def wait_ready(self) -> None:
     """Waits until every worker has started (a benchmark's clock starts after this)."""
@@ -319,7 +317,7 @@ class DecodePool:
       kind, got = message[0], message[1]
       if got != index:
         raise PoolError(f"decode worker {w.id} sent video {got} while video {index} "
-                           f"({path}) was expected")
+                        f"({path}) was expected")
       if kind == "clip":
         slot, start, end, clip_index = message[2:]
         yield reader.Clip(w.ring[slot], start, end, clip_index)
@@ -341,7 +339,6 @@ class DecodePool:
       raise WorkerStartError(f"decode worker {w.id} died before it started: {how}")
     w.jobs.popleft()
     w.start()
-    self.restarts += 1
     name = pathlib.Path(self.paths[index]).name
     raise reader.VideoReadError(
         self.paths[index], f"the decode worker died while reading {name} ({how}); a new worker "
