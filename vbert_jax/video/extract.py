@@ -11,9 +11,10 @@ devices busy. The clips come from `--decode_workers` processes, each decoding on
 time with one thread into shared memory (vbert_jax.video.decode_pool), or with
 `--decode_workers=0` (the default) from the batch thread itself, with FFmpeg's own decoding
 threads (vbert_jax.video.reader). Either way the batches are filled with the clips of the sorted
-videos in order, so the feature files do not depend on the number of workers. Each finished video is written atomically (features_io), and
-videos whose file exists are skipped, so a killed run resumes where it stopped. A video that
-cannot be read is recorded with its reason and the run goes on; the summary lists every one.
+videos in order, so the feature files do not depend on the number of workers. Each finished
+video is written atomically (features_io), and videos whose file exists are skipped, so a killed
+run resumes where it stopped. A video that cannot be read (or whose decode worker dies) is
+recorded with its reason and the run goes on; the summary lists every one.
 Hosts split the sorted video list by `--shard_index/--num_shards` (default: the JAX process
 index and count). Without `--s3d_weights` the network is randomly initialised, and says so.
 """
