@@ -7,9 +7,19 @@ included on both sides. Decoding: a generated 60 fps 1080p H.264 file, read by `
 threading and no conversion (what any reader of the file must pay); both report seconds of video
 per second of wall time.
 
-    python bench/features.py [--reps=3] [--sizes=224,112] [--skip_decode] [--skip_s3d]
+Decode workers: `--decode_copies` copies of that file decoded into 224-pixel clips by the
+extractor's worker pool (vbert_jax.video.decode_pool, as `extract --decode_workers=N` runs it,
+without S3D) with 1 and with 2 single-threaded workers, each clip copied out of shared memory
+into a batch buffer as the extractor does; the clock starts once the workers are up. For
+comparison, the same files in one process with FFmpeg's own threads (thread_type AUTO): our
+reader (`--decode_workers=0`) and PyAV's plain loop. `decode_scaling` is 2 workers' throughput
+over 1 worker's. `--skip_s3d` runs only the decoding parts.
 
-Last line: BENCH features: ours_clips_per_s=... peer_clips_per_s=... ratio_112=... decode_ratio=... ratio=...
+    python bench/features.py [--reps=3] [--sizes=224,112] [--skip_decode] [--skip_s3d]
+        [--skip_workers] [--decode_copies=4]
+
+Last line: BENCH features: ours_clips_per_s=... peer_clips_per_s=... ratio_112=... decode_ratio=...
+decode_scaling=... workers2_vs_pyav_threads=... ratio=...
 """
 
 from __future__ import annotations
@@ -123,24 +133,19 @@ def pyav_decode(path: pathlib.Path) -> float:
     return float(last.time) + float(last.duration * last.time_base)
 
 
-def bench_decode(reps: int) -> float:
+def bench_decode(path: pathlib.Path, reps: int) -> float:
   """ours / PyAV seconds of video decoded per second."""
   from vbert_jax.video import reader
-  with tempfile.TemporaryDirectory() as tmp:
-    path = pathlib.Path(tmp) / "noise_1080p60.mp4"
+  times = {"ours": [], "peer": []}
+  duration, clips = {}, []
+  for _ in range(reps):
     t0 = time.perf_counter()
-    make_video(path)
-    print(f"generated {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
-    times = {"ours": [], "peer": []}
-    duration, clips = {}, []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      clips = list(reader.read_clips(path))
-      times["ours"].append(time.perf_counter() - t0)
-      duration["ours"] = clips[-1].end if clips else 0.0
-      t0 = time.perf_counter()
-      duration["peer"] = pyav_decode(path)
-      times["peer"].append(time.perf_counter() - t0)
+    clips = list(reader.read_clips(path))
+    times["ours"].append(time.perf_counter() - t0)
+    duration["ours"] = clips[-1].end if clips else 0.0
+    t0 = time.perf_counter()
+    duration["peer"] = pyav_decode(path)
+    times["peer"].append(time.perf_counter() - t0)
   # Both read the whole file; the peer's duration (every frame) is the video's length.
   ours_vps, peer_vps = (duration["peer"] / min(times[k]) for k in ("ours", "peer"))
   print(f"decode 1080p60 H.264 ({duration['peer']:.2f}s; {len(clips)} clips to "
@@ -150,10 +155,79 @@ def bench_decode(reps: int) -> float:
   return ours_vps / peer_vps
 
 
+def _copy_out(clips, batch: np.ndarray) -> int:
+  """Copies every clip into a batch buffer, as the extractor's batch thread does; the count."""
+  n = 0
+  for clip in clips:
+    batch[n % len(batch)] = clip.frames
+    n += 1
+  return n
+
+
+def _time_pool(paths, workers: int, batch: np.ndarray) -> tuple[float, int]:
+  from vbert_jax.video import decode_pool, extract
+  settings = decode_pool.Settings(extract.FPS, extract.CLIP_FRAMES, batch.shape[2])
+  with decode_pool.DecodePool(paths, workers=workers, slots=extract.DECODE_SLOTS,
+                              settings=settings) as pool:
+    pool.wait_ready()  # spawned workers import this script (torch, jax): not decoding time
+    t0 = time.perf_counter()
+    n = sum(_copy_out(pool.clips(i), batch) for i in range(len(paths)))
+    return time.perf_counter() - t0, n
+
+
+def _time_in_process(paths, batch: np.ndarray) -> tuple[float, int]:
+  from vbert_jax.video import reader
+  t0 = time.perf_counter()
+  n = sum(_copy_out(reader.read_clips(p, size=batch.shape[2]), batch) for p in paths)
+  return time.perf_counter() - t0, n
+
+
+def _time_pyav(paths) -> tuple[float, int]:
+  t0 = time.perf_counter()
+  for p in paths:
+    pyav_decode(p)
+  return time.perf_counter() - t0, 0
+
+
+def bench_decode_workers(path: pathlib.Path, copies: int, reps: int) -> tuple[float, float]:
+  """(2 workers / 1 worker, 2 workers / PyAV with FFmpeg threads), in seconds of video per
+  second, over `copies` hard links of `path`; contenders alternate within each round."""
+  paths = []
+  for i in range(copies):
+    paths.append(path.with_name(f"copy{i}_{path.name}"))
+    os.link(path, paths[-1])
+  seconds = copies * pyav_decode(path)
+  batch = np.empty((32, FRAMES, 224, 224, 3), np.uint8)
+  contenders = {
+      "1 worker": lambda: _time_pool(paths, 1, batch),
+      "2 workers": lambda: _time_pool(paths, 2, batch),
+      "reader, FFmpeg threads": lambda: _time_in_process(paths, batch),
+      "PyAV loop, FFmpeg threads": lambda: _time_pyav(paths),
+  }
+  times = {name: [] for name in contenders}
+  clips = {}
+  for _ in range(reps):
+    for name, run in contenders.items():
+      elapsed, clips[name] = run()
+      times[name].append(elapsed)
+  if len({clips[k] for k in list(contenders)[:3]}) != 1:
+    raise RuntimeError(f"the contenders decoded different numbers of clips: {clips}")
+  rate = {name: seconds / min(t) for name, t in times.items()}
+  print(f"decode {copies} x 1080p60 H.264 ({seconds:.1f} s of video, {clips['1 worker']} clips "
+        f"of 224 px), video-s/s: " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items()) +
+        "; per round s: " + ", ".join(f"{k} {['%.2f' % x for x in t]}" for k, t in times.items()),
+        flush=True)
+  return (rate["2 workers"] / rate["1 worker"],
+          rate["2 workers"] / rate["PyAV loop, FFmpeg threads"])
+
+
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("reps", 3, "timed repetitions of each side", flag_values=fv)
   flags.DEFINE_bool("skip_decode", False, "skip the decoding benchmark", flag_values=fv)
   flags.DEFINE_bool("skip_s3d", False, "skip the S3D benchmark", flag_values=fv)
+  flags.DEFINE_bool("skip_workers", False, "skip the decode workers' benchmark", flag_values=fv)
+  flags.DEFINE_integer("decode_copies", 4, "copies of the 1080p file that the decode workers "
+                       "share out", flag_values=fv)
   flags.DEFINE_string("sizes", "224,112", "comma-separated crop sizes of the S3D benchmark",
                       flag_values=fv)
 
@@ -171,11 +245,23 @@ def main() -> None:
   variables = convert_s3d.convert_torch_state_dict(model.state_dict())
   sizes = [] if args.skip_s3d else [int(v) for v in args.sizes.split(",")]
   results = {size: bench_s3d(model, variables, size, args.reps) for size in sizes}
-  decode_ratio = float("nan") if args.skip_decode else bench_decode(args.reps)
-  ours, peer = results.get(224, (float("nan"),) * 2)
-  ratio_112 = np.divide(*results[112]) if 112 in results else float("nan")
+  nan = float("nan")
+  decode_ratio, scaling, vs_pyav = nan, nan, nan
+  if not (args.skip_decode and args.skip_workers):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / "noise_1080p60.mp4"
+      t0 = time.perf_counter()
+      make_video(path)
+      print(f"generated {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+      if not args.skip_decode:
+        decode_ratio = bench_decode(path, args.reps)
+      if not args.skip_workers:
+        scaling, vs_pyav = bench_decode_workers(path, args.decode_copies, args.reps)
+  ours, peer = results.get(224, (nan,) * 2)
+  ratio_112 = np.divide(*results[112]) if 112 in results else nan
   print(f"BENCH features: ours_clips_per_s={ours:.3f} peer_clips_per_s={peer:.3f} "
-        f"ratio_112={ratio_112:.3f} decode_ratio={decode_ratio:.3f} ratio={ours / peer:.3f}")
+        f"ratio_112={ratio_112:.3f} decode_ratio={decode_ratio:.3f} decode_scaling={scaling:.3f} "
+        f"workers2_vs_pyav_threads={vs_pyav:.3f} ratio={ours / peer:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,22 @@ and how well random-init S3D features separate the demo world's steps (1-NN)."""
 from __future__ import annotations
 
 import fractions
+import glob
+import multiprocessing
+import os
+import pathlib
+import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 import fixtures_world as fw
+from helpers import decode_faults
 from vbert_jax.demo.world import corpus as demo_corpus
 from vbert_jax.demo import world as demo_world
+from vbert_jax.video import decode_pool
 from vbert_jax.video import extract
 from vbert_jax.video import features_io
 from vbert_jax.video import reader
@@ -230,3 +238,171 @@ def test_failure_after_some_batches_leaves_no_file(media, variables, tmp_path, m
   got = features_io.load_features(tmp_path / "out" / "three_clips.npz").features
   np.testing.assert_allclose(got, _direct(variables, [good["three_clips"].path]), rtol=2e-4,
                              atol=2e-4 * np.abs(got).max())
+
+
+# ------------------------------------------------------------------------ decode worker processes
+
+
+@pytest.fixture(scope="module")
+def many(media, tmp_path_factory):
+  """Nine videos (20 clips, so batches of 16 straddle videos) and two bad files, by name in the
+  order the extractor sorts them."""
+  _, good, bad = media
+  folder = tmp_path_factory.mktemp("many")
+  sources = {"three_clips": good["three_clips"].path, "one_clip": good["one_clip"].path,
+             "too_short": good["too_short"].path, "truncated": bad["truncated"],
+             "empty": bad["empty"]}
+  names = ["a_three_clips", "b_one_clip", "c_three_clips", "d_truncated", "e_three_clips",
+           "f_too_short", "g_three_clips", "h_one_clip", "i_three_clips", "j_empty",
+           "k_three_clips"]
+  paths = []
+  for name in names:
+    source = sources[name.split("_", 1)[1]]
+    paths.append(folder / f"{name}{source.suffix}")
+    shutil.copyfile(source, paths[-1])
+  return paths
+
+
+@pytest.fixture(scope="module")
+def many_reference(many, variables, tmp_path_factory):
+  """`many` extracted in this process's thread (no workers): (folder, summary)."""
+  folder = tmp_path_factory.mktemp("many_reference")
+  return folder, _run(many, folder, variables)
+
+
+def _run(paths, out, variables, **kw):
+  return extract.extract_features(paths, out, variables=variables, image_size=SIZE,
+                                   batch_size=BATCH, dtype="float32", progress=False, **kw)
+
+
+def _files(folder) -> dict[str, features_io.VideoFeatures]:
+  return {p.stem: features_io.load_features(p) for p in sorted(folder.glob("*.npz"))}
+
+
+def _assert_same_files(a, b):
+  fa, fb = _files(a), _files(b)
+  assert sorted(fa) == sorted(fb)
+  for key in fa:
+    for field in ("features", "starts", "ends"):
+      x, y = getattr(fa[key], field), getattr(fb[key], field)
+      assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), (key, field)
+    assert fa[key].source == fb[key].source
+
+
+def _our_shared_memory() -> list[str]:
+  return glob.glob(f"/dev/shm/{decode_pool.SHM_PREFIX}{os.getpid()}_*")
+
+
+def test_reader_threads_option_gives_the_same_clips(media):
+  path = media[1]["three_clips"].path
+  auto = list(reader.read_clips(path, size=SIZE))
+  single = list(reader.read_clips(path, size=SIZE, threads=1))
+  assert len(auto) == len(single) == 3
+  for a, b in zip(auto, single):
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert (a.start, a.end, a.index) == (b.start, b.end, b.index)
+  with pytest.raises(ValueError, match="threads=0"):
+    reader.read_clips(path, threads=0)
+
+
+def test_decode_workers_write_the_same_files(many, many_reference, variables, tmp_path):
+  """0 (in-process), 1 and 2 workers fill the same batches: the files are equal to the bit."""
+  folder, summary = many_reference
+  summaries = {n: _run(many, tmp_path / str(n), variables, decode_workers=n, decode_slots=4)
+               for n in (1, 2)}
+  for n in (1, 2):
+    _assert_same_files(folder, tmp_path / str(n))
+    assert summaries[n].skipped == summary.skipped
+    assert summaries[n].written == summary.written
+  assert len(summaries[2].written) == 9 and summaries[2].num_clips == 20
+  assert {os.path.basename(p) for p, _ in summaries[2].skipped} == {"d_truncated.mp4",
+                                                                   "j_empty.mp4"}
+  assert not _our_shared_memory() and not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_stopped_run_frees_shared_memory_and_resumes_alike(many, many_reference, variables,
+                                                           tmp_path, monkeypatch, error):
+  """Ctrl-C (or a failed write) after two files: the workers and their shared memory are gone,
+  and the finished files stay; after Ctrl-C, resuming with 1 or 2 workers writes the same
+  files."""
+  real_write = extract._write
+  seen = []
+
+  def write(*args, **kw):
+    seen.append(_our_shared_memory())
+    if len(seen) == 3:
+      raise error("stopped here")
+    real_write(*args, **kw)
+
+  monkeypatch.setattr(extract, "_write", write)
+  with pytest.raises(error, match="stopped here"):
+    _run(many, tmp_path / "part", variables, decode_workers=2, decode_slots=4)
+  monkeypatch.undo()
+  assert len(seen[0]) == 2  # one block per worker while it ran
+  assert not _our_shared_memory() and not multiprocessing.active_children()
+  assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["a_three_clips.npz",
+                                                                   "b_one_clip.npz"]
+  if error is not KeyboardInterrupt:
+    return
+  for n in (1, 2):
+    shutil.copytree(tmp_path / "part", tmp_path / f"resumed{n}")
+    s = _run(many, tmp_path / f"resumed{n}", variables, decode_workers=n, decode_slots=4)
+    assert s.already_done == ["a_three_clips", "b_one_clip"] and len(s.written) == 7
+  _assert_same_files(tmp_path / "resumed1", tmp_path / "resumed2")
+  # Other batches than a run from the start, so the same features only up to rounding.
+  whole, resumed = _files(many_reference[0]), _files(tmp_path / "resumed2")
+  assert sorted(whole) == sorted(resumed)
+  for key, vf in whole.items():
+    np.testing.assert_array_equal(vf.starts, resumed[key].starts)
+    np.testing.assert_allclose(resumed[key].features, vf.features, rtol=2e-4,
+                               atol=2e-4 * max(1.0, float(np.abs(vf.features).max(initial=0))))
+
+
+def test_dead_worker_fails_its_video_and_is_replaced(many, media, variables, tmp_path):
+  """A worker killed by SIGKILL in the middle of a video, one that exits before its first clip
+  and a decode function that raises: each fails its own video, named with the reason; a new
+  worker decodes the videos after the ones that killed it; nothing partial is written."""
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  for path in many:
+    shutil.copyfile(path, folder / path.name)
+  three = media[1]["three_clips"].path
+  # Sorted among the others: worker 0 dies on video 2, worker 1 on video 5 (of 14).
+  faulty = {name: folder / name for name in ("c_killed_.mp4", "e_exits_.mp4", "g_raises_.mp4")}
+  for path in faulty.values():
+    shutil.copyfile(three, path)
+  paths = sorted(folder.iterdir())
+  runs = {n: _run(paths, tmp_path / str(n), variables, decode_workers=n, decode_slots=4,
+                  decode=decode_faults.read_clips) for n in (1, 2)}
+  s = runs[2]
+  reasons = {pathlib.Path(p).name: reason for p, reason in s.skipped}
+  assert sorted(reasons) == ["c_killed_.mp4", "d_truncated.mp4", "e_exits_.mp4",
+                             "g_raises_.mp4", "j_empty.mp4"]
+  assert re.fullmatch(r"the decode worker died while reading c_killed_\.mp4 \(pid \d+ was "
+                      r"killed by SIGKILL\); a new worker took over its remaining videos",
+                      reasons["c_killed_.mp4"])
+  assert re.search(r"died while reading e_exits_\.mp4 \(pid \d+ exited with status 3\)",
+                   reasons["e_exits_.mp4"])
+  assert reasons["g_raises_.mp4"] == "RuntimeError: decoder broke in g_raises_.mp4"
+  good = [p.stem for p in many if "truncated" not in p.name and "empty" not in p.name]
+  assert sorted(s.written) == good and s.num_clips == 20
+  assert sorted(p.stem for p in (tmp_path / "2").iterdir()) == good
+  without_pids = [[(p, re.sub(r"pid \d+", "pid", r)) for p, r in runs[n].skipped] for n in (1, 2)]
+  assert without_pids[0] == without_pids[1]
+  _assert_same_files(tmp_path / "1", tmp_path / "2")
+  assert not _our_shared_memory() and not multiprocessing.active_children()
+
+
+def test_cli_decode_workers(many, tmp_path, capsys):
+  args = [f"--videos={many[0].parent}/*", f"--image_size={SIZE}", f"--batch_size={BATCH}",
+          "--no_progress"]
+  assert extract.main(args + [f"--out={tmp_path}/a", "--decode_workers=2"]) == 0
+  out, _ = capsys.readouterr()
+  assert "extracted 9 videos (20 clips" in out and "2 skipped" in out
+  # Slots that /dev/shm cannot hold are refused before any worker starts.
+  assert extract.main(args + [f"--out={tmp_path}/b", "--decode_workers=2",
+                              f"--decode_slots={10**9}"]) == 2
+  err = capsys.readouterr().err
+  assert "shared memory: 2 decode workers x 1000000000 slots need" in err and "--shm-size" in err
+  assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())

@@ -2,14 +2,19 @@
 
   python -m vbert_jax.video.extract --videos='DIR/*.mp4' --out=FEATDIR \
       [--s3d_weights=s3d.msgpack] [--image_size=224] [--batch_size=32] [--dtype=float16] \
-      [--shard_index=I --num_shards=N]
+      [--decode_workers=N [--decode_slots=S]] [--shard_index=I --num_shards=N]
 
-A background thread decodes clips (vbert_jax.video.reader) into a bounded queue while the main
-thread runs the jit-compiled S3D on batches sharded over every local device (a 1-D mesh on the
-batch axis; the batch is padded to a multiple of the device count). Batches mix videos, so short
-videos keep the devices busy. Each finished video is written atomically (features_io), and
-videos whose file exists are skipped, so a killed run resumes where it stopped. A video that
-cannot be read is recorded with its reason and the run goes on; the summary lists every one.
+A background thread fills batches of clips into a bounded queue while the main thread runs the
+jit-compiled S3D on them, sharded over every local device (a 1-D mesh on the batch axis; the
+batch is padded to a multiple of the device count). Batches mix videos, so short videos keep the
+devices busy. The clips come from `--decode_workers` processes, each decoding one video at a
+time with one thread into shared memory (vbert_jax.video.decode_pool), or with
+`--decode_workers=0` (the default) from the batch thread itself, with FFmpeg's own decoding
+threads (vbert_jax.video.reader). Either way the batches are filled with the clips of the sorted
+videos in order, so the feature files do not depend on the number of workers. Each finished
+video is written atomically (features_io), and videos whose file exists are skipped, so a killed
+run resumes where it stopped. A video that cannot be read (or whose decode worker dies) is
+recorded with its reason and the run goes on; the summary lists every one.
 Hosts split the sorted video list by `--shard_index/--num_shards` (default: the JAX process
 index and count). Without `--s3d_weights` the network is randomly initialised, and says so.
 """
@@ -17,6 +22,7 @@ index and count). Without `--s3d_weights` the network is randomly initialised, a
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
@@ -37,6 +43,7 @@ import tqdm
 
 from vbert_jax import cli
 from vbert_jax import console
+from vbert_jax.video import decode_pool
 from vbert_jax.video import features_io
 from vbert_jax.video import reader
 from vbert_jax.video import s3d
@@ -44,6 +51,7 @@ from vbert_jax.video import s3d
 CLIP_FRAMES = 30
 FPS = 20.0
 DTYPES = ("float16", "float32")
+DECODE_SLOTS = 64  # clips per decode worker: 96 s of video, 290 MB at 224 pixels
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: no S3D weights given (--s3d_weights): extracting with RANDOMLY INITIALISED S3D "
     "weights (seed {seed}). These are not Kinetics features; convert torchvision's S3D file with "
@@ -131,7 +139,7 @@ def load_variables(weights: str | os.PathLike | None, image_size: int, seed: int
   return s3d.load_params(weights), False
 
 
-# -------------------------------------------------------------------------- decoding thread
+# ----------------------------------------------------------------------------- batch thread
 
 
 @dataclasses.dataclass
@@ -159,14 +167,17 @@ _END = object()
 
 class _Decoder(threading.Thread):
   """Fills batches of clips across videos; a video's end (or failure) is announced after the
-  batch that holds its last clip, so the consumer sees events in a safe order."""
+  batch that holds its last clip, so the consumer sees events in a safe order.
+
+  `read(i, path)` gives the clips of the i-th item; it is called for the items in order."""
 
   def __init__(self, items: Sequence[tuple[str, pathlib.Path]], out: queue.Queue,
-               batch_size: int, image_size: int, resize: int | None = None):
-    super().__init__(daemon=True, name="clip-decoder")
+               batch_size: int, image_size: int, read: Callable[[int, pathlib.Path], Iterable]):
+    super().__init__(daemon=True, name="clip-batches")
     self.items, self.out, self.batch_size, self.image_size = items, out, batch_size, image_size
-    self.resize = resize
+    self.read = read
     self.stop = threading.Event()
+    self.error: Exception | None = None  # what ended the whole run, for the main thread
     self._new_buffer()
 
   def _new_buffer(self):
@@ -201,19 +212,23 @@ class _Decoder(threading.Thread):
 
   def run(self):
     try:
-      for key, path in self.items:
+      for i, (key, path) in enumerate(self.items):
         if self.stop.is_set():
           return
         count = 0
         try:
-          for clip in reader.read_clips(path, fps=FPS, clip_frames=CLIP_FRAMES,
-                                        size=self.image_size, resize=self.resize):
+          for clip in self.read(i, path):
             self.buf[len(self.owners)] = clip.frames
             self.owners.append((key, clip.start, clip.end))
             count += 1
             if len(self.owners) == self.batch_size and not self._flush():
               return
           self.events.append(_Done(key, str(path), count))
+        except decode_pool.Cancelled:
+          return
+        except decode_pool.PoolError as e:
+          self.error = e
+          return
         except reader.VideoReadError as e:
           self._drop(key)
           self.events.append(_Failed(key, str(path), e.reason))
@@ -234,7 +249,8 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
                      image_size: int = 224, batch_size: int = 32, dtype: str = "float16",
                      shard_index: int | None = None, num_shards: int | None = None,
                      seed: int = 0, progress: bool = True, queue_batches: int = 3,
-                     resize: int | None = None) -> Summary:
+                     resize: int | None = None, decode_workers: int = 0,
+                     decode_slots: int = DECODE_SLOTS, decode=None) -> Summary:
   """Writes `<out_dir>/<video stem>.npz` for every video of this host's shard of `paths`.
 
   Frames are resized so the short side is `image_size` and centre-cropped; `resize=256` squashes
@@ -242,9 +258,17 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
   `variables` (S3D variables) take precedence over `weights` (a file from s3d.save_params);
   with neither, S3D is randomly initialised from `seed` and a warning is printed.
+
+  `decode_workers` processes decode the videos, each with one thread and `decode_slots` clips of
+  shared memory (see decode_pool for how to size it); 0 decodes in a thread of this process with
+  FFmpeg's threads. `decode` replaces `reader.read_clips` (same keywords, plus `threads=1` in a
+  worker, which receives it by name: a module-level function).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+  if decode_workers < 0 or decode_slots < 1:
+    raise ValueError(f"decode_workers={decode_workers}, decode_slots={decode_slots}: expected "
+                     f"decode_workers >= 0 (0: decode in this process) and decode_slots >= 1")
   t0 = time.time()
   shard_index = jax.process_index() if shard_index is None else shard_index
   num_shards = jax.process_count() if num_shards is None else num_shards
@@ -282,20 +306,41 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
     if summary.random_weights:
       print(RANDOM_WEIGHTS_WARNING.format(seed=seed), file=sys.stderr, flush=True)
   embed, per_batch = make_embedder(variables, batch_size)
-  _run(todo, out_dir, embed, per_batch, image_size, np.dtype(dtype), summary, progress,
-       queue_batches, resize)
+  settings = decode_pool.Settings(FPS, CLIP_FRAMES, image_size, resize)
+  with clip_source([path for _, path in todo], settings, decode_workers, decode_slots,
+                   decode) as (read, pool):
+    _run(todo, out_dir, embed, per_batch, image_size, np.dtype(dtype), summary, progress,
+         queue_batches, read, pool)
   summary.seconds = time.time() - t0
   return summary
 
 
+@contextlib.contextmanager
+def clip_source(paths: Sequence[pathlib.Path], settings: decode_pool.Settings, workers: int,
+                slots: int = DECODE_SLOTS, decode=None):
+  """(read, pool): `read(i, paths[i])` gives the clips of the i-th video, asked for in order;
+  from `workers` decode processes (then `pool` is their DecodePool), or decoded by the caller."""
+  if workers == 0:
+    def read(i, path):
+      del i
+      return (decode or reader.read_clips)(
+          path, fps=settings.fps, clip_frames=settings.clip_frames, size=settings.size,
+          resize=settings.resize)
+    yield read, None
+    return
+  with decode_pool.DecodePool(paths, workers=workers, slots=slots, settings=settings,
+                              decode=decode or reader.read_clips) as pool:
+    yield (lambda i, path: pool.clips(i)), pool
+
+
 def _run(todo, out_dir, embed, per_batch, image_size, dtype, summary: Summary, progress: bool,
-         queue_batches: int, resize: int | None = None) -> None:
+         queue_batches: int, read, pool: decode_pool.DecodePool | None) -> None:
   bar = tqdm.tqdm(total=len(todo), unit="video", desc="S3D features", disable=not progress,
                   file=sys.stderr)
   rows: dict[str, list[tuple[np.ndarray, float, float]]] = collections.defaultdict(list)
   backlog: collections.deque = collections.deque()  # batches in flight and events after them
   q: queue.Queue = queue.Queue(maxsize=queue_batches)
-  decoder = _Decoder(todo, q, per_batch, image_size, resize)
+  decoder = _Decoder(todo, q, per_batch, image_size, read)
   computed = [0]  # clips through S3D, for the progress bar
 
   def handle(entry):
@@ -332,8 +377,12 @@ def _run(todo, out_dir, embed, per_batch, image_size, dtype, summary: Summary, p
         backlog.append(item)
       drain(keep=1)
     drain(keep=0)
+    if decoder.error is not None:
+      raise decoder.error
   finally:
     decoder.stop.set()
+    if pool is not None:
+      pool.cancel()  # a batch thread waiting for a worker's clip returns at once
     decoder.join()
     bar.close()
 
@@ -374,6 +423,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                        "(default: the JAX process index)", flag_values=fv)
   flags.DEFINE_integer("num_shards", None, "shards the video list is split into (default: the "
                        "JAX process count)", flag_values=fv)
+  flags.DEFINE_integer("decode_workers", 0, "processes that decode the videos, one thread each "
+                       "(about one per free core); 0: decode in this process with FFmpeg's "
+                       "threads", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("decode_slots", DECODE_SLOTS, "clips of shared memory per decode worker "
+                       "(30 x image_size^2 x 3 bytes each); the workers decode ahead that far",
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "seed of the random S3D weights", flag_values=fv)
   flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
   flags.mark_flag_as_required("videos", flag_values=fv)
@@ -393,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths, args.out, weights=args.s3d_weights, image_size=args.image_size,
         batch_size=args.batch_size, dtype=args.dtype, shard_index=args.shard_index,
         num_shards=args.num_shards, seed=args.seed, progress=not args.no_progress,
-        resize=args.resize or None)
+        resize=args.resize or None, decode_workers=args.decode_workers,
+        decode_slots=args.decode_slots)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -46,20 +46,24 @@ class Clip:
 
 
 def read_clips(path, fps: float = 20.0, clip_frames: int = 30, size: int = 224,
-               resize: int | None = None) -> Iterator[Clip]:
+               resize: int | None = None, threads: int | None = None) -> Iterator[Clip]:
   """Non-overlapping clips of `path`, streamed; raises VideoReadError on bad input.
 
   The file is opened (and checked) at the call, so an unreadable file fails here; decoding
-  errors surface while iterating.
+  errors surface while iterating. `threads=None` lets FFmpeg choose its decoding threads (frame
+  and slice threading over the machine's cores); `threads=1` decodes in the calling thread only,
+  for a process that is one of many decoding side by side.
   """
   if fps <= 0 or clip_frames <= 0 or size <= 0:
     raise ValueError(f"fps, clip_frames and size must be positive, got {fps}, {clip_frames}, "
                      f"{size}")
   if resize is not None and resize < size:
     raise ValueError(f"resize={resize} is smaller than the crop size={size}")
+  if threads is not None and threads < 1:
+    raise ValueError(f"threads={threads}: expected None (FFmpeg chooses) or at least 1")
   container = open_video(path)
   return _clips(container, pathlib.Path(path), fractions.Fraction(fps).limit_denominator(100000),
-                clip_frames, _Converter(size, resize))
+                clip_frames, _Converter(size, resize), threads)
 
 
 def open_video(path) -> av.container.InputContainer:
@@ -124,10 +128,21 @@ class _Converter:
     return self._cache
 
 
+def _set_threads(stream, threads: int | None) -> None:
+  if threads is None:
+    stream.thread_type = "AUTO"
+  elif threads == 1:  # no frame or slice threads: exactly one core's work
+    stream.thread_type = "NONE"
+    stream.codec_context.thread_count = 1
+  else:
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+
+
 def _clips(container, path: pathlib.Path, fps: fractions.Fraction, clip_frames: int,
-           convert: _Converter) -> Iterator[Clip]:
+           convert: _Converter, threads: int | None = None) -> Iterator[Clip]:
   stream = container.streams.video[0]
-  stream.thread_type = "AUTO"
+  _set_threads(stream, threads)
   nominal = 1 / stream.average_rate if stream.average_rate else 1 / fps
   size = convert.size
   buf = np.empty((clip_frames, size, size, 3), np.uint8)
