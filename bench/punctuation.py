@@ -20,7 +20,7 @@ three ways: with the restorer, with the n-gram model's marks, and by the pause r
 only cut sentences longer than `max_words`). The reference is the same pipeline on the punctuated
 original. F1 counts sentence ends strictly inside each document.
 
-    python bench/punctuation.py [--steps=2000]
+    python bench/punctuation.py [--steps=3000]
 
 Last line: BENCH punctuation: f1=... ngram_f1=... pause_rule_f1=... ratio=...  (ratio = f1 / ngram_f1)
 """

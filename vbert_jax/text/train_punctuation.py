@@ -1,7 +1,7 @@
 """Trains the punctuation restorer (vbert_jax.text.punctuation) on any punctuated text.
 
   python -m vbert_jax.text.train_punctuation --text=prose.txt [--text=more.txt ...] \
-      --out=punctuation.msgpack [--steps=2000] [--batch_size=32] [--learning_rate=3e-3]
+      --out=punctuation.msgpack [--steps=3000] [--batch_size=32] [--learning_rate=3e-3]
 
 Each non-empty line of a text file is a document (a paragraph, an article or a transcript of
 human captions). Documents are split into training and validation by a hash of their text, so
@@ -89,7 +89,7 @@ def build_vocabulary(docs: Sequence[Tagged], size: int, min_count: int) -> list[
 
 @dataclasses.dataclass
 class TrainConfig:
-  steps: int = 2000
+  steps: int = 3000
   batch_size: int = 32
   learning_rate: float = 3e-3
   warmup_steps: int = 100
@@ -99,8 +99,8 @@ class TrainConfig:
   val_fraction: float = 0.1
   seed: int = 0
   # Share of training words shown as unknown, so that the tagger learns to place marks around
-  # words it has not seen from their endings and neighbours.
-  word_dropout: float = 0.1
+  # words it has not seen from their endings and neighbours (and memorises fewer rare words).
+  word_dropout: float = 0.3
   model: punct.ModelConfig = dataclasses.field(default_factory=punct.ModelConfig)
 
 
