@@ -33,6 +33,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -84,7 +85,7 @@ def wikipedia_articles(path: pathlib.Path) -> list[str]:
           pass
     paragraphs = [" ".join(p.split()) for p in code.strip_code().split("\n")]
     prose = [p for p in paragraphs
-             if len(p.split()) >= 20 and sentences.ends_sentence(p.split()[-1])]
+             if len(p.split()) >= 20 and punct.ends_sentence(p.split()[-1])]
     if prose:
       articles.append(" ".join(prose))
   return articles
@@ -200,31 +201,56 @@ def f1(predicted: list[set[int]], gold: list[set[int]]) -> float:
   return 2 * hits / total if total else 1.0
 
 
-def evaluate(test_docs, model_path: str, ngram: NgramBoundaries, tmp: pathlib.Path) -> dict:
+def evaluate(docs, model_path: str, ngram: NgramBoundaries, tmp: pathlib.Path,
+             max_words: int = sentences.SplitConfig.max_words) -> dict:
+  """Boundary F1 of the three splits of `docs` laid out as captions; sentences longer than
+  `max_words` are cut as `split_sentences` cuts them (the reference never is)."""
   gold, ours, ngram_ends, pause = [], [], [], []
-  for k, doc in enumerate(test_docs):
-    tokens = doc.split()
-    n = len(tokens)
+  for k, doc in enumerate(docs):
+    n = len(doc.split())
     reference = [transcripts.Cue(0.0, WORD_SECONDS * n, doc)]
     gold.append(inner_ends(sentences.split_sentences(
         reference, sentences.SplitConfig(punctuated=True, max_words=10 ** 6)), n))
-    path = tmp / f"test_{k:03d}.vtt"
+    path = tmp / f"doc_{k:03d}.vtt"
     write_captions(doc, path)
     cues = transcripts.read_transcript(path)
-    ours.append(inner_ends(sentences.split_sentences(
-        cues, sentences.SplitConfig(punctuation_model=model_path)), n))
-    pause.append(inner_ends(sentences.split_sentences(cues, sentences.SplitConfig()), n))
+    ours.append(inner_ends(sentences.split_sentences(cues, sentences.SplitConfig(
+        punctuation_model=model_path, max_words=max_words)), n))
+    pause.append(inner_ends(sentences.split_sentences(
+        cues, sentences.SplitConfig(max_words=max_words)), n))
     marked = [c._replace(text=" ".join(ngram.restore(c.text.split()))) for c in cues]
     ngram_ends.append(inner_ends(sentences.split_sentences(
-        marked, sentences.SplitConfig(punctuated=True)), n))
+        marked, sentences.SplitConfig(punctuated=True, max_words=max_words)), n))
   return {"f1": f1(ours, gold), "ngram_f1": f1(ngram_ends, gold),
           "pause_rule_f1": f1(pause, gold), "sentences": sum(len(g) for g in gold),
-          "words": sum(len(d.split()) for d in test_docs)}
+          "words": sum(len(d.split()) for d in docs)}
+
+
+def _line(name: str, docs, result: dict) -> str:
+  return (f"{name}: {result['sentences']} sentence ends inside {len(docs)} documents "
+          f"({result['words']} words); restorer {result['f1']:.3f}, n-gram "
+          f"{result['ngram_f1']:.3f}, pause rule {result['pause_rule_f1']:.3f}")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("steps", train_punctuation.TrainConfig.steps, "training steps",
                        flag_values=fv)
+  flags.DEFINE_string("model", None, "a model file trained by an earlier run on the same "
+                      "training text: skips training", flag_values=fv)
+  flags.DEFINE_string("save_model", None, "keep the trained model file here", flag_values=fv)
+
+
+def train_model(train_docs, tmp: pathlib.Path, steps: int) -> str:
+  text = tmp / "train.txt"
+  text.write_text("\n".join(train_docs) + "\n", encoding="utf-8")
+  model_path = str(tmp / "punctuation.msgpack")
+  t0 = time.perf_counter()
+  code = train_punctuation.main([f"--text={text}", f"--out={model_path}", f"--steps={steps}",
+                                 "--no_progress"])
+  if code:
+    raise SystemExit(code)
+  print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+  return model_path
 
 
 def main() -> None:
@@ -238,15 +264,9 @@ def main() -> None:
         f"{time.perf_counter() - t0:.1f} s", flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
-    text = tmp / "train.txt"
-    text.write_text("\n".join(train_docs) + "\n", encoding="utf-8")
-    model_path = str(tmp / "punctuation.msgpack")
-    t0 = time.perf_counter()
-    code = train_punctuation.main([f"--text={text}", f"--out={model_path}",
-                                   f"--steps={args.steps}", "--no_progress"])
-    if code:
-      raise SystemExit(code)
-    print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    model_path = args.model or train_model(train_docs, tmp, args.steps)
+    if args.save_model:
+      shutil.copyfile(model_path, args.save_model)
     fit, val = train_punctuation.split_documents(train_docs,
                                                  train_punctuation.TrainConfig.val_fraction)
     ngram = NgramBoundaries(fit)
@@ -254,11 +274,11 @@ def main() -> None:
     print(f"n-gram: threshold {ngram.threshold:.2f}, validation boundary F1 {val_f1:.3f}",
           flush=True)
     t0 = time.perf_counter()
+    print(_line("validation", val, evaluate(val, model_path, ngram, tmp)), flush=True)
+    uncut = evaluate(test_docs, model_path, ngram, tmp, max_words=10 ** 6)
+    print(_line("test, no sentence cut for length", test_docs, uncut), flush=True)
     result = evaluate(test_docs, model_path, ngram, tmp)
-  print(f"test: {result['sentences']} sentence ends inside {len(test_docs)} documents "
-        f"({result['words']} words); restorer {result['f1']:.3f}, n-gram "
-        f"{result['ngram_f1']:.3f}, pause rule {result['pause_rule_f1']:.3f} "
-        f"({time.perf_counter() - t0:.1f} s)", flush=True)
+  print(_line(f"test ({time.perf_counter() - t0:.1f} s)", test_docs, result), flush=True)
   print(f"BENCH punctuation: f1={result['f1']:.3f} ngram_f1={result['ngram_f1']:.3f} "
         f"pause_rule_f1={result['pause_rule_f1']:.3f} "
         f"ratio={result['f1'] / max(result['ngram_f1'], 1e-9):.3f}")

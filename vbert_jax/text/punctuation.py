@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vbert_jax import atomic
-from vbert_jax.text import sentences
 
 FORMAT = "vbert_jax.punctuation"
 FORMAT_VERSION = 1
@@ -45,8 +44,17 @@ PAD, UNK = 0, 1
 WINDOW = 64
 _MIN_WINDOWS = 8
 
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*$")
+_ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.",
+                            "approx.", "no.", "jr.", "sr.", "prof.", "tbsp.", "tsp.", "oz."})
 _STRIP = re.compile(r"[^\w'$%&+#@-]+")
 _FINAL = re.compile(r"([.!?\u2026\u3002\uff01\uff1f,;:])[\"'\u201d\u2019)\]]*$")
+
+
+def ends_sentence(word: str) -> bool:
+  """Whether a word of punctuated text ends its sentence (a few abbreviations such as "Dr." do
+  not)."""
+  return bool(_SENTENCE_END.search(word)) and word.lower() not in _ABBREVIATIONS
 
 
 def word_form(token: str) -> str:
@@ -58,14 +66,14 @@ def word_form(token: str) -> str:
 
 def mark_class(token: str) -> int:
   """The class of the punctuation that ends `token` in written text; the full stop of an
-  abbreviation ("Dr.") is no mark, as `sentences` reads it."""
+  abbreviation ("Dr.") is no mark."""
   match = _FINAL.search(token)
   if not match:
     return NONE
   mark = match.group(1)
   if mark in ",;:":
     return COMMA
-  if not sentences.ends_sentence(token):
+  if not ends_sentence(token):
     return NONE
   return QUESTION if mark in "?\uff1f" else PERIOD
 

@@ -26,11 +26,9 @@ import re
 import unicodedata
 from typing import NamedTuple, Sequence
 
+from vbert_jax.text import punctuation
 from vbert_jax.text import transcripts
 
-_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*$")
-_ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.",
-                            "approx.", "no.", "jr.", "sr.", "prof.", "tbsp.", "tsp.", "oz."})
 # Non-speech annotations in captions: [Music], [Applause], ♪ ... ♪.
 _SOUND_TAG = re.compile(r"\[[^\]]*\]|[\u266a\u266b\u266c]+")
 
@@ -107,14 +105,9 @@ def _spread(text: str, start: float, end: float, drop_sound_tags: bool) -> list[
   return out
 
 
-def ends_sentence(word: str) -> bool:
-  """Whether a word of punctuated text ends its sentence."""
-  return bool(_SENTENCE_END.search(word)) and word.lower() not in _ABBREVIATIONS
-
-
 def is_punctuated(cues: Sequence[transcripts.Cue], max_words: int = 32) -> bool:
   words = [w for c in cues for w in c.text.split()]
-  ends = sum(ends_sentence(w) for w in words)
+  ends = sum(punctuation.ends_sentence(w) for w in words)
   return bool(words) and ends * max_words >= len(words)
 
 
@@ -135,7 +128,6 @@ def _cut_long(words: list[_Word], max_words: int) -> list[list[_Word]]:
 
 def _restore(words: list[_Word], model_path: str) -> list[_Word]:
   """The words with the model's marks appended; their times are unchanged."""
-  from vbert_jax.text import punctuation  # pylint: disable=import-outside-toplevel (a cycle)
   restored = punctuation.load_cached(str(model_path)).restore([w.text for w in words])
   return [w._replace(text=text) for w, text in zip(words, restored)]
 
@@ -157,7 +149,7 @@ def split_sentences(cues: Sequence[transcripts.Cue],
       groups.append(current)
       current = []
     current.append(word)
-    if punctuated and ends_sentence(word.text):
+    if punctuated and punctuation.ends_sentence(word.text):
       groups.append(current)
       current = []
   if current:
