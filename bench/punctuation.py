@@ -218,12 +218,23 @@ def evaluate(docs, model_path: str, ngram: NgramBoundaries, tmp: pathlib.Path,
         punctuation_model=model_path, max_words=max_words)), n))
     pause.append(inner_ends(sentences.split_sentences(
         cues, sentences.SplitConfig(max_words=max_words)), n))
-    marked = [c._replace(text=" ".join(ngram.restore(c.text.split()))) for c in cues]
+    marked = _with_marks(cues, ngram.restore([w for c in cues for w in c.text.split()]))
     ngram_ends.append(inner_ends(sentences.split_sentences(
         marked, sentences.SplitConfig(punctuated=True, max_words=max_words)), n))
   return {"f1": f1(ours, gold), "ngram_f1": f1(ngram_ends, gold),
           "pause_rule_f1": f1(pause, gold), "sentences": sum(len(g) for g in gold),
           "words": sum(len(d.split()) for d in docs)}
+
+
+def _with_marks(cues, marked_words: list[str]) -> list[transcripts.Cue]:
+  """The cues with their words replaced, in order, by `marked_words` (restored over the whole
+  transcript, as the restorer does: a cue's end is no sentence end)."""
+  out, used = [], 0
+  for cue in cues:
+    n = len(cue.text.split())
+    out.append(cue._replace(text=" ".join(marked_words[used:used + n])))
+    used += n
+  return out
 
 
 def _line(name: str, docs, result: dict) -> str:
