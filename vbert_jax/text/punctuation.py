@@ -154,11 +154,6 @@ class Punctuator:
     probs = np.asarray(_probabilities(self.module, self.params, words, suffixes))
     return _centred(probs, starts, n)
 
-  def boundaries(self, forms: Sequence[str]) -> np.ndarray:
-    """[len(forms)] bool: a sentence ends after this word."""
-    probs = self.probabilities(forms)
-    return probs[:, PERIOD] + probs[:, QUESTION] > self.boundary_threshold
-
   def restore(self, tokens: Sequence[str]) -> list[str]:
     """`tokens` with the predicted mark appended where they do not already end in one."""
     probs = self.probabilities([word_form(t) for t in tokens])
