@@ -221,7 +221,7 @@ def test_build_batch_equals_the_rows_built_one_by_one(small, order):
   ref = sequence.stack([p for p, _ in built])
   width = batch["input_ids"].shape[1]
   longest = int(ref["input_mask"].sum(axis=1).max())
-  assert width == min(layout.max_len, next(w for w in (16, 24, 32, 48, 64, 96, 128, 192, 256)
+  assert width == min(layout.max_len, next(w for w in (16, 20, 24, 28, 32, 40, 48, 56, 64)
                                           if w >= longest))
   assert ref["input_mask"][:, width:].sum() == 0  # only padding columns were cut
   for key in ("input_ids", "segment_ids", "position_ids", "input_mask"):
@@ -234,8 +234,9 @@ def test_build_batch_equals_the_rows_built_one_by_one(small, order):
 
 def test_prompt_widths_are_few():
   widths = [prompts.prompt_width(n, 512) for n in range(1, 513)]
-  assert sorted(set(widths)) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-  assert all(w >= n and (w <= 16 or w <= 1.5 * n) for n, w in enumerate(widths, 1))
+  assert sorted(set(widths)) == [16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
+                                 224, 256, 320, 384, 448, 512]
+  assert all(w >= n and (w <= 16 or w <= 1.25 * n) for n, w in enumerate(widths, 1))
   assert prompts.prompt_width(100, 28) == 28 and prompts.prompt_width(3, 8) == 8
 
 

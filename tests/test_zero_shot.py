@@ -301,8 +301,8 @@ def test_command_help_and_errors(world, tmp_path, capsys):
 
 
 def test_segments_of_every_length_compile_a_few_shapes(world):
-  """Prompt widths are a few (16, 24, then max_len here): segments of 1 to 60 clips, eight to a
-  pass, compile at most one forward pass per width for each pass that one segment needs."""
+  """Prompt widths are a few (16, 20, 24, then max_len here): segments of 1 to 60 clips, eight to
+  a pass, compile at most one forward pass per width for each pass that one segment needs."""
   rng = np.random.default_rng(5)
   videos = [tm.sample_video(rng, "cut", "egg", length=n) for n in range(1, 61)]
   world.bundle._jitted.clear_cache()
@@ -311,5 +311,5 @@ def test_segments_of_every_length_compile_a_few_shapes(world):
   world.bundle._jitted.clear_cache()
   zs.classify(world.bundle, videos, verbs=tm.VERBS, nouns=tm.NOUNS, batch_size=8)
   widths = {prompts.prompt_width(n, tm.MAX_LEN) for n in range(1, 200)}
-  assert widths == {16, 24, tm.MAX_LEN}
+  assert widths == {16, 20, 24, tm.MAX_LEN}
   assert per_width <= world.bundle._jitted._cache_size() <= per_width * len(widths)

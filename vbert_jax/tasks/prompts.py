@@ -24,9 +24,9 @@ from vbert_jax.text import tokenizers
 ORDERS = ("video_first", "text_first")
 FORECAST_LAYOUTS = ("video_only", "pair")
 MASK_TOKEN = "[MASK]"
-# Batches are cut to their longest prompt rounded up to a power of two or one and a half times
-# one, of at least this (or to max_len): a corpus of any segment lengths compiles a few shapes,
-# and a batch pays for at most half as many columns again as its prompts need.
+# Batches are cut to their longest prompt rounded up to one of four widths per octave (16, 20,
+# 24, 28, 32, 40, ...), or to max_len: a corpus of any segment lengths compiles a few shapes
+# (log-many in max_len), and a batch pays for at most a quarter more columns than it needs.
 MIN_WIDTH = 16
 
 
@@ -153,11 +153,11 @@ def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], templa
 
 
 def prompt_width(longest: int, max_len: int) -> int:
-  """The columns of a batch whose longest prompt has `longest` tokens: the next of 16, 24, 32,
-  48, 64, 96, ... (2^k and 3 x 2^(k-1)), at most max_len."""
+  """The columns of a batch whose longest prompt has `longest` tokens: the next of 16, 20, 24,
+  28, 32, 40, 48, 56, 64, 80, ... (2^k times 1, 1.25, 1.5 or 1.75), at most max_len."""
   power = 1 << (max(longest, MIN_WIDTH) - 1).bit_length()
-  width = power * 3 // 4 if power * 3 // 4 >= longest and power >= 2 * MIN_WIDTH else power
-  return min(max_len, width)
+  octave = [power // 8 * q for q in (5, 6, 7)] if power >= 2 * MIN_WIDTH else []
+  return min(max_len, next(w for w in octave + [power] if w >= longest))
 
 
 def _mask_video(packed: sequence.Packed, positions: np.ndarray, mask_id: int) -> None:
