@@ -13,7 +13,8 @@ from vbert_jax.text import sentences
 from vbert_jax.text import train_punctuation
 from vbert_jax.text import transcripts
 
-SMALL = punct.ModelConfig(embed_dim=16, hidden=16, layers=1, suffix_buckets=64, dropout=0.0)
+SMALL = punct.ModelConfig(embed_dim=16, hidden=16, layers=1, suffix_buckets=64, dropout=0.0,
+                          members=1)
 
 
 def _document(rng: np.random.Generator, sentences_per_doc: int = 12) -> str:
@@ -96,7 +97,8 @@ def test_short_input_is_not_changed_by_padding(trained):
   model, _, _ = trained
   forms = "we cut the onion done then".split()
   ids, buckets = model.encode(forms)
-  direct = jax.nn.softmax(model.module.apply({"params": model.params}, ids[None], buckets[None]))
+  params = jax.tree.map(lambda x: x[0], model.params)  # the one member
+  direct = jax.nn.softmax(model.module.apply({"params": params}, ids[None], buckets[None]))
   # Same arithmetic on the same values, the padding rows aside: equal to float rounding.
   np.testing.assert_allclose(model.probabilities(forms), np.asarray(direct)[0], atol=1e-6)
 
@@ -128,13 +130,14 @@ def test_bad_model_files(trained, tmp_path):
   payload = serialization.msgpack_restore(path.read_bytes())
   other = tmp_path / "other.msgpack"
   other.write_bytes(serialization.msgpack_serialize({"format": "vbert_jax.s3d", "version": 1}))
-  with pytest.raises(ValueError, match="other.msgpack: not a punctuation model file"):
+  with pytest.raises(ValueError, match="other.msgpack: not a vbert_jax punctuation model file"):
     punct.load(other)
   newer = tmp_path / "newer.msgpack"
   newer.write_bytes(serialization.msgpack_serialize(dict(payload, version=punct.FORMAT_VERSION
                                                          + 1)))
-  with pytest.raises(ValueError, match="newer.msgpack: punctuation model format version 2 is "
-                                       "newer than this code reads"):
+  with pytest.raises(ValueError, match=f"newer.msgpack: punctuation model format version "
+                                       f"{punct.FORMAT_VERSION + 1} is newer than this code "
+                                       "reads"):
     punct.load(newer)
   damaged = tmp_path / "damaged.msgpack"
   damaged.write_bytes(serialization.msgpack_serialize(dict(payload, words=payload["words"][:-1])))
@@ -192,3 +195,28 @@ def test_split_is_by_document_hash(corpus):
   assert train_punctuation.split_documents(list(reversed(corpus)), 0.2)[1] == list(reversed(val))
   with pytest.raises(ValueError, match="val_fraction=1.5"):
     train_punctuation.split_documents(corpus, 1.5)
+
+
+def test_members_train_apart_and_average(corpus):
+  config = train_punctuation.TrainConfig(
+      steps=20, eval_every=10, batch_size=8, warmup_steps=2,
+      model=punct.ModelConfig(**dict(vars(SMALL), dropout=0.1, members=2)))
+  model, _ = train_punctuation.train(corpus, config, progress=False)
+  forms = "we cut the onion done then add salt right".split()
+  ids, buckets = model.encode(forms)
+  alone = [np.asarray(jax.nn.softmax(model.module.apply(
+      {"params": jax.tree.map(lambda x, m=m: x[m], model.params)}, ids[None], buckets[None])))[0]
+           for m in range(2)]
+  # Different initialisations and masks: the members disagree, and the model averages them.
+  assert np.abs(alone[0] - alone[1]).max() > 1e-3
+  np.testing.assert_allclose(model.probabilities(forms), (alone[0] + alone[1]) / 2, atol=1e-6)
+
+
+def test_version_1_files_hold_one_unstacked_tagger(trained, tmp_path):
+  model, _, path = trained
+  payload = serialization.msgpack_restore(path.read_bytes())
+  old = tmp_path / "v1.msgpack"
+  old.write_bytes(serialization.msgpack_serialize(dict(
+      payload, version=1, params=jax.tree.map(lambda x: x[0], payload["params"]))))
+  forms = "heat oil done we cut right".split()
+  np.testing.assert_array_equal(punct.load(old).probabilities(forms), model.probabilities(forms))

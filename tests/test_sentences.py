@@ -61,6 +61,19 @@ def test_long_runs_cut_at_longest_pause_then_in_half():
   assert all(a.end == b.start for a, b in zip(flat, flat[1:]))
 
 
+def test_long_sentences_cut_where_one_most_likely_ends():
+  words = [sentences._Word(float(i), float(i + 1), w)
+           for i, w in enumerate("a, b c, d e f g h i j k l".split())]
+  # 12 words over max_words=8: after "c," (the clause mark past the first quarter, 2 words;
+  # "a," would leave 1), then the 9 words after it nearest their middle.
+  pieces = sentences._cut_long(words, 8)
+  assert [" ".join(w.text for w in p) for p in pieces] == ["a, b c,", "d e f g", "h i j k l"]
+  # A punctuation model's boundary probabilities outrank clause marks and pauses.
+  scored = [w._replace(boundary=0.3 if w.text == "f" else 0.1) for w in words]
+  scored[7] = scored[7]._replace(start=9.0)  # a 1 s pause before "h"
+  assert [len(p) for p in sentences._cut_long(scored, 8)] == [6, 6]
+
+
 def test_mode_is_chosen_per_transcript_and_lowercase_applies():
   asr = [Cue(0, 1, "one two three four"), Cue(3, 4, "five six.")]  # one stray period
   assert not sentences.is_punctuated(asr, max_words=4)

@@ -9,11 +9,15 @@ ASR has no punctuation, so a transcript is split one of two ways, chosen per tra
   marks that the model restores, as for punctuated text. Continuous auto-captions have no pauses
   to cut at, which is what the model is for.
 
-Either way, a sentence longer than `max_words` is cut at its longest internal pause (in halves
-when it has none) until every piece fits. Where the transcript times its words (`Cue.words`),
-each timed piece runs until the next one; otherwise, and inside a piece, word times are spread over
-the duration in proportion to the words' lengths, so a sentence that ends inside a cue ends at the
-time its last word was (probably) spoken.
+Either way, a sentence longer than `max_words` is cut until every piece fits, each time where a
+sentence most likely ends: after the word that the punctuation model scores highest when it
+restored the marks, else after a clause mark (`,` `;` `:`), else at the longest pause, and among
+equals nearest the middle; no piece is left shorter than a quarter of `max_words`.
+
+Where the transcript times its words (`Cue.words`), each timed piece runs until the next one;
+otherwise, and inside a piece, word times are spread over the duration in proportion to the
+words' lengths, so a sentence that ends inside a cue ends at the time its last word was
+(probably) spoken.
 
 `normalize_text` is the single text normalisation: Unicode NFKC, control and format characters
 removed, whitespace collapsed, and an explicit case policy.
@@ -79,6 +83,8 @@ class _Word(NamedTuple):
   start: float
   end: float
   text: str
+  # P(a sentence ends after this word), where a punctuation model restored the marks.
+  boundary: float | None = None
 
 
 def _words(cues: Sequence[transcripts.Cue], drop_sound_tags: bool) -> list[_Word]:
@@ -112,24 +118,38 @@ def is_punctuated(cues: Sequence[transcripts.Cue], max_words: int = 32) -> bool:
 
 
 def _cut_long(words: list[_Word], max_words: int) -> list[list[_Word]]:
-  """Splits at the longest pause (or in the middle) until every piece has <= max_words."""
+  """Splits where a sentence most likely ends until every piece has <= max_words."""
   done, todo = [], [words]
+  shortest = max(1, max_words // 4)
   while todo:  # a stack, not recursion: an hour of ASR without a pause is one long run
     piece = todo.pop()
     if len(piece) <= max_words:
       done.append(piece)
       continue
-    gaps = [piece[i + 1].start - piece[i].end for i in range(len(piece) - 1)]
-    widest = max(range(len(gaps)), key=lambda i: gaps[i])
-    cut = widest + 1 if gaps[widest] > 1e-9 else len(piece) // 2
+    cut = max(range(shortest, len(piece) - shortest + 1),
+              key=lambda c: _cut_score(piece, c))
     todo.extend((piece[cut:], piece[:cut]))
   return done
 
 
+def _cut_score(piece: list[_Word], cut: int) -> tuple:
+  """How likely a sentence ends before piece[cut], as a key to maximise."""
+  before = piece[cut - 1]
+  if before.boundary is not None:
+    score = before.boundary
+  else:
+    score = float(punctuation.mark_class(before.text) == punctuation.COMMA)
+  # Pauses to the centisecond: abutting cues are all 10 ms apart however their times round.
+  gap = round(piece[cut].start - before.end, 2)
+  return score, gap, -abs(2 * cut - len(piece)), -cut
+
+
 def _restore(words: list[_Word], model_path: str) -> list[_Word]:
-  """The words with the model's marks appended; their times are unchanged."""
-  restored = punctuation.load_cached(str(model_path)).restore([w.text for w in words])
-  return [w._replace(text=text) for w, text in zip(words, restored)]
+  """The words with the model's marks appended and their boundary probabilities; times are
+  unchanged."""
+  restored, boundary = punctuation.load_cached(str(model_path)).mark([w.text for w in words])
+  return [w._replace(text=text, boundary=float(p))
+          for w, text, p in zip(words, restored, boundary)]
 
 
 def split_sentences(cues: Sequence[transcripts.Cue],

@@ -1,14 +1,16 @@
 """Trains the punctuation restorer (vbert_jax.text.punctuation) on any punctuated text.
 
   python -m vbert_jax.text.train_punctuation --text=prose.txt [--text=more.txt ...] \
-      --out=punctuation.msgpack [--steps=3000] [--batch_size=32] [--learning_rate=3e-3]
+      --out=punctuation.msgpack [--steps=3000] [--batch_size=32] [--learning_rate=3e-3] \
+      [--members=3]
 
 Each non-empty line of a text file is a document (a paragraph, an article or a transcript of
 human captions). Documents are split into training and validation by a hash of their text, so
-the split does not depend on file order. Training reads random windows of the training words
-with their marks removed and lowercased, as ASR writes them; every `--eval_every` steps the
-validation sentence-boundary F1 is printed, and the parameters of the best evaluation are kept.
-The boundary threshold is then chosen on the validation text and stored in the model file.
+the split does not depend on file order. Each of the model's `--members` taggers reads its own
+random windows of the training words, with their marks removed and lowercased as ASR writes
+them; every `--eval_every` steps the validation sentence-boundary F1 of their average is
+printed, and the parameters of the best evaluation are kept. The boundary threshold is then
+chosen on the validation text and stored in the model file.
 """
 
 from __future__ import annotations
@@ -108,10 +110,11 @@ class TrainConfig:
 
 
 def _train_step(module, optimizer, word_dropout: float):
+  """One step of every member, each on its own windows ([members, batch, WINDOW]) with its own
+  masks and optimizer state: the members train as separate runs would."""
   weights = jnp.asarray(_CLASS_WEIGHTS)
 
-  @jax.jit
-  def step(params, opt_state, words, suffixes, labels, key):
+  def member_step(params, opt_state, words, suffixes, labels, key):
     hide_key, dropout_key = jax.random.split(key)
     hidden = jax.random.bernoulli(hide_key, word_dropout, words.shape) & (words != punct.PAD)
     words = jnp.where(hidden, punct.UNK, words)
@@ -125,6 +128,13 @@ def _train_step(module, optimizer, word_dropout: float):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def step(params, opt_state, words, suffixes, labels, key):
+    keys = jax.random.split(key, module.config.members)
+    params, opt_state, loss = jax.vmap(member_step)(params, opt_state, words, suffixes, labels,
+                                                    keys)
+    return params, opt_state, jnp.mean(loss)
 
   return step
 
@@ -166,13 +176,12 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
     raise ValueError("the training text has no sentence-final marks (. ! ?): it is not "
                      "punctuated text")
   key = jax.random.key(config.seed)
-  dummy = jnp.zeros((1, punct.WINDOW), jnp.int32)
-  model.params = model.module.init(key, dummy, dummy)["params"]
+  model.params = punct.init_params(model.module, key)
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                 min(config.warmup_steps, config.steps // 2),
                                                 config.steps)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
-  opt_state = optimizer.init(model.params)
+  opt_state = jax.vmap(optimizer.init)(model.params)
   step = _train_step(model.module, optimizer, config.word_dropout)
   rng = np.random.default_rng(config.seed)
   best = (-1.0, model.params, 0)
@@ -180,8 +189,9 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
                   file=sys.stderr)
   t0 = time.time()
   for i in range(1, config.steps + 1):
-    starts = rng.integers(0, len(ids) - punct.WINDOW + 1, config.batch_size)
-    window = starts[:, None] + np.arange(punct.WINDOW)
+    starts = rng.integers(0, len(ids) - punct.WINDOW + 1,
+                          (config.model.members, config.batch_size))
+    window = starts[..., None] + np.arange(punct.WINDOW)
     model.params, opt_state, loss = step(model.params, opt_state, ids[window], buckets[window],
                                          labels[window], jax.random.fold_in(key, i))
     bar.update(1)
@@ -222,6 +232,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                      "validation", flag_values=fv)
   flags.DEFINE_integer("seed", d.seed, "seed of the initialisation and of the windows",
                        flag_values=fv)
+  flags.DEFINE_integer("members", d.model.members, "taggers trained side by side whose "
+                       "probabilities the model averages", lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
   flags.mark_flag_as_required("text", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
@@ -237,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, eval_every=args.eval_every,
                        vocab_size=args.vocab_size, min_count=args.min_count,
-                       val_fraction=args.val_fraction, seed=args.seed)
+                       val_fraction=args.val_fraction, seed=args.seed,
+                       model=punct.ModelConfig(members=args.members))
   try:
     model, report = train(read_documents(args.text), config, progress=not args.no_progress)
   except ValueError as e:

@@ -17,15 +17,16 @@ plain convolution, BatchNorm with batch statistics, and updates the running stat
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
+from etils import epath
 from jax import lax
+
+from vbert_jax import tagged_msgpack
 
 FEATURE_DIM = 1024
 BN_EPS = 1e-3
@@ -293,31 +294,16 @@ def init_params(seed: int, image_size: int = 224, frames: int = 30) -> Variables
   return unflatten({path: draw(path, shape) for path, shape in _flat_shapes().items()})
 
 
-def save_params(path: str | pathlib.Path, variables: Variables) -> pathlib.Path:
+def save_params(path, variables: Variables) -> epath.Path:
   """Writes S3D variables as msgpack (with a format tag and version), atomically."""
-  path = pathlib.Path(path)
-  payload = {"format": FORMAT, "version": FORMAT_VERSION,
-             "variables": jax.tree.map(np.asarray, dict(variables))}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_bytes(serialization.msgpack_serialize(payload))
-  tmp.replace(path)
-  return path
+  return tagged_msgpack.write(path, FORMAT, FORMAT_VERSION, {"variables": dict(variables)})
 
 
-def load_params(path: str | pathlib.Path) -> Variables:
+def load_params(path) -> Variables:
   """Reads variables written by `save_params` and checks them against the network's shapes."""
-  path = pathlib.Path(path)
-  try:
-    payload = serialization.msgpack_restore(path.read_bytes())
-  except (OSError, ValueError, TypeError) as e:
-    raise ValueError(f"{path}: not a readable S3D parameter file ({e})") from e
-  if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-    raise ValueError(f"{path}: not an S3D parameter file (expected format tag {FORMAT!r}; convert "
-                     "torchvision weights with `python -m vbert_jax.video.convert_s3d`)")
-  if payload.get("version", 0) > FORMAT_VERSION:
-    raise ValueError(f"{path}: S3D parameter format version {payload['version']} is newer than "
-                     f"this code reads (version {FORMAT_VERSION})")
+  payload, _ = tagged_msgpack.read(
+      path, FORMAT, FORMAT_VERSION, "S3D parameter",
+      "convert torchvision weights with `python -m vbert_jax.video.convert_s3d`")
   variables = payload["variables"]
   check_variables(variables, source=str(path))
   return variables
