@@ -68,10 +68,10 @@ def test_long_sentences_cut_where_one_most_likely_ends():
   # "a," would leave 1), then the 9 words after it nearest their middle.
   pieces = sentences._cut_long(words, 8)
   assert [" ".join(w.text for w in p) for p in pieces] == ["a, b c,", "d e f g", "h i j k l"]
-  # A punctuation model's boundary probabilities outrank clause marks and pauses.
-  scored = [w._replace(boundary=0.3 if w.text == "f" else 0.1) for w in words]
-  scored[7] = scored[7]._replace(start=9.0)  # a 1 s pause before "h"
-  assert [len(p) for p in sentences._cut_long(scored, 8)] == [6, 6]
+  # A punctuation model's boundary probabilities outrank clause marks, pauses and the middle.
+  scored = [w._replace(boundary=0.3 if w.text == "e" else 0.1) for w in words]
+  scored[7] = scored[7]._replace(start=9.0, end=10.0)  # a 2 s pause before "h"
+  assert [len(p) for p in sentences._cut_long(scored, 8)] == [5, 7]
 
 
 def test_mode_is_chosen_per_transcript_and_lowercase_applies():

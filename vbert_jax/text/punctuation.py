@@ -229,10 +229,11 @@ def load(path) -> Punctuator:
       path, FORMAT, FORMAT_VERSION, "punctuation model",
       "train one with `python -m vbert_jax.text.train_punctuation`")
   try:
-    config = ModelConfig(**payload["config"])
-    params = payload["params"]
-    if version < 2:  # one tagger, not stacked
+    config, params = payload["config"], payload["params"]
+    if version < 2:  # one tagger, not stacked, and no `members` in its settings
+      config = {**config, "members": 1}
       params = jax.tree.map(lambda x: np.asarray(x)[None], params)
+    config = ModelConfig(**config)
     model = Punctuator(list(payload["words"]), config, params,
                        float(payload["boundary_threshold"]))
   except (KeyError, TypeError) as e:
