@@ -360,37 +360,52 @@ def test_stopped_run_frees_shared_memory_and_resumes_alike(many, many_reference,
 
 
 def test_dead_worker_fails_its_video_and_is_replaced(many, media, variables, tmp_path):
-  """A worker killed by SIGKILL in the middle of a video, one that exits before its first clip
-  and a decode function that raises: each fails its own video, named with the reason; a new
-  worker decodes the videos after the ones that killed it; nothing partial is written."""
+  """A worker killed by SIGKILL in the middle of a video, one that exits before its first clip,
+  a decode function that raises and one that hangs: each fails its own video, named with the
+  reason; a new worker decodes the videos after the ones that killed it (or that it was killed
+  on); nothing partial is written."""
   folder = tmp_path / "videos"
   folder.mkdir()
   for path in many:
     shutil.copyfile(path, folder / path.name)
   three = media[1]["three_clips"].path
-  # Sorted among the others: worker 0 dies on video 2, worker 1 on video 5 (of 14).
-  faulty = {name: folder / name for name in ("c_killed_.mp4", "e_exits_.mp4", "g_raises_.mp4")}
+  # Sorted among the others: worker 0 dies on video 2, worker 1 on video 5 and hangs on video 11
+  # (of 15).
+  faulty = {name: folder / name
+            for name in ("c_killed_.mp4", "e_exits_.mp4", "g_raises_.mp4", "i_hangs_.mp4")}
   for path in faulty.values():
     shutil.copyfile(three, path)
   paths = sorted(folder.iterdir())
+  # A clip of these small videos decodes in milliseconds; 5 s is a hang even on a busy machine.
   runs = {n: _run(paths, tmp_path / str(n), variables, decode_workers=n, decode_slots=4,
-                  decode=decode_faults.read_clips) for n in (1, 2)}
+                  decode=decode_faults.read_clips, decode_stall_seconds=5) for n in (1, 2)}
   s = runs[2]
   reasons = {pathlib.Path(p).name: reason for p, reason in s.skipped}
   assert sorted(reasons) == ["c_killed_.mp4", "d_truncated.mp4", "e_exits_.mp4",
-                             "g_raises_.mp4", "j_empty.mp4"]
+                             "g_raises_.mp4", "i_hangs_.mp4", "j_empty.mp4"]
   assert re.fullmatch(r"the decode worker died while reading c_killed_\.mp4 \(pid \d+ was "
                       r"killed by SIGKILL\); a new worker took over its remaining videos",
                       reasons["c_killed_.mp4"])
   assert re.search(r"died while reading e_exits_\.mp4 \(pid \d+ exited with status 3\)",
                    reasons["e_exits_.mp4"])
   assert reasons["g_raises_.mp4"] == "RuntimeError: decoder broke in g_raises_.mp4"
+  assert reasons["i_hangs_.mp4"] == ("the decode worker made no progress on i_hangs_.mp4 for 5 s "
+                                     "and was killed; a new worker took over its remaining videos")
   good = [p.stem for p in many if "truncated" not in p.name and "empty" not in p.name]
   assert sorted(s.written) == good and s.num_clips == 20
   assert sorted(p.stem for p in (tmp_path / "2").iterdir()) == good
   without_pids = [[(p, re.sub(r"pid \d+", "pid", r)) for p, r in runs[n].skipped] for n in (1, 2)]
   assert without_pids[0] == without_pids[1]
   _assert_same_files(tmp_path / "1", tmp_path / "2")
+  assert not _our_shared_memory() and not multiprocessing.active_children()
+
+
+def test_pool_settings_are_checked_before_any_worker_starts(many):
+  for kw in (dict(workers=0, slots=4), dict(workers=2, slots=0),
+             dict(workers=2, slots=4, stall_seconds=0.0)):
+    with pytest.raises(ValueError, match="expected at least 1 worker and 1 slot, and a positive "
+                                         "stall limit"):
+      decode_pool.DecodePool(many, **kw)
   assert not _our_shared_memory() and not multiprocessing.active_children()
 
 

@@ -24,8 +24,11 @@ about (N - 1) / N x L. Size it with `clip_bytes`.
 
 A worker that raises on a file reports the reason and goes on with its next video. A worker that
 dies (a crash in a codec, a kill) closes its pipe: the video it was decoding fails with that
-reason, and a new worker takes its remaining videos. Every process spawned also imports the module
-that started the run (multiprocessing's rule), so it costs that module's import time and memory.
+reason, and a new worker takes its remaining videos. So does a worker that hangs: once started,
+a worker that sends nothing for `stall_seconds` while its video is awaited (a wedged codec, a
+read from storage that never returns) is killed and replaced the same way. Every process spawned
+also imports the module that started the run (multiprocessing's rule), so it costs that module's
+import time and memory.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import os
 import pathlib
 import secrets
 import signal
+import time
 from multiprocessing import shared_memory
 from typing import Callable, Iterator, Sequence
 
@@ -48,6 +52,9 @@ from vbert_jax.video import reader
 SHM_PREFIX = "vbert_decode_"  # /dev/shm/<prefix><pid>_<worker>_<random>
 JOBS_AHEAD = 2  # videos queued per worker beyond the one it decodes
 _POLL_S = 0.2  # how often a waiting reader checks for cancel()
+# A 1.5 s clip decodes in well under a second even at 1080p on one thread: ten minutes without
+# one is a hang, not a slow file.
+STALL_SECONDS = 600.0
 
 
 class Cancelled(Exception):
@@ -56,6 +63,10 @@ class Cancelled(Exception):
 
 class PoolError(RuntimeError):
   """The pool cannot go on (unlike a failure of one video, which is a reader.VideoReadError)."""
+
+
+class _Stalled(Exception):
+  """A started worker sent nothing for the stall limit."""
 
 
 class WorkerStartError(PoolError):
@@ -185,17 +196,24 @@ class _Worker:
     except OSError:  # it died: seen when its video is read; its successor gets self.jobs
       pass
 
-  def receive(self, cancelled: Callable[[], bool]):
-    """The next message of this worker after "ready"; None when it has died."""
-    while (message := self.next_message(cancelled)) is not None and message[0] == "ready":
+  def receive(self, cancelled: Callable[[], bool], stall_seconds: float | None = None):
+    """The next message of this worker after "ready"; None when it has died. Raises _Stalled
+    when a started worker sends nothing for `stall_seconds`."""
+    while ((message := self.next_message(cancelled, stall_seconds)) is not None
+           and message[0] == "ready"):
       self.ready = True
     return message
 
-  def next_message(self, cancelled: Callable[[], bool]):
-    """The next message; None when the worker has died. Checks `cancelled` while it waits."""
+  def next_message(self, cancelled: Callable[[], bool], stall_seconds: float | None = None):
+    """The next message; None when the worker has died. Checks `cancelled` while it waits, and
+    the stall limit once the worker has started (starting a worker imports the caller's modules,
+    which has no bound worth guessing)."""
+    deadline = time.monotonic() + stall_seconds if self.ready and stall_seconds else None
     while not self.conn.poll(_POLL_S):
       if cancelled():
         raise Cancelled()
+      if deadline is not None and time.monotonic() > deadline:
+        raise _Stalled()
     try:
       return self.conn.recv()
     except (EOFError, ConnectionResetError):
@@ -216,6 +234,12 @@ class _Worker:
       return f"pid {pid} was killed by {signal.Signals(-code).name}"
     except ValueError:
       return f"pid {pid} was killed by signal {-code}"
+
+  def kill(self) -> None:
+    """Ends a hung process at once and closes the pipe."""
+    self.process.kill()
+    self.process.join()
+    self.conn.close()
 
   def stop(self) -> None:
     """Ends the process (politely if it is idle) and closes the pipe; the slots stay."""
@@ -258,10 +282,13 @@ class DecodePool:
   """
 
   def __init__(self, paths: Sequence[str | os.PathLike], *, workers: int, slots: int,
-               settings: Settings = Settings(), decode=reader.read_clips):
-    if workers < 1 or slots < 1:
-      raise ValueError(f"workers={workers}, slots={slots}: expected at least 1 of each")
+               settings: Settings = Settings(), decode=reader.read_clips,
+               stall_seconds: float = STALL_SECONDS):
+    if workers < 1 or slots < 1 or stall_seconds <= 0:
+      raise ValueError(f"workers={workers}, slots={slots}, stall_seconds={stall_seconds}: "
+                       "expected at least 1 worker and 1 slot, and a positive stall limit")
     self.paths = [str(p) for p in paths]
+    self.stall_seconds = stall_seconds
     workers = max(1, min(workers, len(self.paths)))
     check_shared_memory(workers * slots * clip_bytes(settings.clip_frames, settings.size),
                         f"{workers} decode workers x {slots} slots")
@@ -311,9 +338,18 @@ class DecodePool:
     w = self._workers[index % len(self._workers)]
     path = self.paths[index]
     while True:
-      message = w.receive(lambda: self._cancelled)
+      try:
+        message = w.receive(lambda: self._cancelled, self.stall_seconds)
+      except _Stalled:
+        w.kill()
+        self._replace(w, index, f"the decode worker made no progress on "
+                      f"{pathlib.Path(path).name} for {self.stall_seconds:g} s and was killed")
       if message is None:
-        self._restart(w, index)  # raises VideoReadError naming the file
+        how = w.death()
+        if not w.ready:
+          raise WorkerStartError(f"decode worker {w.id} died before it started: {how}")
+        self._replace(w, index, f"the decode worker died while reading "
+                      f"{pathlib.Path(path).name} ({how})")
       kind, got = message[0], message[1]
       if got != index:
         raise PoolError(f"decode worker {w.id} sent video {got} while video {index} "
@@ -333,16 +369,12 @@ class DecodePool:
       self._workers[self._fed % len(self._workers)].send(self._fed, self.paths[self._fed])
       self._fed += 1
 
-  def _restart(self, w: _Worker, index: int):
-    how = w.death()
-    if not w.ready:
-      raise WorkerStartError(f"decode worker {w.id} died before it started: {how}")
+  def _replace(self, w: _Worker, index: int, what_happened: str):
+    """Starts a new worker on the rest of `w`'s queue and fails video `index`."""
     w.jobs.popleft()
     w.start()
-    name = pathlib.Path(self.paths[index]).name
     raise reader.VideoReadError(
-        self.paths[index], f"the decode worker died while reading {name} ({how}); a new worker "
-        f"took over its remaining videos")
+        self.paths[index], f"{what_happened}; a new worker took over its remaining videos")
 
   def close(self) -> None:
     self._cancelled = True

@@ -2,7 +2,8 @@
 
   python -m vbert_jax.video.extract --videos='DIR/*.mp4' --out=FEATDIR \
       [--s3d_weights=s3d.msgpack] [--image_size=224] [--batch_size=32] [--dtype=float16] \
-      [--decode_workers=N [--decode_slots=S]] [--shard_index=I --num_shards=N]
+      [--decode_workers=N [--decode_slots=S] [--decode_stall_seconds=600]] \
+      [--shard_index=I --num_shards=N]
 
 A background thread fills batches of clips into a bounded queue while the main thread runs the
 jit-compiled S3D on them, sharded over every local device (a 1-D mesh on the batch axis; the
@@ -13,8 +14,9 @@ time with one thread into shared memory (vbert_jax.video.decode_pool), or with
 threads (vbert_jax.video.reader). Either way the batches are filled with the clips of the sorted
 videos in order, so the feature files do not depend on the number of workers. Each finished
 video is written atomically (features_io), and videos whose file exists are skipped, so a killed
-run resumes where it stopped. A video that cannot be read (or whose decode worker dies) is
-recorded with its reason and the run goes on; the summary lists every one.
+run resumes where it stopped. A video that cannot be read (or whose decode worker dies, or
+hangs for `--decode_stall_seconds`) is recorded with its reason and the run goes on; the
+summary lists every one.
 Hosts split the sorted video list by `--shard_index/--num_shards` (default: the JAX process
 index and count). Without `--s3d_weights` the network is randomly initialised, and says so.
 """
@@ -250,7 +252,8 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
                      shard_index: int | None = None, num_shards: int | None = None,
                      seed: int = 0, progress: bool = True, queue_batches: int = 3,
                      resize: int | None = None, decode_workers: int = 0,
-                     decode_slots: int = DECODE_SLOTS, decode=None) -> Summary:
+                     decode_slots: int = DECODE_SLOTS, decode=None,
+                     decode_stall_seconds: float = decode_pool.STALL_SECONDS) -> Summary:
   """Writes `<out_dir>/<video stem>.npz` for every video of this host's shard of `paths`.
 
   Frames are resized so the short side is `image_size` and centre-cropped; `resize=256` squashes
@@ -260,8 +263,9 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
   with neither, S3D is randomly initialised from `seed` and a warning is printed.
 
   `decode_workers` processes decode the videos, each with one thread and `decode_slots` clips of
-  shared memory (see decode_pool for how to size it); 0 decodes in a thread of this process with
-  FFmpeg's threads. `decode` replaces `reader.read_clips` (same keywords, plus `threads=1` in a
+  shared memory (see decode_pool for how to size it); a worker that sends nothing for
+  `decode_stall_seconds` is killed, failing its video. 0 decodes in a thread of this process
+  with FFmpeg's threads. `decode` replaces `reader.read_clips` (same keywords, plus `threads=1` in a
   worker, which receives it by name: a module-level function).
   """
   if dtype not in DTYPES:
@@ -308,7 +312,7 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
   embed, per_batch = make_embedder(variables, batch_size)
   settings = decode_pool.Settings(FPS, CLIP_FRAMES, image_size, resize)
   with clip_source([path for _, path in todo], settings, decode_workers, decode_slots,
-                   decode) as (read, pool):
+                   decode, decode_stall_seconds) as (read, pool):
     _run(todo, out_dir, embed, per_batch, image_size, np.dtype(dtype), summary, progress,
          queue_batches, read, pool)
   summary.seconds = time.time() - t0
@@ -317,7 +321,8 @@ def extract_features(paths: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
 @contextlib.contextmanager
 def clip_source(paths: Sequence[pathlib.Path], settings: decode_pool.Settings, workers: int,
-                slots: int = DECODE_SLOTS, decode=None):
+                slots: int = DECODE_SLOTS, decode=None,
+                stall_seconds: float = decode_pool.STALL_SECONDS):
   """(read, pool): `read(i, paths[i])` gives the clips of the i-th video, asked for in order;
   from `workers` decode processes (then `pool` is their DecodePool), or decoded by the caller."""
   if workers == 0:
@@ -329,7 +334,8 @@ def clip_source(paths: Sequence[pathlib.Path], settings: decode_pool.Settings, w
     yield read, None
     return
   with decode_pool.DecodePool(paths, workers=workers, slots=slots, settings=settings,
-                              decode=decode or reader.read_clips) as pool:
+                              decode=decode or reader.read_clips,
+                              stall_seconds=stall_seconds) as pool:
     yield (lambda i, path: pool.clips(i)), pool
 
 
@@ -429,6 +435,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("decode_slots", DECODE_SLOTS, "clips of shared memory per decode worker "
                        "(30 x image_size^2 x 3 bytes each); the workers decode ahead that far",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_float("decode_stall_seconds", decode_pool.STALL_SECONDS, "a decode worker that "
+                     "sends no clip for this long is killed and its video recorded as failed",
+                     lower_bound=1e-3, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "seed of the random S3D weights", flag_values=fv)
   flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
   flags.mark_flag_as_required("videos", flag_values=fv)
@@ -449,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, dtype=args.dtype, shard_index=args.shard_index,
         num_shards=args.num_shards, seed=args.seed, progress=not args.no_progress,
         resize=args.resize or None, decode_workers=args.decode_workers,
-        decode_slots=args.decode_slots)
+        decode_slots=args.decode_slots, decode_stall_seconds=args.decode_stall_seconds)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
