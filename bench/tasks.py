@@ -19,8 +19,8 @@ Where the ratio comes from on a CPU: the batched path runs at about the machine'
 normaliser over 30592 text rows), while a single prompt is bound by reading those 30592 x 128
 rows of the embedding table (and, in model.py's head, by a copy of that slice of the table at
 every call). The batched path builds its prompts as arrays (`Layout.stack_with_text`), cuts each
-batch to its longest prompt rounded up to one of a few widths, and dispatches a batch before reading the
-previous one, so that building prompts overlaps the forward passes.
+batch to its longest prompt rounded up to one of a few widths, and dispatches a batch before
+reading the previous one, so that building prompts overlaps the forward passes.
 
 The default 1024 queries (16 batches) stand for an evaluation set (YouCook II's validation split
 has some 3,500 segments): with 256 (4 batches) the first batch's prompt building and the last

@@ -22,8 +22,7 @@ def write(path, tag: str, version: int, payload: dict[str, Any]) -> epath.Path:
   path = epath.Path(path)
   host = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, payload)
   data = serialization.msgpack_serialize({"format": tag, "version": version, **host})
-  path.parent.mkdir(parents=True, exist_ok=True)
-  atomic.write_atomic(path, lambda tmp: epath.Path(tmp).write_bytes(data))
+  atomic.write_atomic(path, lambda tmp: epath.Path(tmp).write_bytes(data))  # makes the folder
   return path
 
 

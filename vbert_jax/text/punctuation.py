@@ -80,6 +80,11 @@ def mark_class(token: str) -> int:
   return QUESTION if mark in "?\uff1f" else PERIOD
 
 
+def sentence_end(probs: np.ndarray) -> np.ndarray:
+  """[n] probability that a sentence ends after each word, from [n, 4] mark probabilities."""
+  return probs[:, PERIOD] + probs[:, QUESTION]
+
+
 def suffix_bucket(form: str, buckets: int) -> int:
   # crc32, not hash(): Python salts str hashes per process, and the buckets must be stable.
   return zlib.crc32(form[-3:].encode("utf-8")) % buckets
@@ -176,7 +181,7 @@ class Punctuator:
   def mark(self, tokens: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(`restore(tokens)`, [len(tokens)] probability that a sentence ends after each token)."""
     probs = self.probabilities([word_form(t) for t in tokens])
-    boundary = probs[:, PERIOD] + probs[:, QUESTION]
+    boundary = sentence_end(probs)
     out = []
     for token, p, end in zip(tokens, probs, boundary > self.boundary_threshold):
       if mark_class(token) != NONE:

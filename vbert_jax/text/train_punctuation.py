@@ -142,7 +142,7 @@ def _train_step(module, optimizer, word_dropout: float):
 def _evaluate(model: punct.Punctuator, val: Sequence[Tagged]) -> tuple[float, np.ndarray]:
   """(F1 at the model's threshold, [n, 2] boundary probability and gold) over the documents."""
   probs = [model.probabilities(d.forms) for d in val]
-  score = np.concatenate([p[:, punct.PERIOD] + p[:, punct.QUESTION] for p in probs])
+  score = np.concatenate([punct.sentence_end(p) for p in probs])
   labels = np.concatenate([d.labels for d in val])
   return boundary_f1(score > model.boundary_threshold, labels), np.stack([score, labels], 1)
 
