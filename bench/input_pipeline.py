@@ -64,6 +64,7 @@ def main() -> None:
   config = pretrain.get_config("variant=base")
   with config.unlocked():
     config.max_len = 128
+    config.input.pack_examples = 1  # examples/s of the example maker; packing is bench/packing
     config.masking.max_predictions_text = config.masking.max_predictions_video = 20
   vocab = ip.PipelineConfig.from_config(config, batch_size=1).vocab
   t0 = time.perf_counter()

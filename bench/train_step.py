@@ -7,9 +7,11 @@ variant: 4 layers, hidden 512, 8 heads, MLP 2048, sequence 128, batch 16, a join
 (30592 + 20736 = 51328 rows) so that both embedding tables have the same shape.
 
 Contenders:
-  ours       jitted step: model + `objectives.compute_loss`, optax.adamw, state donated;
-             the MLM / MVM heads run only at the gathered prediction slots, each over its own
-             part of the vocabulary.
+  ours       the `Trainer`'s own jitted step, as `vbert_jax.main` runs it (configs/pretrain.py
+             at this shape: schedule, clipping, AdamW with the weight-decay mask, sharding
+             constraints, state donated, dropout keys from `config.prng_impl`); the MLM / MVM
+             heads run only at the gathered prediction slots, each over its own part of the
+             vocabulary.
   peer       BertForPreTraining as normally used: logits over the joint vocabulary at every
              position, loss from `labels` / `next_sentence_label`; torch's fused AdamW.
   peer_same  the same peer at our positions: its `bert`, then its `cls` on the states gathered
@@ -39,13 +41,11 @@ common.setup(threads=2)
 
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from vbert_jax import cli, flops, masking, objectives, sequence  # noqa: E402
+from vbert_jax import cli, flops, masking, sequence  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
 LEARNING_RATE = 1e-4
@@ -63,9 +63,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("rounds", None, "alternating rounds (default 5; 1 with --demo)",
                        flag_values=fv)
   flags.DEFINE_integer("steps", 1, "steps per round", flag_values=fv)
-  flags.DEFINE_enum("prng", "rbg", ("threefry2x32", "rbg", "unsafe_rbg"), "PRNG of our dropout "
-                    "masks (rbg: about 4% less CPU time per step here than threefry2x32)",
-                    flag_values=fv)
+  flags.DEFINE_enum("prng", "threefry2x32", ("threefry2x32", "rbg", "unsafe_rbg"),
+                    "config.prng_impl of our dropout masks", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "seed of the batch and both models", flag_values=fv)
   flags.DEFINE_integer("sharded_steps", 3, "steps of the sharded trainer on 8 fake CPU devices, "
                        "in a child process (0: skip)", flag_values=fv)
@@ -113,39 +112,39 @@ def make_batch(vocab: sequence.JointVocab, batch_size: int, seq_len: int, seed: 
 # Ours.
 
 
-def make_ours(cfg: model_lib.VideoBERTConfig, batch: dict[str, np.ndarray], seed: int,
-              prng_impl: str = "threefry2x32"):
-  """A (step, sync) pair running our jitted train step on `batch`."""
-  model = model_lib.VideoBERT(cfg)
-  tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  dropout_key = jax.random.key(seed + 1, impl=prng_impl)
+def make_config(args, cfg: model_lib.VideoBERTConfig, pt: int, pv: int, mesh=(1, 1, 1)):
+  """configs/pretrain.py at the benchmark's shape: one example per row, dropout 0.1 (the
+  paper's), AdamW at LEARNING_RATE with BERT's weight decay, mask and clipping."""
+  config = common.pretrain_configs().get_config(f"variant={args.variant}")
+  with config.unlocked():
+    config.batch_size, config.max_len = args.batch, args.seq
+    config.input.pack_examples = 1  # make_batch's rows: one example each
+    config.model.max_position_embeddings = cfg.max_position_embeddings
+    config.masking.max_predictions_text, config.masking.max_predictions_video = pt, pv
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = LEARNING_RATE, 0
+    config.optimizer.weight_decay = WEIGHT_DECAY
+    config.prng_impl = args.prng
+    config.seed = args.seed
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+    config.compilation_cache_dir = ""
+  return config
 
-  def loss_fn(params, batch, rng):
-    outputs = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                          batch["position_ids"], batch["input_mask"], batch["mlm_positions"],
-                          batch["mvm_positions"], deterministic=False, rngs={"dropout": rng})
-    return objectives.compute_loss(outputs, batch)
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(dropout_key, state["step"])
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, loss
-
-  train_step = jax.jit(train_step, donate_argnums=0)
-  device_batch = jax.device_put(batch)
-  holder = {"state": state}
+def make_ours(config, batch: dict[str, np.ndarray]):
+  """A (step, sync) pair running the `Trainer`'s own jitted step (the one `vbert_jax.main`
+  runs: schedule, clipping, weight-decay mask, sharding constraints, state donated)."""
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
+  holder = {"state": trainer.init_state()}
+  device_batch = trainer.put_batch(batch)
 
   def step():
-    holder["state"], loss = train_step(holder["state"], device_batch)
-    return loss
+    holder["state"], sums = trainer.train_step(holder["state"], device_batch)
+    return sums["loss"]
 
   def compiled_text() -> str:
-    return train_step.lower(holder["state"], device_batch).compile().as_text()
+    return trainer.lower_train_step().compile().as_text()
 
   return step, lambda loss: float(loss), compiled_text
 
@@ -219,26 +218,15 @@ def sharded_child(args) -> None:
   import json  # pylint: disable=g-import-not-at-top
   import resource  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  pretrain = common.pretrain_configs()
-  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
-  from vbert_jax import train  # pylint: disable=g-import-not-at-top
-  config = pretrain.get_config(f"variant={args.variant}")
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
                                                max_position_embeddings=max(512, args.seq))
   batch, pt, pv = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
-  with config.unlocked():
-    config.batch_size, config.max_len = args.batch, args.seq
-    config.model.max_position_embeddings = cfg.max_position_embeddings
-    config.masking.max_predictions_text, config.masking.max_predictions_video = pt, pv
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
-  state = trainer.init_state()
-  state, sums = trainer.train_step(state, trainer.put_batch(batch))  # compile
-  jax.block_until_ready(sums)
+  step, sync, _ = make_ours(make_config(args, cfg, pt, pv, mesh=(2, 2, 2)), batch)
+  sync(step())  # compile
   start = time.perf_counter()
   for _ in range(args.sharded_steps):
-    state, sums = trainer.train_step(state, trainer.put_batch(batch))
-  jax.block_until_ready(sums)
+    loss = step()
+  sync(loss)
   seconds = (time.perf_counter() - start) / args.sharded_steps
   print(json.dumps({"devices": jax.device_count(), "seconds_per_step": seconds,
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -252,7 +240,7 @@ def run_sharded(args) -> dict:
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.abspath(__file__), "--sharded_child", "--variant", args.variant,
          "--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed),
-         "--sharded_steps", str(args.sharded_steps)]
+         "--sharded_steps", str(args.sharded_steps), "--prng", args.prng]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"sharded step failed:\n{proc.stderr[-3000:]}")
@@ -266,7 +254,7 @@ def main(argv=None) -> None:
     return
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant,
                                                max_position_embeddings=max(512, args.seq))
-  batch, _, _ = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
+  batch, pt, pv = make_batch(cfg.vocab, args.batch, args.seq, args.seed)
   tokens = args.batch * args.seq
   if args.demo:
     print(f"VideoBERT '{args.variant}' ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
@@ -276,7 +264,7 @@ def main(argv=None) -> None:
           f"{args.seq} tokens, 15% masked ({int(batch['mlm_weights'].sum())} text and "
           f"{int(batch['mvm_weights'].sum())} visual predictions).\n")
 
-  ours_step, ours_sync, ours_hlo = make_ours(cfg, batch, args.seed, args.prng)
+  ours_step, ours_sync, ours_hlo = make_ours(make_config(args, cfg, pt, pv), batch)
   peer_step, peer_sync = make_peer(cfg, batch, args.seed, same_work=False)
   same_step, same_sync = make_peer(cfg, batch, args.seed, same_work=True)
   contenders = {"ours": (ours_step, ours_sync), "peer": (peer_step, peer_sync),

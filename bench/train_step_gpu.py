@@ -6,8 +6,10 @@ the joint vocabulary of bench/train_step.py (30522 text + 20736 visual tokens), 
 AdamW, on the same generated batch (that benchmark's `make_batch`, `make_ours`, `make_peer`),
 alternating rounds.
 
-Contenders:
-  ours        bf16 compute, f32 parameters; attention by XLA, with attention dropout 0.1
+Contenders (ours: the `Trainer`'s own step, as `vbert_jax.main` runs it):
+  ours        bf16 compute, f32 parameters; attention by XLA, with attention dropout 0.1;
+              dropout keys from threefry2x32 (the default: the same on any mesh)
+  ours_rbg    the same with config.prng_impl="rbg" (faster bits, which depend on the sharding)
   ours_no_attn_dropout  the same without attention dropout (XLA's dot_product_attention)
   ours_cudnn  the same with attention_impl="cudnn" (jax.nn.dot_product_attention's fused cuDNN
               kernel), also without attention dropout, which that kernel's path in model.py skips
@@ -30,6 +32,7 @@ Reported: tokens/s and milliseconds per step, `ratio` = ours / peer, and MFU = m
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -47,21 +50,32 @@ from vbert_jax import flops  # noqa: E402
 from vbert_jax import model as model_lib  # noqa: E402
 
 
-DEFAULT_CONTENDERS = ("ours", "ours_no_attn_dropout", "ours_cudnn", "peer", "peer_same")
+DEFAULT_CONTENDERS = ("ours", "ours_rbg", "ours_no_attn_dropout", "ours_cudnn", "peer",
+                      "peer_same")
 
 
 def contenders(args, batch):
   shape = dict(max_position_embeddings=max(512, args.seq), dtype="bfloat16")
   cfg = model_lib.VideoBERTConfig.from_variant(args.variant, **shape)
 
-  def ours(**overrides):
-    variant = model_lib.VideoBERTConfig.from_variant(args.variant, **{**shape, **overrides})
-    return lambda: ts.make_ours(variant, batch, args.seed, "rbg")[:2]
+  def ours(prng: str = "threefry2x32", **overrides):
+    """The Trainer's step on configs/pretrain.py at this shape, bf16, with `overrides` of
+    config.model."""
+    def make():
+      run = argparse.Namespace(**{**vars(args), "prng": prng})
+      config = ts.make_config(run, cfg, batch["mlm_weights"].shape[1],
+                              batch["mvm_weights"].shape[1])
+      with config.unlocked():
+        for key, value in {"dtype": "bfloat16", **overrides}.items():
+          config.model[key] = value
+      return ts.make_ours(config, batch)[:2]
+    return make
 
   no_dropout = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
   makers = {
       "ours": ours(),
       "ours_no_attn_dropout": ours(attention_dropout_rate=0.0),
+      "ours_rbg": ours("rbg"),
       "ours_cudnn": ours(attention_impl="cudnn", attention_dropout_rate=0.0),
       "peer": lambda: ts.make_peer(cfg, batch, args.seed, False, device="cuda", bf16=True),
       "peer_same": lambda: ts.make_peer(cfg, batch, args.seed, True, device="cuda", bf16=True),

@@ -46,14 +46,17 @@ def _pretrain(size: str) -> ml_collections.ConfigDict:
   """The pretraining run: the `tiny` model for a few minutes of a laptop CPU."""
   c = pretrain.get_config("variant=tiny,runlocal")
   c.unlock()
-  # A position table longer than max_len (40).
+  # A position table longer than the longest example (40).
   c.model.max_position_embeddings = 64
   # Against memorising the ~230 training sentences word for word, which would make the video
   # unnecessary for the masked words.
   c.model.dropout_rate = 0.2
   c.model.attention_dropout_rate = 0.0
-  # Ample for one sentence with its 1-3 clips (max_concat=1), or a 2-6-clip video-only example.
-  c.max_len = 40
+  # Ample for one sentence with its 1-3 clips (max_concat=1), or a 2-6-clip video-only example:
+  # about 9 tokens, at most 16. Rows of 64 tokens hold about six and a half of them.
+  c.input.max_example_len = 40
+  c.max_len = 64
+  c.input.pack_examples = 10
   # The narration is a few hundred short sentences: with BERT's 15% a model learns them by
   # heart and never needs the video. Masking 60% often hides both the verb and the noun, which
   # then only the video can tell, as in the zero-shot prompt.
@@ -102,9 +105,10 @@ def _pretrain(size: str) -> ml_collections.ConfigDict:
   c.input.examples_per_video = 32
   # No grain worker processes: a small corpus, read beside the step on a two-core CPU.
   c.input.worker_count = 0
-  # Twice runlocal's batch at its learning rate, with a longer warmup and BERT's weight decay;
-  # 3000 steps as unmasked LVA takes off late, 800 to keep the end-to-end test short.
-  c.batch_size = 64
+  # About 64 examples a step (10 packed rows) at runlocal's learning rate, with a longer warmup
+  # and BERT's weight decay; 3000 steps as unmasked LVA takes off late, 800 to keep the
+  # end-to-end test short.
+  c.batch_size = 10
   c.total_steps = 3000 if size == "full" else 800
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 100

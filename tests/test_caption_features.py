@@ -26,7 +26,7 @@ def bundle(tmp_path_factory):
   config = pretrain.get_config("variant=mu,runlocal")
   config.model.text_vocab_size = tokenizer.vocab_size
   config.model.special_ids = "0,1,2,3,4,5"
-  config.max_len = 32
+  config.max_len = config.input.max_example_len = 32
   config.text.vocab = str(path)
   params = model_lib.init_params(pretrain_lib.model_config(config), jax.random.key(0))
   return bundle_lib.Bundle.from_parts(config, params, tokenizer)

@@ -51,6 +51,7 @@ def test_runlocal_shrinks_for_a_laptop():
   c = pretrain.get_config("variant=tiny,runlocal")
   assert c.model.hidden_size == 128
   assert c.batch_size <= 32 and c.total_steps <= 1000 and c.max_len <= 32
+  assert c.input.max_example_len <= 32 and c.input.pack_examples > 1
   assert c.model.text_vocab_size < 30522 and c.model.visual_vocab_size < 20736
   assert c.eval.every_steps <= c.total_steps and c.checkpoint.every_steps <= c.total_steps
 

@@ -18,6 +18,7 @@ from vbert_jax import align
 from vbert_jax import input_pipeline as ip
 from vbert_jax import sequence
 from vbert_jax import masking as masking_lib
+from vbert_jax import packing
 from vbert_jax import synthetic
 
 VOCAB = sequence.JointVocab(30522, 4096)
@@ -190,18 +191,28 @@ def test_batches_are_well_formed_and_fit_the_training_contract(records):
   from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=mu,runlocal")
   with config.unlocked():
-    config.max_len = 40
+    config.max_len, config.input.max_example_len = 160, 40
     config.model.text_vocab_size, config.model.visual_vocab_size = VOCAB.text_size, 4096
-  pipeline = ip.make_pipeline(config, records)
-  batches = take(pipeline, 6)
-  spec = pretrain_lib.pretrain_batch_spec(config, config.batch_size)
-  for batch in batches:
-    assert set(batch) == set(spec)  # no debug fields unless asked for
-    for name, s in spec.items():
-      assert batch[name].shape == s.shape and batch[name].dtype == s.dtype, name
-    pretrain_lib.check_pretrain_batch(config, VOCAB, batch, "test batch")
+  examples = []
+  for places in (1, 8):  # one example per row (max_len 40), and rows of up to 8 examples
+    with config.unlocked():
+      config.input.pack_examples = places
+      config.max_len = 40 if places == 1 else 160
+    batches = take(ip.make_pipeline(config, records), 6)
+    spec = pretrain_lib.pretrain_batch_spec(config, config.batch_size)
+    for batch in batches:
+      assert set(batch) == set(spec)  # no debug fields unless asked for
+      for name, s in spec.items():
+        assert batch[name].shape == s.shape and batch[name].dtype == s.dtype, name
+      pretrain_lib.check_pretrain_batch(config, VOCAB, batch, "test batch")
+    if places == 1:
+      examples += rows(batches)
+    else:
+      examples += [ex for row in rows(batches) for ex in packing.unpack_row(row)]
+      assert all(((row["input_mask"] > 0).sum() == sum(
+          len(ex["input_ids"]) for ex in packing.unpack_row(row))) for row in rows(batches))
   sp = VOCAB.specials
-  for row in rows(batches):
+  for row in examples:
     ids, seg, mask = row["input_ids"].copy(), row["segment_ids"], row["input_mask"]
     n = int(mask.sum())
     assert (mask[:n] == 1).all() and (mask[n:] == 0).all() and (ids[n:] == sp.pad).all()

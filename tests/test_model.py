@@ -362,3 +362,44 @@ def test_logical_axes_shard_parameters_and_activations(mu):
   for key, value in want.items():
     np.testing.assert_allclose(got[key], value, atol=1e-5, rtol=0, err_msg=key)
   assert len(sharded["embeddings"]["word_embeddings"]["embedding"].sharding.device_set) == 8
+
+
+def _train_step(dtype: str):
+  """The trainer's own train step (mu, runlocal: packed rows), lowered, and its model config."""
+  from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
+  from vbert_jax import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
+  from vbert_jax import train  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("variant=mu,runlocal")
+  with config.unlocked():
+    config.model.dtype = dtype
+    config.compilation_cache_dir = ""
+  trainer = train.Trainer(pretrain_lib.make_trainable(config), config)
+  return trainer.lower_train_step(), pretrain_lib.model_config(config)
+
+
+def test_the_step_sums_position_and_type_gradients_without_a_scatter():
+  """Position and token-type rows are read by one-hot products, so their gradients are matmuls
+  in the compiled step. The word and visual tables (hundreds of rows) keep their
+  scatter-adds."""
+  import re  # pylint: disable=g-import-not-at-top
+  lowered, cfg = _train_step("float32")
+  text = lowered.compile().as_text()
+  shapes = set(re.findall(r"= f32\[([\d,]+)\][^=]*? scatter\(", text))
+  h = cfg.hidden_size
+  assert {f"{cfg.vocab.text_padded},{h}", f"{cfg.vocab.visual_padded},{h}"} <= shapes
+  assert f"{cfg.max_position_embeddings},{h}" not in shapes
+  assert f"{cfg.type_vocab_size},{h}" not in shapes
+
+
+def test_bf16_compute_runs_the_heads_in_bf16_with_f32_logits():
+  """Under bf16 compute the step's MLM and MVM logits are products of bf16 operands with f32
+  results (the loss is f32), rather than f32 products of upcast tables."""
+  import re  # pylint: disable=g-import-not-at-top
+  lowered, cfg = _train_step("bfloat16")
+  text = lowered.as_text()
+  for size in (cfg.vocab.text_padded, cfg.vocab.visual_padded):
+    heads = re.findall(rf"dot_general.*?: \((tensor<[^)]*)\) -> tensor<[\dx]*x{size}x(\w+)>",
+                       text)
+    assert heads, size
+    for operands, result in heads:
+      assert result == "f32" and operands.count("xbf16>") == 2, (operands, result)

@@ -115,7 +115,9 @@ def test_two_processes_train_preempt_resume_like_one(tmp_path, tmp_path_factory)
 
 WORKER = pr.REPO / "tests" / "helpers" / "multihost_worker.py"
 INTERLEAVED = "0,1,1,0,0,1,0,1"
-BATCH = 32  # the runlocal global batch: 8 shards of 4 rows
+BATCH = 32  # the workers' global batch: 8 shards of 4 rows
+PLACES = 4  # runlocal's packed rows: each takes 4 stream positions
+SLOTS = 8  # and holds up to 8 prediction slots per modality
 
 
 @pytest.fixture(scope="module")
@@ -156,19 +158,20 @@ def _rows_seen(workdir, process):
   for line in path.read_text().splitlines():
     r = json.loads(line)
     if r["split"] == "train":
-      step = r["position"] // BATCH
+      step = r["position"] // (BATCH * PLACES)
       out[step] = dict(zip(r["rows"], r["elements"]))
   return out
 
 
 def _assert_losses_close(got_dir, want_dir, steps):
-  # A loss term is a mean of non-negative cross-entropies over at most 32 x 2 predictions;
-  # another summation order moves it by at most (n - 1) * eps of itself.
+  # A loss term is a mean of non-negative cross-entropies over at most 32 rows x 8 slots of
+  # predictions; another summation order moves it by at most (n - 1) * eps of itself.
   got, want = pr.curve(got_dir), pr.curve(want_dir)
   assert sorted(got) == list(steps), sorted(got)
   for step in steps:
     for value in got[step]:
-      np.testing.assert_allclose(value[:4], want[step][0][:4], rtol=(BATCH * 2 - 1) * 1.2e-7, atol=0,
+      np.testing.assert_allclose(value[:4], want[step][0][:4],
+                                 rtol=(BATCH * SLOTS - 1) * 1.2e-7, atol=0,
                                  err_msg=f"step {step} losses {pr.CURVE_KEYS[:4]}")
 
 

@@ -53,8 +53,8 @@ STAND_INS: list[tuple[str, list[tuple[str, str]]]] = [
         (r"variant=base", "variant=mu,runlocal"),
         (r"text_vocab_size=8000", "text_vocab_size=100"),
         (r"visual_vocab_size=20736", "visual_vocab_size=9"),
-        # The tasks' templates need more room than runlocal's 16 tokens.
-        (r"$", " --config.max_len=64" + SHORT_RUN)]),
+        # The tasks' templates need longer examples than runlocal's 16 tokens.
+        (r"$", " --config.max_len=64 --config.input.max_example_len=64" + SHORT_RUN)]),
     ("python -m vbert_jax.main --config=configs/pretrain.py:variant=large", [
         (r"variant=large", "variant=mu,runlocal"),
         (r"tfds_name=videobert/bert", "tfds_name=videobert/bert_small"),

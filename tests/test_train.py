@@ -147,15 +147,21 @@ def test_runlocal_learns_the_generated_task(runlocal_run):
 def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
   workdir, _, log = runlocal_run
   config = json.loads((workdir / "config.json").read_text())
-  assert config["variant"] == "tiny" and config["max_len"] == 16
+  assert config["variant"] == "tiny" and config["max_len"] == 32
+  assert config["input"]["pack_examples"] == 4 and config["input"]["max_example_len"] == 16
   versions = json.loads((workdir / "versions.json").read_text())
   assert versions["packages"]["jax"] == jax.__version__
   assert versions["device_count"] == 1
   rows = metrics.read_jsonl(workdir, "train")
   assert [r["step"] for r in rows] == list(range(25, 301, 25))
   for key in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "tokens_per_sec",
-              "tflops_per_sec", "mlm_loss", "mvm_loss", "lva_loss"):
+              "tflops_per_sec", "mlm_loss", "mvm_loss", "lva_loss", "real_tokens_per_sec"):
     assert all(np.isfinite(r[key]) for r in rows[1:]), key
+  # Packed rows of examples of 8 tokens on average: little padding, 3 to 4 examples a row.
+  for r in rows[1:]:
+    assert 0 < r["pad_fraction"] < 0.25 and 3 <= r["packed_examples_per_row"] <= 4
+    assert r["real_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"] * (1 - r["pad_fraction"]))
+    assert 0 < r["flops_real_fraction"] < 1 and r["examples_truncated"] == 0
   assert rows[-1]["loss"] < rows[0]["loss"] / 3
   assert rows[-1]["learning_rate"] < rows[1]["learning_rate"]  # decays after warmup
   assert list((workdir).glob("events.out.tfevents*")), "no TensorBoard events"
@@ -176,7 +182,7 @@ def test_runlocal_leaves_config_versions_metrics_and_checkpoints(runlocal_run):
   assert "; eval at step 300: loss=" in lines[-2]
   # A run on generated tokens says so before it trains; the placement of its input is logged.
   assert -1 < log.find("input: GENERATED tokens") < log.find("training from step 1")
-  assert "input placement: 1 host(s) feed 32 rows each of the global batch of 32" in log
+  assert "input placement: 1 host(s) feed 8 rows each of the global batch of 8" in log
   # The masked predictions per example that trains each loss: at least BERT's floor of one.
   for key in ("predictions_per_example_mlm", "predictions_per_example_mvm"):
     assert all(1.0 <= r[key] <= 2.0 for r in rows), key
@@ -382,7 +388,7 @@ def test_ids_outside_the_vocabulary_are_named(tmp_path):
     pretrain_lib.make_trainable(config).check_batch(bad, "eval")
   bad = next(synthetic.from_config(config, "train", batch_size=4))
   bad["input_ids"] = bad["input_ids"][:, :8]
-  with pytest.raises(ValueError, match=r"x: input_ids has shape \(4, 8\); expected \(4, 16\)"):
+  with pytest.raises(ValueError, match=r"x: input_ids has shape \(4, 8\); expected \(4, 32\)"):
     pretrain_lib.make_trainable(config).check_batch(bad, "x")
 
 
@@ -390,8 +396,14 @@ def test_max_len_beyond_positions_is_named():
   config = toy_config()
   with config.unlocked():
     config.max_len = 100
-  with pytest.raises(ValueError, match=r"config.max_len=100 exceeds config.model."
-                                       r"max_position_embeddings=64"):
+    config.input.max_example_len = 80
+  with pytest.raises(ValueError, match=r"examples of up to 80 tokens \(config.input.max_example_len"
+                                       r".*exceed config.model.max_position_embeddings=64"):
+    pretrain_lib.make_trainable(config)
+  with config.unlocked():  # one example per row: the row is the longest example
+    config.input.max_example_len, config.input.pack_examples = 0, 1
+  with pytest.raises(ValueError, match=r"examples of up to 100 tokens .*config.max_len=100 when "
+                                       r"it is 0\) exceed"):
     pretrain_lib.make_trainable(config)
 
 
@@ -434,7 +446,10 @@ def test_synthetic_video_is_a_function_of_the_text():
   assert set(batch["lva_label"][pair].tolist()) == {0, 1}
   assert (batch["lva_weight"][~pair] == 0).all()
   vocab.check_ids(batch["input_ids"])
-  assert (batch["mlm_weights"].sum(1)[batch["regime"] == 1] == 0).all()  # video-only: no MLM
+  video_only = set(zip(*np.nonzero(batch["regime"] == 1)))
+  assert video_only and not any(  # video-only examples have no MLM slot
+      (r, e) in video_only for r, e in zip(*np.nonzero(batch["mlm_weights"] > 0)) for e in
+      [batch["mlm_example"][r, e]])
 
 
 # Metrics.
@@ -531,3 +546,42 @@ def test_without_a_dataset_the_run_says_how_to_build_one():
   with pytest.raises(ValueError, match=r"config.input.tfds_name is empty: .*"
                                        r"tfds build data/videobert"):
     pretrain_lib.train_and_evaluate(config, "/nonexistent/never/written")
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dropout_keys_resume_exactly_under_each_prng(impl):
+  """The key of step N is fold_in(key(seed, impl), N): a trainer restarted from the state after
+  step 1 repeats steps 2 and 3 bit for bit, whichever PRNG draws the dropout masks."""
+  config = toy_config(3, prng_impl=impl, **{"model.dropout_rate": 0.1,
+                                            "model.attention_dropout_rate": 0.1})
+  source = synthetic.from_config(config, "train", batch_size=config.batch_size)
+  batches = [next(source) for _ in range(3)]
+  trainable = pretrain_lib.make_trainable(config)
+  first = train.Trainer(trainable, config)
+  state = first.init_state()
+  saved = None
+  for i, batch in enumerate(batches):
+    state, _ = first.train_step(state, first.put_batch(batch))
+    if i == 0:
+      saved = jax.device_get(state)
+  resumed = train.Trainer(trainable, config)
+  again = jax.device_put(saved, resumed.state_shardings)
+  for batch in batches[1:]:
+    again, _ = resumed.train_step(again, resumed.put_batch(batch))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(again))):
+    np.testing.assert_array_equal(a, b)
+  # Dropout is on: the masks of another PRNG give another update.
+  other = toy_config(3, prng_impl="rbg" if impl == "threefry2x32" else "threefry2x32",
+                     **{"model.dropout_rate": 0.1, "model.attention_dropout_rate": 0.1})
+  third = train.Trainer(pretrain_lib.make_trainable(other), other)
+  moved, _ = third.train_step(jax.device_put(saved, third.state_shardings),
+                              third.put_batch(batches[1]))
+  step2, _ = resumed.train_step(jax.device_put(saved, resumed.state_shardings),
+                                resumed.put_batch(batches[1]))
+  assert not np.array_equal(*(np.asarray(jax.device_get(s.params["embeddings"]["layer_norm"]
+                                                        ["scale"])) for s in (moved, step2)))
+
+
+def test_an_unknown_prng_is_named():
+  with pytest.raises(ValueError, match=r"config.prng_impl='philox': expected one of"):
+    train.Trainer(pretrain_lib.make_trainable(toy_config()), toy_config(prng_impl="philox"))

@@ -4,11 +4,12 @@ With `libtpu` installed, JAX on a CPU machine can describe a TPU slice (or sever
 for it: this shows whether a config fits a pod (memory per chip against the chip's HBM), whether
 every host can feed its devices (which rows of the batch each host reads, wherever the topology
 puts its chips), where each mesh axis lies (within a host, across hosts, across slices), what a
-step costs in FLOPs and how long it should take at a stated MFU, and how the arguments are
+step costs (the model's FLOPs, and XLA's count of FLOPs and bytes per chip), the roofline step
+time those counts give at the chip's peak FLOP/s and memory bandwidth, and how the arguments are
 sharded, before anyone pays for one. It exits 1 when the step does not fit or cannot be fed.
 
     JAX_PLATFORMS=cpu python -m vbert_jax.aot --config=configs/pretrain.py:variant=large \
-        --topology=v5e:4x4 --mesh=fsdp=4 --mfu=0.4
+        --topology=v5e:4x4 --mesh=fsdp=4
     JAX_PLATFORMS=cpu python -m vbert_jax.aot --config=configs/pretrain.py:variant=base \
         --topology=v5e:2x2 --num_slices=2
 
@@ -48,7 +49,8 @@ HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 # libtpu's chip configuration: v4 chips run their two TensorCores as one device (megacore), as
 # JAX does on a v4 VM; the others have one device per chip with the default configuration.
 CHIP_CONFIG = {"v4": "megacore"}
-DEFAULT_MFU = 0.4
+# HBM bandwidth of one chip, bytes/s, from the same pages.
+HBM_BYTES_PER_S = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,7 @@ class CompileReport:
   temp_bytes: int
   generated_code_bytes: int
   flops: float  # XLA's count for one step on one chip (a scanned loop body counts once)
+  bytes_accessed: float = 0.0  # XLA's count of HBM bytes read and written, likewise
 
   @property
   def peak_bytes(self) -> int:
@@ -151,7 +154,8 @@ def compile_report(compiled: Any, devices: Sequence[Any], topology: str = "") ->
       alias_bytes=int(memory.alias_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
       generated_code_bytes=int(memory.generated_code_size_in_bytes),
-      flops=float((cost or {}).get("flops", 0.0)))
+      flops=float((cost or {}).get("flops", 0.0)),
+      bytes_accessed=float((cost or {}).get("bytes accessed", 0.0)))
 
 
 @contextlib.contextmanager
@@ -213,9 +217,10 @@ class Readiness:
   hbm_bytes: int  # of one device (one chip)
   model_flops: float  # per step, all chips (vbert_jax.flops)
   peak_flops: float  # per chip (flops.PEAK_BF16_FLOPS)
-  mfu: float
+  bandwidth: float  # HBM bytes/s per chip
   shardings: tuple[str, ...]
   num_slices: int = 1
+  scanned: bool = False  # layers under nn.scan: XLA's counts see the loop body once
   axes: tuple[str, ...] = ()  # where each mesh axis lies
   placement: str = ""  # the input placement line, or why the hosts cannot feed the devices
   feedable: bool = True
@@ -237,9 +242,18 @@ class Readiness:
     return self.fits and self.feedable
 
   @property
+  def roofline(self) -> tuple[float, float]:
+    """(compute, memory) seconds of a step at the chip's peak: XLA's FLOPs per chip over the
+    peak FLOP/s, and its bytes accessed per chip over the HBM bandwidth."""
+    if self.report is None:
+      return 0.0, 0.0
+    return self.report.flops / self.peak_flops, self.report.bytes_accessed / self.bandwidth
+
+  @property
   def step_seconds(self) -> float:
-    """Expected step time if the chips ran the model's FLOPs at `mfu` of their peak."""
-    return self.model_flops / (self.num_devices * self.peak_flops * self.mfu)
+    """The roofline step time: the slower of compute and memory traffic at their peaks (a
+    bound no step beats; the model's MFU at that time is the best it can reach)."""
+    return max(self.roofline)
 
   def lines(self) -> list[str]:
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
@@ -266,8 +280,20 @@ class Readiness:
                  f"more than the {self.hbm_bytes / GIB:.0f} GiB a chip has")
       xla = ""
     out.append(f"FLOPs per step: model {self.model_flops / 1e12:.3f} TFLOP{xla}")
-    out.append(f"expected step time at {100 * self.mfu:.0f}% MFU of {self.peak_flops / 1e12:.0f} "
-               f"TFLOP/s per chip: {1e3 * self.step_seconds:.3g} ms")
+    if self.report is not None:
+      compute, memory = self.roofline
+      bound = "compute" if compute >= memory else "memory"
+      terms = (f"{bound} bound: {1e3 * compute:.3g} ms at {self.peak_flops / 1e12:.0f} TFLOP/s, "
+               f"{1e3 * memory:.3g} ms for XLA's {self.report.bytes_accessed / GIB:.2f} GiB at "
+               f"{self.bandwidth / 1e9:.0f} GB/s per chip")
+      if self.scanned:
+        out.append(f"roofline step time: at least {1e3 * self.step_seconds:.3g} ms ({terms}); "
+                   f"XLA counts the scanned layer body once, so this is a lower bound "
+                   f"(--config.model.scan_layers=False counts every layer)")
+      else:
+        best = self.model_flops / (self.num_devices * self.peak_flops * self.step_seconds)
+        out.append(f"roofline step time: {1e3 * self.step_seconds:.3g} ms ({terms}); the "
+                   f"model's FLOPs in that time: MFU {best:.2f}, the most this step can reach")
     out.append("shardings:")
     out.extend(f"  {s}" for s in self.shardings)
     verdict = "fits" if self.fits else "DOES NOT FIT"
@@ -336,19 +362,17 @@ def sharding_summary(trainer: train.Trainer, batch_size: int, top: int = 5) -> t
 
 
 def check(config: ml_collections.ConfigDict, topology: str, *,
-          mesh: Mapping[str, int] | None = None, mfu: float = DEFAULT_MFU,
+          mesh: Mapping[str, int] | None = None,
           chips_per_host_bounds: Sequence[int] | None = None, num_slices: int = 1) -> Readiness:
   """Compiles the pretraining step of `config` for `topology` and judges whether it fits and
   whether every host can feed its devices.
 
-  Bad input (an unknown topology, a mesh that does not divide its chips, an MFU outside (0, 1])
+  Bad input (an unknown topology, a mesh that does not divide its chips)
   raises ValueError before anything is compiled. A step that does not fit, or a batch that the
   hosts cannot feed, is a verdict, not an error: XLA's refusal is read for the memory it needed,
   and the placement's reason names the axis and the process.
   """
   topo = parse_topology(topology)
-  if not 0 < mfu <= 1:
-    raise ValueError(f"--mfu={mfu}: expected a fraction in (0, 1]")
   if num_slices < 1:
     raise ValueError(f"--num_slices={num_slices}: expected at least 1")
   config = with_mesh(config, mesh)
@@ -366,7 +390,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *,
                 num_devices=len(devices), device_kind=kind,
                 hbm_bytes=topo.hbm_bytes * chips // len(devices),
                 model_flops=float(pretrain_lib.make_trainable(config).train_flops(config.batch_size)),
-                peak_flops=peak, mfu=mfu, num_slices=num_slices,
+                peak_flops=peak, bandwidth=HBM_BYTES_PER_S[topo.generation],
+                num_slices=num_slices, scanned=bool(config.model.scan_layers),
                 axes=sharding.axis_placement(device_mesh))
   try:
     placement = sharding.input_placement(
@@ -398,7 +423,6 @@ def _define_flags() -> None:
   flags.DEFINE_string("topology", "v5e:2x2", "TPU topology: v5e:2x2, v5e:4x4, v4:2x2x1, "
                       "v5p:2x2x2, v6e:2x2, ...")
   flags.DEFINE_string("mesh", "", "Mesh axes overriding config.mesh, e.g. data=-1,fsdp=4.")
-  flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation for the expected step time.")
   flags.DEFINE_list("chips_per_host_bounds", [], "Chips per host along x,y,z (default: 2,2,1 "
                     "where the slice is that large).")
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the data-center "
@@ -416,7 +440,7 @@ def main(argv: Sequence[str]) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py:variant=base")
   try:
-    result = check(config, fv.topology, mesh=parse_mesh(fv.mesh), mfu=fv.mfu,
+    result = check(config, fv.topology, mesh=parse_mesh(fv.mesh),
                    chips_per_host_bounds=[int(x) for x in fv.chips_per_host_bounds] or None,
                    num_slices=fv.num_slices)
   except ValueError as e:

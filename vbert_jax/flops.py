@@ -116,6 +116,20 @@ def flops_per_step(cfg: ModelShape, batch_size: int, seq_len: int, mlm_slots: fl
                    lva=factor * heads["lva"] * lva_examples)
 
 
+def flops_of_examples(cfg: ModelShape, tokens: float, attended_pairs: float, mlm_slots: float,
+                      mvm_slots: float, lva_examples: float, training: bool = True) -> float:
+  """FLOPs of the useful work in a step: `tokens` real tokens, attention over `attended_pairs`
+  (the sum of each example's length squared: an example attends only within itself), and the
+  heads at real prediction slots. Equals `flops_per_step(...).total` for one example per row
+  without padding."""
+  factor = 6 if training else 2
+  heads = head_params(cfg)
+  encoder = (factor * encoder_params(cfg) * tokens
+             + 2 * factor * cfg.num_layers * cfg.hidden_size * attended_pairs)
+  return (encoder + factor * (heads["mlm"] * mlm_slots + heads["mvm"] * mvm_slots
+                              + heads["lva"] * lva_examples))
+
+
 def mfu(step_flops: float, step_seconds: float, peak: float, num_devices: int = 1) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
   return step_flops / step_seconds / (peak * num_devices)

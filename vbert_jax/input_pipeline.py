@@ -18,7 +18,10 @@ number of hosts. One example, the paper's recipe:
      with the visual tokens of a different window, from the same video where one does not overlap
      the sentence's clips, else from another video of the dataset (`negative_other_video` sets how
      often another video is preferred);
-  5. packing with `sequence.Layout` and BERT masking with `vbert_jax.masking`.
+  5. its layout with `sequence.Layout` (cut to `max_example_len` tokens) and BERT masking with
+     `vbert_jax.masking`;
+  6. with `pack_examples` E > 1, several examples share a row (`vbert_jax.packing`): row s of
+     the stream holds the candidates at stream positions s * E ... s * E + E - 1 that fit.
 
 Every choice comes from a NumPy generator seeded by (seed, split, epoch, global element index),
 never from worker, thread or host order, so a row of a batch is a pure function of (seed, step,
@@ -44,6 +47,7 @@ import grain
 import numpy as np
 
 from vbert_jax import masking as masking_lib
+from vbert_jax import packing
 from vbert_jax import sequence
 from vbert_jax import stream
 
@@ -61,7 +65,7 @@ NEGATIVE_NONE, NEGATIVE_SAME_VIDEO, NEGATIVE_OTHER_VIDEO = -1, 0, 1
 class PipelineConfig:
   """What one pipeline needs, read from a pretraining config by `PipelineConfig.from_config`."""
   vocab: sequence.JointVocab
-  max_len: int
+  max_len: int  # tokens of a row
   batch_size: int  # rows of a global batch
   masking: masking_lib.MaskingConfig = masking_lib.MaskingConfig()
   regime_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # text, video, pair
@@ -78,6 +82,10 @@ class PipelineConfig:
   max_concat_video: int = 0
   max_subsample_rate: int = 5  # every r-th clip token, r in 1..max_subsample_rate
   examples_per_video: int = 1  # examples drawn from each record per epoch
+  # Examples a row may hold (1: one example per row, no packing) and the longest example
+  # (0: max_len); an example cut to fit counts in the `truncated` field.
+  pack_examples: int = 1
+  max_example_len: int = 0
   seed: int = 0
   split: str = "train"
   shuffle: bool = True
@@ -97,11 +105,15 @@ class PipelineConfig:
     for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate"):
       if not 0 <= getattr(self, name) <= 1:
         problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
-    for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size"):
+    for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size",
+                 "pack_examples"):
       if getattr(self, name) < 1:
         problems.append(f"{name}={getattr(self, name)}: expected at least 1")
     if self.split not in SPLIT_CODES:
       problems.append(f"split={self.split!r}: expected one of {sorted(SPLIT_CODES)}")
+    if not 0 <= self.max_example_len <= self.max_len:
+      problems.append(f"max_example_len={self.max_example_len}: expected 0 (max_len) up to "
+                      f"max_len={self.max_len}")
     if self.max_concat_video < 0:
       problems.append(f"max_concat_video={self.max_concat_video}: expected >= 0 (0: as "
                       f"max_concat)")
@@ -110,6 +122,23 @@ class PipelineConfig:
                       f"expected >= 0")
     if problems:
       raise ValueError("input pipeline config: " + "; ".join(problems))
+
+  @property
+  def example_len(self) -> int:
+    return self.max_example_len or self.max_len
+
+  @property
+  def packed(self) -> bool:
+    return self.pack_examples > 1
+
+  @property
+  def pack_spec(self) -> packing.PackSpec:
+    return packing.PackSpec.for_masking(self.max_len, self.pack_examples, self.masking)
+
+  @property
+  def examples_per_batch(self) -> int:
+    """Stream positions a global batch takes: every candidate of every row."""
+    return self.batch_size * self.pack_examples
 
   @property
   def regime_p(self) -> np.ndarray:
@@ -131,7 +160,7 @@ class PipelineConfig:
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in ("negative_other_video", "unmasked_pair_rate", "max_concat", "max_concat_video",
-                "max_subsample_rate", "examples_per_video",
+                "max_subsample_rate", "examples_per_video", "pack_examples", "max_example_len",
                 "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
     fields.update(overrides)
@@ -229,7 +258,7 @@ class ExampleMaker:
     self.source = source
     self.num_records = len(source)
     self.rows = rows  # the rows of each global batch that this process makes
-    self.layout = sequence.Layout(config.vocab, config.max_len)
+    self.layout = sequence.Layout(config.vocab, config.example_len)
     self.regime_cdf = np.cumsum(config.regime_p)
     self.split_code = SPLIT_CODES[config.split]
     self.elements_per_epoch = self.num_records * config.examples_per_video
@@ -245,10 +274,17 @@ class ExampleMaker:
 
   def batch(self, batch_index: int, elements: np.ndarray) -> dict[str, np.ndarray]:
     """This process's rows of one global batch of element ids, stacked; `batch_index` counts
-    global batches."""
-    first = batch_index * len(elements)
-    rows = [self(first + int(j), int(elements[j])) for j in self.rows]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    global batches, and `elements` holds E candidates per row (E = pack_examples)."""
+    first, per_row = batch_index * len(elements), self.config.pack_examples
+    if not self.config.packed:
+      return packing.stack_rows([self(first + int(j), int(elements[j])) for j in self.rows])
+    extra = DEBUG_KEYS if self.config.debug else ()
+
+    def row(r: int) -> dict[str, np.ndarray]:
+      at = r * per_row
+      return packing.pack_row(lambda j: self(first + at + j, int(elements[at + j])),
+                              self.config.pack_spec, self.config.vocab.specials.pad, extra)
+    return packing.stack_rows([row(int(r)) for r in self.rows])
 
   def __call__(self, index: int, element: int) -> dict[str, np.ndarray]:
     """`index`: position in the repeated stream; `element`: global id (record * K + slot)."""
@@ -290,6 +326,7 @@ class ExampleMaker:
     out.update(masking.mask_example(rng, packed.input_ids, c.vocab))
     out["lva_label"] = np.int32(label)
     out["lva_weight"] = np.float32(weight)
+    out["truncated"] = np.int32(packed.truncated)
     if c.debug:
       values = (element, epoch, rec.key, requested, k_req, len(window),
                 rate if regime != sequence.REGIME_TEXT else 0, neg_source, neg_key)
@@ -392,7 +429,7 @@ class Pipeline:
     # Batches of element ids, then one call makes this process's rows of the batch: stacking
     # them ourselves costs a third of what stacking example dicts through grain's tree
     # utilities does.
-    ds = ds.repeat(c.num_epochs).batch(c.batch_size, drop_remainder=True)
+    ds = ds.repeat(c.num_epochs).batch(c.examples_per_batch, drop_remainder=True)
     return ds.map_with_index(self.maker.batch)
 
   def _start(self, batch: int) -> Any:
@@ -425,7 +462,7 @@ class Pipeline:
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-able dict: the stream position of the next global batch and what the stream is."""
-    return {"position": self._batches * self.config.batch_size, **self._identity()}
+    return {"position": self._batches * self.config.examples_per_batch, **self._identity()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     mine = self._identity()
@@ -433,8 +470,8 @@ class Pipeline:
     if theirs != mine:
       raise stream.StreamMismatchError(f"input pipeline: saved state {theirs} is for another "
                                        f"stream; this one is {mine}")
-    batch = stream.position_of(state, self.config.batch_size, "input pipeline") \
-        // self.config.batch_size
+    per_batch = self.config.examples_per_batch
+    batch = stream.position_of(state, per_batch, "input pipeline") // per_batch
     self.close()
     self._batches = batch
 

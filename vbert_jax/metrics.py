@@ -128,12 +128,26 @@ class Throughput:
     return out
 
 
+def real_rates(values: Mapping[str, float]) -> dict[str, float]:
+  """Rates over real tokens beside the padded ones: `real_tokens_per_sec`, `pad_fraction` and
+  `real_mfu`, from a batch's `tokens_real` share and `flops_real_fraction` (the objectives'
+  batch metrics) and the padded `tokens_per_sec` and `mfu`."""
+  out = {}
+  if "tokens_real" in values:
+    out["pad_fraction"] = 1.0 - values["tokens_real"]
+    if "tokens_per_sec" in values:
+      out["real_tokens_per_sec"] = values["tokens_per_sec"] * values["tokens_real"]
+  if "flops_real_fraction" in values and "mfu" in values:
+    out["real_mfu"] = values["mfu"] * values["flops_real_fraction"]
+  return out
+
+
 def headline(values: Mapping[str, float]) -> str:
   """The figures a person reads first: the loss, each term's loss and accuracy, the rates."""
   keys = [k for k in ("loss",) if k in values]
   keys += sorted(k for k in values if k.endswith("_loss"))
   keys += sorted(k for k in values if k.endswith("_accuracy"))
-  keys += [k for k in ("steps_per_sec", "mfu") if k in values]
+  keys += [k for k in ("steps_per_sec", "pad_fraction", "mfu", "real_mfu") if k in values]
   return ", ".join(f"{k}={values[k]:.4g}" for k in keys)
 
 

@@ -203,8 +203,9 @@ class Embeddings(nn.Module):
 
   The lookups run in the parameters' dtype and only the normalised sum is in the compute dtype,
   so that the tables' gradients (sums over every token of the batch) accumulate in f32 also under
-  bf16 compute. Token types are a one-hot product, which sums their gradient as a matmul rather
-  than a scatter.
+  bf16 compute. Positions and token types are one-hot products, which sum their gradients as
+  matmuls rather than as scatters into small tables (serialised on TPU, where every token of a
+  packed batch hits the same few rows); HIGHEST precision keeps the f32 rows exact there.
   """
   config: VideoBERTConfig
 
@@ -231,9 +232,11 @@ class Embeddings(nn.Module):
     words = self.word_embeddings(jnp.where(visual, 0, input_ids))
     clips = self.visual_embeddings(jnp.where(visual, input_ids - offset, 0))
     x = jnp.where(visual[..., None], clips, words)
-    types = jax.nn.one_hot(segment_ids, cfg.type_vocab_size, dtype=cfg.weight_dtype)
-    x = x + jnp.einsum("blt,th->blh", types, self.token_type_embeddings.embedding)
-    x = x + self.position_embeddings(position_ids)
+    for ids, table in ((segment_ids, self.token_type_embeddings),
+                       (position_ids, self.position_embeddings)):
+      one_hot = jax.nn.one_hot(ids, table.num_embeddings, dtype=cfg.weight_dtype)
+      x = x + jnp.einsum("blt,th->blh", one_hot, table.embedding,
+                         precision=jax.lax.Precision.HIGHEST)
     # The LayerNorm normalises the f32 sum and returns the compute dtype.
     x = self.dropout(self.layer_norm(x), deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -369,15 +372,26 @@ class PredictionHead(nn.Module):
 
 
 class AlignmentHead(nn.Module):
-  """LVA: BERT's tanh pooler on the first ([CLS]) state, then one logit."""
+  """LVA: BERT's tanh pooler on an example's [CLS] state, then one logit."""
   config: VideoBERTConfig
 
   @nn.compact
-  def __call__(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, cls: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
-    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, HIDDEN_TO_HIDDEN, "pooler")(hidden[:, 0]))
+    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, HIDDEN_TO_HIDDEN, "pooler")(cls))
     logit = dense(cfg, 1, ("embed", None), "classifier")(pooled)
-    return pooled, logit[:, 0].astype(jnp.float32)
+    return pooled, logit[..., 0].astype(jnp.float32)
+
+
+def attention_mask(input_mask: jax.Array) -> jax.Array:
+  """[B, 1, L, L] from `input_mask` [B, L] (the example of each token, 0 for padding).
+
+  A token attends to the tokens of its own example. A padding position attends to every real
+  token, as BERT's padding mask lets it: one example per row (a 0/1 mask) gives BERT's mask
+  exactly, and no row of the mask is empty.
+  """
+  q, k = input_mask[:, None, :, None], input_mask[:, None, None, :]
+  return (k > 0) & ((q == k) | (q == 0))
 
 
 def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
@@ -399,12 +413,16 @@ class VideoBERT(nn.Module):
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, position_ids: jax.Array,
                input_mask: jax.Array, mlm_positions: jax.Array | None = None,
-               mvm_positions: jax.Array | None = None, *,
-               deterministic: bool = True) -> dict[str, jax.Array]:
+               mvm_positions: jax.Array | None = None, cls_positions: jax.Array | None = None,
+               *, deterministic: bool = True) -> dict[str, jax.Array]:
+    """`input_mask` [B, L]: the example of each token (1, 2, ... in a packed row; a 0/1 mask
+    for one example per row), 0 for padding. `cls_positions` [B, E]: the [CLS] of each example
+    of a packed row, which gives `pooled` [B, E, H] and `lva_logits` [B, E]; without it, the
+    first token of each row ([B, H] and [B])."""
     x = self.embeddings(input_ids, segment_ids, position_ids, deterministic)
-    mask = (input_mask > 0)[:, None, None, :]
-    hidden = self.encoder(x, mask, deterministic)
-    pooled, lva_logits = self.lva_head(hidden)
+    hidden = self.encoder(x, attention_mask(input_mask), deterministic)
+    cls = hidden[:, 0] if cls_positions is None else gather_positions(hidden, cls_positions)
+    pooled, lva_logits = self.lva_head(cls)
     out = {"hidden": hidden, "pooled": pooled, "lva_logits": lva_logits}
     heads = (("mlm", self.mlm_head, mlm_positions, self.embeddings.text_table()),
              ("mvm", self.mvm_head, mvm_positions, self.embeddings.visual_table()))

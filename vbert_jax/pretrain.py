@@ -8,6 +8,11 @@ runs.
 
 The config keys read here, besides the trainer's: model.*, max_len, masking.*, loss.*, input.*,
 init.{checkpoint, bert_dir, visual_vocab}.
+
+With `config.input.pack_examples` E > 1 a row of `max_len` tokens holds up to E examples
+(`vbert_jax.packing`): the batch contract gains `cls_positions` and the slots' `*_example`, and
+its per-example fields are [batch, E]. An example is at most `example_len(config)` tokens long,
+which bounds its positions (not the row's length) by the position table.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import numpy as np
 from vbert_jax import bert_import
 from vbert_jax import flops
 from vbert_jax import input_pipeline
+from vbert_jax import lengths
+from vbert_jax import masking
 from vbert_jax import model
 from vbert_jax import objectives
+from vbert_jax import packing
 from vbert_jax import sequence
 from vbert_jax import sharding
 from vbert_jax import synthetic
@@ -43,23 +51,48 @@ def model_config(config: ml_collections.ConfigDict):
   fields["attention_impl"] = None if fields["attention_impl"] == "xla" else fields[
       "attention_impl"]
   fields["special_ids"] = sequence.SpecialIds.parse(fields.get("special_ids")).as_tuple()
-  if config.max_len > fields["max_position_embeddings"]:
-    raise ValueError(f"config.max_len={config.max_len} exceeds config.model."
+  longest = example_len(config)
+  if longest > fields["max_position_embeddings"]:
+    raise ValueError(f"examples of up to {longest} tokens (config.input.max_example_len, or "
+                     f"config.max_len={config.max_len} when it is 0) exceed config.model."
                      f"max_position_embeddings={fields['max_position_embeddings']}")
   return model.VideoBERTConfig(**fields)
+
+
+def pack_examples(config: ml_collections.ConfigDict) -> int:
+  """Examples a row may hold (1: one per row; configs of older runs lack the key)."""
+  return int(_config_get(config, "input.pack_examples") or 1)
+
+
+def example_len(config: ml_collections.ConfigDict) -> int:
+  """The longest example: config.input.max_example_len, or the row's max_len when it is 0."""
+  return int(_config_get(config, "input.max_example_len") or config["max_len"])
+
+
+def slots(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The MLM and MVM prediction slots of a row."""
+  m = config.masking
+  if pack_examples(config) == 1:
+    return int(m.max_predictions_text), int(m.max_predictions_video)
+  spec = packing.PackSpec.for_masking(int(config.max_len), pack_examples(config),
+                                      masking.MaskingConfig.from_config(config.masking))
+  return spec.text_slots, spec.video_slots
 
 
 def pretrain_batch_spec(config: ml_collections.ConfigDict, batch_size: int
                         ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a pretraining batch (the shared batch contract)."""
-  length, pt, pv = (config.max_len, config.masking.max_predictions_text,
-                    config.masking.max_predictions_video)
+  length, (pt, pv), places = config.max_len, slots(config), pack_examples(config)
   i32, f32 = jnp.int32, jnp.float32
+  each = () if places == 1 else (places,)
   shapes = {"input_ids": ((length,), i32), "segment_ids": ((length,), i32),
-            "position_ids": ((length,), i32), "input_mask": ((length,), i32), "regime": ((), i32),
+            "position_ids": ((length,), i32), "input_mask": ((length,), i32), "regime": (each, i32),
             "mlm_positions": ((pt,), i32), "mlm_ids": ((pt,), i32), "mlm_weights": ((pt,), f32),
             "mvm_positions": ((pv,), i32), "mvm_ids": ((pv,), i32), "mvm_weights": ((pv,), f32),
-            "lva_label": ((), i32), "lva_weight": ((), f32)}
+            "lva_label": (each, i32), "lva_weight": (each, f32), "truncated": (each, i32)}
+  if places > 1:
+    shapes.update({"cls_positions": (each, i32), "mlm_example": ((pt,), i32),
+                   "mvm_example": ((pv,), i32)})
   return {k: jax.ShapeDtypeStruct((batch_size,) + s, d) for k, (s, d) in shapes.items()}
 
 
@@ -79,11 +112,17 @@ def check_pretrain_batch(config: ml_collections.ConfigDict, vocab: Any, batch: B
     ids = np.asarray(batch[name])
     if ids.size and (ids.min() < 0 or ids.max() >= size):
       raise ValueError(f"{where}: {name} in [{ids.min()}, {ids.max()}] fall outside [0, {size})")
-  for name in ("mlm_positions", "mvm_positions", "position_ids"):
-    pos = np.asarray(batch[name])
-    if pos.size and (pos.min() < 0 or pos.max() >= config.max_len):
+  bounds = {"mlm_positions": ("max_len", config.max_len),
+            "mvm_positions": ("max_len", config.max_len),
+            "cls_positions": ("max_len", config.max_len),
+            "position_ids": ("the longest example", example_len(config)),
+            "mlm_example": ("pack_examples", pack_examples(config)),
+            "mvm_example": ("pack_examples", pack_examples(config))}
+  for name, (what, bound) in bounds.items():
+    pos = np.asarray(batch.get(name, np.zeros(0)))
+    if pos.size and (pos.min() < 0 or pos.max() >= bound):
       raise ValueError(f"{where}: {name} in [{pos.min()}, {pos.max()}] fall outside "
-                       f"[0, max_len={config.max_len})")
+                       f"[0, {what}={bound})")
 
 
 def make_trainable(config: ml_collections.ConfigDict) -> train.Trainable:
@@ -99,16 +138,33 @@ def make_trainable(config: ml_collections.ConfigDict) -> train.Trainable:
     outputs = module.apply(
         {"params": params}, batch["input_ids"], batch["segment_ids"], batch["position_ids"],
         batch["input_mask"], batch["mlm_positions"], batch["mvm_positions"],
+        batch.get("cls_positions"),
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    return objectives.compute_loss(outputs, batch, *weights,
-                                   masked_on_negatives=config.loss.masked_on_negatives,
-                                   over=over)
+    value, metrics = objectives.compute_loss(
+        outputs, batch, *weights, masked_on_negatives=config.loss.masked_on_negatives,
+        over=over)
+    metrics["flops_real_fraction"] = real_flops(batch) / padded_flops(batch)
+    return value, metrics
+
+  def padded_flops(batch: Batch) -> float:
+    size = lambda k: int(np.prod(batch[k].shape, dtype=np.int64))
+    rows, length = batch["input_ids"].shape
+    return float(flops.flops_per_step(mcfg, rows, length, size("mlm_weights"),
+                                      size("mvm_weights"), size("lva_weight")).total)
+
+  def real_flops(batch: Batch) -> jax.Array:
+    """The step's FLOPs over real tokens, attention within each example, real slots."""
+    places = int(np.prod(batch["lva_weight"].shape[1:], dtype=np.int64))
+    mask = jnp.asarray(batch["input_mask"])
+    lengths = jax.nn.one_hot(mask, places + 1, dtype=jnp.float32).sum(axis=1)[:, 1:]
+    real = lambda k: (jnp.asarray(batch[k]) > 0).sum().astype(jnp.float32)
+    return flops.flops_of_examples(
+        mcfg, lengths.sum(), (lengths ** 2).sum(), real("mlm_weights"), real("mvm_weights"),
+        (jnp.asarray(batch["regime"]) >= 0).sum().astype(jnp.float32))
 
   def train_flops(batch_size: int) -> float:
-    # Heads counted at every slot: an upper bound by the padding slots of short sequences.
-    return flops.flops_per_step(mcfg, batch_size, config.max_len,
-                                batch_size * config.masking.max_predictions_text,
-                                batch_size * config.masking.max_predictions_video).total
+    # Every token and slot of the batch's shape, padding included: what the step computes.
+    return padded_flops(pretrain_batch_spec(config, batch_size))
 
   return train.Trainable(init=init, loss=loss,
               denominators=functools.partial(
@@ -116,7 +172,7 @@ def make_trainable(config: ml_collections.ConfigDict) -> train.Trainable:
                   masked_on_negatives=config.loss.masked_on_negatives),
               check_batch=functools.partial(check_pretrain_batch, config, mcfg.vocab),
               batch_spec=functools.partial(pretrain_batch_spec, config),
-              train_flops=train_flops, tokens_per_example=int(config.max_len),
+              train_flops=train_flops, tokens_per_example=int(config.max_len),  # per row
               initial_params=functools.partial(initial_params, config))
 
 
@@ -152,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any,
                        mesh: jax.sharding.Mesh | None = None) -> train.LoopResult:
   """VideoBERT pretraining as configured: the input sources, the trainable, the loop."""
   check_input(config)
+  lengths.apply_percentile(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   trainable = make_trainable(config)
   rules = sharding.make_rules(config.sharding_rules)
@@ -214,7 +271,7 @@ def load_initial(config: Any, abstract_state: Any,
     logging.info("initialising the text part of the parameters from the BERT directory %s",
                  bert_dir)
     return bert_import.init_from_bert(params, bert_dir, model_config(config),
-                                      max_len=_config_get(config, "max_len"))
+                                      max_len=example_len(config))
   return None
 
 

@@ -179,6 +179,7 @@ class Packed:
   position_ids: np.ndarray
   input_mask: np.ndarray  # 1 for real tokens, 0 for padding
   regime: int
+  truncated: bool = False  # whether tokens were cut to fit max_len
 
   def as_dict(self) -> dict[str, np.ndarray]:
     return {"input_ids": self.input_ids, "segment_ids": self.segment_ids,
@@ -187,7 +188,7 @@ class Packed:
 
 
 def _pad(tokens: Sequence[int], segments: Sequence[int], max_len: int, pad_id: int,
-         regime: int) -> Packed:
+         regime: int, truncated: bool) -> Packed:
   n = len(tokens)
   if n > max_len:
     raise ValueError(f"sequence of {n} tokens exceeds max_len={max_len}")
@@ -197,7 +198,7 @@ def _pad(tokens: Sequence[int], segments: Sequence[int], max_len: int, pad_id: i
   seg[:n] = segments
   mask = np.zeros(max_len, np.int32)
   mask[:n] = 1
-  return Packed(ids, seg, np.arange(max_len, dtype=np.int32), mask, regime)
+  return Packed(ids, seg, np.arange(max_len, dtype=np.int32), mask, regime, truncated)
 
 
 class Layout:
@@ -220,20 +221,23 @@ class Layout:
     video = self.vocab.visual_to_joint(list(visual_tokens)[:n_v])
     tokens = [sp.cls, *list(text_ids)[:n_t], sp.video_sep, *video.tolist(), sp.sep]
     segments = [SEGMENT_TEXT] * (n_t + 2) + [SEGMENT_VIDEO] * (n_v + 1)
-    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_PAIR)
+    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_PAIR,
+                n_t + n_v < len(text_ids) + len(visual_tokens))
 
   def text_only(self, text_ids: Sequence[int]) -> Packed:
     sp = self.specials
     text = list(text_ids)[:self.max_len - 2]
     tokens = [sp.cls, *text, sp.sep]
-    return _pad(tokens, [SEGMENT_TEXT] * len(tokens), self.max_len, sp.pad, REGIME_TEXT)
+    return _pad(tokens, [SEGMENT_TEXT] * len(tokens), self.max_len, sp.pad, REGIME_TEXT,
+                len(text) < len(text_ids))
 
   def video_only(self, visual_tokens: Sequence[int]) -> Packed:
     sp = self.specials
     video = self.vocab.visual_to_joint(list(visual_tokens)[:self.max_len - 2])
     tokens = [sp.cls, *video.tolist(), sp.sep]
     segments = [SEGMENT_TEXT] + [SEGMENT_VIDEO] * (len(tokens) - 1)
-    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_VIDEO)
+    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_VIDEO,
+                len(video) < len(visual_tokens))
 
   def video_then_text(self, visual_tokens: Sequence[int], text_ids: Sequence[int]) -> Packed:
     """[CLS] video [>] text [SEP]: the prompt order the paper's zero-shot figure shows."""
@@ -242,7 +246,8 @@ class Layout:
     video = self.vocab.visual_to_joint(list(visual_tokens)[:n_v])
     tokens = [sp.cls, *video.tolist(), sp.video_sep, *list(text_ids)[:n_t], sp.sep]
     segments = [SEGMENT_TEXT] + [SEGMENT_VIDEO] * n_v + [SEGMENT_TEXT] * (n_t + 2)
-    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_PAIR)
+    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_PAIR,
+                n_t + n_v < len(text_ids) + len(visual_tokens))
 
   def stack_with_text(self, visual_rows: Sequence[np.ndarray], text_ids: Sequence[int],
                       video_first: bool, width: int) -> dict[str, np.ndarray]:

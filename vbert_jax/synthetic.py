@@ -8,7 +8,8 @@ regime (text-only, video-only or video-text) and a topic; a video-text example i
 with `sequence.Layout` and masked with `vbert_jax.masking.mask_example`.
 
 Every example is a pure function of (seed, split, position in the global stream): row r of global
-batch b is example b * batch_size + r. So the iterator's state is one number, a resumed run sees
+batch b is example b * batch_size + r (or, packed, holds candidates from (b * batch_size + r) * E
+on; see `vbert_jax/packing.py`). So the iterator's state is one number, a resumed run sees
 exactly the examples an uninterrupted one would (on any number of hosts), and each process makes
 only the rows its devices hold, wherever the mesh puts them.
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from vbert_jax import align
 from vbert_jax import masking as masking_lib
+from vbert_jax import packing
 from vbert_jax import sequence
 from vbert_jax import stream
 
@@ -65,7 +67,8 @@ class SyntheticSource:
   def __init__(self, *, vocab: sequence.JointVocab, max_len: int, batch_size: int,
                masking: masking_lib.MaskingConfig, regime_weights: tuple[float, float, float],
                lva_negative_rate: float, world: World, seed: int, split: str = "train",
-               rows: Sequence[int] | None = None):
+               rows: Sequence[int] | None = None, pack_examples: int = 1,
+               max_example_len: int = 0):
     if split not in SPLITS:
       raise ValueError(f"synthetic source: split={split!r}; expected one of {sorted(SPLITS)}")
     weights = np.asarray(regime_weights, np.float64)
@@ -75,9 +78,15 @@ class SyntheticSource:
     if not 0 <= lva_negative_rate <= 1:
       raise ValueError(f"synthetic source: lva_negative_rate={lva_negative_rate}; expected a "
                        f"probability")
+    if pack_examples < 1 or not 0 <= max_example_len <= max_len:
+      raise ValueError(f"synthetic source: pack_examples={pack_examples}, max_example_len="
+                       f"{max_example_len}; expected pack_examples >= 1 and max_example_len "
+                       f"from 0 (max_len) to max_len={max_len}")
     self.rows = stream.check_rows(rows, batch_size, "synthetic source")
     self.vocab = vocab
-    self.layout = sequence.Layout(vocab, max_len)
+    self.layout = sequence.Layout(vocab, max_example_len or max_len)
+    self.pack_examples = pack_examples
+    self.pack_spec = packing.PackSpec.for_masking(max_len, pack_examples, masking)
     self.batch_size = batch_size
     self.masking = masking
     self.regime_p = weights / weights.sum()
@@ -93,9 +102,14 @@ class SyntheticSource:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = [self.example(self.position + int(r)) for r in self.rows]
-    self.position += self.batch_size
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    per_row = self.pack_examples
+    if per_row == 1:
+      rows = [self.example(self.position + int(r)) for r in self.rows]
+    else:  # row s of the stream: the candidates s * E ... s * E + E - 1 that fit
+      rows = [packing.pack_row(lambda j, at=self.position + int(r) * per_row: self.example(at + j),
+                               self.pack_spec, self.vocab.specials.pad) for r in self.rows]
+    self.position += self.batch_size * per_row
+    return packing.stack_rows(rows)
 
   def get_state(self) -> dict[str, Any]:
     return {"position": self.position, "seed": self.seed, "split": self.split}
@@ -105,7 +119,8 @@ class SyntheticSource:
       raise stream.StreamMismatchError(
           f"synthetic source: saved state {dict(state)} is for another stream; this one has "
           f"seed={self.seed}, split={self.split!r}")
-    self.position = stream.position_of(state, self.batch_size, "synthetic source")
+    self.position = stream.position_of(state, self.batch_size * self.pack_examples,
+                                       "synthetic source")
 
   # Examples ---------------------------------------------------------------------------------
 
@@ -131,6 +146,7 @@ class SyntheticSource:
     out.update(self.masking.mask_example(rng, packed.input_ids, self.vocab))
     out["lva_label"] = np.int32(label)
     out["lva_weight"] = np.float32(weight)
+    out["truncated"] = np.int32(packed.truncated)
     return out
 
 
@@ -146,7 +162,9 @@ def from_config(config: Any, split: str, *, batch_size: int,
   return SyntheticSource(vocab=vocab, max_len=config.max_len, batch_size=batch_size,
                          masking=masking, regime_weights=regimes,
                          lva_negative_rate=config.lva_negative_rate, world=world,
-                         seed=config.seed, split=split, rows=rows)
+                         seed=config.seed, split=split, rows=rows,
+                         pack_examples=config.input.get("pack_examples", 1),
+                         max_example_len=config.input.get("max_example_len", 0))
 
 
 def random_records(num_videos: int, vocab: sequence.JointVocab, seed: int = 0, *,

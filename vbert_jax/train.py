@@ -6,7 +6,7 @@ metrics)` (`rng` None means evaluation: no dropout), and optional batch checks, 
 FLOP count, and the parameters a fresh run starts from. VideoBERT pretraining
 (`vbert_jax.pretrain`) is one instance; the captioner (`vbert_jax.captioning`) is another.
 
-The config keys the trainer reads: seed, batch_size, total_steps, grad_accum_steps,
+The config keys the trainer reads: seed, prng_impl, batch_size, total_steps, grad_accum_steps,
 optimizer.{learning_rate, end_learning_rate, warmup_steps, b1, b2, eps, weight_decay,
 grad_clip_norm}, mesh.{data, fsdp, tensor}, sharding_rules, log_every_steps,
 eval.{every_steps, num_batches}, checkpoint.*, profile.{start_step, num_steps},
@@ -180,11 +180,25 @@ def _accumulate(trainable: Trainable, params: Params, batch: Batch, rng: jax.Arr
   return sums, grads
 
 
+# The dropout keys' PRNG. threefry2x32 (partitionable) draws the same bits on any mesh, so a run
+# gives the same results on 1 device or 8; rbg and unsafe_rbg draw faster on accelerators but
+# their bits depend on how the batch is sharded. Every one resumes exactly: the key of step N is
+# fold_in(key(seed), N).
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def prng_impl(config: Mapping[str, Any]) -> str:
+  impl = str(config.get("prng_impl", "threefry2x32") or "threefry2x32")
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"config.prng_impl={impl!r}: expected one of {PRNG_IMPLS}")
+  return impl
+
+
 def train_step(trainable: Trainable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               seed: int, micro_steps: int, batch_sharding: jax.sharding.NamedSharding,
+               seed: int, impl: str, micro_steps: int, batch_sharding: jax.sharding.NamedSharding,
                return_grads: bool, state: TrainState, batch: Batch):
   """One update: (new state, metric sums[, gradients])."""
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  rng = jax.random.fold_in(jax.random.key(seed, impl=impl), state.step)
   if micro_steps == 1:
     sums, grads = _loss_and_grads(trainable, state.params, batch, rng)
   else:
@@ -238,7 +252,8 @@ class Trainer:
     self.param_shardings = self.state_shardings.params
     replicated = sharding.replicated(self.mesh)
     step_fn = functools.partial(train_step, trainable, self.tx, self.schedule, int(config.seed),
-                                self.micro_steps, self.batch_sharding, return_grads)
+                                prng_impl(config), self.micro_steps, self.batch_sharding,
+                                return_grads)
     outs = (self.state_shardings, replicated)
     if return_grads:
       outs += (self.param_shardings,)
@@ -514,6 +529,7 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
       last, means = _mean_train_metrics(pending)
       pending.clear()
       means.update(throughput.report(last))
+      means.update(metrics_lib.real_rates(means))
       reporter.write(last, means, "train")
       result.train_history.append((last, means))
 

@@ -47,7 +47,7 @@ def _config(args):
   from helpers.configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("variant=mu,runlocal")
   overrides = dict(pretrain_runs.OVERRIDES)
-  overrides.update({"input.source": "tfds", "input.tfds_name": args.dataset,
+  overrides.update({"batch_size": 32, "input.source": "tfds", "input.tfds_name": args.dataset,
                     "input.data_dir": args.data_dir, "input.worker_count": 0})
   overrides.update(dict(item.split("=", 1) for item in args.override))
   for item in args.mesh.split(","):

@@ -83,6 +83,7 @@ def make_config(vocab_path: pathlib.Path, steps: int = STEPS, variant: str = VAR
     c.model.visual_vocab_size = VISUAL_SIZE
     c.model.special_ids = SPECIAL_IDS
     c.max_len = MAX_LEN
+    c.input.pack_examples, c.input.max_example_len = 1, 0  # StepSource's rows: one example
     c.masking.max_predictions_text = TEXT_SLOTS
     c.masking.max_predictions_video = VIDEO_SLOTS
     c.batch_size = BATCH
@@ -167,6 +168,7 @@ class StepSource:
     out["input_ids"] = packed.input_ids
     out["lva_label"] = np.int32(0)
     out["lva_weight"] = np.float32(0.0)
+    out["truncated"] = np.int32(0)
     return out
 
 

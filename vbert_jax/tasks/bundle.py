@@ -97,7 +97,7 @@ class Bundle:
     if visual_vocab is not None:
       check_visual_vocab(model_config, visual_vocab, source)
     params = _prepare_params(params, model_config, source)
-    layout = sequence.Layout(model_config.vocab, int(config.max_len))
+    layout = sequence.Layout(model_config.vocab, pretrain_lib.example_len(config))
     return cls(config, model_config, params, tokenizer, visual_vocab, layout)
 
   def apply(self, batch: Mapping[str, np.ndarray], mlm_positions=None,
