@@ -26,12 +26,10 @@ def test_measured_lengths_are_the_stream_and_predict_the_packed_padding():
   same candidates, in the same order, under the same rule."""
   config = _config()
   stats = lengths.measure(config, num_examples=512)
-  one = synthetic.from_config(_config(pack_examples=1, max_example_len=0), "train",
-                              batch_size=512)
-  first = next(synthetic.SyntheticSource(
-      vocab=one.vocab, max_len=64, batch_size=512, masking=one.masking,
-      regime_weights=(1.0, 1.0, 2.0), lva_negative_rate=config.lva_negative_rate,
-      world=one.world, seed=config.seed))
+  alone = _config(pack_examples=1, max_example_len=0)
+  with alone.unlocked():
+    alone.max_len = 64  # the position table: nothing is cut
+  first = next(synthetic.from_config(alone, "train", batch_size=512))
   np.testing.assert_array_equal(stats.lengths, (first["input_mask"] > 0).sum(axis=1))
   assert stats.cut == 0 and stats.limit == 64 and stats.lengths.max() <= 15
   packed = synthetic.from_config(config, "train", batch_size=128)  # 128 rows x 4 = 512 examples

@@ -156,10 +156,10 @@ def make_trainable(config: ml_collections.ConfigDict) -> train.Trainable:
     """The step's FLOPs over real tokens, attention within each example, real slots."""
     places = int(np.prod(batch["lva_weight"].shape[1:], dtype=np.int64))
     mask = jnp.asarray(batch["input_mask"])
-    lengths = jax.nn.one_hot(mask, places + 1, dtype=jnp.float32).sum(axis=1)[:, 1:]
+    sizes = jax.nn.one_hot(mask, places + 1, dtype=jnp.float32).sum(axis=1)[:, 1:]
     real = lambda k: (jnp.asarray(batch[k]) > 0).sum().astype(jnp.float32)
     return flops.flops_of_examples(
-        mcfg, lengths.sum(), (lengths ** 2).sum(), real("mlm_weights"), real("mvm_weights"),
+        mcfg, sizes.sum(), (sizes ** 2).sum(), real("mlm_weights"), real("mvm_weights"),
         (jnp.asarray(batch["regime"]) >= 0).sum().astype(jnp.float32))
 
   def train_flops(batch_size: int) -> float:
