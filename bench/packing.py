@@ -125,10 +125,7 @@ def _lengths(config, records) -> lengths_lib.LengthStats:
   """The examples' lengths as the pipeline draws them over these records (uncut at 512)."""
   pipeline = ip.make_pipeline(config, records, batch_size=256, max_len=512, pack_examples=1,
                               worker_count=0)
-  batches = [next(pipeline) for _ in range(16)]
-  lengths = np.concatenate([(b["input_mask"] > 0).sum(axis=1) for b in batches])
-  cut = int(sum(b["truncated"].sum() for b in batches))
-  return lengths_lib.LengthStats(lengths, cut, 512)
+  return lengths_lib.from_batches([next(pipeline) for _ in range(16)], 512)
 
 
 if __name__ == "__main__":

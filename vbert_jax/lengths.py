@@ -16,6 +16,7 @@ examples are cut, and counted in the metrics (`examples_truncated`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -29,8 +30,6 @@ import numpy as np
 
 from vbert_jax import console
 from vbert_jax import input_pipeline
-from vbert_jax import masking as masking_lib
-from vbert_jax import sequence
 from vbert_jax import synthetic
 
 ROUND_TO = 8
@@ -75,20 +74,21 @@ class LengthStats:
 
 def _unpacked(config: ml_collections.ConfigDict, limit: int, batch_size: int) -> Any:
   """The train split's example stream, one example per row of `limit` tokens."""
-  inp = config.input
-  if inp.source == "synthetic":
-    vocab = sequence.JointVocab(config.model.text_vocab_size, config.model.visual_vocab_size)
-    world = synthetic.World.generate(vocab, inp.synthetic_topics, inp.synthetic_min_words,
-                                     inp.synthetic_max_words, config.seed)
-    return synthetic.SyntheticSource(
-        vocab=vocab, max_len=limit, batch_size=batch_size,
-        masking=masking_lib.MaskingConfig.from_config(config.masking),
-        regime_weights=(config.regimes.text, config.regimes.video, config.regimes.pair),
-        lva_negative_rate=config.lva_negative_rate, world=world, seed=config.seed)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.max_len, config.input.pack_examples, config.input.max_example_len = limit, 1, 0
+  if config.input.source == "synthetic":
+    return synthetic.from_config(config, "train", batch_size=batch_size)
   source = input_pipeline.open_tfds_source(config, "train")
   return input_pipeline.make_pipeline(config, source, split="train", batch_size=batch_size,
-                                      max_len=limit, max_example_len=0, pack_examples=1,
                                       worker_count=0)
+
+
+def from_batches(batches: Sequence[Any], limit: int) -> LengthStats:
+  """The lengths of unpacked batches' examples, in order, and how many were cut."""
+  sizes = np.concatenate([(np.asarray(b["input_mask"]) > 0).sum(axis=1) for b in batches])
+  cut = int(sum(np.asarray(b["truncated"]).sum() for b in batches))
+  return LengthStats(sizes.astype(np.int64), cut, limit)
 
 
 def measure(config: ml_collections.ConfigDict, num_examples: int = 2048,
@@ -96,15 +96,13 @@ def measure(config: ml_collections.ConfigDict, num_examples: int = 2048,
   """Lengths of the first `num_examples` examples of the train split, as training draws them."""
   limit = int(config.model.max_position_embeddings)
   stream = _unpacked(config, limit, batch_size)
-  lengths, cut = [], 0
   try:
-    while len(lengths) < num_examples:
-      batch = next(stream)
-      lengths.extend((np.asarray(batch["input_mask"]) > 0).sum(axis=1).tolist())
-      cut += int(np.asarray(batch["truncated"]).sum())
+    batches = [next(stream) for _ in range(-(-num_examples // batch_size))]
   finally:
     getattr(stream, "close", lambda: None)()
-  return LengthStats(np.asarray(lengths[:num_examples], np.int64), cut, limit)
+  stats = from_batches(batches, limit)
+  # The cut count covers the whole batches drawn; the lengths, the first num_examples.
+  return dataclasses.replace(stats, lengths=stats.lengths[:num_examples])
 
 
 def apply_percentile(config: ml_collections.ConfigDict) -> LengthStats | None:
