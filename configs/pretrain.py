@@ -73,7 +73,10 @@ def _model(variant: str) -> ml_collections.ConfigDict:
       # remat and scan_layers trade compute or compile time for memory on large models.
       remat="none",  # "none", "full", or a jax.checkpoint_policies name
       scan_layers=False,
-      attention_impl="xla",  # "xla" or "cudnn" (GPU)
+      # "auto": Pallas splash attention on TPU, cuDNN on GPU where it applies, XLA on CPU (see
+      # vbert_jax.attention); the fused kernels run when attention dropout is 0 or in eval.
+      attention_impl="auto",
+      attention_interpret=False,
       # The text tokenizer's [PAD],[UNK],[CLS],[SEP],[MASK],[>] ids: "bert", or six comma-separated
       # ids ("0,1,2,3,4,5" for a model from vbert_jax.text.train_sentencepiece).
       special_ids="bert",

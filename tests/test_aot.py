@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import hlo
 from helpers.configs import pretrain
 from vbert_jax import aot
 from vbert_jax import flops
@@ -113,6 +114,29 @@ def test_base_train_step_compiles_for_v5e_2x2(base_v5e_2x2, record_property):
   sizes = [re.search(r"([0-9.]+) GiB, ([0-9.]+) GiB per chip", s).groups() for s in state]
   assert state and all(total == local for total, local in sizes), state
   assert any(s.startswith("batch (data+fsdp): 17 arrays") for s in result.shardings)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_tpu_step_runs_splash_attention_when_attention_dropout_is_0(dropout):
+  """`attention_impl="auto"` on a TPU topology: with no attention dropout, each layer's attention
+  is the splash kernel (a Mosaic custom call, forward and backward) and no f32 [B, N, T, S]
+  buffer is left; with the paper's 0.1 the probabilities are materialised for dropout."""
+  length = 256  # the kernel's row statistics are [.., T, 128]: a length of 128 would match them
+  config = _config("mu", **{"max_len": length, "model.attention_dropout_rate": dropout,
+                            "model.max_position_embeddings": length,
+                            "input.max_example_len": length})
+  assert config.model.attention_impl == "auto"
+  result = aot.check(config, "v5e:2x2")
+  text = result.compiled.as_text()
+  kernels = set(re.findall(r'%(\w+?)(?:\.\d+)? = [^\n]*custom_call_target="tpu_custom_call"', text))
+  squares = hlo.square_f32_buffers(text, length)
+  if dropout:
+    assert not kernels and squares
+  else:
+    assert any(k.startswith("splash_mha_fwd") for k in kernels), kernels
+    assert any(k.startswith("splash_mha_dkv") for k in kernels), kernels
+    assert any(k.startswith("splash_mha_dq") for k in kernels), kernels
+    assert not squares, squares
 
 
 @pytest.mark.slow

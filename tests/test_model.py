@@ -179,15 +179,6 @@ def test_dropout_is_random_and_reproducible(mu):
   assert np.abs(a["hidden"] - det).max() > 1e-2
 
 
-def test_attention_with_dropout_path_matches_dot_product_attention():
-  keys = jax.random.split(jax.random.key(0), 3)
-  q, k, v = (jax.random.normal(key, (2, 5, 3, 4)) for key in keys)
-  mask = (jnp.arange(5) < jnp.array([[5], [3]]))[:, None, None, :]
-  fused = jax.nn.dot_product_attention(q, k, v, mask=mask)
-  explicit = model_lib._attention_with_dropout(q, k, v, mask, lambda p: p)
-  np.testing.assert_allclose(explicit, fused, atol=1e-6, rtol=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Remat, scan, bf16, gradients.
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vbert_jax import attention as attention_lib
 from vbert_jax import checkpoints
 from vbert_jax import sequence
 
@@ -52,7 +53,6 @@ VARIANTS: dict[str, dict[str, int]] = {
     "base": dict(num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
     "large": dict(num_layers=24, hidden_size=1024, num_heads=16, mlp_dim=4096),
 }
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 # Logical axes of a [hidden, hidden] kernel (the heads' transform, the LVA pooler): its output
 # feeds a LayerNorm or a tanh over the whole hidden size, so it is not split over `tensor` the
 # way an MLP's inner dimension is.
@@ -114,7 +114,10 @@ class VideoBERTConfig(Precision):
   # `jax.checkpoint_policies` policy such as "dots_with_no_batch_dims_saveable".
   remat: bool | str | None = False
   scan_layers: bool = False
-  attention_impl: str | None = None
+  # "auto", "xla", "cudnn" or "splash" (vbert_jax.attention); `attention_interpret` runs the
+  # splash kernel through Pallas's interpreter, on any backend (for tests).
+  attention_impl: str = "auto"
+  attention_interpret: bool = False
   # [PAD], [UNK], [CLS], [SEP], [MASK], [>] of the text tokenizer; None means BERT's ids.
   special_ids: tuple[int, int, int, int, int, int] | None = None
 
@@ -132,9 +135,9 @@ class VideoBERTConfig(Precision):
         jnp.dtype(getattr(self, key))
       except TypeError as e:
         raise ValueError(f"model config {key}={getattr(self, key)!r} is not a dtype") from e
-    if self.attention_impl not in ATTENTION_IMPLS:
+    if self.attention_impl not in attention_lib.IMPLS:
       raise ValueError(f"model config attention_impl={self.attention_impl!r}: expected one of "
-                       f"{ATTENTION_IMPLS}")
+                       f"{attention_lib.IMPLS}")
     remat_policy(self.remat)  # validates the name
 
   @classmethod
@@ -248,17 +251,6 @@ class Embeddings(nn.Module):
     return self.visual_embeddings.embedding
 
 
-def _attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                            dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """Softmax attention with dropout on the probabilities, which dot_product_attention lacks."""
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
-  wide = jnp.promote_types(q.dtype, jnp.float32)  # softmax in at least f32, also under bf16
-  logits = jnp.where(mask, logits.astype(wide), jnp.finfo(wide).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  probs = dropout(probs)
-  return jnp.einsum("bnts,bsnh->btnh", probs, v)
-
-
 class Projection(nn.Module):
   """A dense layer over `num_in` trailing axes into `features` (BERT's attention projections).
 
@@ -287,7 +279,7 @@ class SelfAttention(nn.Module):
   config: VideoBERTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, input_mask: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.config
     heads = (cfg.num_heads, cfg.head_dim)
     axes = ("batch", "length", "heads", "kv")
@@ -295,14 +287,12 @@ class SelfAttention(nn.Module):
         Projection(cfg, heads, ("embed", "heads", "kv"), name=name)(x), axes)
                for name in ("query", "key", "value"))
     if deterministic or cfg.attention_dropout_rate == 0.0:
-      if cfg.attention_impl == "cudnn":
-        # cuDNN takes a mask only in its full [batch, heads, query, key] shape ("Bias must have
-        # same seq length as QKV" for the broadcast [batch, 1, 1, key] padding mask).
-        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+      # `init` only creates parameters, from dummy rows that a kernel's tiles need not fit.
+      impl = "xla" if self.is_initializing() else cfg.attention_impl
+      out = attention_lib.attention(q, k, v, input_mask, impl, cfg.attention_interpret)
     else:
       drop = functools.partial(nn.Dropout(cfg.attention_dropout_rate), deterministic=False)
-      out = _attention_with_dropout(q, k, v, mask, drop)
+      out = attention_lib.attention_with_dropout(q, k, v, input_mask, drop)
     out = nn.with_logical_constraint(out, axes)
     return Projection(cfg, (cfg.hidden_size,), ("heads", "kv", "embed"), num_in=2,
                       name="out")(out)
@@ -314,10 +304,10 @@ class EncoderLayer(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
+  def __call__(self, x: jax.Array, input_mask: jax.Array, deterministic: bool):
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate)
-    attn = SelfAttention(cfg, name="attention")(x, mask, deterministic)
+    attn = SelfAttention(cfg, name="attention")(x, input_mask, deterministic)
     x = layer_norm(cfg, "attention_norm")(x + drop(attn, deterministic=deterministic))
     h = _gelu(dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
@@ -332,7 +322,8 @@ class Encoder(nn.Module):
   config: VideoBERTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, input_mask: jax.Array, deterministic: bool) -> jax.Array:
+    """`input_mask` [B, L]: each token's example, 0 for padding (see vbert_jax.attention)."""
     cfg = self.config
     layer = EncoderLayer
     use_remat, policy = remat_policy(cfg.remat)
@@ -345,10 +336,10 @@ class Encoder(nn.Module):
                                                                        "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, scanned=True, name="layers")(x, mask, deterministic)
+      x, _ = stack(cfg, scanned=True, name="layers")(x, input_mask, deterministic)
       return x
     for i in range(cfg.num_layers):
-      x = layer(cfg, name=f"layer_{i}")(x, mask, deterministic)
+      x = layer(cfg, name=f"layer_{i}")(x, input_mask, deterministic)
     return x
 
 
@@ -383,15 +374,7 @@ class AlignmentHead(nn.Module):
     return pooled, logit[..., 0].astype(jnp.float32)
 
 
-def attention_mask(input_mask: jax.Array) -> jax.Array:
-  """[B, 1, L, L] from `input_mask` [B, L] (the example of each token, 0 for padding).
-
-  A token attends to the tokens of its own example. A padding position attends to every real
-  token, as BERT's padding mask lets it: one example per row (a 0/1 mask) gives BERT's mask
-  exactly, and no row of the mask is empty.
-  """
-  q, k = input_mask[:, None, :, None], input_mask[:, None, None, :]
-  return (k > 0) & ((q == k) | (q == 0))
+attention_mask = attention_lib.attention_mask
 
 
 def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
@@ -420,7 +403,7 @@ class VideoBERT(nn.Module):
     of a packed row, which gives `pooled` [B, E, H] and `lva_logits` [B, E]; without it, the
     first token of each row ([B, H] and [B])."""
     x = self.embeddings(input_ids, segment_ids, position_ids, deterministic)
-    hidden = self.encoder(x, attention_mask(input_mask), deterministic)
+    hidden = self.encoder(x, input_mask, deterministic)
     cls = hidden[:, 0] if cls_positions is None else gather_positions(hidden, cls_positions)
     pooled, lva_logits = self.lva_head(cls)
     out = {"hidden": hidden, "pooled": pooled, "lva_logits": lva_logits}

@@ -48,8 +48,6 @@ def model_config(config: ml_collections.ConfigDict):
   """The VideoBERTConfig a pretraining config describes."""
   fields = dict(config.model)
   fields["remat"] = {"none": False, "full": True}.get(fields["remat"], fields["remat"])
-  fields["attention_impl"] = None if fields["attention_impl"] == "xla" else fields[
-      "attention_impl"]
   fields["special_ids"] = sequence.SpecialIds.parse(fields.get("special_ids")).as_tuple()
   longest = example_len(config)
   if longest > fields["max_position_embeddings"]:
