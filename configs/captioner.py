@@ -95,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # As in configs/pretrain.py: a rerun skips compiling; no profile; peak FLOP/s from the device.
   c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
+  c.prefetch_batches = 2
   c.peak_flops_per_device = 0.0
 
   if arg.runlocal:

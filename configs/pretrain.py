@@ -180,6 +180,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/vbert_jax/xla"
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
   c.peak_flops_per_device = 0.0  # 0: from the device-kind table; set it for unknown devices
+  # Batches a thread draws, checks and puts on the devices ahead of the step (vbert_jax.prefetch).
+  c.prefetch_batches = 2
 
   if arg.runlocal:
     _shrink(c)

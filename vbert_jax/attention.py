@@ -27,7 +27,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # the kernel's tile along queries and keys: a multiple of the TPU's 128 lanes
-# The logical axes of q, k and v [B, L, N, d] and of the segment ids [B, L], as the model names them.
+# The logical axes of q, k, v [B, L, N, d] and of the segment ids [B, L], as the model names them.
 QKV_AXES = ("batch", "length", "heads", "kv")
 SEGMENT_AXES = ("batch", "length")
 

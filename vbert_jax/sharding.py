@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -290,19 +291,65 @@ def process_rows(batch_size: int, mesh: Mesh, rules: Rules) -> np.ndarray:
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
                  ) -> dict[str, jax.Array]:
-  """One global jax.Array per field from this process's rows (`process_rows`, in order)."""
+  """One global jax.Array per field from this process's rows (`process_rows`, in order).
+
+  The fields travel together: their 4-byte words (ints, floats, bools widened) are laid side by
+  side in one [rows, words] int32 array, which is the one transfer to the devices, and a
+  compiled split gives the fields back on device with the batch's sharding. A field of another
+  width travels on its own.
+  """
   sharding = batch_sharding(mesh, rules)
   shards = data_parallelism(mesh, rules)
   # Each addressable shard is one row of a (shards,) array: their count is this process's
   # share of the shards, whatever rows they stand for.
   mine = len({index[0].start for index in
               sharding.addressable_devices_indices_map((shards,)).values()})
-  out = {}
+
+  def put(value: np.ndarray) -> jax.Array:
+    global_shape = (value.shape[0] * shards // mine,) + value.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, value, global_shape)
+
+  words, layout, alone = _as_words(local)
+  out = {name: put(value) for name, value in alone.items()}
+  if layout:
+    out.update(_unpacker(layout, sharding)(put(words)))
+  return {name: out[name] for name in local}
+
+
+def _as_words(local: Mapping[str, np.ndarray]
+              ) -> tuple[np.ndarray | None, tuple[tuple[Any, ...], ...], dict[str, np.ndarray]]:
+  """The 4-byte fields side by side as [rows, words] int32, where each lies (name, dtype, shape
+  after the rows, first and last word), and the fields of other widths."""
+  parts, layout, alone, at = [], [], {}, 0
   for name, value in local.items():
     value = np.asarray(value)
-    global_shape = (value.shape[0] * shards // mine,) + value.shape[1:]
-    out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-  return out
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(value.dtype))  # int64 -> int32 without x64
+    if dtype == np.bool_:
+      word = value.astype(np.int32)
+    elif dtype.itemsize == 4 and value.ndim >= 1:
+      word = np.ascontiguousarray(value, dtype).view(np.int32)
+    else:
+      alone[name] = value
+      continue
+    word = word.reshape(len(value), -1)
+    parts.append(word)
+    layout.append((name, dtype.str, value.shape[1:], at, at + word.shape[1]))
+    at += word.shape[1]
+  words = np.concatenate(parts, axis=1) if parts else None
+  return words, tuple(layout), alone
+
+
+@functools.lru_cache(maxsize=64)
+def _unpacker(layout: tuple[tuple[Any, ...], ...], sharding: NamedSharding
+              ) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  def unpack(words: jax.Array) -> dict[str, jax.Array]:
+    out = {}
+    for name, dtype, shape, start, stop in layout:
+      part = words[:, start:stop].reshape((words.shape[0],) + shape)
+      dtype = np.dtype(dtype)
+      out[name] = part != 0 if dtype == np.bool_ else jax.lax.bitcast_convert_type(part, dtype)
+    return out
+  return jax.jit(unpack, out_shardings=sharding)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -10,7 +10,7 @@ The config keys the trainer reads: seed, prng_impl, batch_size, total_steps, gra
 optimizer.{learning_rate, end_learning_rate, warmup_steps, b1, b2, eps, weight_decay,
 grad_clip_norm}, mesh.{data, fsdp, tensor}, sharding_rules, log_every_steps,
 eval.{every_steps, num_batches}, checkpoint.*, profile.{start_step, num_steps},
-compilation_cache_dir, peak_flops_per_device.
+compilation_cache_dir, peak_flops_per_device, prefetch_batches (default 2).
 
 A step is numbered by the updates done before it: the state saved as checkpoint N has had N
 updates and its input iterator stands before batch N. The dropout key of step N is
@@ -43,6 +43,7 @@ from etils import epath
 from vbert_jax import checkpoints
 from vbert_jax import console
 from vbert_jax import metrics as metrics_lib
+from vbert_jax import prefetch
 from vbert_jax import processes
 from vbert_jax import sharding
 
@@ -518,11 +519,8 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
                                            config.peak_flops_per_device)
   throughput = metrics_lib.Throughput(batch_size * trainable.tokens_per_example, flops, devices,
                                       peak)
-  progress = metrics_lib.Progress(total, step)
   result = LoopResult(state, step, [], [])
   pending: list[tuple[int, dict]] = []
-  log_every, eval_every = int(config.log_every_steps), int(config.eval.every_steps)
-  save_every = int(config.checkpoint.every_steps)
 
   def flush() -> None:
     if pending:
@@ -537,46 +535,62 @@ def _run(trainer: Trainer, config: ml_collections.ConfigDict, state: TrainState,
   if jax.process_count() > 1 and trainable.batch_spec is not None:
     trainer.compile_train_step()
     processes.barrier("train_step_compiled")
-  first = step + 1
-  while step < total:
-    step += 1  # steps are numbered from 1: checkpoint N holds the state after step N
-    profile.before_step(step)
-    try:
-      local = next(train_iter)
-    except StopIteration:
-      raise ValueError(f"the train input ended before step {step} of {total}; expected an "
-                       f"endless (repeating) iterator") from None
-    if trainable.check_batch is not None:
-      trainable.check_batch(local, f"train batch of step {step}")
-    state, sums = trainer.train_step(state, trainer.put_batch(local))
-    profile.after_step(step, sums)
-    pending.append((step, sums))
-    if step == first:
-      jax.block_until_ready(sums)  # the first step includes compilation: time from here
-      throughput.start(step)
-    last = step == total
-    if step % log_every == 0 or last:
-      flush()
-      logging.info("%s; %s", progress.line(step), metrics_lib.headline(
-          result.train_history[-1][1] if result.train_history else {}))
-    if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or last):
-      values = evaluate(trainer, state.params, eval_iter_fn(), int(config.eval.num_batches), step)
-      reporter.write(step, values, "eval")
-      result.eval_history.append((step, values))
-      logging.info("eval at step %d: %s", step, metrics_lib.headline(values))
-    preempted = ckpt.reached_preemption(step)
-    if preempted or last or step % save_every == 0:
-      flush()  # never save a state whose loss or gradient norm went non-finite
-      ckpt.save(step, state, train_iter, force=preempted or last)
-    if preempted:
-      ckpt.wait()
-      logging.warning("preempted: saved step %d, exiting", step)
-      result.preempted = True
-      break
+  first, progress = step + 1, metrics_lib.Progress(total, step)
+  log_every, eval_every = int(config.log_every_steps), int(config.eval.every_steps)
+  save_every = int(config.checkpoint.every_steps)
+  batches = _prefetcher(trainer, config, train_iter, first)
+  try:
+    while step < total:
+      step += 1  # steps are numbered from 1: checkpoint N holds the state after step N
+      profile.before_step(step)
+      try:
+        batch = next(batches)
+      except StopIteration:
+        raise ValueError(f"the train input ended before step {step} of {total}; expected an "
+                         f"endless (repeating) iterator") from None
+      state, sums = trainer.train_step(state, batch)
+      profile.after_step(step, sums)
+      pending.append((step, sums))
+      if step == first:
+        jax.block_until_ready(sums)  # the first step includes compilation: time from here
+        throughput.start(step)
+      last = step == total
+      if step % log_every == 0 or last:
+        flush()
+        logging.info("%s; %s", progress.line(step), metrics_lib.headline(
+            result.train_history[-1][1] if result.train_history else {}))
+      if eval_iter_fn is not None and eval_every > 0 and (step % eval_every == 0 or last):
+        values = evaluate(trainer, state.params, eval_iter_fn(), int(config.eval.num_batches),
+                          step)
+        reporter.write(step, values, "eval")
+        result.eval_history.append((step, values))
+        logging.info("eval at step %d: %s", step, metrics_lib.headline(values))
+      preempted = ckpt.reached_preemption(step)
+      if preempted or last or step % save_every == 0:
+        flush()  # never save a state whose loss or gradient norm went non-finite
+        ckpt.save(step, state, batches, force=preempted or last)
+      if preempted:
+        ckpt.wait()
+        logging.warning("preempted: saved step %d, exiting", step)
+        result.preempted = True
+        break
+  finally:
+    batches.close()
   flush()
   reporter.flush()
   result.state, result.step = state, step
   return result
+
+
+def _prefetcher(trainer: Trainer, config: ml_collections.ConfigDict, train_iter: Any,
+                first: int) -> prefetch.Prefetcher:
+  """The input's own thread draws, checks and transfers the next batches during the step;
+  checkpoints take its state after the batches the loop has trained on."""
+  check = None
+  if trainer.trainable.check_batch is not None:
+    check = lambda local, at: trainer.trainable.check_batch(local, f"train batch of step {at}")
+  return prefetch.Prefetcher(train_iter, trainer.put_batch,
+                             int(config.get("prefetch_batches", 2)), first, check)
 
 
 # ---------------------------------------------------------------------------------------------
