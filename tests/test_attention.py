@@ -93,14 +93,15 @@ def test_splash_refuses_rows_it_cannot_tile():
     attention.splash_attention(q, k, v, jnp.ones((1, 96), jnp.int32), interpret=True)
 
 
-def test_auto_is_splash_on_a_tpu_mesh_and_jax_s_choice_elsewhere():
-  assert attention.resolve("auto", 256) == "auto"  # this CPU: XLA, by jax's own choice
-  assert attention.resolve("xla", 256) == "xla"
+def test_auto_is_splash_on_a_tpu_mesh_and_xla_on_this_cpu():
+  q, short = (jax.ShapeDtypeStruct((2, n, 2, 64), jnp.bfloat16) for n in (256, 96))
+  assert attention.resolve("auto", q) == "xla"
+  assert attention.resolve("cudnn", q) == "cudnn"
   tpu = jax.sharding.Mesh(np.array(aot.topology_devices("v5e:2x2")), ("data",))
   with jax.set_mesh(tpu):
     assert attention.platform() == "tpu"
-    assert attention.resolve("auto", 256) == "splash"
-    assert attention.resolve("auto", 96) == "auto"  # rows the kernel cannot tile
+    assert attention.resolve("auto", q) == "splash"
+    assert attention.resolve("auto", short) == "xla"  # rows the kernel cannot tile
 
 
 # ----------------------------------------------------------------------------------------------

@@ -152,7 +152,10 @@ def _pair(workdir, data_dir, phase, order=INTERLEAVED, mesh="data=8", fail_read=
 
 
 def _rows_seen(workdir, process):
-  """step -> {global row: stream element} of one process's training batches."""
+  """step -> {global row: stream element} of one process's training batches.
+
+  The input's thread reads ahead of the step (config.prefetch_batches ready, one more waiting
+  for room): the batches it drew past the last step were never trained on."""
   path = workdir.parent / f"{workdir.name}.rows.process{process}.jsonl"
   out = {}
   for line in path.read_text().splitlines():
@@ -160,7 +163,10 @@ def _rows_seen(workdir, process):
     if r["split"] == "train":
       step = r["position"] // (BATCH * PLACES)
       out[step] = dict(zip(r["rows"], r["elements"]))
-  return out
+  ahead = sorted(step for step in out if step > pr.TOTAL_STEPS)
+  assert ahead == list(range(pr.TOTAL_STEPS + 1, pr.TOTAL_STEPS + 1 + len(ahead)))
+  assert len(ahead) <= 3, ahead
+  return {step: rows for step, rows in out.items() if step <= pr.TOTAL_STEPS}
 
 
 def _assert_losses_close(got_dir, want_dir, steps):

@@ -9,8 +9,8 @@ row, 0 for padding), and keeps each example to itself:
   in on-chip blocks of 128 x 128. Under a mesh it runs in `shard_map`, one kernel per shard of
   the batch and heads. With `interpret`, Pallas runs the same kernel as XLA ops on any backend,
   which is how the CPU tests check it.
-- `auto` is splash on TPU (when the row length is a multiple of its block) and otherwise
-  `jax.nn.dot_product_attention`'s own choice: cuDNN on GPU where it applies, XLA elsewhere.
+- `auto` is splash on TPU (when the row length is a multiple of its block), cuDNN on GPU (for
+  bf16 or f16 compute and head sizes it takes), and XLA otherwise.
 
 Attention dropout needs the probabilities themselves, so with a nonzero rate training takes the
 materialised path (`attention_with_dropout`) whatever the choice; deterministic passes and a
@@ -52,24 +52,28 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def resolve(impl: str, length: int) -> str:
-  """The implementation `impl` stands for on this platform, for rows of `length` tokens."""
+def resolve(impl: str, q: jax.Array) -> str:
+  """The implementation `impl` stands for on this platform, for queries `q` [B, L, N, d]."""
   if impl != "auto":
     return impl
-  if platform() == "tpu" and length % SPLASH_BLOCK == 0:
+  _, length, _, dim = q.shape
+  where = platform()
+  if where == "tpu" and length % SPLASH_BLOCK == 0:
     return "splash"
-  return "auto"
+  # cuDNN's fused attention takes half-precision inputs and head sizes up to 128 in steps of 8.
+  if where == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and dim % 8 == 0 and dim <= 128:
+    return "cudnn"
+  return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, input_mask: jax.Array, impl: str,
               interpret: bool = False) -> jax.Array:
   """Fused softmax attention; q, k, v [B, L, N, d] -> [B, L, N, d]."""
-  impl = resolve(impl, q.shape[1])
+  impl = resolve(impl, q)
   if impl == "splash":
     return splash_attention(q, k, v, input_mask, interpret=interpret)
-  mask = attention_mask(input_mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                      implementation=None if impl == "auto" else impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(input_mask),
+                                      implementation=impl)
 
 
 def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, input_mask: jax.Array,
