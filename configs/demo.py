@@ -151,7 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # S3D features: random weights unless a converted file is given (vbert_jax.video.convert_s3d).
   # 8 clips a step: on two CPU cores larger batches run slower per clip (their activations
-  # outgrow the caches), and XLA computes the same features at 8 as at 16.
+  # outgrow the caches).
   c.extract = ml_collections.ConfigDict(dict(
       s3d_weights="", seed=0, batch_size=8, dtype="float32"))
 
