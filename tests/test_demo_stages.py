@@ -174,7 +174,10 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
       "zero_shot": {"steps": 10, "verb_chance": 0.1, "noun_chance": 0.1, "top_k": 5,
                     "nn_verb_top1": 0.8, "nn_noun_top1": 0.6,
                     "orders": {"video_first": {"verb_top1": 0.4, "noun_top1": 0.5,
-                                               "verb_top5": 0.9, "noun_top5": 0.95}}},
+                                               "verb_top5": 0.9, "noun_top5": 0.95}},
+                    "language_prior": {"verb_top1": 0.2, "noun_top1": 0.1, "verb_top5": 0.7,
+                                       "noun_top5": 0.6},
+                    "verb_majority": 0.3, "noun_majority": 0.25},
       "alignment": {"accuracy": 0.9, "chance": 0.5, "token_ceiling": 0.85},
       "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
                         "noun_chance": 0.12},
@@ -185,11 +188,13 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   text = report.markdown(table)
   assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) |" in text
   assert "| zero-shot verb (video_first) | top-5 | 0.900 | 0.500 |" in text
+  assert ("| zero-shot verb (language prior, no video) | top-1 | 0.200 | 0.100 | 0.300 (most "
+          "frequent label) |") in text
   assert "| forecasting next clip token | top-1 | 0.300 |  | 0.200 (bigram) | > bigram |" in text
   assert "| captioning CIDEr | score | 1.500 |  | 0.300 (shuffled features) |" in text
   assert ("| alignment (LVA), balanced | accuracy | 0.900 | 0.500 | 0.850 (naive Bayes on "
           "tokens, true labels) | >= 0.8 |") in text
-  assert len(table) == 4 + 1 + 2 + 1 + 4
+  assert len(table) == 4 + 2 + 1 + 2 + 1 + 4
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -67,16 +67,28 @@ def test_label_set_restricts_the_answers(world):
       assert p.nouns[0] == "egg"
 
 
-def _direct_scores(bundle, video, counts, slot, ids):
-  """Mean log-probability of `ids` at the masks of `slot` in the template expanded by `counts`."""
-  tpl = prompts.Template.parse(zs.DEFAULT_TEMPLATE, bundle.tokenizer, 2).expand(counts)
-  packed, pos = prompts.build(bundle.layout, video, tpl, "video_first")
+def _direct_lp(bundle, video, template, mask, piece):
+  """log P(piece) at the template's mask number `mask`, built directly (`video` None: the
+  template alone, [CLS] text [SEP])."""
+  if video is None:
+    packed = bundle.layout.text_only(template.ids)
+    pos = 1 + np.asarray(template.slots, np.int32)
+  else:  # [CLS] video [>] text [SEP]; the masks already filled in are text now
+    packed = bundle.layout.video_then_text(video, template.ids)
+    pos = len(video) + 2 + np.asarray(template.slots, np.int32)
   lp = bundle.log_probs(sequence.stack([packed]), mlm_positions=pos[None])["mlm_log_probs"][0]
+  return float(lp[mask, piece])
+
+
+def _chain(bundle, video, counts, slot, pieces):
+  """log P(p0) + log P(p1 | p0) + ...: each piece at its mask with the earlier ones written in."""
+  tpl = prompts.Template.parse(zs.DEFAULT_TEMPLATE, bundle.tokenizer, 2).expand(counts)
   masks = tpl.slot_groups(counts)[slot]
-  return float(np.mean([lp[m, i] for m, i in zip(masks, ids)]))
+  return sum(_direct_lp(bundle, video, tpl.fill({m: p for m, p in zip(masks, pieces[:k])}),
+                        masks[k], pieces[k]) for k in range(len(pieces)))
 
 
-def test_multi_piece_label_is_scored_by_the_mean_log_prob_of_its_pieces(world):
+def test_multi_piece_label_is_scored_by_the_chain_rule_over_its_pieces(world):
   b = world.bundle
   assert b.tokenizer.tokenize("pineapple") == ["pine", "##apple"]
   rng = np.random.default_rng(3)
@@ -85,16 +97,53 @@ def test_multi_piece_label_is_scored_by_the_mean_log_prob_of_its_pieces(world):
   (pred,) = zs.classify(b, [video], verbs=tm.VERBS, nouns=nouns)
   assert pred.nouns[0] == "pineapple" and pred.verbs[0] == "stir"
   scores = dict(zip(pred.nouns, pred.noun_scores))
-  # As stated: the noun slot widened to two [MASK]s, the verb slot one; mean over the pieces.
-  want = _direct_scores(b, video, [1, 2], 1, b.tokenizer.encode("pineapple"))
+  # The noun slot widened to two [MASK]s: P(pine) P(##apple | pine), the verb slot one mask.
+  pieces = b.tokenizer.encode("pineapple")
+  want = _chain(b, video, [1, 2], 1, pieces)
   assert scores["pineapple"] == pytest.approx(want, abs=1e-5)
+  # Not the mean of the pieces predicted together, as labels were once scored.
+  tpl = prompts.Template.parse(zs.DEFAULT_TEMPLATE, b.tokenizer, 2).expand([1, 2])
+  together = np.mean([_direct_lp(b, video, tpl, 1 + k, p) for k, p in enumerate(pieces)])
+  assert abs(scores["pineapple"] - together) > 1e-3
   for one_piece in ("egg", "apple"):
-    want = _direct_scores(b, video, [1, 1], 1, b.tokenizer.encode(one_piece))
+    want = _chain(b, video, [1, 1], 1, b.tokenizer.encode(one_piece))
     assert scores[one_piece] == pytest.approx(want, abs=1e-5)
   # A multi-piece verb label widens the verb slot instead.
   (pred,) = zs.classify(b, [video], verbs=["stir", "pineapple"], nouns=["egg"])
-  want = _direct_scores(b, video, [2, 1], 0, b.tokenizer.encode("pineapple"))
+  want = _chain(b, video, [2, 1], 0, pieces)
   assert dict(zip(pred.verbs, pred.verb_scores))["pineapple"] == pytest.approx(want, abs=1e-5)
+
+
+def test_the_language_prior_and_calibrated_scores(world):
+  """prior: the same chain without the video, one answer for every video; calibrated: the
+  score with the video less the prior's, label by label."""
+  b = world.bundle
+  videos, pairs = _videos(7)
+  nouns = ["egg", "pineapple", "apple", "tomato"]
+  kwargs = dict(verbs=tm.VERBS, nouns=nouns, top_k=4)
+  chain = zs.classify(b, videos, **kwargs)
+  prior = zs.classify(b, videos, scoring="prior", **kwargs)
+  calibrated = zs.classify(b, videos, scoring="calibrated", **kwargs)
+  assert all(p.nouns == prior[0].nouns and p.noun_scores == prior[0].noun_scores for p in prior)
+  pieces = b.tokenizer.encode("pineapple")
+  want = _chain(b, None, [1, 2], 1, pieces)
+  assert dict(zip(prior[0].nouns, prior[0].noun_scores))["pineapple"] == pytest.approx(
+      want, abs=1e-5)
+  for c, p, k in zip(chain, calibrated, prior):
+    for side in ("verb", "noun"):
+      with_video = dict(zip(getattr(c, f"{side}s"), getattr(c, f"{side}_scores")))
+      alone = dict(zip(getattr(k, f"{side}s"), getattr(k, f"{side}_scores")))
+      got = dict(zip(getattr(p, f"{side}s"), getattr(p, f"{side}_scores")))
+      for label, value in got.items():
+        assert value == pytest.approx(with_video[label] - alone[label], abs=1e-5)
+  # Blind to the video, the prior names one verb for all: right only where the truth is it.
+  verb1 = zs.topk_accuracy([p.verbs for p in prior], [v for v, _ in pairs], 1)
+  assert verb1 == pytest.approx(np.mean([v == prior[0].verbs[0] for v, _ in pairs]))
+  assert zs.topk_accuracy([p.verbs for p in calibrated], [v for v, _ in pairs], 1) > 0.5
+  with pytest.raises(ValueError, match="scoring='prior' compares each label"):
+    zs.classify(b, videos[:1], scoring="prior")
+  with pytest.raises(ValueError, match="scoring='fair': expected one of"):
+    zs.classify(b, videos[:1], verbs=tm.VERBS, nouns=nouns, scoring="fair")
 
 
 def test_batched_and_one_at_a_time_agree(world):
@@ -284,6 +333,20 @@ def test_command_runs_the_protocol_and_writes_results(world, features, tmp_path)
       "not a segment of the YouCook II annotations"]
   first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
   assert first["sentence"] == "step 0" and first["verbs"][0] == first["verb"]
+  # One word list for both slots, a word of two pieces among them, calibrated.
+  words = tmp_path / "words.txt"
+  vocabulary = list(tm.VERBS + tm.NOUNS)
+  words.write_text("\n".join(vocabulary) + "\n")
+  code = zs.main([f"--workdir={world.workdir}", f"--features={feats}", f"--labels={labels}",
+                  f"--visual_vocab={features.vocab_path}", f"--out={out}", "--order=video_first",
+                  f"--vocabulary=@{words}", "--scoring=calibrated", "--top_k=8"])
+  assert code == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["verbs"] == results["nouns"] == vocabulary
+  assert results["scoring"] == "calibrated"
+  first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+  assert sorted(first["nouns"]) == sorted(vocabulary) and "pineapple" in first["verbs"]
+  assert results["orders"]["video_first"]["verb_top1"] > 0.5
 
 
 def test_command_help_and_errors(world, tmp_path, capsys):
@@ -298,6 +361,10 @@ def test_command_help_and_errors(world, tmp_path, capsys):
                   f"--labels={labels}", f"--out={tmp_path / 'out'}"])
   assert code == 1
   assert "no visual vocabulary: pass --visual_vocab" in capsys.readouterr().err
+  code = zs.main([f"--workdir={world.workdir}", f"--features={tmp_path}", f"--labels={labels}",
+                  f"--out={tmp_path / 'out'}", "--vocabulary=cut,egg", "--verbs=cut"])
+  assert code == 1
+  assert "--vocabulary replaces the label sets" in capsys.readouterr().err
 
 
 def test_segments_of_every_length_compile_a_few_shapes(world):

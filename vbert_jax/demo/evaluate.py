@@ -138,6 +138,12 @@ def zero_shot(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
                          order=order, top_k=k, batch_size=config.tasks.batch_size,
                          template=config.tasks.paper_template)
     out["paper_template"][order] = zs.accuracies(single, steps, (1, k))
+  # The text's own guess, without the video (the paper's language prior): the same answer for
+  # every step, so what a model learns from the video shows as the distance above it.
+  prior = zs.classify(bundle, [s.tokens for s in steps], verbs=verbs, nouns=nouns, top_k=k,
+                      batch_size=config.tasks.batch_size, template=list(config.tasks.templates),
+                      scoring="prior")
+  out["language_prior"] = zs.accuracies(prior, steps, (1, k))
   train_steps = [s for v in _training(videos) for s in v.steps]
   feats = np.stack([s.feature for s in train_steps])
   test = np.stack([s.feature for s in steps])

@@ -20,7 +20,8 @@ def _row(task: str, metric: str, value: float, chance: float | None = None,
 
 
 def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
-  """The prompt ensemble's rows (with targets), then the paper template's."""
+  """The prompt ensemble's rows (with targets), the paper template's, then the language
+  prior's (the ensemble without the video)."""
   rows = []
   k = zs["top_k"]
   runs = [(zs["orders"], "", True), (zs.get("paper_template", {}), ", paper template", False)]
@@ -34,6 +35,10 @@ def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
                          f">= {times}x chance" if targets else ""))
         rows.append(_row(task, f"top-{k}", r[f"{key}_top{k}"],
                          min(1.0, k * zs[f"{key}_chance"])))
+  prior = zs.get("language_prior")
+  for key in ("verb", "noun") if prior else ():
+    rows.append(_row(f"zero-shot {key} (language prior, no video)", "top-1", prior[f"{key}_top1"],
+                     zs[f"{key}_chance"], zs[f"{key}_majority"], "most frequent label"))
   return rows
 
 

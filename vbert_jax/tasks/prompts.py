@@ -66,6 +66,18 @@ class Template:
         ids.append(t)
     return Template(self.text, tuple(ids), tuple(slots), self.mask_id)
 
+  def fill(self, pieces: dict[int, int]) -> "Template":
+    """The template with its k-th `[MASK]` (counting from 0) replaced by the text id pieces[k]:
+    the pieces of a label already given, for scoring its next piece. `slots` still lists every
+    mask of the template, so that answers keep their indices."""
+    if any(not 0 <= k < len(self.slots) for k in pieces):
+      raise ValueError(f"fill: mask indices {sorted(pieces)} outside the template's "
+                       f"{len(self.slots)} masks")
+    ids = list(self.ids)
+    for k, piece in pieces.items():
+      ids[self.slots[k]] = int(piece)
+    return Template(self.text, tuple(ids), self.slots, self.mask_id)
+
   def slot_groups(self, counts: Sequence[int]) -> list[list[int]]:
     """For `expand(counts)`: the mask indices (0-based, in order) that belong to each slot."""
     out, start = [], 0
@@ -150,6 +162,19 @@ def build_batch(layout: sequence.Layout, videos: Sequence[Sequence[int]], templa
   n_v = np.array([len(v) for v in fitted], np.int32)[:, None]
   positions = n_v + 2 + slots if video_first else np.tile(1 + slots, (len(fitted), 1))
   return batch, positions.astype(np.int32)
+
+
+def build_text_only(layout: sequence.Layout, template: Template
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`[CLS] text [SEP]` with no video (the language prior), as a batch of one row; returns
+  (batch, mask positions [1, masks])."""
+  if len(template.ids) + 2 > layout.max_len:
+    raise ValueError(f"template {template.text!r} takes {len(template.ids)} tokens; with [CLS] "
+                     f"and [SEP] it exceeds max_len={layout.max_len}")
+  batch = sequence.stack([layout.text_only(template.ids)])
+  width = prompt_width(len(template.ids) + 2, layout.max_len)
+  batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+  return batch, (1 + np.asarray(template.slots, np.int32))[None]
 
 
 def prompt_width(longest: int, max_len: int) -> int:

@@ -8,11 +8,18 @@ noun.
 Label sets. Without one, the answer is the model's top text tokens (special symbols excluded).
 With one (a list of verbs, a list of nouns), every label is scored and the best are returned. A
 label may tokenize into several pieces ("pineapple" -> "pine", "##apple"): its slot is expanded
-to as many [MASK]s as it has pieces (the other slot keeps one), and its score is the MEAN
-log-probability of its pieces at those masks, all predicted in the same forward pass (the
-pieces are not filled in one at a time). The mean, not the sum, so that long labels are not
-penalised for their length. One batched forward pass runs per distinct piece count, so a label
-set of one-piece words costs a single pass per batch of videos.
+to as many [MASK]s as it has pieces (the other slot keeps one), and its score is the
+log-probability of the whole word by the chain rule, P(pine) P(##apple | pine), each piece
+predicted with the pieces before it written into their masks. So a label of one piece and one
+of several are both scored by the probability of the word. One batched forward pass runs per
+distinct piece count, and one more per later piece of each multi-piece label, so a label set of
+one-piece words costs a single pass per batch of videos.
+
+The widened slot still tells the model how many pieces to expect. `scoring="calibrated"`
+removes what the prompt alone says of a label, its length included: each score less the same
+score without the video (`scoring="prior"`, the text's own guess: the paper's language prior).
+A list of words given as both label sets ranks over any vocabulary, words of several pieces
+included (the command's --vocabulary).
 
 Prompt ensembles. With label sets, several templates may be given: each label's score is the
 mean of its scores under every template (one pass per template). A small model is sensitive to
@@ -46,11 +53,13 @@ from vbert_jax.video import features_io
 
 DEFAULT_TEMPLATE = "now let me show you how to [MASK] the [MASK] ."
 YOUCOOK2_SUBSETS = ("training", "validation", "testing")
+SCORINGS = ("chain", "calibrated", "prior")
 
 
 @dataclasses.dataclass
 class ZeroShotPrediction:
-  """The top_k verbs and nouns, best first, with their scores (mean log-probabilities)."""
+  """The top_k verbs and nouns, best first, with their scores (log-probabilities of the label,
+  or of its token for an open vocabulary; less the language prior's when calibrated)."""
   verbs: list[str]
   verb_scores: list[float]
   nouns: list[str]
@@ -147,15 +156,30 @@ def _fetch(rows: np.ndarray, out: dict) -> tuple[np.ndarray, np.ndarray]:
   return rows, np.asarray(out["mlm_log_probs"])[:len(rows)]
 
 
+def _text_only(bundle, template: prompts.Template, ids: np.ndarray | None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """As `_batches`, for the one prompt without a video (the language prior)."""
+  batch, positions = prompts.build_text_only(bundle.layout, template)
+  yield _fetch(np.zeros(1, np.int64), bundle.log_probs_async(batch, mlm_positions=positions,
+                                                             mlm_ids=ids))
+
+
 def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet | None,
                   nouns: _LabelSet | None, top_k: int) -> dict[str, tuple[np.ndarray, ...]]:
-  """Per slot: (scores [N, labels]) for label sets, or (ids [N, k], scores [N, k]) open."""
-  n = len(videos)
+  """Per slot: (scores [N, labels]) for label sets, or (ids [N, k], scores [N, k]) open.
+
+  A label's score is the log-probability of its pieces by the chain rule: its slot widened to
+  as many masks as it has pieces, piece k scored with pieces 0..k-1 written into the masks
+  before it. `videos` None scores the prompt alone, without a video (N = 1).
+  """
+  n = 1 if videos is None else len(videos)
   sides = {"verb": verbs, "noun": nouns}
   scores = {name: np.full((n, len(s.names)), -np.inf) for name, s in sides.items() if s}
   open_sides = [name for name, s in sides.items() if s is None]
   ids = _returned_ids(sides)
   column = (lambda piece: np.searchsorted(ids, piece)) if ids is not None else np.asarray
+  run = ((lambda tpl: _text_only(bundle, tpl, ids)) if videos is None else
+         (lambda tpl: _batches(bundle, videos, tpl, order, batch_size, ids)))
   text_size = bundle.vocab.text_size
   banned = np.unique(bundle.vocab.specials.as_tuple())
   open_k = min(top_k, text_size - len(banned))
@@ -164,7 +188,7 @@ def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet 
   for counts in _plans(verbs, nouns):
     expanded = template.expand(counts)
     groups = expanded.slot_groups(counts)
-    for rows, lp in _batches(bundle, videos, expanded, order, batch_size, ids):
+    for rows, lp in run(expanded):
       for j, (name, side) in enumerate(sides.items()):
         if side is None:
           if counts == (1, 1):
@@ -174,11 +198,34 @@ def _label_scores(bundle, videos, template, order, batch_size, verbs: _LabelSet 
         if counts[1 - j] != 1:
           continue  # the other slot's expansion serves the other side's labels only
         for label in side.with_count(counts[j]):
-          cols = column(np.asarray(side.pieces[label]))
-          scores[name][rows, label] = lp[:, groups[j], cols].mean(axis=1)
+          scores[name][rows, label] = lp[:, groups[j][0], column(side.pieces[label][0])]
+    for j, (name, side) in enumerate(sides.items()):
+      if side is None or counts[j] == 1 or counts[1 - j] != 1:
+        continue
+      for label in side.with_count(counts[j]):
+        pieces = side.pieces[label]
+        for k in range(1, len(pieces)):
+          given = expanded.fill({groups[j][i]: pieces[i] for i in range(k)})
+          for rows, lp in run(given):
+            scores[name][rows, label] += lp[:, groups[j][k], column(pieces[k])]
   out = {name: (s,) for name, s in scores.items()}
   out.update({name: (open_out[name], open_scores[name]) for name in open_sides})
   return out
+
+
+def _scored(bundle, videos, template, order, batch_size, verbs: _LabelSet | None,
+            nouns: _LabelSet | None, top_k: int, scoring: str
+            ) -> dict[str, tuple[np.ndarray, ...]]:
+  """`_label_scores` with the video ("chain"), without it ("prior", the same for every video),
+  or the first less the second ("calibrated": what the video adds to the text's own guess)."""
+  args = (template, order, batch_size, verbs, nouns, top_k)
+  if scoring == "chain":
+    return _label_scores(bundle, videos, *args)
+  prior = _label_scores(bundle, None, *args)
+  if scoring == "prior":
+    return {name: (np.repeat(s, len(videos), axis=0),) for name, (s,) in prior.items()}
+  with_video = _label_scores(bundle, videos, *args)
+  return {name: (with_video[name][0] - prior[name][0],) for name in with_video}
 
 
 def _returned_ids(sides: dict[str, _LabelSet | None]) -> np.ndarray | None:
@@ -211,7 +258,7 @@ def classify(bundle, videos: Sequence[Sequence[int]], *, verbs: Sequence[str] | 
              nouns: Sequence[str] | None = None,
              template: str | Sequence[str] = DEFAULT_TEMPLATE,
              order: str = "video_first", top_k: int = 5,
-             batch_size: int = 64) -> list[ZeroShotPrediction]:
+             batch_size: int = 64, scoring: str = "chain") -> list[ZeroShotPrediction]:
   """The top_k verbs and nouns of each video (visual tokens of one clip or segment).
 
   `verbs` / `nouns` restrict the answers to a label set (None: any text token of the
@@ -219,12 +266,23 @@ def classify(bundle, videos: Sequence[Sequence[int]], *, verbs: Sequence[str] | 
   (label sets only) average each label's score over them. `order` is
   "video_first" ([CLS] video [>] template [SEP]) or "text_first" ([CLS] template [>] video
   [SEP]). Batches of `batch_size` prompts run in one jitted forward pass each.
+
+  `scoring` (label sets only, except "chain"): "chain" ranks labels by the log-probability of
+  their pieces given the video; "prior" by the same without the video (the text's own guess,
+  the paper's language prior); "calibrated" by the first less the second, so that a label is
+  not favoured for what the prompt alone, its length included, says of it.
   """
   if top_k < 1 or batch_size < 1:
     raise ValueError(f"top_k={top_k} and batch_size={batch_size}: expected at least 1")
   if order not in prompts.ORDERS:
     raise ValueError(f"order={order!r}: expected one of {prompts.ORDERS}")
-  tpls = _templates(template, bundle.tokenizer, labelled=verbs is not None and nouns is not None)
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}: expected one of {SCORINGS}")
+  labelled = verbs is not None and nouns is not None
+  if scoring != "chain" and not labelled:
+    raise ValueError(f"scoring={scoring!r} compares each label with and without the video: it "
+                     f"needs both label sets (verbs and nouns)")
+  tpls = _templates(template, bundle.tokenizer, labelled=labelled)
   arrays = []
   for i, v in enumerate(videos):
     v = np.asarray(v, np.int64).reshape(-1)
@@ -236,8 +294,8 @@ def classify(bundle, videos: Sequence[Sequence[int]], *, verbs: Sequence[str] | 
     return []
   verb_set = _LabelSet.parse(verbs, bundle.tokenizer, "verb") if verbs is not None else None
   noun_set = _LabelSet.parse(nouns, bundle.tokenizer, "noun") if nouns is not None else None
-  per_template = [_label_scores(bundle, arrays, tpl, order, batch_size, verb_set, noun_set,
-                                top_k) for tpl in tpls]
+  per_template = [_scored(bundle, arrays, tpl, order, batch_size, verb_set, noun_set, top_k,
+                          scoring) for tpl in tpls]
   scored = per_template[0] if len(tpls) == 1 else {
       name: (np.mean([p[name][0] for p in per_template], axis=0),) for name in per_template[0]}
   verb_names, verb_scores = _ranked(scored["verb"], verb_set, bundle.tokenizer, top_k)
@@ -458,9 +516,10 @@ _HELP = (
     "Zero-shot verb and noun classification with a trained VideoBERT, as in the paper:\n"
     "each labelled segment's visual tokens are shown to the model with the template\n"
     f"'{DEFAULT_TEMPLATE}'; the first [MASK] gives the verb, the second the noun.\n"
-    "Each label is scored by the mean log-probability of its word pieces (a label of\n"
-    "several pieces widens its slot to as many [MASK]s). Reports top-1 and top-5\n"
-    "accuracy for each prompt order.\n\n" + LABELS_HELP + "\n\n"
+    "Each label is scored by the log-probability of its word pieces by the chain rule (a\n"
+    "label of several pieces widens its slot to as many [MASK]s); --scoring=calibrated\n"
+    "subtracts the same score without the video. Reports top-1 and top-5 accuracy for each\n"
+    "prompt order.\n\n" + LABELS_HELP + "\n\n"
     "Example (YouCook II validation, labels in labels.tsv):\n"
     "  python -m vbert_jax.tasks.zero_shot --workdir=runs/videobert \\\n"
     "      --features=features/youcook2 --labels=labels.tsv \\\n"
@@ -489,6 +548,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "label file.", flag_values=fv)
   flags.DEFINE_bool("open_vocabulary", False, "Rank every text token instead of a label set.",
                     flag_values=fv)
+  flags.DEFINE_string("vocabulary", None, "Rank these words (comma-separated, or @FILE with "
+                      "one per line; words of several pieces too) for both the verb and the "
+                      "noun, instead of the label sets.", flag_values=fv)
+  flags.DEFINE_enum("scoring", "chain", SCORINGS, "chain: a label's log-probability given the "
+                    "video; calibrated: less the same without the video; prior: without the "
+                    "video only (the language prior).", flag_values=fv)
   flags.DEFINE_multi_string("template", None, "Prompt with two [MASK]s, verb then noun "
                             f"(default: '{DEFAULT_TEMPLATE}'). Give it several times for an "
                             "ensemble: each label's score is averaged over the templates.",
@@ -519,7 +584,28 @@ def _restrict_to_youcook2(labelled: list[Segment], annotations: list[Segment]
   return kept, skipped
 
 
+def _answer_sets(args: types.SimpleNamespace, segs: Sequence[Segment]
+                 ) -> tuple[list[str] | None, list[str] | None]:
+  """The verb and noun label sets: the label file's, --verbs/--nouns, one --vocabulary for
+  both, or None for every text token (--open_vocabulary)."""
+  if args.open_vocabulary:
+    return None, None
+  if args.vocabulary:
+    words = _label_list(args.vocabulary)
+    return words, list(words)
+  return (_label_list(args.verbs) or sorted({s.verb for s in segs}),
+          _label_list(args.nouns) or sorted({s.noun for s in segs}))
+
+
+def _check_answer_flags(args: types.SimpleNamespace) -> None:
+  chosen = [f for f in ("open_vocabulary", "vocabulary") if getattr(args, f)]
+  if chosen and (len(chosen) > 1 or args.verbs or args.nouns):
+    raise ValueError(f"--{chosen[0]} replaces the label sets: give it without --verbs, "
+                     f"--nouns{'' if len(chosen) == 1 else ' and --' + chosen[1]}")
+
+
 def run(args: types.SimpleNamespace) -> dict:
+  _check_answer_flags(args)
   segments = read_labels(args.labels)
   skipped = []
   if args.youcook2:
@@ -532,21 +618,19 @@ def run(args: types.SimpleNamespace) -> dict:
   skipped += missing
   segs = [s for s, _ in usable]
   tokens = [bundle.visual_vocab.assign(clips).astype(np.int32) for _, clips in usable]
-  verbs = None if args.open_vocabulary else (_label_list(args.verbs)
-                                             or sorted({s.verb for s in segs}))
-  nouns = None if args.open_vocabulary else (_label_list(args.nouns)
-                                             or sorted({s.noun for s in segs}))
+  verbs, nouns = _answer_sets(args, segs)
   orders = ("video_first", "text_first") if args.order == "both" else (args.order,)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   templates = args.template or [DEFAULT_TEMPLATE]
-  results = {"workdir": str(args.workdir), "templates": templates, "segments": len(segs),
+  results = {"workdir": str(args.workdir), "templates": templates, "scoring": args.scoring,
+             "segments": len(segs),
              "verbs": verbs, "nouns": nouns, "orders": {}, "skipped": skipped}
   lines = []
   for order in orders:
     preds = classify(bundle, tokens, verbs=verbs, nouns=nouns,
                      template=templates, order=order, top_k=args.top_k,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, scoring=args.scoring)
     results["orders"][order] = accuracies(preds, segs, sorted({1, min(5, args.top_k)}))
     lines += [json.dumps({"order": order, **dataclasses.asdict(s), **dataclasses.asdict(p)})
               for s, p in zip(segs, preds)]
