@@ -124,3 +124,21 @@ def test_drawing_overlaps_the_step():
   elapsed = time.perf_counter() - start
   batches.close()
   assert elapsed < 1.6, elapsed
+
+
+def test_close_does_not_wait_for_ever_on_a_stalled_read(monkeypatch, caplog):
+  monkeypatch.setattr(prefetch, "_JOIN_S", 0.2)
+  release = threading.Event()
+
+  class Stalled(Counter):
+    def __next__(self):
+      release.wait()
+      return super().__next__()
+
+  batches = prefetch.Prefetcher(Stalled(), lambda b: b, 1, 1)
+  start = time.perf_counter()
+  batches.close()
+  assert time.perf_counter() - start < 5
+  assert "still drawing a batch" in caplog.text
+  release.set()  # the read ends; the thread sees the stop and exits
+  assert _wait_for(lambda: not batches._thread.is_alive())  # pylint: disable=protected-access

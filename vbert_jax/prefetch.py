@@ -10,7 +10,10 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
+from absl import logging
+
 _POLL_S = 0.1  # how often a blocked thread looks whether it should stop
+_JOIN_S = 60.0  # how long `close` waits for a draw in progress
 
 
 class Prefetcher:
@@ -75,8 +78,13 @@ class Prefetcher:
     return self._state
 
   def close(self) -> None:
+    """Stops the thread once its current batch is drawn. A draw that hangs (a stalled read) is
+    left to the daemon thread rather than holding up a run that is saving or exiting."""
     self._stop.set()
-    self._thread.join()
+    self._thread.join(timeout=_JOIN_S)
+    if self._thread.is_alive():
+      logging.warning("the input thread is still drawing a batch after %.0f s; leaving it",
+                      _JOIN_S)
 
   def __enter__(self) -> "Prefetcher":
     return self
