@@ -179,6 +179,12 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                                        "noun_top5": 0.6},
                     "verb_majority": 0.3, "noun_majority": 0.25},
       "alignment": {"accuracy": 0.9, "chance": 0.5, "token_ceiling": 0.85},
+      "retrieval": {"pairs": 40, "chance": {"r1": 0.025, "r5": 0.125, "r10": 0.25,
+                                            "median_rank": 20.5},
+                    "model": {w: {"r1": 0.3, "r5": 0.6, "r10": 0.8, "median_rank": 4.0}
+                              for w in ("text_to_video", "video_to_text")},
+                    "bag_of_tokens": {w: {"r1": 0.2, "r5": 0.5, "r10": 0.7, "median_rank": 5.5}
+                                      for w in ("text_to_video", "video_to_text")}},
       "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
                         "noun_chance": 0.12},
       "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2}}
@@ -194,7 +200,11 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert "| captioning CIDEr | score | 1.500 |  | 0.300 (shuffled features) |" in text
   assert ("| alignment (LVA), balanced | accuracy | 0.900 | 0.500 | 0.850 (naive Bayes on "
           "tokens, true labels) | >= 0.8 |") in text
-  assert len(table) == 4 + 2 + 1 + 2 + 1 + 4
+  assert ("| retrieval video-to-text (40 held-out steps) | R@5 | 0.600 | 0.125 | 0.500 (bag of "
+          "tokens, naive Bayes) | > bag of tokens |") in text
+  assert ("| retrieval text-to-video (40 held-out steps) | median rank | 4.000 | 20.500 | "
+          "5.500 (bag of tokens, naive Bayes) |  |") in text
+  assert len(table) == 4 + 2 + 1 + 8 + 2 + 1 + 4
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -156,7 +156,7 @@ def _check_corpus(tmp: pathlib.Path) -> None:
   assert (tmp / "corpus" / "punctuation.msgpack").is_file()
   for run in ("base", "large", "captioner"):
     assert any((tmp / "runs" / run / "checkpoints").iterdir()), run
-  for task in ("zero_shot", "t2v", "forecast", "captions"):
+  for task in ("zero_shot", "t2v", "forecast", "captions", "retrieval"):
     assert (tmp / "results" / task / "results.json").is_file(), task
 
 

@@ -47,11 +47,14 @@ def test_rows_built_on_the_device_are_layout_pair_rows(world):
 
 
 def test_pair_scores_are_the_models_lva_logits(world):
-  """Batched, with rows as wide as the longest pair, against `Bundle.apply` one `Layout.pair`
-  row at a time at max_len: the same sums, over the same real tokens, in another order."""
+  """Batched, each row only as wide as its pair's width bucket, against `Bundle.apply` on one
+  `Layout.pair` row at a time at max_len: the same sums, over the same real tokens, in another
+  order."""
   texts, videos = _random_pairs(1)
   pairs = np.array([(i, j) for i in range(len(texts)) for j in range(len(videos))], np.int32)
-  got = retrieval.PairScorer(world.bundle, texts, videos, batch_size=7)(pairs)
+  scorer = retrieval.PairScorer(world.bundle, texts, videos, batch_size=7)
+  got = scorer(pairs)
+  assert len(np.unique(scorer.widths(pairs))) >= 3  # rows of several widths, batched apart
   want = np.array([world.bundle.apply(sequence.stack([world.bundle.layout.pair(
       texts[i], videos[j])]))["lva_logits"].reshape(()) for i, j in pairs])
   assert got.shape == (len(pairs),) and got.dtype == np.float32
@@ -97,6 +100,10 @@ def test_a_shortlist_ranks_its_candidates_by_the_model(world):
     retrieval.retrieve(world.bundle, texts, videos[:4])
   with pytest.raises(ValueError, match=r"segments \[1\] have no visual tokens"):
     retrieval.PairScorer(world.bundle, texts[:2], [videos[0], []])
+  with pytest.raises(ValueError, match=r"caption ids must lie in \[0, 33\)"):
+    retrieval.PairScorer(world.bundle, [[5, 40]], videos[:1])
+  with pytest.raises(ValueError, match=r"visual tokens must lie in \[0, 64\)"):
+    retrieval.PairScorer(world.bundle, texts[:1], [[3, 64]])
 
 
 def test_metrics_take_the_expectation_over_ties():
@@ -171,8 +178,12 @@ def test_readers_of_youcook2_and_msrvtt(tmp_path):
   assert annotations.read_captions(youcook, "validation") == [
       zs.Segment("GLd3aX16zBg", 90.0, 102.0, sentence="spread margarine on two slices")]
   labels = tmp_path / "labels.tsv"
+  labels.write_text("v1\t0\t3\tcut\tegg\nv1\t3\t6\tcut\tegg\tcut the egg\n")
+  kept, skipped = annotations.without_captions(annotations.read_captions(labels))
+  assert [s.sentence for s in kept] == ["cut the egg"]
+  assert skipped == [{"video_id": "v1", "start": 0.0, "end": 3.0, "reason": "no sentence"}]
   labels.write_text("v1\t0\t3\tcut\tegg\n")
-  with pytest.raises(ValueError, match="1 segments have no sentence"):
+  with pytest.raises(ValueError, match="no segment has a sentence"):
     annotations.read_captions(labels)
   csv_path.write_text("video,caption\nvideo1,a cat\n")
   with pytest.raises(ValueError, match=r"lacks the columns \['video_id', 'sentence'\]"):
@@ -200,6 +211,7 @@ def test_command_ranks_both_ways_and_lists_what_it_skips(world, features, tmp_pa
         tm.step_tokens(verb, noun), 6)))
     database[f"v{i}"] = {"subset": "validation" if i < 16 else "training", "annotations": [
         {"segment": [0, 9], "sentence": tm.SENTENCE.format(verb=verb, noun=noun)}]}
+  database["v0"]["annotations"].append({"segment": [9, 12], "sentence": ""})
   database["gone"] = {"subset": "validation", "annotations": [
       {"segment": [0, 9], "sentence": "now let me show you how to cut the egg"}]}
   captions = tmp_path / "youcookii_annotations_trainval.json"
@@ -210,7 +222,9 @@ def test_command_ranks_both_ways_and_lists_what_it_skips(world, features, tmp_pa
   assert retrieval.main(args) == 0
   results = json.loads((out / "results.json").read_text())
   assert results["segments"] == 16 and results["pairs_scored"] == 256
-  assert results["skipped"] == [{"video_id": "gone", "start": 0.0, "end": 9.0,
+  assert results["skipped"] == [{"video_id": "v0", "start": 9.0, "end": 12.0,
+                                 "reason": "no sentence"},
+                                {"video_id": "gone", "start": 0.0, "end": 9.0,
                                  "reason": f"no feature file in {feats}"}]
   for way in ("text_to_video", "video_to_text"):
     assert set(results[way]) >= {"r1", "r5", "r10", "median_rank"}

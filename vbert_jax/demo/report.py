@@ -42,6 +42,21 @@ def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
   return rows
 
 
+def retrieval_rows(rt: Mapping[str, Any] | None) -> list[Row]:
+  """R@1, R@5, R@10 and the median rank, both ways, beside the bag of tokens."""
+  if not rt:
+    return []
+  rows = []
+  for way, name in (("text_to_video", "text-to-video"), ("video_to_text", "video-to-text")):
+    for key, metric in (("r1", "R@1"), ("r5", "R@5"), ("r10", "R@10"),
+                        ("median_rank", "median rank")):
+      rows.append(_row(f"retrieval {name} ({rt['pairs']} held-out steps)", metric,
+                       rt["model"][way][key], rt["chance"][key],
+                       rt["bag_of_tokens"][way][key], "bag of tokens, naive Bayes",
+                       "> bag of tokens" if key in ("r1", "r5") else ""))
+  return rows
+
+
 def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) -> list[Row]:
   """All rows of the table, from the tasks stage's and the captioning stage's results."""
   out = zero_shot_rows(tasks["zero_shot"])
@@ -49,6 +64,7 @@ def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) 
   out.append(_row("alignment (LVA), balanced", "accuracy", lva["accuracy"], lva["chance"],
                   lva.get("token_ceiling"), "naive Bayes on tokens, true labels",
                   target=">= 0.8"))
+  out += retrieval_rows(tasks.get("retrieval"))
   t2v = tasks["text_to_video"]
   for key in ("verb", "noun"):
     out.append(_row(f"text-to-video: nearest clips' {key}", "share", t2v[f"{key}_match"],

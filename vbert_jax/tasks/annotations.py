@@ -94,8 +94,13 @@ def read_captions(path, split: str = "validation") -> list[zs.Segment]:
     raise ValueError(f"{path}: neither YouCook II annotations ('database') nor MSR-VTT's "
                      f"MSRVTT_data.json ('videos' and 'sentences')")
   segments = zs.read_labels(path)
-  blank = [f"{s.video_id} {s.start:g}-{s.end:g}" for s in segments if not s.sentence.strip()]
-  if blank:
-    raise ValueError(f"{path}: {len(blank)} segments have no sentence (the sixth column), "
-                     f"e.g. {blank[:3]}; retrieval needs each segment's caption")
+  if not any(s.sentence.strip() for s in segments):
+    raise ValueError(f"{path}: no segment has a sentence (the sixth column); retrieval needs "
+                     f"the segments' captions")
   return segments
+
+
+def without_captions(segments: list[zs.Segment]) -> tuple[list[zs.Segment], list[dict]]:
+  """The segments that have a caption, and the others as skipped entries."""
+  kept = [s for s in segments if s.sentence.strip()]
+  return kept, [zs.skip_entry(s, "no sentence") for s in segments if not s.sentence.strip()]

@@ -13,7 +13,9 @@ cross-encoders rank. Recall at 1, 5 and 10 and the median rank, both ways (`rank
 
 The sequences are built on the device from two tables (every caption's ids, every segment's
 tokens) and a batch of (caption, segment) index pairs, inside the jit-compiled step that scores
-them: the host sends 8 bytes a pair, not a 2 x max_len row. Caption i belongs with segment i.
+them: the host sends 8 bytes a pair, not a 2 x max_len row. Pairs are batched by length, each
+batch as wide as a few fixed widths allow, so that short pairs do not pay for long ones. Caption
+i belongs with segment i.
 
 Command line (YouCook II validation, MSR-VTT 1k-A, or a label file with sentences):
 
@@ -46,12 +48,14 @@ from vbert_jax import sequence
 from vbert_jax.tasks import annotations
 from vbert_jax.tasks import bag_of_tokens
 from vbert_jax.tasks import bundle as bundle_lib
+from vbert_jax.tasks import prompts
 from vbert_jax.tasks import ranking
 from vbert_jax.tasks import zero_shot as zs
 
-# Pairs per compiled call: enough to keep a CPU's or an accelerator's matmuls busy, few enough
-# that the last, padded batch wastes little.
-DEFAULT_BATCH = 256
+# Pairs per compiled call. On a CPU the rate peaks at a few dozen pairs of YouCook II's lengths
+# and falls beyond, as the activations outgrow the caches (bench/retrieval.py); an accelerator
+# wants more (--batch_size).
+DEFAULT_BATCH = 32
 
 
 @dataclasses.dataclass
@@ -145,29 +149,46 @@ class PairScorer:
     texts = [np.asarray(t, np.int32).reshape(-1) for t in texts]
     videos = [np.asarray(v, np.int32).reshape(-1) for v in videos]
     bundle.vocab.visual_to_joint(np.concatenate(videos))  # raises on tokens out of range
+    ids = np.concatenate([np.zeros(0, np.int32), *texts])
+    if ids.size and (ids.min() < 0 or ids.max() >= bundle.vocab.text_size):
+      raise ValueError(f"caption ids must lie in [0, {bundle.vocab.text_size}) (the text "
+                       f"vocabulary); got range [{ids.min()}, {ids.max()}]")
     text_table, text_len = _table(texts)
     video_table, video_len = _table(videos)
-    max_len = bundle.layout.max_len
-    longest = int(text_len.max(initial=0)) + int(video_len.max()) + 3
-    # Rows as wide as the longest pair (in steps of 8), not max_len: short captions and
-    # segments cost only their own length.
-    width = min(max_len, -(-longest // 8) * 8)
-    self._fn = _compiled(bundle.model_config, max_len, width)
+    self._model_config, self._max_len = bundle.model_config, bundle.layout.max_len
     self._params = bundle.params
     self._tables = tuple(jnp.asarray(a) for a in (text_table, text_len, video_table, video_len))
-    self.batch_size, self.width = batch_size, width
+    self._lengths = (text_len.astype(np.int64), video_len.astype(np.int64))
+    self.batch_size = batch_size
+
+  def widths(self, pairs: np.ndarray) -> np.ndarray:
+    """Each pair's row width: its length rounded up to one of a few widths (at most max_len),
+    so that short pairs do not pay for the longest one and few shapes compile."""
+    lengths = np.minimum(self._lengths[0][pairs[:, 0]] + self._lengths[1][pairs[:, 1]] + 3,
+                         self._max_len)
+    ladder = np.array(sorted({prompts.prompt_width(n, self._max_len)
+                              for n in range(1, self._max_len + 1)}))
+    return ladder[np.searchsorted(ladder, lengths)]
 
   def __call__(self, pairs: np.ndarray) -> np.ndarray:
     """LVA logits float32 [P] of `pairs` [P, 2] (caption index, segment index)."""
     pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
-    b = self.batch_size
-    padded = np.zeros((-(-len(pairs) // b) * b, 2), np.int32)
-    padded[:len(pairs)] = pairs
-    # Every batch is dispatched before any result is read: the device runs ahead of the host.
-    out = [self._fn(self._params, *self._tables, jnp.asarray(padded[i:i + b]))
-           for i in range(0, len(padded), b)]
-    return np.concatenate([np.asarray(o) for o in out])[:len(pairs)] if out else \
-        np.zeros(0, np.float32)
+    widths = self.widths(pairs)
+    # Pairs grouped by width, each group in full batches (the last one padded with pair 0).
+    order = np.argsort(widths, kind="stable")
+    b, out = self.batch_size, []
+    for width in np.unique(widths):
+      chosen = order[widths[order] == width]
+      fn = _compiled(self._model_config, self._max_len, int(width))
+      padded = np.zeros((-(-len(chosen) // b) * b, 2), np.int32)
+      padded[:len(chosen)] = pairs[chosen]
+      # Every batch is dispatched before any result is read: the device runs ahead of the host.
+      out += [(chosen[i:i + b], fn(self._params, *self._tables, jnp.asarray(padded[i:i + b])))
+              for i in range(0, len(padded), b)]
+    logits = np.zeros(len(pairs), np.float32)
+    for index, result in out:
+      logits[index] = np.asarray(result)[:len(index)]
+    return logits
 
 
 def score_matrix(bundle, texts: Sequence[Sequence[int]], videos: Sequence[Sequence[int]],
@@ -277,8 +298,11 @@ def _skipped(entries: list[dict]) -> list[dict]:
 
 
 def _pairs(bundle, features, segments) -> tuple[list, list[np.ndarray], list, list[dict]]:
-  """(segments, caption ids, visual tokens, skipped) of the segments that have clips."""
-  usable, skipped = zs.clips_of_segments(features, segments)
+  """(segments, caption ids, visual tokens, skipped) of the segments that have a caption and
+  clips."""
+  segments, skipped = annotations.without_captions(segments)
+  usable, missing = zs.clips_of_segments(features, segments)
+  skipped += missing
   ids = [bundle.tokenizer.encode(s.sentence) for s, _ in usable]
   tokens = [bundle.visual_vocab.assign(c).astype(np.int32) for _, c in usable]
   return [s for s, _ in usable], ids, tokens, skipped
