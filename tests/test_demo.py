@@ -145,6 +145,17 @@ def test_retrieval_ranks_the_narrated_held_out_steps_both_ways(small_run):
   assert "| retrieval video-to-text (" in (workdir / "results" / "results.md").read_text()
 
 
+def test_forecasting_is_scored_at_step_boundaries(small_run):
+  at = _tasks(small_run)["forecast"]["boundaries"]
+  assert at["boundaries"] >= 40
+  for key in ("model_token", "bigram_token", "model_verb", "bigram_verb", "step_ngram_verb",
+              "model_noun", "bigram_noun", "step_ngram_noun"):
+    assert 0 <= at[key] <= 1, (key, at)
+  assert at["token_vs_bigram"]["standard_error"] > 0
+  assert "step boundaries: first clip's token" in (
+      small_run / "results" / "results.md").read_text()
+
+
 def test_writes_its_pictures_and_tensorboard_logs(small_run):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir = small_run

@@ -187,7 +187,13 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                                       for w in ("text_to_video", "video_to_text")}},
       "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
                         "noun_chance": 0.12},
-      "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2}}
+      "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2,
+                   "boundaries": {"boundaries": 50, "model_token": 0.1, "bigram_token": 0.05,
+                                  "token_vs_bigram": {"difference": 0.05,
+                                                      "standard_error": 0.02},
+                                  **{f"{who}_{key}": 0.25 for who in ("model", "bigram",
+                                                                      "step_ngram")
+                                     for key in ("verb", "noun")}}}}
   caps = {"model": {"Bleu_4": 0.2, "CIDEr": 1.5}, "most_frequent": {"Bleu_4": 0.1, "CIDEr": 0.2},
           "shuffled_features": {"Bleu_4": 0.12, "CIDEr": 0.3}}
   table = report.rows(tasks, caps)
@@ -204,7 +210,11 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
           "tokens, naive Bayes) | > bag of tokens |") in text
   assert ("| retrieval text-to-video (40 held-out steps) | median rank | 4.000 | 20.500 | "
           "5.500 (bag of tokens, naive Bayes) |  |") in text
-  assert len(table) == 4 + 2 + 1 + 8 + 2 + 1 + 4
+  assert ("| forecasting at 50 step boundaries: first clip's token | top-1 | 0.100 |  | 0.050 "
+          "(token bigram) | > bigram + 2 s.e. (0.040) |") in text
+  assert ("| forecasting at 50 step boundaries: next step's noun (nearest clips) | share | 0.250 "
+          "| 0.100 | 0.250 (step bigram of the narration) |  |") in text
+  assert len(table) == 4 + 2 + 1 + 8 + 2 + 1 + 5 + 4
 
 
 @pytest.mark.parametrize("changes, message", [

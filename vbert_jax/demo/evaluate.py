@@ -11,7 +11,8 @@
   truth of the training clips nearest the generated tokens, beside how often that verb or noun
   occurs among training clips;
 - forecasting: the next clip's token from the tokens so far, beside a bigram baseline fitted on
-  the training videos' tokens (vbert_jax.tasks.forecast draws the strip).
+  the training videos' tokens (vbert_jax.tasks.forecast draws the strip), and at step
+  boundaries by token and by meaning (vbert_jax.demo.boundaries).
 
 The ground truth is read here, for scoring, and nowhere upstream of the model.
 """
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vbert_jax.demo import baselines
+from vbert_jax.demo import boundaries
 from vbert_jax.demo import prepare
 from vbert_jax import sequence
 from vbert_jax.demo.world import words
@@ -331,20 +333,12 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   bigram = baselines.Bigram([v.tokens for v in _training(videos)])
   held = _held_out(videos)
   base_acc, n = bigram.accuracy([v.tokens for v in held])
-  packed, slots, truth = [], [], []
-  for v in held:
-    for t in range(1, len(v.tokens)):
-      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only",
-                                config.tasks.forecast_context)
-      packed.append(p)
-      slots.append(pos)
-      truth.append(int(v.tokens[t]))
-  preds = []
-  size = config.tasks.batch_size
-  for i in range(0, len(packed), size):
-    lp = t2v.visual_log_probs(bundle, packed[i:i + size], np.stack(slots[i:i + size]))
-    preds.append(np.asarray(lp)[:, 0].argmax(-1))
-  accuracy = float(np.mean(np.concatenate(preds) == np.array(truth)))
+  predicted = _next_tokens(config, bundle, held)
+  accuracy = float(np.mean([token == int(v.tokens[t]) for v in held
+                            for t, token in predicted[v.video_id].items()]))
+  at_boundaries = boundaries.evaluate(held, _training(videos),
+                                      lambda v, t: predicted[v.video_id][t],
+                                      bundle.visual_vocab, config.vocab.nearest)
   # The strip: a held-out video's last clips and the top futures after them.
   video = max(held, key=lambda v: len(v.tokens))
   cut = len(video.tokens) - config.tasks.forecast_horizon
@@ -355,8 +349,32 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   rows = [shown + video.tokens[cut:].tolist()] + [shown + f.tolist() for f, _ in futures]
   strips.token_strip(bundle.visual_vocab, rows, folder / "forecast.png",
                      labels=["truth"] + [f"future {i + 1}" for i in range(len(futures))], tile=64)
-  return {"predictions": len(truth), "accuracy": accuracy, "bigram_accuracy": base_acc,
-          "bigram_predictions": n, "video": video.video_id}
+  return {"predictions": sum(map(len, predicted.values())), "accuracy": accuracy,
+          "bigram_accuracy": base_acc, "bigram_predictions": n, "video": video.video_id,
+          "boundaries": at_boundaries}
+
+
+def _next_tokens(config: ml_collections.ConfigDict, bundle, held: Sequence[Video]
+                 ) -> dict[str, dict[int, int]]:
+  """The model's most likely next token after the first t clips of each held-out video, for
+  every t from 1: {video_id: {t: token}}."""
+  keys, packed, slots = [], [], []
+  for v in held:
+    for t in range(1, len(v.tokens)):
+      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only",
+                                config.tasks.forecast_context)
+      keys.append((v.video_id, t))
+      packed.append(p)
+      slots.append(pos)
+  preds = []
+  size = config.tasks.batch_size
+  for i in range(0, len(packed), size):
+    lp = t2v.visual_log_probs(bundle, packed[i:i + size], np.stack(slots[i:i + size]))
+    preds.append(np.asarray(lp)[:, 0].argmax(-1))
+  out: dict[str, dict[int, int]] = {v.video_id: {} for v in held}
+  for (vid, t), token in zip(keys, np.concatenate(preds) if preds else []):
+    out[vid][t] = int(token)
+  return out
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -391,6 +409,10 @@ def run_tasks(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         flush=True)
   fc = forecasting(config, bundle, videos, folder)
   print(f"forecasting: {fc['accuracy']:.3f} (bigram {fc['bigram_accuracy']:.3f})", flush=True)
+  at = fc["boundaries"]
+  print(f"forecasting at {at['boundaries']} step boundaries: token {at['model_token']:.3f} "
+        f"(bigram {at['bigram_token']:.3f}), next verb {at['model_verb']:.3f} (bigram "
+        f"{at['bigram_verb']:.3f}, step n-gram {at['step_ngram_verb']:.3f})", flush=True)
   result = {"zero_shot": zs, "alignment": lva, "retrieval": rt, "text_to_video": t2v,
             "forecast": fc}
   (folder / "tasks.json").write_text(json.dumps(result, indent=1))

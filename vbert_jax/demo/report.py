@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from vbert_jax.demo import evaluate
+from vbert_jax.demo.world import words
 
 Row = dict[str, Any]
 
@@ -57,6 +58,25 @@ def retrieval_rows(rt: Mapping[str, Any] | None) -> list[Row]:
   return rows
 
 
+def boundary_rows(at: Mapping[str, Any] | None) -> list[Row]:
+  """Forecasting at step boundaries: the token beside the token bigram, then the next step's
+  verb and noun as the predicted token's nearest clips show them, beside the token bigram's
+  and the step-level bigram of the training narration."""
+  if not at:
+    return []
+  task = f"forecasting at {at['boundaries']} step boundaries"
+  se = at["token_vs_bigram"]["standard_error"]
+  out = [_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
+              at["bigram_token"], "token bigram", f"> bigram + 2 s.e. ({2 * se:.3f})")]
+  for key, names in (("verb", words.VERBS), ("noun", words.NOUNS)):
+    what = f"{task}: next step's {key} (nearest clips)"
+    out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names), at[f"bigram_{key}"],
+                    "token bigram"))
+    out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names),
+                    at[f"step_ngram_{key}"], "step bigram of the narration"))
+  return out
+
+
 def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) -> list[Row]:
   """All rows of the table, from the tasks stage's and the captioning stage's results."""
   out = zero_shot_rows(tasks["zero_shot"])
@@ -72,6 +92,7 @@ def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) 
   fc = tasks["forecast"]
   out.append(_row("forecasting next clip token", "top-1", fc["accuracy"], None,
                   fc["bigram_accuracy"], "bigram", "> bigram"))
+  out += boundary_rows(fc.get("boundaries"))
   if captioning:
     for key in ("Bleu_4", "CIDEr", "Bleu_3", "METEOR", "ROUGE_L"):
       value = captioning["model"].get(key)

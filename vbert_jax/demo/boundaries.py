@@ -1,0 +1,123 @@
+"""Forecasting at step boundaries: the first clip of each held-out step, from the clips before it.
+
+Within a step the next clip mostly repeats the current one, which a bigram of tokens predicts as
+well as any model; what a model understands of a task shows where one step ends and the next
+begins. At each boundary of a held-out video (every step after the first, with at least one clip
+before it) three forecasters guess what comes next:
+
+- the model: the most likely visual token after the clips so far (the forecasting prompt);
+- a bigram of the training videos' clip tokens, from the last clip's token;
+- a step-level bigram of the training narration: the (verb, noun) said next after the (verb,
+  noun) said last, read from what the narrator said (faults and all, as the model read it),
+  applied to the held-out video's narration up to the boundary.
+
+A token is scored by itself (is it the first clip's token?) and by meaning: the majority verb and
+noun of the training clips nearest it (the visual vocabulary's own clips, as text-to-video is
+scored), against the next step's true verb and noun. The difference of the model and the token
+bigram, boundary by boundary, is reported with its standard error.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from vbert_jax.demo import baselines
+from vbert_jax.demo.world import words
+
+_VERB_OF = {**{v: v for v in words.VERBS}, **{ing: v for v, ing in words.VERB_ING.items()}}
+
+
+def said_steps(truth: Mapping) -> list[tuple[float, str, str]]:
+  """(start, verb, noun) of each cue that names a verb and a noun, in time order."""
+  out = []
+  for cue in sorted(truth["cues"], key=lambda c: c["start"]):
+    tokens = cue["text"].lower().split()
+    verbs = [_VERB_OF[t] for t in tokens if t in _VERB_OF]
+    nouns = [t for t in tokens if t in words.NOUNS]
+    if verbs and nouns:
+      out.append((float(cue["start"]), verbs[0], nouns[0]))
+  return out
+
+
+class StepBigram:
+  """The (verb, noun) said most often after each (verb, noun) in the training narration; the
+  most frequent one where a step was never followed (ties: the first in sorted order)."""
+
+  def __init__(self, narrations: Sequence[Sequence[tuple[str, str]]]):
+    self.after: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+        collections.Counter)
+    unigram: collections.Counter = collections.Counter()
+    for steps in narrations:
+      unigram.update(steps)
+      for a, b in zip(steps[:-1], steps[1:]):
+        self.after[a][b] += 1
+    if not unigram:
+      raise ValueError("StepBigram: the training narration names no step")
+    self.fallback = min(unigram, key=lambda s: (-unigram[s], s))
+
+  def predict(self, last: tuple[str, str] | None) -> tuple[str, str]:
+    counts = self.after.get(last) if last is not None else None
+    return min(counts, key=lambda s: (-counts[s], s)) if counts else self.fallback
+
+
+def token_meanings(vocab, clip_truth: Mapping[tuple[str, int], tuple[int, int]],
+                   nearest: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per visual token, the majority verb and noun index (-1: none) of its nearest training
+  clips; ties go to the smaller index."""
+  verbs = np.full(vocab.size, -1, np.int64)
+  nouns = np.full(vocab.size, -1, np.int64)
+  for token in range(vocab.size):
+    labels = [clip_truth.get((r.video_id, r.clip), (-1, -1))
+              for r in vocab.nearest_clips(token, nearest)]
+    for out, column in ((verbs, 0), (nouns, 1)):
+      counts = collections.Counter(lab[column] for lab in labels if lab[column] >= 0)
+      if counts:
+        out[token] = min(counts, key=lambda x: (-counts[x], x))
+  return verbs, nouns
+
+
+def _paired(model: np.ndarray, baseline: np.ndarray) -> dict:
+  diff = model.astype(np.float64) - baseline
+  se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+  return {"difference": float(diff.mean()), "standard_error": se}
+
+
+def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], int],
+             vocab, nearest: int) -> dict:
+  """Scores at every boundary of the `held` videos. `predict(video, t)` is the model's next
+  token after the video's first t clips; videos carry tokens, steps (with clip indices, verb
+  and noun), truth (with cues), verbs and nouns per clip (as `evaluate.Video`)."""
+  clip_truth = {(v.video_id, int(c)): (int(v.verbs[c]), int(v.nouns[c]))
+                for v in train for c in range(len(v.tokens))}
+  meaning_verb, meaning_noun = token_meanings(vocab, clip_truth, nearest)
+  token_bigram = baselines.Bigram([v.tokens for v in train]).predict
+  step_bigram = StepBigram([[(vb, n) for _, vb, n in said_steps(v.truth)] for v in train])
+  rows = collections.defaultdict(list)
+  for v in held:
+    said = said_steps(v.truth)
+    for step in v.steps[1:]:
+      t = int(step.clips[0])
+      if t < 1:
+        continue
+      truth = (words.VERBS.index(step.verb), words.NOUNS.index(step.noun))
+      guesses = {"model": predict(v, t), "bigram": token_bigram(int(v.tokens[t - 1]))}
+      for name, token in guesses.items():
+        rows[f"{name}_token"].append(token == int(v.tokens[t]))
+        rows[f"{name}_verb"].append(meaning_verb[token] == truth[0])
+        rows[f"{name}_noun"].append(meaning_noun[token] == truth[1])
+      before = [(vb, n) for start, vb, n in said if start < step.start]
+      verb, noun = step_bigram.predict(before[-1] if before else None)
+      rows["step_ngram_verb"].append(words.VERBS.index(verb) == truth[0])
+      rows["step_ngram_noun"].append(words.NOUNS.index(noun) == truth[1])
+  if not rows:
+    raise ValueError("no held-out step boundary has a clip before it")
+  hits = {k: np.array(x) for k, x in rows.items()}
+  out = {"boundaries": len(hits["model_token"]),
+         **{k: float(x.mean()) for k, x in hits.items()}}
+  for what in ("token", "verb", "noun"):
+    out[f"{what}_vs_bigram"] = _paired(hits[f"model_{what}"], hits[f"bigram_{what}"])
+  return out
+
