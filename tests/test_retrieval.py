@@ -5,6 +5,7 @@ against scikit-learn's MultinomialNB, the readers of YouCook II and MSR-VTT, and
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,6 +72,13 @@ def test_pair_scores_are_the_models_lva_logits(world):
   np.testing.assert_allclose(
       retrieval.score_matrix(world.bundle, texts, videos, batch_size=64),
       got.reshape(len(texts), len(videos)), rtol=0, atol=atol)
+  # The 8 devices of this process each took a share of every batch (7 pairs: 8, one a device);
+  # on one device the scores are the same.
+  assert scorer.batch_size == 8 and scorer.devices == jax.devices() and len(jax.devices()) == 8
+  one = retrieval.PairScorer(world.bundle, texts, videos, batch_size=7,
+                             devices=jax.devices()[:1])
+  assert one.batch_size == 7
+  np.testing.assert_allclose(one(pairs), got, rtol=0, atol=atol)
 
 
 def test_a_shortlist_ranks_its_candidates_by_the_model(world):
