@@ -9,7 +9,7 @@ RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo worlds test bench clean
 
 install: $(RUNTIME)
 
@@ -33,6 +33,13 @@ DEMO_ARGS ?=
 demo: $(RUNTIME)
 	JAX_PLATFORMS=cpu $(PY) -m vbert_jax.demo.main --config=$(DEMO_CONFIG) \
 	  --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
+
+# The demo on each of its three test worlds, then each figure's mean and spread over them.
+WORLDS_WORKDIR ?= demo_worlds
+
+worlds: $(RUNTIME)
+	JAX_PLATFORMS=cpu $(PY) -m vbert_jax.demo.worlds --config=$(DEMO_CONFIG) --split=test \
+	  --workdir=$(WORLDS_WORKDIR) $(DEMO_ARGS)
 
 test: $(DEV)
 	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)

@@ -135,12 +135,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.size = arg.size
   c.seed = 0
 
+  # World seeds. Every setting below was chosen on worlds of the validation seeds (the full
+  # world's 0, the small world's 0-2); the test seeds never chose anything, and the figures are
+  # reported on them: `make demo` runs the first, `python -m vbert_jax.demo.worlds` all three.
+  # The end-to-end test (size=small) runs its test seed.
+  c.world_seeds = ml_collections.ConfigDict(dict(
+      validation=(0,) if full else (0, 1, 2), test=(10, 11, 12) if full else (3,)))
+
   # The generated world (vbert_jax/demo/world): every round(1 / val_fraction)-th video is held out.
   # 144 videos (108 for training): on fewer, alignment learned the training pairs by heart.
-  # The small world's seed is the middle one of three, a typical world rather than the best one.
   # 112 px: 64 px did no better on the full world; the small world's 64 px keeps the test short.
   c.world = ml_collections.ConfigDict(dict(
-      num_videos=144 if full else 36, seed=0 if full else 1, size=112 if full else 64,
+      num_videos=144 if full else 36, seed=c.world_seeds.test[0], size=112 if full else 64,
       val_fraction=0.25 if full else 0.34, min_steps=4, max_steps=7,
       workers=2,
       # Narration faults, as probabilities per step (vbert_jax/demo/world/world.py NarrationConfig).

@@ -178,7 +178,7 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                     "language_prior": {"verb_top1": 0.2, "noun_top1": 0.1, "verb_top5": 0.7,
                                        "noun_top5": 0.6},
                     "verb_majority": 0.3, "noun_majority": 0.25},
-      "alignment": {"accuracy": 0.9, "chance": 0.5, "token_ceiling": 0.85},
+      "alignment": {"accuracy": 0.9, "chance": 0.5, "token_ceiling": 0.85, "pairs": 200},
       "retrieval": {"pairs": 40, "chance": {"r1": 0.025, "r5": 0.125, "r10": 0.25,
                                             "median_rank": 20.5},
                     "model": {w: {"r1": 0.3, "r5": 0.6, "r10": 0.8, "median_rank": 4.0}
@@ -186,15 +186,15 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                     "bag_of_tokens": {w: {"r1": 0.2, "r5": 0.5, "r10": 0.7, "median_rank": 5.5}
                                       for w in ("text_to_video", "video_to_text")}},
       "text_to_video": {"verb_match": 0.5, "noun_match": 0.6, "verb_chance": 0.1,
-                        "noun_chance": 0.12},
-      "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2,
+                        "noun_chance": 0.12, "clips": 96, "prompts": 12},
+      "forecast": {"accuracy": 0.3, "bigram_accuracy": 0.2, "predictions": 480,
                    "boundaries": {"boundaries": 50, "model_token": 0.1, "bigram_token": 0.05,
                                   "token_vs_bigram": {"difference": 0.05,
                                                       "standard_error": 0.02},
                                   **{f"{who}_{key}": 0.25 for who in ("model", "bigram",
                                                                       "step_ngram")
                                      for key in ("verb", "noun")}}}}
-  caps = {"model": {"Bleu_4": 0.2, "CIDEr": 1.5}, "most_frequent": {"Bleu_4": 0.1, "CIDEr": 0.2},
+  caps = {"test_steps": 206, "model": {"Bleu_4": 0.2, "CIDEr": 1.5}, "most_frequent": {"Bleu_4": 0.1, "CIDEr": 0.2},
           "shuffled_features": {"Bleu_4": 0.12, "CIDEr": 0.3}}
   table = report.rows(tasks, caps)
   text = report.markdown(table)
@@ -206,15 +206,37 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert "| captioning CIDEr | score | 1.500 |  | 0.300 (shuffled features) |" in text
   assert ("| alignment (LVA), balanced | accuracy | 0.900 | 0.500 | 0.850 (naive Bayes on "
           "tokens, true labels) | >= 0.8 |") in text
-  assert ("| retrieval video-to-text (40 held-out steps) | R@5 | 0.600 | 0.125 | 0.500 (bag of "
-          "tokens, naive Bayes) | > bag of tokens |") in text
-  assert ("| retrieval text-to-video (40 held-out steps) | median rank | 4.000 | 20.500 | "
-          "5.500 (bag of tokens, naive Bayes) |  |") in text
-  assert ("| forecasting at 50 step boundaries: first clip's token | top-1 | 0.100 |  | 0.050 "
-          "(token bigram) | > bigram + 2 s.e. (0.040) |") in text
-  assert ("| forecasting at 50 step boundaries: next step's noun (nearest clips) | share | 0.250 "
-          "| 0.100 | 0.250 (step bigram of the narration) |  |") in text
+  assert ("| retrieval video-to-text | R@5 | 0.600 | 0.125 | 0.500 (bag of tokens, naive Bayes) "
+          "| > bag of tokens | yes | 40 held-out steps |") in text
+  assert ("| retrieval text-to-video | median rank | 4.000 | 20.500 | 5.500 (bag of tokens, naive "
+          "Bayes) |  |  | 40 held-out steps |") in text
+  assert ("| forecasting at step boundaries: first clip's token | top-1 | 0.100 |  | 0.050 "
+          "(token bigram) | > bigram + 2 s.e. (0.040) | yes | 50 held-out step boundaries |") in text
+  assert ("| forecasting at step boundaries: next step's noun (nearest clips) | share | 0.250 "
+          "| 0.100 | 0.250 (step bigram of the narration) |  |  |") in text
+  assert ("| text-to-video: nearest clips' noun | share | 0.600 | 0.120 |  | > chance | yes | 96 "
+          "training clips nearest 12 prompts |") in text
+  assert "| zero-shot verb (video_first) | top-1 | 0.400 | 0.100 | 0.800 (1-NN raw S3D) | >= 2x " \
+      "chance | yes | 10 held-out steps |" in text
+  assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) | >= 3x " \
+      "chance | yes |" in text
   assert len(table) == 4 + 2 + 1 + 8 + 2 + 1 + 5 + 4
+
+
+@pytest.mark.parametrize("target, value, met", [
+    (">= 2x chance", 0.2, True), (">= 2x chance", 0.19, False), ("> chance", 0.11, True),
+    (">= 0.8", 0.8, True), (">= 0.8", 0.79, False), ("> bigram", 0.31, True),
+    ("> bigram", 0.3, False), ("> bigram + 2 s.e. (0.040)", 0.35, True),
+    ("> bigram + 2 s.e. (0.040)", 0.33, False), ("", 0.5, None)])
+def test_targets_are_read_from_their_text(target, value, met):
+  row = {"task": "t", "value": value, "chance": 0.1, "baseline": 0.3, "target": target}
+  assert report.target_met(row) is met
+
+
+def test_a_target_it_cannot_read_is_an_error():
+  with pytest.raises(ValueError, match="'about 0.5' of 't': not a form"):
+    report.target_met({"task": "t", "value": 1.0, "chance": 0.1, "baseline": 0.3,
+                       "target": "about 0.5"})
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -225,6 +247,7 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
     ({"vocab.branching": 12, "vocab.depth": 4}, "20736 visual tokens but the training videos"),
     ({"tasks.t2v_prompts": 500}, "tasks.t2v_prompts=500: the world has only 42"),
     ({"world.num_videos": 1}, "expected at least one of each"),
+    ({"world_seeds.test": (3, 1)}, r"world_seeds: \[1\] are both validation and test seeds"),
 ])
 def test_config_that_asks_for_more_than_the_world_has_says_so(changes, message):
   c = demo_config.get_config("size=small")
@@ -239,3 +262,46 @@ def test_config_that_asks_for_more_than_the_world_has_says_so(changes, message):
 def test_unknown_demo_size_is_named():
   with pytest.raises(ValueError, match="size='huge'"):
     demo_config.get_config("size=huge")
+
+
+def _table(value, baseline, on):
+  return [{"task": "alignment (LVA), balanced", "metric": "accuracy", "value": value,
+           "chance": 0.5, "baseline": baseline, "baseline_name": "naive Bayes",
+           "target": ">= 0.8", "on": on},
+          {"task": "forecasting", "metric": "top-1", "value": value / 2, "chance": None,
+           "baseline": None, "baseline_name": "", "target": "", "on": on}]
+
+
+def test_worlds_summary_gives_mean_spread_and_each_worlds_verdict(tmp_path, monkeypatch):
+  from vbert_jax.demo import worlds  # pylint: disable=g-import-not-at-top
+  tables = {10: _table(0.82, 0.9, "200 held-out pairs"), 11: _table(0.78, 0.8, "198 pairs"),
+            12: _table(0.86, 0.85, "202 pairs")}
+  summary = worlds.summarize(tables)
+  lva = summary[0]
+  assert lva["values"] == [0.82, 0.78, 0.86] and lva["seeds"] == [10, 11, 12]
+  assert lva["mean"] == pytest.approx(0.82) and lva["std"] == pytest.approx(0.04)
+  assert (lva["min"], lva["max"]) == (0.78, 0.86) and lva["met"] == [True, False, True]
+  assert summary[1]["met"] is None
+  text = worlds.markdown(summary, "three worlds")
+  assert ("| alignment (LVA), balanced | accuracy | 0.820 | 0.040 | 0.780-0.860 | 0.500 | 0.850 "
+          "(naive Bayes) | >= 0.8 | 2 of 3 | 200 held-out pairs |") in text
+  with pytest.raises(ValueError, match=r"missing from the tables of worlds \[11\]"):
+    worlds.summarize({10: tables[10], 11: tables[11][1:]})
+  # The command's loop: one workdir per seed, each world's own seed in its config.
+  seen = []
+
+  def fake_run(config, workdir, until="", log=None):
+    seen.append((config.world.seed, workdir.name))
+    folder = workdir / "results"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"rows": tables[config.world.seed]}))
+    return {"results": stages.StageResult("results", folder, {}, False, 0.0)}
+  monkeypatch.setattr(worlds.demo_pipeline, "run", fake_run)
+  config = demo_config.get_config("size=small")
+  config.unlock()
+  config.world_seeds.test = (10, 11, 12)
+  out = worlds.run(config, tmp_path, "test")
+  assert seen == [(10, "world_10"), (11, "world_11"), (12, "world_12")]
+  saved = json.loads((tmp_path / "worlds.json").read_text())
+  assert saved["seeds"] == [10, 11, 12] and saved["rows"] == out["summary"]
+  assert "over 3 test worlds (seeds 10, 11, 12)" in (tmp_path / "worlds.md").read_text()

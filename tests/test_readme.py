@@ -26,7 +26,9 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 # Commands that this test does not run, and why.
 NOT_RUN = {"make test": "it is the test suite itself",
            # with its captioning stage, on the smaller world that its checks are calibrated on
-           "make demo": "tests/test_demo.py runs it"}
+           "make demo": "tests/test_demo.py runs it",
+           # three full demo worlds, some 40 minutes on two cores
+           "make worlds": "tests/test_demo_stages.py runs its loop on stand-in results"}
 
 SHORT_RUN = (" --config.total_steps=6 --config.optimizer.warmup_steps=2 --config.eval.every_steps=6"
              " --config.eval.num_batches=1 --config.checkpoint.every_steps=6")

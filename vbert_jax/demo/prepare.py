@@ -57,6 +57,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key when the config asks for what the world cannot give."""
   w = config.world
   problems = []
+  seeds = config.get("world_seeds")
+  shared = sorted(set(seeds.validation) & set(seeds.test)) if seeds else []
+  if shared:
+    problems.append(f"world_seeds: {shared} are both validation and test seeds; a test world "
+                    f"must be one that no choice looked at")
   if not 1 <= w.min_steps <= w.max_steps:
     problems.append(f"world.min_steps={w.min_steps}, world.max_steps={w.max_steps}: expected "
                     f"1 <= min_steps <= max_steps")

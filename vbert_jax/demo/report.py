@@ -1,9 +1,11 @@
-"""The results table: each figure of the demo beside its chance level and its baseline."""
+"""The results table: each figure of the demo beside its chance level, its baseline, what it is
+computed on, and whether its target is met."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -15,9 +17,31 @@ Row = dict[str, Any]
 
 
 def _row(task: str, metric: str, value: float, chance: float | None = None,
-         baseline: float | None = None, baseline_name: str = "", target: str = "") -> Row:
+         baseline: float | None = None, baseline_name: str = "", target: str = "",
+         on: str = "") -> Row:
   return {"task": task, "metric": metric, "value": value, "chance": chance,
-          "baseline": baseline, "baseline_name": baseline_name, "target": target}
+          "baseline": baseline, "baseline_name": baseline_name, "target": target, "on": on}
+
+
+_TARGETS: list[tuple[str, Any]] = [
+    (r">= ([\d.]+)x chance", lambda r, k: r["value"] >= float(k) * r["chance"]),
+    (r"> chance", lambda r: r["value"] > r["chance"]),
+    (r">= ([\d.]+)", lambda r, x: r["value"] >= float(x)),
+    (r"> [a-z ]+\+ 2 s\.e\. \(([\d.]+)\)", lambda r, m: r["value"] > r["baseline"] + float(m)),
+    (r"> [a-z ]+", lambda r: r["value"] > r["baseline"]),
+]
+
+
+def target_met(row: Row) -> bool | None:
+  """Whether the row's value meets its target (None: the row has none)."""
+  if not row["target"]:
+    return None
+  for pattern, check in _TARGETS:
+    match = re.fullmatch(pattern, row["target"])
+    if match:
+      return bool(check(row, *match.groups()))
+  raise ValueError(f"target {row['target']!r} of {row['task']!r}: not a form that "
+                   f"report.target_met reads")
 
 
 def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
@@ -25,6 +49,7 @@ def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
   prior's (the ensemble without the video)."""
   rows = []
   k = zs["top_k"]
+  on = f"{zs['steps']} held-out steps"
   runs = [(zs["orders"], "", True), (zs.get("paper_template", {}), ", paper template", False)]
   for results, label, targets in runs:
     for order, r in results.items():
@@ -33,13 +58,13 @@ def zero_shot_rows(zs: Mapping[str, Any]) -> list[Row]:
         task = f"zero-shot {key} ({order}{label})"
         rows.append(_row(task, "top-1", r[f"{key}_top1"], zs[f"{key}_chance"],
                          zs[f"nn_{key}_top1"], "1-NN raw S3D",
-                         f">= {times}x chance" if targets else ""))
+                         f">= {times}x chance" if targets else "", on))
         rows.append(_row(task, f"top-{k}", r[f"{key}_top{k}"],
-                         min(1.0, k * zs[f"{key}_chance"])))
+                         min(1.0, k * zs[f"{key}_chance"]), on=on))
   prior = zs.get("language_prior")
   for key in ("verb", "noun") if prior else ():
     rows.append(_row(f"zero-shot {key} (language prior, no video)", "top-1", prior[f"{key}_top1"],
-                     zs[f"{key}_chance"], zs[f"{key}_majority"], "most frequent label"))
+                     zs[f"{key}_chance"], zs[f"{key}_majority"], "most frequent label", on=on))
   return rows
 
 
@@ -51,10 +76,10 @@ def retrieval_rows(rt: Mapping[str, Any] | None) -> list[Row]:
   for way, name in (("text_to_video", "text-to-video"), ("video_to_text", "video-to-text")):
     for key, metric in (("r1", "R@1"), ("r5", "R@5"), ("r10", "R@10"),
                         ("median_rank", "median rank")):
-      rows.append(_row(f"retrieval {name} ({rt['pairs']} held-out steps)", metric,
-                       rt["model"][way][key], rt["chance"][key],
+      rows.append(_row(f"retrieval {name}", metric, rt["model"][way][key], rt["chance"][key],
                        rt["bag_of_tokens"][way][key], "bag of tokens, naive Bayes",
-                       "> bag of tokens" if key in ("r1", "r5") else ""))
+                       "> bag of tokens" if key in ("r1", "r5") else "",
+                       f"{rt['pairs']} held-out steps"))
   return rows
 
 
@@ -64,16 +89,16 @@ def boundary_rows(at: Mapping[str, Any] | None) -> list[Row]:
   and the step-level bigram of the training narration."""
   if not at:
     return []
-  task = f"forecasting at {at['boundaries']} step boundaries"
+  task, on = "forecasting at step boundaries", f"{at['boundaries']} held-out step boundaries"
   se = at["token_vs_bigram"]["standard_error"]
   out = [_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
-              at["bigram_token"], "token bigram", f"> bigram + 2 s.e. ({2 * se:.3f})")]
+              at["bigram_token"], "token bigram", f"> bigram + 2 s.e. ({2 * se:.3f})", on)]
   for key, names in (("verb", words.VERBS), ("noun", words.NOUNS)):
     what = f"{task}: next step's {key} (nearest clips)"
     out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names), at[f"bigram_{key}"],
-                    "token bigram"))
+                    "token bigram", on=on))
     out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names),
-                    at[f"step_ngram_{key}"], "step bigram of the narration"))
+                    at[f"step_ngram_{key}"], "step bigram of the narration", on=on))
   return out
 
 
@@ -83,15 +108,17 @@ def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) 
   lva = tasks["alignment"]
   out.append(_row("alignment (LVA), balanced", "accuracy", lva["accuracy"], lva["chance"],
                   lva.get("token_ceiling"), "naive Bayes on tokens, true labels",
-                  target=">= 0.8"))
+                  target=">= 0.8", on=f"{lva['pairs']} held-out pairs"))
   out += retrieval_rows(tasks.get("retrieval"))
   t2v = tasks["text_to_video"]
   for key in ("verb", "noun"):
     out.append(_row(f"text-to-video: nearest clips' {key}", "share", t2v[f"{key}_match"],
-                    t2v[f"{key}_chance"], target="> chance"))
+                    t2v[f"{key}_chance"], target="> chance",
+                    on=f"{t2v['clips']} training clips nearest {t2v['prompts']} prompts"))
   fc = tasks["forecast"]
   out.append(_row("forecasting next clip token", "top-1", fc["accuracy"], None,
-                  fc["bigram_accuracy"], "bigram", "> bigram"))
+                  fc["bigram_accuracy"], "bigram", "> bigram",
+                  f"{fc['predictions']} held-out clips"))
   out += boundary_rows(fc.get("boundaries"))
   if captioning:
     for key in ("Bleu_4", "CIDEr", "Bleu_3", "METEOR", "ROUGE_L"):
@@ -99,10 +126,12 @@ def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) 
       if value is None:
         continue
       target = "> both baselines" if key in ("Bleu_4", "CIDEr") else ""
+      on = f"{captioning['test_steps']} held-out steps"
       out.append(_row(f"captioning {key}", "score", value, None,
-                      captioning["most_frequent"].get(key), "most frequent caption", target))
+                      captioning["most_frequent"].get(key), "most frequent caption", target, on))
       out.append(_row(f"captioning {key}", "score", value, None,
-                      captioning["shuffled_features"].get(key), "shuffled features", ""))
+                      captioning["shuffled_features"].get(key), "shuffled features", target,
+                      on))
   return out
 
 
@@ -112,12 +141,13 @@ def _fmt(x: float | None) -> str:
 
 def markdown(table: Sequence[Row], title: str = "") -> str:
   lines = [f"## {title}", ""] if title else []
-  lines += ["| task | metric | model | chance | baseline | target |",
-            "| --- | --- | --- | --- | --- | --- |"]
+  lines += ["| task | metric | model | chance | baseline | target | met | computed on |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in table:
     base = f"{_fmt(r['baseline'])} ({r['baseline_name']})" if r["baseline"] is not None else ""
+    met = {None: "", True: "yes", False: "no"}[target_met(r)]
     lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['chance'])} | "
-                 f"{base} | {r['target']} |")
+                 f"{base} | {r['target']} | {met} | {r['on']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -128,8 +158,11 @@ def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if config.captioning.enabled:  # a folder left by an earlier run with captioning is not read
     captioning = json.loads((workdir / evaluate.CAPTIONING / "captioning.json").read_text())
   table = rows(tasks, captioning)
-  text = markdown(table, title=f"VideoBERT demo ({config.size}): held-out videos")
+  seed = config.world.seed
+  text = markdown(table, title=f"VideoBERT demo ({config.size}, world seed {seed}): held-out "
+                  f"videos")
   (folder / "results.md").write_text(text)
-  (folder / "results.json").write_text(json.dumps({"rows": table, "tasks": tasks,
-                                                   "captioning": captioning}, indent=1))
+  (folder / "results.json").write_text(json.dumps({"world_seed": seed, "rows": table,
+                                                   "tasks": tasks, "captioning": captioning},
+                                                  indent=1))
   return {"rows": len(table)}
