@@ -90,8 +90,8 @@ def pair_rows(vocab: sequence.JointVocab, max_len: int, width: int, text_table: 
               text_len: jax.Array, video_table: jax.Array, video_len: jax.Array,
               pairs: jax.Array) -> dict[str, jax.Array]:
   """`Layout.pair(text[i], video[j])` for each (i, j) of `pairs` [B, 2], `width` columns wide
-  (the rows' longest, at most `max_len`). Tables: ids [N, Lt] and visual tokens [M, Lv],
-  each with its lengths."""
+  (at least the longest of these rows, at most `max_len`). Tables: ids [N, Lt] and visual
+  tokens [M, Lv], each with its lengths."""
   sp = vocab.specials
   texts, videos = text_table[pairs[:, 0]], video_table[pairs[:, 1]]
   n_t, n_v = _split_budget(text_len[pairs[:, 0]], video_len[pairs[:, 1]], max_len - 3)
@@ -111,7 +111,8 @@ def pair_rows(vocab: sequence.JointVocab, max_len: int, width: int, text_table: 
           "input_mask": (cols <= end).astype(jnp.int32)}
 
 
-@functools.lru_cache(maxsize=16)
+# One compiled step per model and row width: every width of the ladder of a 512-token model fits.
+@functools.lru_cache(maxsize=64)
 def _compiled(model_config: model_lib.VideoBERTConfig, max_len: int, width: int):
   module = model_lib.VideoBERT(model_config)
 
