@@ -114,6 +114,35 @@ def test_a_shortlist_ranks_its_candidates_by_the_model(world):
     retrieval.PairScorer(world.bundle, texts[:1], [[3, 64]])
 
 
+def test_dual_softmax_takes_away_a_candidates_pull_on_every_query(world):
+  rng = np.random.default_rng(4)
+  # Each caption matches its own segment by 2; segment 0 scores 5 higher with every caption,
+  # caption 1 4 higher with every segment.
+  logits = rng.normal(0, 0.3, (6, 6)) + 2 * np.eye(6)
+  logits[:, 0] += 5
+  logits[1] += 4
+  truth = np.arange(6)
+  assert ranking.metrics(logits, truth)["r1"] < 0.5  # segment 0 wins every caption
+  assert ranking.metrics(logits.T, truth)["r1"] < 0.5  # caption 1 wins every segment
+  t2v, v2t = retrieval.dual_softmax(logits)
+  assert ranking.metrics(t2v, truth)["r1"] == ranking.metrics(v2t, truth)["r1"] == 1.0
+  # Each candidate's scores are log-probabilities over the queries.
+  np.testing.assert_allclose(np.exp(t2v).sum(axis=0), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(np.exp(v2t).sum(axis=0), 1.0, rtol=1e-12)
+  texts, videos = _random_pairs(5)
+  texts = texts[:5]
+  exact = retrieval.score_matrix(world.bundle, texts, videos)
+  got = retrieval.retrieve(world.bundle, texts, videos, normalize="dual_softmax")
+  want = retrieval.dual_softmax(exact)
+  assert got.text_to_video == ranking.metrics(want[0], np.arange(5))
+  assert got.video_to_text == ranking.metrics(want[1], np.arange(5))
+  with pytest.raises(ValueError, match="cannot be used with a shortlist"):
+    retrieval.retrieve(world.bundle, texts, videos, normalize="dual_softmax", shortlist=2,
+                       shortlist_scores=exact)
+  with pytest.raises(ValueError, match="normalize='softmax'"):
+    retrieval.retrieve(world.bundle, texts, videos, normalize="softmax")
+
+
 def test_metrics_take_the_expectation_over_ties():
   scores = np.array([[3.0, 1.0, 2.0, 0.0],    # correct (0) first
                      [3.0, 1.0, 2.0, 0.0],    # correct (1) third

@@ -260,27 +260,31 @@ def _said_steps(videos: Sequence[Video], tokenizer
           [(s.verb, s.noun) for _, s in said])
 
 
-def _both_ways(scores: np.ndarray) -> dict:
-  truth = np.arange(len(scores))
-  return {"text_to_video": ranking.metrics(scores, truth),
-          "video_to_text": ranking.metrics(scores.T, truth)}
+def _both_ways(t2v: np.ndarray, v2t: np.ndarray | None = None) -> dict:
+  truth = np.arange(len(t2v))
+  return {"text_to_video": ranking.metrics(t2v, truth),
+          "video_to_text": ranking.metrics(t2v.T if v2t is None else v2t, truth)}
 
 
-def retrieval(bundle, videos: Sequence[Video]) -> dict:
+def retrieval(bundle, videos: Sequence[Video], normalize: str) -> dict:
   """Text-to-video and video-to-text over the correctly narrated held-out steps, every pair
   through LVA, beside the bag-of-tokens naive Bayes fitted on the training steps' pairs (chosen
   by the truth, as the evaluation's are: cleaner than the narration the model learned from),
   and the ceiling of a scorer that knows each step's true verb and noun and nothing else
-  (steps that share both tie)."""
+  (steps that share both tie). The model's rows rank by `normalize` (ret.NORMALIZE); the
+  figures of every choice are kept beside them."""
   ids, tokens, labels = _said_steps(_held_out(videos), bundle.tokenizer)
   fit_ids, fit_tokens, _ = _said_steps(_training(videos), bundle.tokenizer)
   cheap = bag_of_tokens.BagOfTokens(fit_ids, fit_tokens, bundle.visual_vocab.size).scores(
       ids, tokens)
-  model = ret.retrieve(bundle, ids, tokens)
+  logits = ret.score_matrix(bundle, ids, tokens)
+  by_normalize = {"none": _both_ways(logits),
+                  "dual_softmax": _both_ways(*ret.dual_softmax(logits))}
   same = np.array([[a == b for b in labels] for a in labels], np.float64)
   return {"pairs": len(ids), "fit_pairs": len(fit_ids), "chance": ranking.chance(len(ids)),
-          "model": {"text_to_video": model.text_to_video, "video_to_text": model.video_to_text},
-          "bag_of_tokens": _both_ways(cheap), "label_oracle": _both_ways(same)}
+          "normalize": normalize, "model": by_normalize[normalize],
+          "by_normalize": by_normalize, "bag_of_tokens": _both_ways(cheap),
+          "label_oracle": _both_ways(same)}
 
 
 # ------------------------------------------------------------------------------ text-to-video
@@ -398,7 +402,7 @@ def run_tasks(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                 config.tasks.frames_videos)
   lva = alignment(config, bundle, videos)
   print(f"alignment on {lva['pairs']} held-out pairs: {lva['accuracy']:.3f}", flush=True)
-  rt = retrieval(bundle, videos)
+  rt = retrieval(bundle, videos, config.tasks.retrieval_normalize)
   print(f"retrieval over {rt['pairs']} held-out steps: R@1 text-to-video "
         f"{rt['model']['text_to_video']['r1']:.3f}, video-to-text "
         f"{rt['model']['video_to_text']['r1']:.3f} (bag of tokens "

@@ -41,6 +41,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
 from vbert_jax import cli
 from vbert_jax import model as model_lib
@@ -227,21 +228,42 @@ def _reranked(cheap: np.ndarray, exact: np.ndarray, chosen: np.ndarray) -> np.nd
   return np.where(chosen, exact.astype(np.float64) + lift, cheap)
 
 
+NORMALIZE = ("none", "dual_softmax")
+
+
+def dual_softmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(text-to-video, video-to-text) scores from LVA logits [captions, segments], each pair's
+  logit less the log-sum-exp of its candidate's logits against every query (the inverted
+  softmax): a segment that every caption scores high, or a caption high beside every segment,
+  no longer ranks high for all of them."""
+  scores = np.asarray(scores, np.float64)
+  t2v = scores - special.logsumexp(scores, axis=0, keepdims=True)
+  v2t = (scores - special.logsumexp(scores, axis=1, keepdims=True)).T
+  return t2v, v2t
+
+
 def retrieve(bundle, texts: Sequence[Sequence[int]], videos: Sequence[Sequence[int]], *,
              shortlist: int | None = None, shortlist_scores: np.ndarray | None = None,
-             batch_size: int = DEFAULT_BATCH) -> Retrieval:
+             normalize: str = "none", batch_size: int = DEFAULT_BATCH) -> Retrieval:
   """Caption i belongs with segment i. Without `shortlist`, every pair is scored by the
-  model; with it, each caption's and each segment's best `shortlist` candidates by
-  `shortlist_scores` [captions, segments] are, and rank above the rest."""
+  model, and ranked by its LVA logit or, with `normalize="dual_softmax"`, by `dual_softmax`;
+  with it, each caption's and each segment's best `shortlist` candidates by `shortlist_scores`
+  [captions, segments] are, and rank above the rest."""
   if len(texts) != len(videos) or not len(texts):
     raise ValueError(f"{len(texts)} captions and {len(videos)} segments: caption i belongs "
                      f"with segment i, so both must be as many, and not none")
+  if normalize not in NORMALIZE:
+    raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZE}")
   n = len(texts)
   truth = np.arange(n)
   if shortlist is None or shortlist >= n:
     exact = score_matrix(bundle, texts, videos, batch_size)
-    return Retrieval(ranking.metrics(exact, truth), ranking.metrics(exact.T, truth), exact,
-                     exact.T, n * n)
+    t2v, v2t = dual_softmax(exact) if normalize == "dual_softmax" else (exact, exact.T)
+    return Retrieval(ranking.metrics(t2v, truth), ranking.metrics(v2t, truth), t2v, v2t,
+                     n * n)
+  if normalize != "none":
+    raise ValueError(f"normalize={normalize!r} needs every pair's score; it cannot be used "
+                     f"with a shortlist")
   if shortlist < 1:
     raise ValueError(f"shortlist must be at least 1, got {shortlist}")
   cheap = np.asarray(shortlist_scores, np.float64) if shortlist_scores is not None else None
@@ -293,6 +315,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_integer("shortlist", 0, "Re-rank only each query's best N candidates by the "
                        "bag-of-tokens score (needs --fit); 0: score every pair.", flag_values=fv)
+  flags.DEFINE_enum("normalize", "none", NORMALIZE, "dual_softmax: rank each pair by its logit "
+                    "less the log-sum-exp of its candidate's logits against every query (needs "
+                    "every pair: no --shortlist).", flag_values=fv)
   flags.DEFINE_integer("batch_size", DEFAULT_BATCH, "Pairs per compiled call.", flag_values=fv)
   flags.mark_flags_as_required(["features", "captions"], flag_values=fv)
 
@@ -343,7 +368,8 @@ def run(args: types.SimpleNamespace) -> dict:
   cheap, baseline = _baseline(args, bundle, ids, tokens)
   start = time.perf_counter()
   result = retrieve(bundle, ids, tokens, shortlist=args.shortlist or None,
-                    shortlist_scores=cheap, batch_size=args.batch_size)
+                    shortlist_scores=cheap, normalize=args.normalize,
+                    batch_size=args.batch_size)
   seconds = time.perf_counter() - start
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -355,6 +381,7 @@ def run(args: types.SimpleNamespace) -> dict:
       for s, row in zip(segs, top)))
   results = {"workdir": str(args.workdir), "captions": str(args.captions), "split": args.split,
              "segments": len(segs), "shortlist": args.shortlist or None,
+             "normalize": args.normalize,
              "pairs_scored": result.pairs_scored, "seconds": seconds,
              "text_to_video": result.text_to_video, "video_to_text": result.video_to_text,
              "chance": ranking.chance(len(segs)), "bag_of_tokens": baseline,
