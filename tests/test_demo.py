@@ -151,7 +151,7 @@ def test_retrieval_ranks_the_narrated_held_out_steps_both_ways(small_run):
   # at 1.7-2.4x chance on the validation seeds).
   assert rt["bag_of_tokens"]["text_to_video"]["r10"] >= 1.5 * rt["chance"]["r10"], rt
   assert rt["normalize"] in rt["by_normalize"]
-  assert "| retrieval video-to-text (" in (workdir / "results" / "results.md").read_text()
+  assert "| retrieval video-to-text | R@1 |" in (workdir / "results" / "results.md").read_text()
 
 
 def test_forecasting_is_scored_at_step_boundaries(small_run):
