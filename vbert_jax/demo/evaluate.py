@@ -255,7 +255,8 @@ def _token_ceiling(train: Sequence[Video], pairs: Sequence[tuple[Step, Step]],
 def _said_steps(videos: Sequence[Video], tokenizer
                 ) -> tuple[list[list[int]], list[np.ndarray], list[tuple[str, str]]]:
   """(caption ids, visual tokens, (verb, noun)) of every correctly narrated step."""
-  said = [(text, s) for v in videos for s in v.steps if (text := _narration(v).get(s.index))]
+  narrated = [(v, _narration(v)) for v in videos]
+  said = [(text, s) for v, told in narrated for s in v.steps if (text := told.get(s.index))]
   return ([tokenizer.encode(text) for text, _ in said], [s.tokens for _, s in said],
           [(s.verb, s.noun) for _, s in said])
 

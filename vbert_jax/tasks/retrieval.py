@@ -168,6 +168,8 @@ class PairScorer:
     self._tables = tuple(jax.device_put(a, whole)
                          for a in (text_table, text_len, video_table, video_len))
     self._lengths = (text_len.astype(np.int64), video_len.astype(np.int64))
+    self._ladder = np.array(sorted({prompts.prompt_width(n, self._max_len)
+                                    for n in range(1, self._max_len + 1)}))
     self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
 
   def widths(self, pairs: np.ndarray) -> np.ndarray:
@@ -175,9 +177,7 @@ class PairScorer:
     so that short pairs do not pay for the longest one and few shapes compile."""
     lengths = np.minimum(self._lengths[0][pairs[:, 0]] + self._lengths[1][pairs[:, 1]] + 3,
                          self._max_len)
-    ladder = np.array(sorted({prompts.prompt_width(n, self._max_len)
-                              for n in range(1, self._max_len + 1)}))
-    return ladder[np.searchsorted(ladder, lengths)]
+    return self._ladder[np.searchsorted(self._ladder, lengths)]
 
   def __call__(self, pairs: np.ndarray) -> np.ndarray:
     """LVA logits float32 [P] of `pairs` [P, 2] (caption index, segment index)."""
