@@ -1,10 +1,9 @@
-"""Forecasting at step boundaries: the narration's steps, the step bigram, token meanings, and the
-scores of each forecaster on hand-made videos whose answers are known."""
+"""Forecasting at step boundaries: the narration's steps, token meanings, and the scores of each
+forecaster on hand-made videos whose answers are known."""
 
 import dataclasses
 
 import numpy as np
-import pytest
 
 from vbert_jax.demo import boundaries
 from vbert_jax.demo.world import words
@@ -21,16 +20,6 @@ def test_said_steps_reads_verbs_in_either_form_and_skips_filler():
                     _cue(2.0, "let me show you how to flip the egg"),
                     _cue(6.0, "and the onion", 2, "wrong_verb")]}
   assert boundaries.said_steps(truth) == [(2.0, "flip", "egg"), (4.0, "cut", "tomato")]
-
-
-def test_step_bigram_follows_the_narration_and_falls_back_to_the_commonest_step():
-  a, b, c = ("cut", "tomato"), ("flip", "egg"), ("stir", "egg")
-  bigram = boundaries.StepBigram([[a, b, a, c], [a, b], [c]])
-  assert bigram.predict(a) == b  # a -> b twice, a -> c once
-  assert bigram.predict(b) == a
-  assert bigram.predict(c) == a == bigram.predict(None)  # never followed: the commonest, a
-  with pytest.raises(ValueError, match="names no step"):
-    boundaries.StepBigram([[]])
 
 
 class _Vocab:
@@ -96,7 +85,7 @@ def test_scores_at_each_boundary_by_token_and_by_meaning():
   # The token bigram saw 0 -> 0 and 0 -> 1 once each (ties: the smaller token), 1 -> 1 and
   # 1 -> 2 likewise: it repeats the current step at both boundaries.
   assert right["bigram_token"] == 0.0 and right["bigram_verb"] == 0.0
-  # (cut, tomato) -> (flip, egg) -> (stir, egg) in the narration: the step bigram is right.
+  # (cut, tomato) -> (flip, egg) -> (stir, egg) in the narration: the step n-gram is right.
   assert right["step_ngram_verb"] == right["step_ngram_noun"] == 1.0
   assert right["token_vs_bigram"] == {"difference": 1.0, "standard_error": 0.0}
   # A model that repeats the last clip's step: its nouns still match where the step keeps them.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers.configs import demo as demo_config
+from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import words
 from vbert_jax.demo import baselines
 from vbert_jax.demo import captioning
@@ -151,7 +152,8 @@ def test_annotated_steps_caption_every_step_and_are_its_only_reference():
 
 def test_annotations_name_the_step_and_their_tokenizer_knows_every_word(tmp_path):
   config = demo_config.get_config("size=small")
-  captions = sorted({words.annotation(v, n) for n in words.NOUNS for v in words.AFFORDANCES[n]})
+  captions = sorted({words.annotation(v, n)
+                     for v, n in recipes.steps_of_dishes(recipes.dishes())})
   for verb in words.VERBS:
     caption = words.annotation(verb, "egg").split()
     assert caption[:3] == [verb, "the", "egg"] and len(caption) >= 5, caption
@@ -196,8 +198,13 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                                      for key in ("verb", "noun")}}}}
   caps = {"test_steps": 206, "model": {"Bleu_4": 0.2, "CIDEr": 1.5}, "most_frequent": {"Bleu_4": 0.1, "CIDEr": 0.2},
           "shuffled_features": {"Bleu_4": 0.12, "CIDEr": 0.3}}
-  table = report.rows(tasks, caps)
+  next_step = {"boundaries": 140, "distinct_steps": 40, "chance": 0.025, "ngram2": 0.55,
+               "ngram3": 0.7, "oracle": 0.78}
+  table = report.rows(tasks, caps, next_step)
   text = report.markdown(table)
+  assert ("| world: next step by a step trigram of the training recipes | top-1 | 0.700 | 0.025 | "
+          "0.780 (oracle that knows the dish) | between 3x chance and 0.8 | yes | 140 held-out "
+          "step boundaries, true steps |") in text
   assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) |" in text
   assert "| zero-shot verb (video_first) | top-5 | 0.900 | 0.500 |" in text
   assert ("| zero-shot verb (language prior, no video) | top-1 | 0.200 | 0.100 | 0.300 (most "
@@ -213,21 +220,23 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert ("| forecasting at step boundaries: first clip's token | top-1 | 0.100 |  | 0.050 "
           "(token bigram) | > bigram + 2 s.e. (0.040) | yes | 50 held-out step boundaries |") in text
   assert ("| forecasting at step boundaries: next step's noun (nearest clips) | share | 0.250 "
-          "| 0.100 | 0.250 (step bigram of the narration) |  |  |") in text
+          "| 0.100 | 0.250 (step n-gram of the narration) |  |  |") in text
   assert ("| text-to-video: nearest clips' noun | share | 0.600 | 0.120 |  | > chance | yes | 96 "
           "training clips nearest 12 prompts |") in text
   assert "| zero-shot verb (video_first) | top-1 | 0.400 | 0.100 | 0.800 (1-NN raw S3D) | >= 2x " \
       "chance | yes | 10 held-out steps |" in text
   assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) | >= 3x " \
       "chance | yes |" in text
-  assert len(table) == 4 + 2 + 1 + 8 + 2 + 1 + 5 + 4
+  assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 5 + 4
 
 
 @pytest.mark.parametrize("target, value, met", [
     (">= 2x chance", 0.2, True), (">= 2x chance", 0.19, False), ("> chance", 0.11, True),
     (">= 0.8", 0.8, True), (">= 0.8", 0.79, False), ("> bigram", 0.31, True),
     ("> bigram", 0.3, False), ("> bigram + 2 s.e. (0.040)", 0.35, True),
-    ("> bigram + 2 s.e. (0.040)", 0.33, False), ("", 0.5, None)])
+    ("> bigram + 2 s.e. (0.040)", 0.33, False), ("between 3x chance and 0.8", 0.31, True),
+    ("between 3x chance and 0.8", 0.29, False), ("between 3x chance and 0.8", 0.81, False),
+    ("", 0.5, None)])
 def test_targets_are_read_from_their_text(target, value, met):
   row = {"task": "t", "value": value, "chance": 0.1, "baseline": 0.3, "target": target}
   assert report.target_met(row) is met
@@ -245,7 +254,8 @@ def test_a_target_it_cannot_read_is_an_error():
     ({"tasks.forecast_horizon": 500}, "tasks.forecast_horizon=500: a video may have as few as"),
     ({"world.min_steps": 5, "world.max_steps": 3}, "world.min_steps=5, world.max_steps=3"),
     ({"vocab.branching": 12, "vocab.depth": 4}, "20736 visual tokens but the training videos"),
-    ({"tasks.t2v_prompts": 500}, "tasks.t2v_prompts=500: the world has only 42"),
+    ({"tasks.t2v_prompts": 500}, "tasks.t2v_prompts=500: the world has only 41"),
+    ({"world.min_steps": 9, "world.max_steps": 12}, r"\(9, 12\): no dish has that many steps"),
     ({"world.num_videos": 1}, "expected at least one of each"),
     ({"world_seeds.test": (3, 1)}, r"world_seeds: \[1\] are both validation and test seeds"),
 ])
@@ -289,12 +299,18 @@ def test_worlds_summary_gives_mean_spread_and_each_worlds_verdict(tmp_path, monk
     worlds.summarize({10: tables[10], 11: tables[11][1:]})
   # The command's loop: one workdir per seed, each world's own seed in its config.
   seen = []
+  paired = lambda d, se: {"difference": d, "standard_error": se}  # noqa: E731
+  at = {seed: {"boundaries": n, **{f"{w}_vs_bigram": paired(d, se) for w in ("token", "verb",
+                                                                             "noun")}}
+        for seed, n, d, se in ((10, 100, 0.1, 0.04), (11, 200, 0.05, 0.02), (12, 100, 0.0, 0.03))}
 
   def fake_run(config, workdir, until="", log=None):
     seen.append((config.world.seed, workdir.name))
     folder = workdir / "results"
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"rows": tables[config.world.seed]}))
+    (folder / "results.json").write_text(json.dumps(
+        {"rows": tables[config.world.seed],
+         "tasks": {"forecast": {"boundaries": at[config.world.seed]}}}))
     return {"results": stages.StageResult("results", folder, {}, False, 0.0)}
   monkeypatch.setattr(worlds.demo_pipeline, "run", fake_run)
   config = demo_config.get_config("size=small")
@@ -305,3 +321,11 @@ def test_worlds_summary_gives_mean_spread_and_each_worlds_verdict(tmp_path, monk
   saved = json.loads((tmp_path / "worlds.json").read_text())
   assert saved["seeds"] == [10, 11, 12] and saved["rows"] == out["summary"]
   assert "over 3 test worlds (seeds 10, 11, 12)" in (tmp_path / "worlds.md").read_text()
+  # Boundaries pooled: (10 + 10 + 0) / 400; s.e. sqrt(100^2 .04^2 + 200^2 .02^2 + 100^2 .03^2)
+  # / 400 = sqrt(41) / 400.
+  pooled = saved["boundaries_pooled"]["token"]
+  assert saved["boundaries_pooled"]["boundaries"] == 400 and pooled["met"]
+  assert pooled["difference"] == pytest.approx(0.05, abs=1e-12)
+  assert pooled["standard_error"] == pytest.approx(41 ** 0.5 / 400, abs=1e-12)
+  assert "pooled over 400 boundaries: model - token bigram = +0.050 (s.e. 0.016)" in (
+      tmp_path / "worlds.md").read_text()

@@ -15,6 +15,7 @@ import pytest
 
 from vbert_jax.demo import world as demo_world
 from vbert_jax.demo.world import generate
+from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import render
 from vbert_jax.demo.world import world
 from vbert_jax.video import reader
@@ -121,7 +122,7 @@ def test_generation_is_fast(small_world):
 
 def _step_frames(verb, noun, seed=0, height=64, width=64):
   bg = render.background(np.random.default_rng(seed), height, width)
-  return render.render_step(bg, verb, noun, 60, 20, np.random.default_rng(seed + 1), 1.0)
+  return render.render_step(bg, verb, noun, 60, 20, np.random.default_rng(seed + 1), 1.0)[0]
 
 
 def test_every_verb_moves_and_moves_differently():
@@ -153,7 +154,7 @@ def test_backgrounds_positions_sizes_and_speeds_vary():
   plain = np.full((64, 64, 3), 0.5, np.float32)
   centres, areas = [], []
   for s in range(6):
-    frame = render.render_step(plain, "spin", "tomato", 1, 20, np.random.default_rng(s))[0]
+    frame = render.render_step(plain, "spin", "tomato", 1, 20, np.random.default_rng(s))[0][0]
     ys, xs = np.nonzero(np.abs(frame.astype(np.float32) - 127.5).max(-1) > 12)
     centres.append((xs.mean(), ys.mean()))
     areas.append(len(xs))
@@ -164,6 +165,57 @@ def test_backgrounds_positions_sizes_and_speeds_vary():
   speeds = [step.speed for _ in range(20) for step in world.plan_steps(config, rng)]
   assert min(speeds) >= config.speed_range[0] and max(speeds) <= config.speed_range[1]
   assert np.std(speeds) > 0.15, speeds
+
+
+def _probe(thing, noun="tomato"):
+  """One still frame of the object as `thing` leaves it (a spin through whole turns), and the
+  mask of its pixels, over a background the colour of the plate that spinning shows."""
+  plain = np.broadcast_to(render.PLATE, (64, 64, 3)).astype(np.float32)
+  frame = render.render_step(plain, "spin", noun, 1, 20, np.random.default_rng(9), 12 / 7,
+                             thing)[0][0].astype(np.float32)
+  return frame, np.abs(frame - render.PLATE * 255).max(-1) > 12
+
+
+def _after(verb, thing, noun="tomato"):
+  plain = np.full((64, 64, 3), 0.5, np.float32)
+  return render.render_step(plain, verb, noun, 40, 20, np.random.default_rng(3), 1.0, thing)[1]
+
+
+def test_what_a_step_does_to_an_object_lasts_into_its_next_step():
+  thing = dataclasses.replace(render.place(np.random.default_rng(0), 64, 64), x=0.5, y=0.55,
+                              angle=0.0)
+  frame, mask = _probe(thing)
+  row, col = int(thing.y * 64), int(thing.x * 64)
+  area, brightness = mask.sum(), frame[mask].mean()
+  assert mask[row, col]
+  # Cut: its halves lie apart, with the board showing between them.
+  cut = _after("cut", thing)
+  assert cut.split == pytest.approx(0.5, abs=0.01)
+  assert not _probe(cut)[1][row, col]
+  # Shrunk: about half as wide, a quarter of the area.
+  shrunk = _after("shrink", thing)
+  assert 0.45 <= shrunk.scale <= 0.55
+  assert 0.15 * area < _probe(shrunk)[1].sum() < 0.4 * area
+  # Flipped: its darker underside up.
+  flipped = _after("flip", thing)
+  frame, mask = _probe(flipped)
+  assert flipped.side == -1 and frame[mask].mean() < 0.85 * brightness
+  # Mashed: flatter than tall, and it stays so.
+  mashed = _after("mash", thing)
+  rows, cols = np.nonzero(_probe(mashed)[1])
+  assert mashed.flat == 0.6 and np.ptp(cols) > 1.5 * np.ptp(rows)
+  # Slid: the next step starts where the slide ended.
+  slid = _after("slide", thing)
+  assert abs(slid.x - thing.x) > 0.25
+  assert np.nonzero(_probe(slid)[1])[1].mean() == pytest.approx(slid.x * 64 - 0.5, abs=2)
+  # A video hands each object's state from one of its steps to its next.
+  steps = [world.Step("cut", "tomato", 0, 1.5, 1.0), world.Step("spin", "egg", 1.5, 3, 1.0),
+           world.Step("spin", "tomato", 3, 4.5, 1.0)]
+  rngs = np.random.default_rng(1).spawn(3)
+  frames = list(world.render_video(np.full((64, 64, 3), 0.5, np.float32), steps, 20, rngs))
+  alone = render.render_step(np.full((64, 64, 3), 0.5, np.float32), "spin", "tomato", 30, 20,
+                             np.random.default_rng(1).spawn(3)[2], 1.0)[0]
+  assert np.abs(frames[2].astype(np.float32) - alone).mean() > 1.0
 
 
 def _synthetic_steps(n: int) -> list[world.Step]:
@@ -236,6 +288,8 @@ def test_bad_config():
     world.WorldConfig(fps=25, clip_seconds=1.5)
   with pytest.raises(ValueError, match="even"):
     world.WorldConfig(width=65)
+  with pytest.raises(ValueError, match=r"steps_per_video \(9, 12\): no dish .*salad 3-6"):
+    world.WorldConfig(steps_per_video=(9, 12))
 
 
 def test_cli_writes_and_resumes(tmp_path, capsys):
@@ -251,10 +305,13 @@ def test_cli_writes_and_resumes(tmp_path, capsys):
   assert (tmp_path / "demo_00001.mp4").stat().st_mtime_ns == mtime
 
 
-def test_steps_pair_verbs_with_their_nouns():
-  cfg = world.WorldConfig(steps_per_video=(30, 30))
-  steps = world.plan_steps(cfg, np.random.default_rng(0))
-  assert all(s.verb in demo_world.AFFORDANCES[s.noun] for s in steps)
-  free = world.plan_steps(dataclasses.replace(cfg, free_pair_rate=1.0, nouns_per_video=(1, 1)),
-                          np.random.default_rng(0))
-  assert len({s.verb for s in free}) > len(demo_world.AFFORDANCES[free[0].noun])
+def test_videos_follow_their_dish(small_world):
+  out, manifest, _ = small_world
+  lo, hi = SMALL.steps_per_video
+  assert set(manifest["dishes"]) == {d.name for d in recipes.usable(lo, hi)}
+  assert 0 <= manifest["next_step"]["ngram2"] <= 1
+  for v in manifest["videos"]:
+    truth = world.load_truth(out / f"{v['video_id']}.json")
+    order = tuple((s["verb"], s["noun"]) for s in truth["steps"])
+    assert v["dish"] == truth["dish"]
+    assert order in dict(recipes.orders(recipes.by_name(truth["dish"]), lo, hi))

@@ -7,9 +7,9 @@ before it) three forecasters guess what comes next:
 
 - the model: the most likely visual token after the clips so far (the forecasting prompt);
 - a bigram of the training videos' clip tokens, from the last clip's token;
-- a step-level bigram of the training narration: the (verb, noun) said next after the (verb,
-  noun) said last, read from what the narrator said (faults and all, as the model read it),
-  applied to the held-out video's narration up to the boundary.
+- a step-level n-gram of the training narration: the (verb, noun) said next after the last two
+  said (backing off to the last one), read from what the narrator said (faults and all, as the
+  model read it), applied to the held-out video's narration up to the boundary.
 
 A token is scored by itself (is it the first clip's token?) and by meaning: the majority verb and
 noun of the training clips nearest it (the visual vocabulary's own clips, as text-to-video is
@@ -25,7 +25,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from vbert_jax.demo import baselines
+from vbert_jax.demo.world import predictability
 from vbert_jax.demo.world import words
+
+# The narration n-gram's order: a trigram backing off to the bigram, the stronger of the two on
+# recipes whose stages hold two or three steps in any order.
+STEP_ORDER = 3
 
 _VERB_OF = {**{v: v for v in words.VERBS}, **{ing: v for v, ing in words.VERB_ING.items()}}
 
@@ -40,27 +45,6 @@ def said_steps(truth: Mapping) -> list[tuple[float, str, str]]:
     if verbs and nouns:
       out.append((float(cue["start"]), verbs[0], nouns[0]))
   return out
-
-
-class StepBigram:
-  """The (verb, noun) said most often after each (verb, noun) in the training narration; the
-  most frequent one where a step was never followed (ties: the first in sorted order)."""
-
-  def __init__(self, narrations: Sequence[Sequence[tuple[str, str]]]):
-    self.after: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
-        collections.Counter)
-    unigram: collections.Counter = collections.Counter()
-    for steps in narrations:
-      unigram.update(steps)
-      for a, b in zip(steps[:-1], steps[1:]):
-        self.after[a][b] += 1
-    if not unigram:
-      raise ValueError("StepBigram: the training narration names no step")
-    self.fallback = min(unigram, key=lambda s: (-unigram[s], s))
-
-  def predict(self, last: tuple[str, str] | None) -> tuple[str, str]:
-    counts = self.after.get(last) if last is not None else None
-    return min(counts, key=lambda s: (-counts[s], s)) if counts else self.fallback
 
 
 def token_meanings(vocab, clip_truth: Mapping[tuple[str, int], tuple[int, int]],
@@ -94,7 +78,8 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
                 for v in train for c in range(len(v.tokens))}
   meaning_verb, meaning_noun = token_meanings(vocab, clip_truth, nearest)
   token_bigram = baselines.Bigram([v.tokens for v in train]).predict
-  step_bigram = StepBigram([[(vb, n) for _, vb, n in said_steps(v.truth)] for v in train])
+  step_ngram = predictability.StepNgram(
+      [[(vb, n) for _, vb, n in said_steps(v.truth)] for v in train], STEP_ORDER)
   rows = collections.defaultdict(list)
   for v in held:
     said = said_steps(v.truth)
@@ -109,7 +94,7 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
         rows[f"{name}_verb"].append(meaning_verb[token] == truth[0])
         rows[f"{name}_noun"].append(meaning_noun[token] == truth[1])
       before = [(vb, n) for start, vb, n in said if start < step.start]
-      verb, noun = step_bigram.predict(before[-1] if before else None)
+      verb, noun = step_ngram.predict(before)
       rows["step_ngram_verb"].append(words.VERBS.index(verb) == truth[0])
       rows["step_ngram_noun"].append(words.NOUNS.index(noun) == truth[1])
   if not rows:

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from vbert_jax.demo import stages as stages_lib
 from vbert_jax import pretrain as pretrain_lib
+from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import words
 from vbert_jax.demo.world import world
 from vbert_jax.text import sentences
@@ -89,8 +90,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"tasks.forecast_horizon={config.tasks.forecast_horizon}: a video may "
                       f"have as few as {shortest} clips; expected 1 to {shortest - 1}, so that "
                       f"one clip at least comes before the forecast")
-  pairs = sum(len(v) for v in words.AFFORDANCES.values())
-  if config.tasks.t2v_prompts > pairs:
+    pairs = len(recipes.steps_of_dishes(recipes.usable(*wc.steps_per_video)))
+  if wc is not None and config.tasks.t2v_prompts > pairs:
     problems.append(f"tasks.t2v_prompts={config.tasks.t2v_prompts}: the world has only {pairs} "
                     f"(verb, noun) pairs that recipes use")
   for key, known in (("verbs", words.VERBS), ("nouns", words.NOUNS)):
@@ -123,7 +124,8 @@ def run_world(config: ml_collections.ConfigDict, folder: pathlib.Path) -> dict:
   return {"videos": len(videos), "held_out_videos": len(val),
           "steps": sum(v["steps"] for v in videos),
           "held_out_steps": sum(v["steps"] for v in val),
-          "clips": int(sum(round(v["duration"] / wc.clip_seconds) for v in videos))}
+          "clips": int(sum(round(v["duration"] / wc.clip_seconds) for v in videos)),
+          "next_step": manifest["next_step"]}
 
 
 def run_features(config: ml_collections.ConfigDict, world_dir: pathlib.Path,
@@ -292,8 +294,9 @@ def build_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path
   w = lambda name: workdir / name  # noqa: E731
   return [
       stages_lib.Stage(WORLD, lambda f: run_world(config, f),
-                       config={k: v for k, v in _plain(config.world).items()
-                               if k not in ("workers", "shuffle_narration")},
+                       config={**{k: v for k, v in _plain(config.world).items()
+                                  if k not in ("workers", "shuffle_narration")},
+                               "format": world.FORMAT},
                        resumable=True, description="generating the demo world"),
       stages_lib.Stage(FEATURES, lambda f: run_features(config, w(WORLD), f),
                        config=_plain(config.extract), inputs=(WORLD,), resumable=True,

@@ -11,7 +11,9 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from vbert_jax.demo import evaluate
+from vbert_jax.demo import prepare
 from vbert_jax.demo.world import words
+from vbert_jax.demo.world import world
 
 Row = dict[str, Any]
 
@@ -24,6 +26,8 @@ def _row(task: str, metric: str, value: float, chance: float | None = None,
 
 
 _TARGETS: list[tuple[str, Any]] = [
+    (r"between ([\d.]+)x chance and ([\d.]+)",
+     lambda r, k, x: float(k) * r["chance"] <= r["value"] <= float(x)),
     (r">= ([\d.]+)x chance", lambda r, k: r["value"] >= float(k) * r["chance"]),
     (r"> chance", lambda r: r["value"] > r["chance"]),
     (r">= ([\d.]+)", lambda r, x: r["value"] >= float(x)),
@@ -98,13 +102,29 @@ def boundary_rows(at: Mapping[str, Any] | None) -> list[Row]:
     out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names), at[f"bigram_{key}"],
                     "token bigram", on=on))
     out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names),
-                    at[f"step_ngram_{key}"], "step bigram of the narration", on=on))
+                    at[f"step_ngram_{key}"], "step n-gram of the narration", on=on))
   return out
 
 
-def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None) -> list[Row]:
-  """All rows of the table, from the tasks stage's and the captioning stage's results."""
-  out = zero_shot_rows(tasks["zero_shot"])
+def world_rows(next_step: Mapping[str, Any] | None) -> list[Row]:
+  """How foreseeable the world's next step is, from the true steps: the step n-grams of the
+  training recipes beside chance and the oracle that knows the dish."""
+  if not next_step:
+    return []
+  on = f"{next_step['boundaries']} held-out step boundaries, true steps"
+  out = []
+  for n, name, target in ((3, "trigram", "between 3x chance and 0.8"), (2, "bigram", "")):
+    out.append(_row(f"world: next step by a step {name} of the training recipes", "top-1",
+                    next_step[f"ngram{n}"], next_step["chance"], next_step["oracle"],
+                    "oracle that knows the dish", target, on))
+  return out
+
+
+def rows(tasks: Mapping[str, Any], captioning: Mapping[str, Any] | None = None,
+         next_step: Mapping[str, Any] | None = None) -> list[Row]:
+  """All rows of the table, from the tasks stage's and the captioning stage's results and the
+  world's predictability."""
+  out = world_rows(next_step) + zero_shot_rows(tasks["zero_shot"])
   lva = tasks["alignment"]
   out.append(_row("alignment (LVA), balanced", "accuracy", lva["accuracy"], lva["chance"],
                   lva.get("token_ceiling"), "naive Bayes on tokens, true labels",
@@ -157,7 +177,8 @@ def run_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   captioning = None
   if config.captioning.enabled:  # a folder left by an earlier run with captioning is not read
     captioning = json.loads((workdir / evaluate.CAPTIONING / "captioning.json").read_text())
-  table = rows(tasks, captioning)
+  next_step = world.load_manifest(workdir / prepare.WORLD).get("next_step")
+  table = rows(tasks, captioning, next_step)
   seed = config.world.seed
   text = markdown(table, title=f"VideoBERT demo ({config.size}, world seed {seed}): held-out "
                   f"videos")

@@ -17,7 +17,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 # As in vbert_jax.demo.main: torch before tensorflow where the test requirements are installed.
 try:
@@ -79,12 +79,38 @@ def summarize(tables: dict[int, Sequence[report.Row]]) -> list[dict[str, Any]]:
   return out
 
 
+def pooled_boundaries(boundaries: Sequence[Mapping[str, Any]]) -> dict | None:
+  """The model's paired difference from the token bigram at step boundaries, pooled over
+  worlds: the mean over all boundaries, and its standard error from each world's
+  (sqrt(sum n_i^2 se_i^2) / N, the worlds independent). The target: above two of them."""
+  if not boundaries or any(b is None for b in boundaries):
+    return None
+  n = np.array([b["boundaries"] for b in boundaries], np.float64)
+  out = {"boundaries": int(n.sum())}
+  for what in ("token", "verb", "noun"):
+    d = np.array([b[f"{what}_vs_bigram"]["difference"] for b in boundaries])
+    se = np.array([b[f"{what}_vs_bigram"]["standard_error"] for b in boundaries])
+    diff, err = float((n * d).sum() / n.sum()), float(np.sqrt((n * n * se * se).sum()) / n.sum())
+    out[what] = {"difference": diff, "standard_error": err, "met": diff > 2 * err}
+  return out
+
+
+def _pooled_line(pooled: Mapping[str, Any] | None) -> str:
+  if not pooled:
+    return ""
+  t = pooled["token"]
+  return (f"\nForecasting at step boundaries, pooled over {pooled['boundaries']} boundaries: "
+          f"model - token bigram = {t['difference']:+.3f} (s.e. {t['standard_error']:.3f}); "
+          f"target: above two standard errors: {'met' if t['met'] else 'not met'}.\n")
+
+
 def _mean(xs: Sequence[float | None]) -> str:
   xs = [x for x in xs if x is not None]
   return f"{np.mean(xs):.3f}" if xs else ""
 
 
-def markdown(summary: Sequence[dict], title: str) -> str:
+def markdown(summary: Sequence[dict], title: str, pooled: Mapping[str, Any] | None = None
+             ) -> str:
   lines = [f"## {title}", "",
            "| task | metric | mean | std | range | chance (mean) | baseline (mean) | target | "
            "met on | computed on (first world) |",
@@ -95,28 +121,31 @@ def markdown(summary: Sequence[dict], title: str) -> str:
     lines.append(f"| {e['task']} | {e['metric']} | {e['mean']:.3f} | {e['std']:.3f} | "
                  f"{e['min']:.3f}-{e['max']:.3f} | {_mean(e['chance'])} | {base} | "
                  f"{e['target']} | {met} | {e['on'][0]} |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n" + _pooled_line(pooled)
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, split: str) -> dict:
   seeds = list(config.world_seeds[split])
   if not seeds:
     raise ValueError(f"config.world_seeds.{split} is empty")
-  tables, seconds = {}, {}
+  tables, seconds, at_boundaries = {}, {}, []
   for seed in seeds:
     start = time.time()
     print(f"=== world seed {seed} ({split}) ===", flush=True)
     results = demo_pipeline.run(world_config(config, seed), workdir / f"world_{seed}")
     folder = results["results"].folder
-    tables[seed] = json.loads((folder / "results.json").read_text())["rows"]
+    results = json.loads((folder / "results.json").read_text())
+    tables[seed] = results["rows"]
+    at_boundaries.append(results["tasks"]["forecast"].get("boundaries"))
     seconds[seed] = time.time() - start
-  summary = summarize(tables)
+  summary, pooled = summarize(tables), pooled_boundaries(at_boundaries)
   title = (f"VideoBERT demo ({config.size}) over {len(seeds)} {split} worlds "
            f"(seeds {', '.join(map(str, seeds))}): held-out videos")
-  (workdir / f"{SUMMARY}.md").write_text(markdown(summary, title))
+  (workdir / f"{SUMMARY}.md").write_text(markdown(summary, title, pooled))
   (workdir / f"{SUMMARY}.json").write_text(json.dumps(
-      {"split": split, "seeds": seeds, "seconds": seconds, "rows": summary}, indent=1))
-  return {"summary": summary, "title": title}
+      {"split": split, "seeds": seeds, "seconds": seconds, "rows": summary,
+       "boundaries_pooled": pooled}, indent=1))
+  return {"summary": summary, "title": title, "pooled": pooled}
 
 
 def main(argv: list[str]) -> None:
@@ -130,7 +159,7 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(markdown(out["summary"], out["title"]))
+  print(markdown(out["summary"], out["title"], out["pooled"]))
 
 
 if __name__ == "__main__":

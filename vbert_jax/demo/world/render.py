@@ -6,7 +6,9 @@ over the step's frames, and masks are evaluated on a [frames, H, W] grid, so a 9
 y in [0, 1] downwards, x in [0, width / height].
 
 Objects are drawn in their own frame (u, v) in [-1, 1]^2; every object carries an off-centre
-highlight so that rotations of round shapes are visible.
+highlight so that rotations of round shapes are visible. What a step does to an object lasts
+(`Thing`): a cut tomato stays in halves, a shrunk onion small, a mashed potato flat, a flipped
+fish dark side up, and each object's next step starts where its last one left it.
 """
 
 from __future__ import annotations
@@ -164,6 +166,46 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   return y, x
 
 
+# ------------------------------------------------------------------------------------- things
+
+
+@dataclasses.dataclass(frozen=True)
+class Thing:
+  """What lasts of an object from one of its steps to the next: its place (frame-height units),
+  size, orientation and tint, and what has been done to it."""
+  x: float
+  y: float
+  r: float
+  angle: float
+  tint: float
+  split: float = 0.0  # half-distance between its halves once cut, object units
+  scale: float = 1.0  # below 1 once shrunk
+  flat: float = 0.0  # 0 round to 1 pressed flat; mashing leaves it at 0.6
+  side: float = 1.0  # -1 once flipped: the darker underside up
+
+
+def place(rng: np.random.Generator, height: int, width: int) -> Thing:
+  """An object's first appearance: a random size, place, angle and tint."""
+  aspect = width / height
+  r = float(rng.uniform(0.25, 0.32))
+  margin = r + 0.06
+  x = float(rng.uniform(margin, max(margin, aspect - margin)))
+  y = float(rng.uniform(0.3 + r / 2, 0.7))
+  return Thing(x=x, y=y, r=r, angle=float(rng.uniform(-0.5, 0.5)),
+               tint=float(rng.uniform(0.92, 1.05)))
+
+
+# How far a slide may take an object's centre from the frame's side: partly out of the frame,
+# as real hands do, and where its next step finds it.
+SLIDE_EDGE = 0.2
+
+
+def _clamp_place(thing: Thing, x: float, y: float, aspect: float) -> tuple[float, float]:
+  """Where the next step finds it: within the frame's sides, in the band objects start in."""
+  return (float(np.clip(x, SLIDE_EDGE, max(SLIDE_EDGE, aspect - SLIDE_EDGE))),
+          float(np.clip(y, 0.3 + thing.r / 2, 0.7)))
+
+
 # ------------------------------------------------------------------------------------ motions
 
 
@@ -194,19 +236,23 @@ def _segment_mask(y, x, x0, y0, x1, y1, width) -> np.ndarray:
   return (x - x0 - t * dx) ** 2 + (y - y0 - t * dy) ** 2 <= width * width
 
 
-def motion(verb: str, p: np.ndarray, seconds: np.ndarray, x0: float, y0: float, r: float,
-           speed: float, direction: int, aspect: float, y, x) -> tuple[Pose, list[Layer]]:
-  """The pose over a step's frames for one verb, plus the tools it shows.
+def motion(verb: str, p: np.ndarray, seconds: np.ndarray, thing: Thing, speed: float,
+           direction: int, aspect: float, y, x) -> tuple[Pose, list[Layer], Thing]:
+  """The pose over a step's frames for one verb, the tools it shows, and the object after it.
 
   p is the step's progress in [0, 1) per frame, `seconds` the time since the step began.
   """
   n = len(p)
-  one, zero = np.ones(n, np.float32), np.zeros(n, np.float32)
-  cx, cy, angle, sx, sy, split = x0 + zero, y0 + zero, zero.copy(), one.copy(), one.copy(), zero
+  x0, y0, r = thing.x, thing.y, thing.r
+  zero = np.zeros(n, np.float32)
+  cx, cy, angle, split = x0 + zero, y0 + zero, zero.copy(), thing.split + zero
+  size, side, flat = thing.scale + zero, thing.side + zero, thing.flat + zero
+  centre = x0  # of the kitchenware the step happens in
   layers: list[Layer] = []
   if verb == "slide":  # a slow sweep across the surface, once or there and back
-    amp = 0.3 * aspect  # may leave the frame in part, as real hands do
-    cx = aspect / 2 + direction * amp * np.cos(np.pi * p * (1 if speed < 1.1 else 2))
+    to = x0 + (0.45 if x0 < aspect / 2 else -0.45) * aspect
+    to = float(np.clip(to, SLIDE_EDGE, max(SLIDE_EDGE, aspect - SLIDE_EDGE)))
+    cx = x0 + (to - x0) * 0.5 * (1 - np.cos(np.pi * p * (1 if speed < 1.1 else 2)))
   elif verb == "drop":  # falls in from above, lands and bounces
     drops = 1 if speed < 1.1 else 2
     q = np.mod(p * drops, 1.0)
@@ -221,9 +267,9 @@ def motion(verb: str, p: np.ndarray, seconds: np.ndarray, x0: float, y0: float, 
     lift = np.where(p > 0.35, _smooth((p - 0.35) / 0.2) * 1.8 * r, 0.0)
     top = y0 - 2.6 * r - lift
     layers.append(Layer(_segment_mask(y, x, cx, top, cx, knife_tip - lift, 0.03), KNIFE))
-    split = 0.5 * _smooth((p - 0.35) / 0.45)
-  elif verb == "shrink":
-    sx = sy = 1.0 - 0.65 * _smooth(p * speed)
+    split = np.minimum(thing.split + 0.5 * _smooth((p - 0.35) / 0.45), 1.0)
+  elif verb == "shrink":  # to about half its size, and it stays so
+    size = thing.scale * (1.0 - 0.5 * _smooth(p * speed))
   elif verb == "shake":  # fast, small jitter, a few times a second
     f = 3.5 + 1.5 * speed
     cx = cx + 0.07 * np.sin(2 * np.pi * f * seconds)
@@ -243,28 +289,35 @@ def motion(verb: str, p: np.ndarray, seconds: np.ndarray, x0: float, y0: float, 
     layers.append(Layer(stream & flowing, None))  # coloured like the object, set by the caller
   elif verb == "flip":  # turns over about its horizontal axis, showing its darker underside
     flips = 1 if speed < 1.1 else 2
-    sy = np.cos(np.pi * flips * _smooth(p))
+    side = thing.side * np.cos(np.pi * flips * _smooth(p))
     cy = y0 - 0.1 * np.abs(np.sin(np.pi * flips * _smooth(p)))
   elif verb == "stir":  # goes round in circles with a spoon in it
     phase = 2 * np.pi * (1.0 + 0.6 * speed) * p * direction
-    cx = x0 + 0.14 * np.cos(phase)
+    centre = x0 - 0.14
+    cx = centre + 0.14 * np.cos(phase)
     cy = y0 + 0.08 * np.sin(phase)
     layers.append(Layer(_segment_mask(y, x, cx, cy, cx + 0.18, cy - 0.4, 0.022), WOOD))
-  elif verb == "mash":  # a masher presses down and flattens it, once or a few times
+  elif verb == "mash":  # a masher presses down, once or a few times, and leaves it flat
     presses = 1 + int(speed > 0.9) + int(speed > 1.3)
-    q = np.abs(np.sin(np.pi * presses * p))
-    sy = 1.0 - 0.55 * q
-    sx = 1.0 + 0.4 * q
-    cy = y0 + r * (1 - sy)
-    plate_y = cy - r * sy - 0.03
+    flat = np.maximum(np.abs(np.sin(np.pi * presses * p)),
+                      np.maximum(thing.flat, 0.6 * _smooth(p)))
+    cy = y0 + r * size * 0.55 * (flat - thing.flat)
+    plate_y = cy - r * size * (1.0 - 0.55 * flat) - 0.03
     layers.append(Layer(_segment_mask(y, x, cx - 1.2 * r, plate_y, cx + 1.2 * r, plate_y, 0.02),
                         STEEL))
     layers.append(Layer(_segment_mask(y, x, cx, plate_y, cx, plate_y - 0.5, 0.015), STEEL))
   else:
     raise ValueError(f"unknown verb {verb!r}; expected one of {words.VERBS}")
   f32 = lambda a: np.asarray(a, np.float32) + zero
-  layers = _setting(verb, f32(cx), f32(cy), x0, y0, r, aspect, y, x) + layers
-  return Pose(f32(cx), f32(cy), f32(angle), f32(sx), f32(sy), f32(split)), layers
+  layers = _setting(verb, f32(cx), f32(cy), centre, y0, r, aspect, y, x) + layers
+  sx, sy = size * (1.0 + 0.4 * flat), side * size * (1.0 - 0.55 * flat)
+  pose = Pose(f32(cx), f32(cy), f32(angle), f32(sx), f32(sy), f32(split))
+  end_x, end_y = _clamp_place(thing, float(pose.cx[-1]), float(pose.cy[-1]), aspect)
+  after = dataclasses.replace(
+      thing, x=end_x, y=end_y, angle=thing.angle + float(pose.angle[-1]), split=float(split[-1]), scale=max(float(size[-1]), 0.3),
+      flat=float(flat[-1]) if verb != "mash" else max(thing.flat, 0.6),
+      side=float(np.sign(pose.sy[-1]) or 1.0))
+  return pose, layers, after
 
 
 def _setting(verb: str, cx, cy, x0: float, y0: float, r: float, aspect: float, y, x
@@ -305,30 +358,29 @@ def _setting(verb: str, cx, cy, x0: float, y0: float, r: float, aspect: float, y
 
 
 def render_step(bg: np.ndarray, verb: str, noun: str, num_frames: int, fps: float,
-                rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
-  """[num_frames, H, W, 3] uint8 frames of `verb` applied to `noun` over the background `bg`."""
+                rng: np.random.Generator, speed: float = 1.0, thing: Thing | None = None
+                ) -> tuple[np.ndarray, Thing]:
+  """[num_frames, H, W, 3] uint8 frames of `verb` applied to `noun` over the background `bg`,
+  and the object after it. `thing`: the object as its last step left it (None: placed anew)."""
   height, width = bg.shape[:2]
   aspect = width / height
   look = LOOKS[noun]
   y, x = _grid(height, width)
-  r = float(rng.uniform(0.25, 0.32))
-  margin = r + 0.06
-  x0 = float(rng.uniform(margin, max(margin, aspect - margin)))
-  y0 = float(rng.uniform(0.3 + r / 2, 0.7))
+  thing = thing or place(rng, height, width)
+  r = thing.r
   direction = int(rng.choice([-1, 1]))
-  base_angle = float(rng.uniform(-0.5, 0.5))
-  colour = np.clip(np.array(look.colour, np.float32) / 255 * rng.uniform(0.92, 1.05), 0, 1)
+  colour = np.clip(np.array(look.colour, np.float32) / 255 * thing.tint, 0, 1)
   seconds = np.arange(num_frames, dtype=np.float32) / fps
   p = (np.arange(num_frames, dtype=np.float32) + 0.5) / num_frames
-  pose, layers = motion(verb, p, seconds, x0, y0, r, speed, direction, aspect, y, x)
+  pose, layers, after = motion(verb, p, seconds, thing, speed, direction, aspect, y, x)
 
   e = lambda a: a[:, None, None]
   dx, dy = x - e(pose.cx), y - e(pose.cy)
-  c, s = np.cos(e(pose.angle + base_angle)), np.sin(e(pose.angle + base_angle))
+  c, s = np.cos(e(pose.angle + thing.angle)), np.sin(e(pose.angle + thing.angle))
   u0, v0 = (c * dx + s * dy) / r, (-s * dx + c * dy) / r
   sy_safe = np.where(np.abs(pose.sy) < 0.04, 0.04, np.abs(pose.sy))
   v = v0 / e(sy_safe) * e(np.sign(pose.sy) + (pose.sy == 0))
-  if verb == "cut":
+  if np.any(pose.split > 0):  # in halves: being cut, or cut before
     ul, ur = (u0 + e(pose.split)) / e(pose.sx), (u0 - e(pose.split)) / e(pose.sx)
     left = shape_mask(look.shape, ul, v) & (ul < 0)
     right = shape_mask(look.shape, ur, v) & (ur >= 0)
@@ -357,4 +409,4 @@ def render_step(bg: np.ndarray, verb: str, noun: str, num_frames: int, fps: floa
   frames[mask] = obj
   for layer in (l for l in layers if l.above):
     frames[layer.mask] = colour * 0.9 if layer.colour is None else layer.colour
-  return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+  return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8), after

@@ -22,23 +22,6 @@ VERB_ING: dict[str, str] = {
 NOUNS: tuple[str, ...] = ("tomato", "egg", "carrot", "bread", "cheese", "cucumber", "onion",
                           "potato", "lemon", "fish")
 
-# What is done to what: recipes draw each step's verb from its noun's list, as real recipes
-# crack eggs and slice bread rather than pair actions and ingredients at random.
-AFFORDANCES: dict[str, tuple[str, ...]] = {
-    "tomato": ("cut", "slide", "drop", "mash"),
-    "egg": ("drop", "flip", "spin", "stir", "pour"),
-    "carrot": ("cut", "shake", "shrink", "slide"),
-    "bread": ("flip", "cut", "slide", "spin"),
-    "cheese": ("cut", "shrink", "drop", "shake", "pour"),
-    "cucumber": ("cut", "slide", "spin", "shake"),
-    "onion": ("cut", "shrink", "stir", "flip"),
-    "potato": ("mash", "drop", "stir", "shrink"),
-    "lemon": ("pour", "spin", "shake", "mash"),
-    "fish": ("flip", "slide", "stir", "shake"),
-}
-assert set(AFFORDANCES) == set(NOUNS)
-assert {v for vs in AFFORDANCES.values() for v in vs} == set(VERBS)
-
 # Narration of one step. {verb} is the base form, {ving} the participle, {adv} an adverb with a
 # trailing space or nothing.
 TEMPLATES: tuple[str, ...] = (

@@ -1,11 +1,15 @@
 """The demo world: seeded instructional videos with narration and a separate ground truth.
 
-Each video is a recipe of steps; a step is one verb applied to one noun and lasts a whole number
-of 1.5 s clips, so every clip of the reader falls inside exactly one step. For each video
+Each video cooks one dish (recipes.py): its steps follow the dish's partial order, optional steps
+included or not, and each object keeps its place and what was done to it from one of its steps
+to the next (render.Thing). A step is one verb applied to one noun and lasts a whole number of
+1.5 s clips, so every clip of the reader falls inside exactly one step. For each video
 `<id>.mp4` (H.264), `<id>.vtt` (WebVTT narration, with faults at the configured rates) and
-`<id>.json` (ground truth: steps with verb, noun, start, end; every cue with its fault) are
-written to one folder, with `world.json` listing the videos, their split and the settings.
-Video `i` depends only on (seed, i), so a larger world extends a smaller one.
+`<id>.json` (ground truth: the dish; steps with verb, noun, start, end; every cue with its
+fault) are written to one folder, with `world.json` listing the videos, their split, the
+settings, the dishes and how foreseeable the next step is (predictability.py). The dish reaches
+only the ground truth: the pixels show the steps. Video `i` depends only on (seed, i), so a
+larger world extends a smaller one.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import av
 import numpy as np
 import tqdm
 
+from vbert_jax.demo.world import predictability
+from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import render
 from vbert_jax.demo.world import words
 from vbert_jax import atomic
 
-FORMAT = "vbert_jax.demo_world/1"
+# 2: videos follow recipes, and the ground truth names the dish.
+FORMAT = "vbert_jax.demo_world/2"
 MANIFEST = "world.json"
 
 
@@ -47,10 +54,8 @@ class WorldConfig:
   fps: int = 20
   clip_seconds: float = 1.5
   clips_per_step: tuple[int, int] = (2, 3)  # inclusive range; 2-3 clips is 3-4.5 s
-  steps_per_video: tuple[int, int] = (4, 7)  # inclusive range
-  nouns_per_video: tuple[int, int] = (2, 4)  # the recipe's ingredients
+  steps_per_video: tuple[int, int] = (4, 7)  # inclusive range; dishes that cannot fit are left out
   speed_range: tuple[float, float] = (0.7, 1.5)
-  free_pair_rate: float = 0.0  # steps whose verb ignores what is usually done to the noun
   val_fraction: float = 0.25
   crf: int = 20
   preset: str = "veryfast"
@@ -63,14 +68,13 @@ class WorldConfig:
     if self.width % 2 or self.height % 2:
       raise ValueError(f"width and height must be even for H.264 4:2:0, got "
                        f"{self.width}x{self.height}")
-    if self.nouns_per_video[1] > len(words.NOUNS):
-      raise ValueError(f"nouns_per_video {self.nouns_per_video} exceeds {len(words.NOUNS)}")
+    recipes.usable(*self.steps_per_video)  # a ValueError if no dish fits the range
 
   @classmethod
   def from_dict(cls, d: dict) -> "WorldConfig":
     d = dict(d)
     d["narration"] = NarrationConfig(**d.get("narration", {}))
-    for k in ("clips_per_step", "steps_per_video", "nouns_per_video", "speed_range"):
+    for k in ("clips_per_step", "steps_per_video", "speed_range"):
       if k in d:
         d[k] = tuple(d[k])
     return cls(**d)
@@ -114,20 +118,21 @@ def split_of(config: WorldConfig, index: int) -> str:
 # ---------------------------------------------------------------------------------- planning
 
 
-def plan_steps(config: WorldConfig, rng: np.random.Generator) -> list[Step]:
-  lo, hi = config.nouns_per_video
-  nouns = rng.choice(words.NOUNS, size=int(rng.integers(lo, hi + 1)), replace=False)
+def plan_video(config: WorldConfig, rng: np.random.Generator) -> tuple[str, list[Step]]:
+  """The dish of a video and its timed steps, in one of the dish's orders."""
+  dish, order = recipes.draw(rng, *config.steps_per_video)
   steps, t = [], 0.0
-  for _ in range(int(rng.integers(config.steps_per_video[0], config.steps_per_video[1] + 1))):
+  for verb, noun in order:
     clips = int(rng.integers(config.clips_per_step[0], config.clips_per_step[1] + 1))
     end = round(t + clips * config.clip_seconds, 6)
-    noun = str(rng.choice(nouns))
-    free = rng.random() < config.free_pair_rate
-    verb = str(rng.choice(words.VERBS if free else words.AFFORDANCES[noun]))
     steps.append(Step(verb=verb, noun=noun, start=t, end=end,
                       speed=float(rng.uniform(*config.speed_range))))
     t = end
-  return steps
+  return dish.name, steps
+
+
+def plan_steps(config: WorldConfig, rng: np.random.Generator) -> list[Step]:
+  return plan_video(config, rng)[1]
 
 
 def narrate(steps: Sequence[Step], cfg: NarrationConfig, rng: np.random.Generator) -> list[Cue]:
@@ -237,18 +242,28 @@ def encode_h264(path: pathlib.Path, frames: Iterable[np.ndarray], config: WorldC
   atomic.write_atomic(path, write)
 
 
+def render_video(bg: np.ndarray, steps: Sequence[Step], fps: int,
+                 rngs: Sequence[np.random.Generator]) -> Iterable[np.ndarray]:
+  """Each step's frames in turn; every object's next step starts from how its last one left
+  it."""
+  things: dict[str, render.Thing] = {}
+  for step, rng in zip(steps, rngs):
+    frames, things[step.noun] = render.render_step(
+        bg, step.verb, step.noun, int(round((step.end - step.start) * fps)), fps, rng,
+        step.speed, things.get(step.noun))
+    yield frames
+
+
 def generate_video(config: WorldConfig, index: int, out_dir) -> dict:
   """Renders, encodes and narrates video `index`; returns its ground truth (also written)."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   vid = video_id(index)
   rng = video_rng(config, index)
-  steps = plan_steps(config, rng)
+  dish, steps = plan_video(config, rng)
   cues = narrate(steps, config.narration, rng)
   bg = render.background(rng, config.height, config.width)
-  step_rngs = rng.spawn(len(steps))
-  frames = (render.render_step(bg, s.verb, s.noun, int(round((s.end - s.start) * config.fps)),
-                               config.fps, r, s.speed) for s, r in zip(steps, step_rngs))
+  frames = render_video(bg, steps, config.fps, rng.spawn(len(steps)))
   encode_h264(out_dir / f"{vid}.mp4", frames, config)
   atomic.write_atomic(out_dir / f"{vid}.vtt",
                       lambda tmp: pathlib.Path(tmp).write_text(webvtt(cues)))
@@ -256,7 +271,7 @@ def generate_video(config: WorldConfig, index: int, out_dir) -> dict:
       "format": FORMAT, "video_id": vid, "video": f"{vid}.mp4", "narration": f"{vid}.vtt",
       "split": split_of(config, index), "fps": config.fps, "width": config.width,
       "height": config.height, "duration": steps[-1].end, "clip_seconds": config.clip_seconds,
-      "steps": [dataclasses.asdict(s) for s in steps],
+      "dish": dish, "steps": [dataclasses.asdict(s) for s in steps],
       "cues": [dataclasses.asdict(c) for c in cues],
   }
   atomic.write_atomic(out_dir / f"{vid}.json",
@@ -270,7 +285,7 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
   `workers` > 1 renders videos in that many processes."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  todo = [i for i in range(config.num_videos) if not (out_dir / f"{video_id(i)}.json").exists()]
+  todo = [i for i in range(config.num_videos) if not _complete(out_dir / f"{video_id(i)}.json")]
   bar = None
   if progress:
     bar = tqdm.tqdm(total=len(todo), desc="demo world", unit="video")
@@ -286,21 +301,36 @@ def generate_world(config: WorldConfig, out_dir, progress: bool = False, workers
         bar.update(1)
   if bar:
     bar.close()
-  videos = []
-  for i in range(config.num_videos):
-    truth = load_truth(out_dir / f"{video_id(i)}.json")
-    videos.append({"video_id": truth["video_id"], "split": truth["split"],
-                   "duration": truth["duration"], "steps": len(truth["steps"])})
+  truths = [load_truth(out_dir / f"{video_id(i)}.json") for i in range(config.num_videos)]
+  videos = [{"video_id": t["video_id"], "split": t["split"], "dish": t["dish"],
+             "duration": t["duration"], "steps": len(t["steps"])} for t in truths]
   manifest = {"format": FORMAT, "config": dataclasses.asdict(config),
               "verbs": list(words.VERBS), "nouns": list(words.NOUNS),
               "templates": list(words.TEMPLATES),
-              "affordances": {k: list(v) for k, v in words.AFFORDANCES.items()},
-              "videos": videos}
+              "dishes": {d.name: recipes.DISHES[d.name]
+                         for d in recipes.usable(*config.steps_per_video)},
+              "next_step": _next_step(truths, config), "videos": videos}
   for split in ("train", "val"):
     write_labels(out_dir, out_dir / f"labels_{split}.tsv", split)
   atomic.write_atomic(out_dir / MANIFEST,
                       lambda tmp: pathlib.Path(tmp).write_text(json.dumps(manifest, indent=1)))
   return manifest
+
+
+def _complete(path: pathlib.Path) -> bool:
+  """Whether a video's ground truth is there, written by this version (else it is redone)."""
+  try:
+    return json.loads(path.read_text()).get("format") == FORMAT
+  except (OSError, ValueError):
+    return False
+
+
+def _next_step(truths: Sequence[dict], config: WorldConfig) -> dict | None:
+  """How foreseeable the held-out videos' next step is; None without held-out boundaries."""
+  try:
+    return predictability.next_step(truths, *config.steps_per_video)
+  except ValueError:
+    return None
 
 
 def write_labels(world_dir, path, split: str) -> pathlib.Path:
