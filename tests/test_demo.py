@@ -162,8 +162,13 @@ def test_forecasting_is_scored_at_step_boundaries(small_run):
     assert 0 <= at[key] <= 1, (key, at)
   # Zero where the model and the bigram agree at every boundary, as in a world without recipes.
   assert at["token_vs_bigram"]["standard_error"] >= 0
-  assert "step boundaries: first clip's token" in (
-      small_run / "results" / "results.md").read_text()
+  results = (small_run / "results" / "results.md").read_text()
+  assert "step boundaries: first clip's token" in results
+  # The world's own predictability beside its oracle, on the same held-out boundaries.
+  next_step = _summary(small_run, prepare.WORLD)["next_step"]
+  assert next_step["boundaries"] == at["boundaries"]
+  assert next_step["chance"] < min(next_step["ngram3"], next_step["oracle"])
+  assert "| world: next step by a step trigram of the training recipes | top-1 |" in results
 
 
 def test_writes_its_pictures_and_tensorboard_logs(small_run):
@@ -182,8 +187,9 @@ def test_writes_its_pictures_and_tensorboard_logs(small_run):
 def test_results_ignore_a_captioning_folder_left_by_another_run(small_run, tmp_path):
   """With captioning off, figures an earlier run left in captioning/ never reach the table."""
   workdir = small_run
-  (tmp_path / "tasks").mkdir()
-  shutil.copy(workdir / "tasks" / "tasks.json", tmp_path / "tasks")
+  for stage, name in (("tasks", "tasks.json"), (prepare.WORLD, "world.json")):
+    (tmp_path / stage).mkdir()
+    shutil.copy(workdir / stage / name, tmp_path / stage)
   (tmp_path / "captioning").mkdir()
   scores = {"Bleu_4": 0.5, "CIDEr": 4.0}
   stale = {"model": scores, "most_frequent": scores, "shuffled_features": scores}

@@ -314,8 +314,9 @@ def motion(verb: str, p: np.ndarray, seconds: np.ndarray, thing: Thing, speed: f
   pose = Pose(f32(cx), f32(cy), f32(angle), f32(sx), f32(sy), f32(split))
   end_x, end_y = _clamp_place(thing, float(pose.cx[-1]), float(pose.cy[-1]), aspect)
   after = dataclasses.replace(
-      thing, x=end_x, y=end_y, angle=thing.angle + float(pose.angle[-1]), split=float(split[-1]), scale=max(float(size[-1]), 0.3),
-      flat=float(flat[-1]) if verb != "mash" else max(thing.flat, 0.6),
+      thing, x=end_x, y=end_y, angle=thing.angle + float(pose.angle[-1]),
+      split=float(split[-1]), scale=max(float(size[-1]), 0.3),
+      flat=max(thing.flat, 0.6) if verb == "mash" else thing.flat,
       side=float(np.sign(pose.sy[-1]) or 1.0))
   return pose, layers, after
 
