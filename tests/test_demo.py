@@ -140,7 +140,7 @@ def test_alignment_shows_each_narrated_step_with_its_clips_and_with_others(small
 def test_retrieval_ranks_the_narrated_held_out_steps_both_ways(small_run):
   workdir = small_run
   rt = _tasks(workdir)["retrieval"]
-  # The small world narrates 39-47 held-out steps correctly on its validation seeds.
+  # The small world narrates 39-46 held-out steps correctly on its validation seeds.
   assert rt["pairs"] >= 30 and rt["fit_pairs"] > rt["pairs"]
   for scorer in ("model", "bag_of_tokens"):
     for way in ("text_to_video", "video_to_text"):
@@ -148,7 +148,7 @@ def test_retrieval_ranks_the_narrated_held_out_steps_both_ways(small_run):
       assert 0 <= m["r1"] <= m["r5"] <= m["r10"] <= 1 and m["queries"] == rt["pairs"]
       assert 1 <= m["median_rank"] <= rt["pairs"]
   # The tokens carry the steps' words: the baseline ranks the right step above chance (R@10
-  # at 1.7-2.4x chance on the validation seeds).
+  # at 1.60-2.27x chance on the validation seeds).
   assert rt["bag_of_tokens"]["text_to_video"]["r10"] >= 1.5 * rt["chance"]["r10"], rt
   assert rt["normalize"] in rt["by_normalize"]
   assert "| retrieval video-to-text | R@1 |" in (workdir / "results" / "results.md").read_text()
@@ -160,14 +160,17 @@ def test_forecasting_is_scored_at_step_boundaries(small_run):
   for key in ("model_token", "bigram_token", "model_verb", "bigram_verb", "step_ngram_verb",
               "model_noun", "bigram_noun", "step_ngram_noun"):
     assert 0 <= at[key] <= 1, (key, at)
-  # Zero where the model and the bigram agree at every boundary, as in a world without recipes.
+  # Zero where the model and the bigram agree at every boundary.
   assert at["token_vs_bigram"]["standard_error"] >= 0
+  # The world follows recipes: what the narrator said so far foresees the next step (verb and
+  # noun together 0.69-0.92 on the validation seeds, chance 0.2).
+  assert at["step_ngram_verb"] + at["step_ngram_noun"] >= 0.5, at
   results = (small_run / "results" / "results.md").read_text()
   assert "step boundaries: first clip's token" in results
   # The world's own predictability beside its oracle, on the same held-out boundaries.
   next_step = _summary(small_run, prepare.WORLD)["next_step"]
   assert next_step["boundaries"] == at["boundaries"]
-  assert next_step["chance"] < min(next_step["ngram3"], next_step["oracle"])
+  assert 3 * next_step["chance"] < min(next_step["ngram3"], next_step["oracle"]), next_step
   assert "| world: next step by a step trigram of the training recipes | top-1 |" in results
 
 

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
   val = sum(v["split"] == "val" for v in videos)
   print(f"demo world in {args.out}: {len(videos)} videos ({val} val), {clips} clips, "
         f"{sum(v['steps'] for v in videos)} steps, {time.time() - t0:.1f} s")
+  ns = manifest["next_step"]
+  if ns:
+    print(f"next step at {ns['boundaries']} held-out step boundaries: step trigram "
+          f"{ns['ngram3']:.3f}, bigram {ns['ngram2']:.3f}, oracle that knows the dish "
+          f"{ns['oracle']:.3f}, chance {ns['chance']:.3f}")
   return 0
 
 
