@@ -8,9 +8,9 @@ Commands:
 
 Expected results. `make demo` (the first two lines are the same run) prints the results table of
 held-out figures on the first test world (seed 10), also written to demo_work/results/; on this
-project's 2-core AMD EPYC, 2026-12-07, in about 10 minutes: zero-shot verb top-1 0.518 / 0.569
-and noun top-1 0.246 / 0.272 (video first / text first; chance 0.1), alignment 0.745 (chance
-0.5), captioning BLEU-4 / CIDEr 0.515 / 4.646 (most frequent caption 0.087 / 0.786). `make
+project's 2-core AMD EPYC, 2026-12-07, in about 10 minutes: zero-shot verb top-1 0.610 / 0.683
+and noun top-1 0.399 / 0.422 (video first / text first; chance 0.1), alignment 0.815 (chance
+0.5), captioning BLEU-4 / CIDEr 0.580 / 5.375 (most frequent caption 0.129 / 0.982). `make
 worlds` runs all three test worlds; the README has each figure's mean and range over them, and
 docs/demo.md how each figure is scored and the measurements behind each setting below.
 `size=small` is the end-to-end test's run (tests/test_demo.py, without captioning), on its own
