@@ -88,6 +88,8 @@ def test_scores_at_each_boundary_by_token_and_by_meaning():
   # (cut, tomato) -> (flip, egg) -> (stir, egg) in the narration: the step n-gram is right.
   assert right["step_ngram_verb"] == right["step_ngram_noun"] == 1.0
   assert right["token_vs_bigram"] == {"difference": 1.0, "standard_error": 0.0}
+  # Told the next step, the commonest first token of that step in training is the right one.
+  assert right["told_step_token"] == 1.0
   # A model that repeats the last clip's step: its nouns still match where the step keeps them.
   wrong = boundaries.evaluate([held], [train], lambda v, t: int(v.tokens[t - 1]), _Vocab(), 8)
   assert wrong["model_token"] == wrong["model_verb"] == 0.0

@@ -193,6 +193,7 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                    "boundaries": {"boundaries": 50, "model_token": 0.1, "bigram_token": 0.05,
                                   "token_vs_bigram": {"difference": 0.05,
                                                       "standard_error": 0.02},
+                                  "told_step_token": 0.4,
                                   **{f"{who}_{key}": 0.25 for who in ("model", "bigram",
                                                                       "step_ngram")
                                      for key in ("verb", "noun")}}}}
@@ -227,7 +228,9 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
       "chance | yes | 10 held-out steps |" in text
   assert "| zero-shot noun (video_first) | top-1 | 0.500 | 0.100 | 0.600 (1-NN raw S3D) | >= 3x " \
       "chance | yes |" in text
-  assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 5 + 4
+  assert ("| forecasting at step boundaries: first clip's token | top-1 | 0.100 |  | 0.400 (told "
+          "the next step: its commonest first token) |  |  | 50 held-out step boundaries |") in text
+  assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 6 + 4
 
 
 @pytest.mark.parametrize("target, value, met", [

@@ -3,10 +3,12 @@
 Within a step the next clip mostly repeats the current one, which a bigram of tokens predicts as
 well as any model; what a model understands of a task shows where one step ends and the next
 begins. At each boundary of a held-out video (every step after the first, with at least one clip
-before it) three forecasters guess what comes next:
+before it) these forecasters guess what comes next:
 
 - the model: the most likely visual token after the clips so far (the forecasting prompt);
 - a bigram of the training videos' clip tokens, from the last clip's token;
+- a forecaster told the next step (a reference, not a competitor): the token that step's first
+  clip most often had in the training videos;
 - a step-level n-gram of the training narration: the (verb, noun) said next after the last two
   said (backing off to the last one), read from what the narrator said (faults and all, as the
   model read it), applied to the held-out video's narration up to the boundary.
@@ -69,6 +71,20 @@ def _paired(model: np.ndarray, baseline: np.ndarray) -> dict:
   return {"difference": float(diff.mean()), "standard_error": se}
 
 
+def _first_tokens(train: Sequence) -> Callable[[str, str], int]:
+  """A forecaster told the next step's verb and noun: the token its first clip most often had in
+  the training videos (the commonest first token of any step for a step never seen). What a
+  model that foresaw every step could reach, given how the tokens vary from video to video."""
+  by_step: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+      collections.Counter)
+  for v in train:
+    for step in v.steps[1:]:
+      by_step[(step.verb, step.noun)][int(v.tokens[int(step.clips[0])])] += 1
+  anywhere = sum(by_step.values(), collections.Counter())
+  commonest = lambda c: min(c, key=lambda k: (-c[k], k)) if c else -1  # noqa: E731
+  return lambda verb, noun: commonest(by_step.get((verb, noun)) or anywhere)
+
+
 def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], int],
              vocab, nearest: int) -> dict:
   """Scores at every boundary of the `held` videos. `predict(video, t)` is the model's next
@@ -80,6 +96,7 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
   token_bigram = baselines.Bigram([v.tokens for v in train]).predict
   step_ngram = predictability.StepNgram(
       [[(vb, n) for _, vb, n in said_steps(v.truth)] for v in train], STEP_ORDER)
+  told = _first_tokens(train)
   rows = collections.defaultdict(list)
   for v in held:
     said = said_steps(v.truth)
@@ -97,6 +114,7 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
       verb, noun = step_ngram.predict(before)
       rows["step_ngram_verb"].append(words.VERBS.index(verb) == truth[0])
       rows["step_ngram_noun"].append(words.NOUNS.index(noun) == truth[1])
+      rows["told_step_token"].append(told(step.verb, step.noun) == int(v.tokens[t]))
   if not rows:
     raise ValueError("no held-out step boundary has a clip before it")
   hits = {k: np.array(x) for k, x in rows.items()}

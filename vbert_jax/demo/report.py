@@ -97,6 +97,10 @@ def boundary_rows(at: Mapping[str, Any] | None) -> list[Row]:
   se = at["token_vs_bigram"]["standard_error"]
   out = [_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
               at["bigram_token"], "token bigram", f"> bigram + 2 s.e. ({2 * se:.3f})", on)]
+  if "told_step_token" in at:
+    out.append(_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
+                    at["told_step_token"], "told the next step: its commonest first token",
+                    on=on))
   for key, names in (("verb", words.VERBS), ("noun", words.NOUNS)):
     what = f"{task}: next step's {key} (nearest clips)"
     out.append(_row(what, "share", at[f"model_{key}"], 1 / len(names), at[f"bigram_{key}"],
