@@ -261,6 +261,7 @@ def test_a_target_it_cannot_read_is_an_error():
     ({"world.min_steps": 9, "world.max_steps": 12}, r"\(9, 12\): no dish has that many steps"),
     ({"world.num_videos": 1}, "expected at least one of each"),
     ({"world_seeds.test": (3, 1)}, r"world_seeds: \[1\] are both validation and test seeds"),
+    ({"tasks.retrieval_normalize": "softmax"}, "tasks.retrieval_normalize='softmax': expected"),
 ])
 def test_config_that_asks_for_more_than_the_world_has_says_so(changes, message):
   c = demo_config.get_config("size=small")

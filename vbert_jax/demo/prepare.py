@@ -25,6 +25,7 @@ from vbert_jax import pretrain as pretrain_lib
 from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import words
 from vbert_jax.demo.world import world
+from vbert_jax.tasks import retrieval
 from vbert_jax.text import sentences
 from vbert_jax.text import tokenizers
 from vbert_jax.text import train_sentencepiece
@@ -94,6 +95,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if wc is not None and config.tasks.t2v_prompts > pairs:
     problems.append(f"tasks.t2v_prompts={config.tasks.t2v_prompts}: the world has only {pairs} "
                     f"(verb, noun) pairs that recipes use")
+  if config.tasks.retrieval_normalize not in retrieval.NORMALIZE:
+    problems.append(f"tasks.retrieval_normalize={config.tasks.retrieval_normalize!r}: expected "
+                    f"one of {retrieval.NORMALIZE}")
   for key, known in (("verbs", words.VERBS), ("nouns", words.NOUNS)):
     asked = [s.strip() for s in config.tasks[key].split(",") if s.strip()]
     unknown = [a for a in asked if a not in known]

@@ -70,7 +70,9 @@ def parse_step(text: str) -> tuple[StepKey, bool]:
   return (verb, noun), optional
 
 
+@functools.lru_cache(maxsize=None)
 def dishes() -> tuple[Dish, ...]:
+  """DISHES parsed, once: every video's draw and every oracle call reads them."""
   return tuple(Dish(name, tuple(tuple(parse_step(s) for s in stage) for stage in stages))
                for name, stages in DISHES.items())
 
