@@ -3,6 +3,8 @@ sentence splitting."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import serialization
 import jax
 import numpy as np
@@ -13,8 +15,9 @@ from vbert_jax.text import sentences
 from vbert_jax.text import train_punctuation
 from vbert_jax.text import transcripts
 
-SMALL = punct.ModelConfig(embed_dim=16, hidden=16, layers=1, suffix_buckets=64, dropout=0.0,
-                          members=1)
+SMALL = punct.ModelConfig(embed_dim=16, hidden=16, layers=1, suffix_buckets=64,
+                          prefix_buckets=64, dropout=0.0, members=1)
+LM_VOCAB = 6
 
 
 def _document(rng: np.random.Generator, sentences_per_doc: int = 12) -> str:
@@ -43,7 +46,8 @@ def corpus() -> list[str]:
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
   config = train_punctuation.TrainConfig(steps=150, eval_every=75, batch_size=16,
-                                         learning_rate=1e-2, warmup_steps=10, model=SMALL)
+                                         learning_rate=1e-2, warmup_steps=10, model=SMALL,
+                                         lm_vocab=LM_VOCAB)
   model, report = train_punctuation.train(corpus, config, progress=False)
   path = tmp_path_factory.mktemp("punct") / "model.msgpack"
   model.save(path)
@@ -59,6 +63,7 @@ def test_labels_and_forms():
       "hello", "don't", "quoted", "50%", "$3", "--"]
   # A bucket that every process agrees on (Python's str hash is salted per process).
   assert punct.suffix_bucket("hello", 4096) == punct.suffix_bucket("jello", 4096) == 820
+  assert punct.prefix_bucket("hello", 4096) == punct.prefix_bucket("help", 4096) == 3972
 
 
 def test_windows_cover_every_word_once_centred():
@@ -212,13 +217,49 @@ def test_members_train_apart_and_average(corpus):
   np.testing.assert_allclose(model.probabilities(forms), (alone[0] + alone[1]) / 2, atol=1e-6)
 
 
-def test_version_1_files_hold_one_unstacked_tagger(trained, tmp_path):
+def test_older_files_load(trained, tmp_path):
+  """Version 1 held one tagger, unstacked, and no `members`; versions 1 and 2 had no word
+  beginnings."""
   model, _, path = trained
   payload = serialization.msgpack_restore(path.read_bytes())
-  old = tmp_path / "v1.msgpack"
-  settings = {k: v for k, v in payload["config"].items() if k != "members"}
-  old.write_bytes(serialization.msgpack_serialize(dict(
-      payload, version=1, config=settings,
-      params=jax.tree.map(lambda x: x[0], payload["params"]))))
+  params = {k: v for k, v in payload["params"].items() if k != "prefixes"}
+  settings = {k: v for k, v in payload["config"].items() if k != "prefix_buckets"}
+  without = punct.Punctuator(model.words, dataclasses.replace(SMALL, prefix_buckets=0), params,
+                             model.boundary_threshold)
+  v2 = tmp_path / "v2.msgpack"
+  v2.write_bytes(serialization.msgpack_serialize(dict(payload, version=2, config=settings,
+                                                      params=params)))
+  v1 = tmp_path / "v1.msgpack"
+  v1.write_bytes(serialization.msgpack_serialize(dict(
+      payload, version=1, config={k: v for k, v in settings.items() if k != "members"},
+      params=jax.tree.map(lambda x: x[0], params))))
   forms = "heat oil done we cut right".split()
-  np.testing.assert_array_equal(punct.load(old).probabilities(forms), model.probabilities(forms))
+  want = without.probabilities(forms)
+  assert np.abs(want - model.probabilities(forms)).max() > 1e-4  # the beginnings mattered
+  for old in (v1, v2):
+    np.testing.assert_array_equal(punct.load(old).probabilities(forms), want)
+
+def test_language_model_sees_one_side_only(trained):
+  """The forward head predicts word t+1 from words up to t, the backward head word t-1 from
+  words from t on: changing word j changes neither prediction of word j, and changes the rest."""
+  model, _, path = trained
+  assert set(punct.LM_HEADS) <= set(model.params)
+  module = punct.BiLSTMTagger(len(model.words), SMALL, lm_vocab=LM_VOCAB)
+  params = jax.tree.map(lambda x: x[0], model.params)
+  ids, buckets = model.encode("we cut the onion add salt done then heat oil right".split())
+  j = 5
+  changed = ids.copy()
+  changed[j] = model.words.index("pan")
+  _, (ahead, behind) = module.apply({"params": params}, ids[None], buckets[None])
+  _, (ahead2, behind2) = module.apply({"params": params}, changed[None], buckets[None])
+  np.testing.assert_array_equal(ahead[0, :j], ahead2[0, :j])
+  np.testing.assert_array_equal(behind[0, j + 1:], behind2[0, j + 1:])
+  assert np.abs(ahead[0, j:] - ahead2[0, j:]).min() > 0
+  assert np.abs(behind[0, :j + 1] - behind2[0, :j + 1]).min() > 0
+  # The heads are for training only: the file holds the tagger alone, and it loads.
+  assert not set(punct.LM_HEADS) & set(punct.load(path).params)
+
+
+def test_language_model_targets():
+  ids = np.array([0, 1, 2, 3, 4, 5, 9])
+  np.testing.assert_array_equal(train_punctuation.lm_targets(ids, 3), [3, 3, 0, 1, 2, 3, 3])

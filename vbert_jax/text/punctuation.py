@@ -7,11 +7,13 @@ keeps its time.
 
 Each word is classed by the mark that follows it: none, comma, full stop or question mark (`!`
 counts as a full stop, `;` and `:` as commas). The input of a word is its lowercased form without
-punctuation (what ASR gives) through a word embedding, plus an embedding of its last three
-letters hashed into buckets, so unseen words still carry their endings. Two bidirectional LSTM
-layers read windows of `WINDOW` words; at inference windows overlap by half and each word takes
-the prediction of the window where it lies most centrally. Windows are batched in power-of-two
-counts, so transcripts of any length compile a handful of times.
+punctuation (what ASR gives) through a word embedding, plus embeddings of its last three and
+its first three letters hashed into buckets, so unseen words still carry their endings and
+beginnings. Two bidirectional LSTM layers read windows of `WINDOW` words; at inference windows
+overlap by half and each word takes the prediction of the window where it lies most centrally.
+Windows are batched in power-of-two counts, so transcripts of any length compile a handful of
+times. In training, the first layer also learns to predict the next and the previous word (see
+`BiLSTMTagger`).
 
 A model holds `members` such taggers, trained side by side from different initialisations and
 dropout, and averages their probabilities: on a few hundred thousand words of training text one
@@ -39,11 +41,13 @@ from vbert_jax import tagged_msgpack
 
 FORMAT = "vbert_jax.punctuation"
 # 2: parameters stacked over ensemble members (version 1 files hold one tagger).
-FORMAT_VERSION = 2
+# 3: word beginnings (`prefix_buckets`; version 2 files have none).
+FORMAT_VERSION = 3
 MARKS = ("", ",", ".", "?")  # class k appends MARKS[k]
 NONE, COMMA, PERIOD, QUESTION = range(4)
 PAD, UNK = 0, 1
 WINDOW = 64
+LM_HEADS = ("lm_next", "lm_previous")  # training-only parameters, never in a model file
 _MIN_WINDOWS = 8
 
 _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*$")
@@ -90,12 +94,18 @@ def suffix_bucket(form: str, buckets: int) -> int:
   return zlib.crc32(form[-3:].encode("utf-8")) % buckets
 
 
+def prefix_bucket(form: str, buckets: int) -> int:
+  return zlib.crc32(("^" + form[:3]).encode("utf-8")) % buckets
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   embed_dim: int = 128
   hidden: int = 128
   layers: int = 2
   suffix_buckets: int = 4096
+  # Beginnings carry what endings do not (un-, re-, numbers, names that share a stem); 0: none.
+  prefix_buckets: int = 4096
   # A few hundred thousand words of text is a small corpus for this many parameters.
   dropout: float = 0.5
   # Three taggers' average beat each of them on held-out prose; training costs three times as
@@ -104,39 +114,56 @@ class ModelConfig:
 
 
 class BiLSTMTagger(nn.Module):
-  """[B, T] word ids and suffix buckets -> [B, T, 4] logits of the mark after each word."""
+  """[B, T] word ids and [B, T, 2] affix buckets (the word's ending, its beginning) -> [B, T, 4]
+  logits of the mark after each word.
+
+  With `lm_vocab` > 0 (training only) it also returns the logits of a language model on the
+  first layer: its forward states predict the next word and its backward states the previous
+  one, over the `lm_vocab` most frequent words and one class for all others. Whether a sentence
+  ends depends on what comes next, and a few hundred thousand words of marks teach little of
+  that; every word teaches it to the language model, whose heads are dropped from the model
+  file."""
   vocab_size: int
   config: ModelConfig
+  lm_vocab: int = 0
 
   @nn.compact
-  def __call__(self, words: jax.Array, suffixes: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, words: jax.Array, affixes: jax.Array, train: bool = False):
     c = self.config
     # Padding (id 0) only ever trails a window; the backward LSTMs start at each row's last word.
     lengths = jnp.sum(words != PAD, axis=-1)
     h = nn.Embed(self.vocab_size, c.embed_dim, name="words")(words)
-    h = h + nn.Embed(c.suffix_buckets, c.embed_dim, name="suffixes")(suffixes)
+    h = h + nn.Embed(c.suffix_buckets, c.embed_dim, name="suffixes")(affixes[..., 0])
+    if c.prefix_buckets:
+      h = h + nn.Embed(c.prefix_buckets, c.embed_dim, name="prefixes")(affixes[..., 1])
     h = nn.Dropout(c.dropout, deterministic=not train)(h)
+    lm = None
     for i in range(c.layers):
       h = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(c.hidden)),
                            nn.RNN(nn.OptimizedLSTMCell(c.hidden)),
                            name=f"bilstm_{i}")(h, seq_lengths=lengths)
       h = nn.Dropout(c.dropout, deterministic=not train)(h)
-    return nn.Dense(len(MARKS), name="marks")(h)
+      if i == 0 and self.lm_vocab:
+        # The first layer's directions have each seen one side only; the second's have not.
+        lm = (nn.Dense(self.lm_vocab + 1, name="lm_next")(h[..., :c.hidden]),
+              nn.Dense(self.lm_vocab + 1, name="lm_previous")(h[..., c.hidden:]))
+    marks = nn.Dense(len(MARKS), name="marks")(h)
+    return (marks, lm) if self.lm_vocab else marks
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _probabilities(module: BiLSTMTagger, params, words, suffixes) -> jax.Array:
+def _probabilities(module: BiLSTMTagger, params, words, affixes) -> jax.Array:
   """The members' mean probabilities; `params` are stacked over members."""
   def member(p):
-    return jax.nn.softmax(module.apply({"params": p}, words, suffixes).astype(jnp.float32))
+    return jax.nn.softmax(module.apply({"params": p}, words, affixes).astype(jnp.float32))
   return jnp.mean(jax.vmap(member)(params), axis=0)
 
 
 def init_params(module: BiLSTMTagger, key: jax.Array) -> dict:
   """Parameters of `module.config.members` taggers, stacked on a leading axis."""
-  dummy = jnp.zeros((1, 2), jnp.int32)
+  words, affixes = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32)
   keys = jax.random.split(key, module.config.members)
-  return jax.vmap(lambda k: module.init(k, dummy, dummy)["params"])(keys)
+  return jax.vmap(lambda k: module.init(k, words, affixes)["params"])(keys)
 
 
 @dataclasses.dataclass
@@ -153,25 +180,29 @@ class Punctuator:
     self.module = BiLSTMTagger(len(self.words), self.config)
 
   def encode(self, forms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """([n] word ids, [n, 2] buckets of each word's ending and beginning)."""
+    c = self.config
     ids = np.array([self._ids.get(f, UNK) for f in forms], np.int32)
-    buckets = np.array([suffix_bucket(f, self.config.suffix_buckets) for f in forms], np.int32)
-    return ids, buckets
+    affixes = np.array([(suffix_bucket(f, c.suffix_buckets),
+                         prefix_bucket(f, c.prefix_buckets) if c.prefix_buckets else 0)
+                        for f in forms], np.int32).reshape(-1, 2)
+    return ids, affixes
 
   def probabilities(self, forms: Sequence[str]) -> np.ndarray:
     """[len(forms), 4] probabilities of the mark after each word (forms as `word_form` gives)."""
     n = len(forms)
     if n == 0:
       return np.zeros((0, len(MARKS)), np.float32)
-    ids, buckets = self.encode(forms)
+    ids, affixes = self.encode(forms)
     starts = window_starts(n, WINDOW)
     count = max(_MIN_WINDOWS, 1 << (len(starts) - 1).bit_length())
     words = np.zeros((count, WINDOW), np.int32)
-    suffixes = np.zeros((count, WINDOW), np.int32)
+    window_affixes = np.zeros((count, WINDOW, 2), np.int32)
     for row, start in enumerate(starts):
       piece = slice(start, min(start + WINDOW, n))
       words[row, :piece.stop - start] = ids[piece]
-      suffixes[row, :piece.stop - start] = buckets[piece]
-    probs = np.asarray(_probabilities(self.module, self.params, words, suffixes))
+      window_affixes[row, :piece.stop - start] = affixes[piece]
+    probs = np.asarray(_probabilities(self.module, self.params, words, window_affixes))
     return _centred(probs, starts, n)
 
   def restore(self, tokens: Sequence[str]) -> list[str]:
@@ -194,9 +225,10 @@ class Punctuator:
     return out, boundary
 
   def save(self, path) -> None:
+    params = {k: v for k, v in self.params.items() if k not in LM_HEADS}
     tagged_msgpack.write(path, FORMAT, FORMAT_VERSION, {
         "words": list(self.words), "config": dataclasses.asdict(self.config),
-        "boundary_threshold": float(self.boundary_threshold), "params": self.params})
+        "boundary_threshold": float(self.boundary_threshold), "params": params})
 
 
 def window_starts(n: int, window: int) -> list[int]:
@@ -238,6 +270,8 @@ def load(path) -> Punctuator:
     if version < 2:  # one tagger, not stacked, and no `members` in its settings
       config = {**config, "members": 1}
       params = jax.tree.map(lambda x: np.asarray(x)[None], params)
+    if version < 3:  # no word beginnings
+      config = {**config, "prefix_buckets": 0}
     config = ModelConfig(**config)
     model = Punctuator(list(payload["words"]), config, params,
                        float(payload["boundary_threshold"]))

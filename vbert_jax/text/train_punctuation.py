@@ -106,34 +106,58 @@ class TrainConfig:
   # Share of training words shown as unknown, so that the tagger learns to place marks around
   # words it has not seen from their endings and neighbours (and memorises fewer rare words).
   word_dropout: float = 0.3
+  # The auxiliary language model (see `punct.BiLSTMTagger`): the words it predicts by name, and
+  # the weight of its loss beside the marks'.
+  lm_vocab: int = 2000
+  lm_weight: float = 0.3
   model: punct.ModelConfig = dataclasses.field(default_factory=punct.ModelConfig)
 
 
-def _train_step(module, optimizer, word_dropout: float):
+def lm_targets(ids: np.ndarray, lm_vocab: int) -> np.ndarray:
+  """The language model's class of each word id: the `lm_vocab` most frequent words (ids 2 to
+  lm_vocab + 1 of a word list sorted by count) by name, every other word (unknown included)
+  as class `lm_vocab`."""
+  return np.where((ids >= 2) & (ids < lm_vocab + 2), ids - 2, lm_vocab).astype(np.int32)
+
+
+def _lm_loss(lm_logits, targets: jax.Array) -> jax.Array:
+  """Mean cross-entropy of the next word from each forward state and of the previous word from
+  each backward state (the transcript's ends predict nothing)."""
+  ahead, behind = lm_logits
+  loss = (optax.softmax_cross_entropy_with_integer_labels(ahead[:, :-1], targets[:, 1:]).mean()
+          + optax.softmax_cross_entropy_with_integer_labels(behind[:, 1:], targets[:, :-1])
+          .mean())
+  return loss / 2
+
+
+def _train_step(module, optimizer, config: TrainConfig):
   """One step of every member, each on its own windows ([members, batch, WINDOW]) with its own
   masks and optimizer state: the members train as separate runs would."""
   weights = jnp.asarray(_CLASS_WEIGHTS)
 
-  def member_step(params, opt_state, words, suffixes, labels, key):
+  def member_step(params, opt_state, words, affixes, labels, targets, key):
     hide_key, dropout_key = jax.random.split(key)
-    hidden = jax.random.bernoulli(hide_key, word_dropout, words.shape) & (words != punct.PAD)
+    hidden = (jax.random.bernoulli(hide_key, config.word_dropout, words.shape)
+              & (words != punct.PAD))
     words = jnp.where(hidden, punct.UNK, words)
 
     def loss_fn(p):
-      logits = module.apply({"params": p}, words, suffixes, train=True,
-                            rngs={"dropout": dropout_key})
+      out = module.apply({"params": p}, words, affixes, train=True,
+                         rngs={"dropout": dropout_key})
+      logits, lm = out if module.lm_vocab else (out, None)
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       w = weights[labels]
-      return jnp.sum(losses * w) / jnp.sum(w)
+      loss = jnp.sum(losses * w) / jnp.sum(w)
+      return loss if lm is None else loss + config.lm_weight * _lm_loss(lm, targets)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   @jax.jit
-  def step(params, opt_state, words, suffixes, labels, key):
+  def step(params, opt_state, words, affixes, labels, targets, key):
     keys = jax.random.split(key, module.config.members)
-    params, opt_state, loss = jax.vmap(member_step)(params, opt_state, words, suffixes, labels,
-                                                    keys)
+    params, opt_state, loss = jax.vmap(member_step)(params, opt_state, words, affixes, labels,
+                                                    targets, keys)
     return params, opt_state, jnp.mean(loss)
 
   return step
@@ -167,7 +191,7 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
   train_tagged, val_tagged = [tag(d) for d in train_docs], [tag(d) for d in val_docs]
   words = build_vocabulary(train_tagged, config.vocab_size, config.min_count)
   model = punct.Punctuator(words, config.model, params={})
-  ids, buckets = model.encode([f for d in train_tagged for f in d.forms])
+  ids, affixes = model.encode([f for d in train_tagged for f in d.forms])
   labels = np.concatenate([d.labels for d in train_tagged])
   if len(ids) < punct.WINDOW:
     raise ValueError(f"{len(ids)} training words: expected at least one window of "
@@ -176,13 +200,15 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
     raise ValueError("the training text has no sentence-final marks (. ! ?): it is not "
                      "punctuated text")
   key = jax.random.key(config.seed)
-  model.params = punct.init_params(model.module, key)
+  trained = punct.BiLSTMTagger(len(words), config.model, lm_vocab=config.lm_vocab)
+  model.params = punct.init_params(trained, key)
+  targets = lm_targets(ids, config.lm_vocab)
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                 min(config.warmup_steps, config.steps // 2),
                                                 config.steps)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
   opt_state = jax.vmap(optimizer.init)(model.params)
-  step = _train_step(model.module, optimizer, config.word_dropout)
+  step = _train_step(trained, optimizer, config)
   rng = np.random.default_rng(config.seed)
   best = (-1.0, model.params, 0)
   bar = tqdm.tqdm(total=config.steps, unit="step", desc="punctuation", disable=not progress,
@@ -192,8 +218,9 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
     starts = rng.integers(0, len(ids) - punct.WINDOW + 1,
                           (config.model.members, config.batch_size))
     window = starts[..., None] + np.arange(punct.WINDOW)
-    model.params, opt_state, loss = step(model.params, opt_state, ids[window], buckets[window],
-                                         labels[window], jax.random.fold_in(key, i))
+    model.params, opt_state, loss = step(model.params, opt_state, ids[window], affixes[window],
+                                         labels[window], targets[window],
+                                         jax.random.fold_in(key, i))
     bar.update(1)
     if i % config.eval_every == 0 or i == config.steps:
       f1, _ = _evaluate(model, val_tagged)
@@ -234,6 +261,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("members", d.model.members, "taggers trained side by side whose "
                        "probabilities the model averages", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("lm_vocab", d.lm_vocab, "words that the auxiliary language model "
+                       "predicts by name; 0 trains without it", lower_bound=0, flag_values=fv)
+  flags.DEFINE_float("lm_weight", d.lm_weight, "weight of the language model's loss",
+                     lower_bound=0.0, flag_values=fv)
   flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
   flags.mark_flag_as_required("text", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
@@ -250,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        learning_rate=args.learning_rate, eval_every=args.eval_every,
                        vocab_size=args.vocab_size, min_count=args.min_count,
                        val_fraction=args.val_fraction, seed=args.seed,
+                       lm_vocab=args.lm_vocab, lm_weight=args.lm_weight,
                        model=punct.ModelConfig(members=args.members))
   try:
     model, report = train(read_documents(args.text), config, progress=not args.no_progress)
