@@ -184,6 +184,9 @@ def train(docs: Sequence[str], config: TrainConfig = TrainConfig(),
   if config.steps < 1 or config.batch_size < 1 or config.eval_every < 1:
     raise ValueError(f"steps={config.steps}, batch_size={config.batch_size} and eval_every="
                      f"{config.eval_every} must be positive")
+  if config.lm_vocab < 0 or config.lm_weight < 0:
+    raise ValueError(f"lm_vocab={config.lm_vocab} and lm_weight={config.lm_weight} must not be "
+                     "negative")
   train_docs, val_docs = split_documents(docs, config.val_fraction)
   if not train_docs or not val_docs:
     raise ValueError(f"{len(docs)} documents give {len(train_docs)} for training and "
