@@ -265,3 +265,11 @@ def test_language_model_sees_one_side_only(trained):
 def test_language_model_targets():
   ids = np.array([0, 1, 2, 3, 4, 5, 9])
   np.testing.assert_array_equal(train_punctuation.lm_targets(ids, 3), [3, 3, 0, 1, 2, 3, 3])
+
+
+@pytest.mark.parametrize("bad, match", [(dict(steps=0), "steps=0"),
+                                        (dict(lm_vocab=-1), "lm_vocab=-1"),
+                                        (dict(lm_weight=-0.5), "lm_weight=-0.5")])
+def test_bad_training_settings(corpus, bad, match):
+  with pytest.raises(ValueError, match=match):
+    train_punctuation.train(corpus, train_punctuation.TrainConfig(**bad), progress=False)
