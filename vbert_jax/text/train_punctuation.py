@@ -117,7 +117,9 @@ def lm_targets(ids: np.ndarray, lm_vocab: int) -> np.ndarray:
   """The language model's class of each word id: the `lm_vocab` most frequent words (ids 2 to
   lm_vocab + 1 of a word list sorted by count) by name, every other word (unknown included)
   as class `lm_vocab`."""
-  return np.where((ids >= 2) & (ids < lm_vocab + 2), ids - 2, lm_vocab).astype(np.int32)
+  first = punct.UNK + 1
+  return np.where((ids >= first) & (ids < lm_vocab + first), ids - first,
+                  lm_vocab).astype(np.int32)
 
 
 def _lm_loss(lm_logits, targets: jax.Array) -> jax.Array:
