@@ -180,10 +180,13 @@ def test_command(corpus, tmp_path, capsys):
   text.write_text("\n".join(corpus) + "\n", encoding="utf-8")
   out = tmp_path / "m.msgpack"
   assert train_punctuation.main([f"--text={text}", f"--out={out}", "--steps=4",
-                                 "--eval_every=2", "--no_progress"]) == 0
+                                 "--eval_every=2", "--hidden=24", "--members=2",
+                                 "--no_progress"]) == 0
   captured = capsys.readouterr()
   assert "step 2/4: loss" in captured.err and "validation boundary F1" in captured.err
-  assert f"wrote {out}:" in captured.out and punct.load(out).words[:2] == ["<pad>", "<unk>"]
+  written = punct.load(out)
+  assert f"wrote {out}:" in captured.out and written.words[:2] == ["<pad>", "<unk>"]
+  assert (written.config.hidden, written.config.members) == (24, 2)
   flat = tmp_path / "flat.txt"
   flat.write_text("\n".join(d.replace(".", "").replace("?", "") for d in corpus) + "\n")
   assert train_punctuation.main([f"--text={flat}", f"--out={out}", "--steps=2"]) == 2

@@ -2,7 +2,7 @@
 
   python -m vbert_jax.text.train_punctuation --text=prose.txt [--text=more.txt ...] \
       --out=punctuation.msgpack [--steps=3000] [--batch_size=32] [--learning_rate=3e-3] \
-      [--members=3]
+      [--hidden=256] [--members=3]
 
 Each non-empty line of a text file is a document (a paragraph, an article or a transcript of
 human captions). Documents are split into training and validation by a hash of their text, so
@@ -266,6 +266,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("members", d.model.members, "taggers trained side by side whose "
                        "probabilities the model averages", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("hidden", d.model.hidden, "LSTM units per direction", lower_bound=1,
+                       flag_values=fv)
   flags.DEFINE_integer("lm_vocab", d.lm_vocab, "words that the auxiliary language model "
                        "predicts by name; 0 trains without it", lower_bound=0, flag_values=fv)
   flags.DEFINE_float("lm_weight", d.lm_weight, "weight of the language model's loss",
@@ -287,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        vocab_size=args.vocab_size, min_count=args.min_count,
                        val_fraction=args.val_fraction, seed=args.seed,
                        lm_vocab=args.lm_vocab, lm_weight=args.lm_weight,
-                       model=punct.ModelConfig(members=args.members))
+                       model=punct.ModelConfig(hidden=args.hidden, members=args.members))
   try:
     model, report = train(read_documents(args.text), config, progress=not args.no_progress)
   except ValueError as e:
