@@ -102,7 +102,7 @@ def prefix_bucket(form: str, buckets: int) -> int:
 class ModelConfig:
   embed_dim: int = 128
   # With word beginnings and the language model to learn from, 128 units per direction were the
-  # bottleneck on validation prose; 256 train about 1.6 times slower.
+  # bottleneck on validation prose; 256 take about twice as long to train and to apply.
   hidden: int = 256
   layers: int = 2
   suffix_buckets: int = 4096
