@@ -213,6 +213,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Forecasting prompts keep the last 3 clips: pretraining's video-only examples are 2-6
       # clips long (pretrain.input.max_concat_video); shorter or longer did no better.
       forecast_context=3,
+      # The prompt at step boundaries: "video_only" (the next clip, as everywhere else) or
+      # "pair" (the clip after [>]: told that a step ends there).
+      boundary_layout="video_only",
       # 100 correctly narrated held-out steps, each with its own and with another step's clips.
       lva_pairs=200,
       # Retrieval ranks by LVA's logits less each candidate's log-sum-exp over the queries

@@ -145,6 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Share of video-text examples shown unmasked, for LVA alone (0: the paper's recipe).
       unmasked_pair_rate=0.0,
       max_concat_video=0,  # segments per video-only example: 1..n (0: as max_concat)
+      # Video-only examples that forecast the first clip of their last segment (input_pipeline).
+      video_boundary_rate=0.0,
       # Two grain worker processes read and mask beside the step; a deep prefetch absorbs I/O.
       worker_count=2, worker_buffer_size=2, read_threads=0, prefetch_buffer_size=64,
       # Packing: a row holds up to pack_examples examples, each attending only to itself

@@ -88,6 +88,9 @@ def test_scores_at_each_boundary_by_token_and_by_meaning():
   # (cut, tomato) -> (flip, egg) -> (stir, egg) in the narration: the step n-gram is right.
   assert right["step_ngram_verb"] == right["step_ngram_noun"] == 1.0
   assert right["token_vs_bigram"] == {"difference": 1.0, "standard_error": 0.0}
+  # Told that a step ends, the bigram saw 1 after 0 and 2 after 1 at the training boundaries.
+  assert right["boundary_bigram_token"] == 1.0
+  assert right["token_vs_boundary_bigram"] == {"difference": 0.0, "standard_error": 0.0}
   # Told the next step, the commonest first token of that step in training is the right one.
   assert right["told_step_token"] == 1.0
   # A model that repeats the last clip's step: its nouns still match where the step keeps them.
@@ -95,3 +98,4 @@ def test_scores_at_each_boundary_by_token_and_by_meaning():
   assert wrong["model_token"] == wrong["model_verb"] == 0.0
   assert wrong["model_noun"] == 0.5  # (flip, egg) -> (stir, egg): the egg stays
   assert wrong["token_vs_bigram"]["difference"] == 0.0
+  assert wrong["token_vs_boundary_bigram"]["difference"] == -1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from helpers.configs import demo as demo_config
 from vbert_jax.demo.world import recipes
 from vbert_jax.demo.world import words
 from vbert_jax.demo import baselines
+from vbert_jax.demo import boundaries
 from vbert_jax.demo import captioning
 from vbert_jax.demo import evaluate
 from vbert_jax.demo import prepare
@@ -193,7 +195,7 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
                    "boundaries": {"boundaries": 50, "model_token": 0.1, "bigram_token": 0.05,
                                   "token_vs_bigram": {"difference": 0.05,
                                                       "standard_error": 0.02},
-                                  "told_step_token": 0.4,
+                                  "told_step_token": 0.4, "boundary_bigram_token": 0.08,
                                   **{f"{who}_{key}": 0.25 for who in ("model", "bigram",
                                                                       "step_ngram")
                                      for key in ("verb", "noun")}}}}
@@ -230,7 +232,31 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
       "chance | yes |" in text
   assert ("| forecasting at step boundaries: first clip's token | top-1 | 0.100 |  | 0.400 (told "
           "the next step: its commonest first token) |  |  | 50 held-out step boundaries |") in text
-  assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 6 + 4
+  assert ("| forecasting at step boundaries: first clip's token | top-1 | 0.100 |  | 0.080 (token "
+          "bigram told that a step ends) |  |  | 50 held-out step boundaries |") in text
+  assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 7 + 4
+
+
+def test_boundary_prompts_ask_after_the_separator_at_each_boundary(monkeypatch):
+  asked = []
+
+  def forecast(layout, tokens, horizon, kind, context):
+    asked.append((len(tokens), kind, context))
+    return None, np.array([len(tokens) + 2])
+
+  monkeypatch.setattr(evaluate.prompts, "forecast", forecast)
+  monkeypatch.setattr(evaluate.t2v, "visual_log_probs",
+                      lambda bundle, packed, slots: np.zeros((len(packed), 1, 5)))
+  steps = [evaluate.Step("v", i, "cut", "egg", 0, 1, np.zeros(2), np.zeros(1), np.array(clips))
+           for i, clips in enumerate(([0, 1], [2, 3, 4], [5]))]
+  video = evaluate.Video("v", "val", "", np.arange(6), np.zeros(6), np.zeros(6), {}, steps)
+  config = demo_config.get_config("size=small")
+  bundle = types.SimpleNamespace(layout=None)
+  got = evaluate._next_tokens(config, bundle, [video], "pair", boundaries.positions)
+  # Boundaries at the first clips of the second and third steps, each asked after [>].
+  assert sorted(got["v"]) == [2, 5] and all(k == "pair" for _, k, _ in asked)
+  assert [n for n, _, _ in asked] == [2, 5]
+  assert {c for _, _, c in asked} == {config.tasks.forecast_context}
 
 
 @pytest.mark.parametrize("target, value, met", [

@@ -143,6 +143,41 @@ def test_video_only_examples_join_their_own_number_of_segments(records):
     pipeline_config(max_concat_video=-1)
 
 
+def test_boundary_forecasts_end_at_a_segment_start_and_mask_it_alone(records):
+  # Rate 1: a window masks all of its (3 or more) clips, a forecast one clip.
+  cfg = pipeline_config(batch_size=50, max_concat=1, max_concat_video=3, max_subsample_rate=1,
+                        video_boundary_rate=0.5, masking=masking_lib.MaskingConfig(
+                            rate=1.0, max_predictions_text=12, max_predictions_video=12))
+  got = [r for r in rows(take(ip.make_pipeline(cfg, records), 12))
+         if r["regime"] == sequence.REGIME_VIDEO]
+  forecasts = 0
+  for r in got:
+    ids = r["input_ids"][r["input_mask"] == 1]
+    visual = np.flatnonzero(VOCAB.is_visual(ids) | (ids == VOCAB.specials.mask))
+    slots = r["mvm_positions"][r["mvm_weights"] > 0]
+    # A forecast ends at the first clip of a segment, after whole segments, and asks for that
+    # clip alone, hidden by [MASK].
+    last = int(r["mvm_ids"][0]) % CLIPS_PER_RECORD
+    if len(slots) == 1:
+      forecasts += 1
+      assert r["debug_concat"] > 1 and slots[0] == visual[-1] and len(visual) >= 4
+      assert ids[visual[-1]] == VOCAB.specials.mask
+      assert last in records[r["debug_record"]]["segment_clip_begin"]
+      assert (ids[visual[:-1]] != VOCAB.specials.mask).all()
+      context = VOCAB.joint_to_visual(ids[visual[:-1]]) % CLIPS_PER_RECORD
+      np.testing.assert_array_equal(context, np.arange(last - len(context), last))
+  multi = sum(r["debug_concat"] > 1 for r in got)
+  assert abs(forecasts / multi - 0.5) < 4 * np.sqrt(0.25 / multi), (forecasts, multi)
+  # Rate 0 draws exactly what the pipeline without the option draws.
+  plain = dict(batch_size=8, max_concat_video=3)
+  a = take(ip.make_pipeline(pipeline_config(**plain), records), 3)
+  b = take(ip.make_pipeline(pipeline_config(video_boundary_rate=0.0, **plain), records), 3)
+  for x, y in zip(a, b):
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  with pytest.raises(ValueError, match="video_boundary_rate=1.5"):
+    pipeline_config(video_boundary_rate=1.5)
+
+
 def test_video_only_examples_default_to_max_concat(unmasked_rows):
   concat = {int(r["debug_concat"]) for r in unmasked_rows if r["regime"] == sequence.REGIME_VIDEO}
   assert concat == {1, 2, 3}

@@ -81,6 +81,20 @@ def test_text_only_and_video_only():
   assert vid.regime == seq.REGIME_VIDEO
 
 
+def test_video_next_marks_the_boundary_and_keeps_the_recent_past():
+  v = seq.JointVocab(text_size=300, visual_size=100)
+  o = v.visual_offset
+  p = seq.Layout(v, max_len=8).video_next([3, 4], [5])
+  np.testing.assert_array_equal(p.input_ids, [101, o + 3, o + 4, 1, o + 5, 102, 0, 0])
+  np.testing.assert_array_equal(p.segment_ids, [0, 1, 1, 0, 1, 1, 0, 0])
+  assert p.regime == seq.REGIME_VIDEO and not p.truncated
+  cut = seq.Layout(v, max_len=6).video_next([3, 4, 5, 6], [7])
+  np.testing.assert_array_equal(cut.input_ids, [101, o + 5, o + 6, 1, o + 7, 102])
+  assert cut.truncated
+  with pytest.raises(ValueError, match="3 clips after the boundary leave no room"):
+    seq.Layout(v, max_len=6).video_next([3], [4, 5, 6])
+
+
 def test_video_then_text_and_stack():
   v = seq.JointVocab(text_size=300, visual_size=100)
   lay = seq.Layout(v, max_len=8)

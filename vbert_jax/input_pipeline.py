@@ -80,6 +80,12 @@ class PipelineConfig:
   # Neighbouring segments joined into a video-only example: 1..n (0: as max_concat). Longer
   # video-only windows than sentence windows give masked clips a past to be predicted from.
   max_concat_video: int = 0
+  # The share of video-only examples of two or more segments that end at the first clip of
+  # their last segment, after [>], which alone is masked (`Layout.video_next`): what comes next
+  # when one sentence's clips give way to the next's, from the clips before. Random masking
+  # sees both sides of that change, and masking a window's last clips mostly asks for the clip
+  # that repeats its neighbour.
+  video_boundary_rate: float = 0.0
   max_subsample_rate: int = 5  # every r-th clip token, r in 1..max_subsample_rate
   examples_per_video: int = 1  # examples drawn from each record per epoch
   # Examples a row may hold (1: one example per row, no packing) and the longest example
@@ -102,7 +108,8 @@ class PipelineConfig:
     if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
       problems.append(f"regimes (text, video, pair)={self.regime_weights}: expected three "
                       f"non-negative numbers, not all zero")
-    for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate"):
+    for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate",
+                 "video_boundary_rate"):
       if not 0 <= getattr(self, name) <= 1:
         problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
     for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size",
@@ -160,7 +167,7 @@ class PipelineConfig:
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in ("negative_other_video", "unmasked_pair_rate", "max_concat", "max_concat_video",
-                "max_subsample_rate", "examples_per_video", "pack_examples", "max_example_len",
+                "video_boundary_rate", "max_subsample_rate", "examples_per_video", "pack_examples", "max_example_len",
                 "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
     fields.update(overrides)
@@ -299,6 +306,7 @@ class ExampleMaker:
     key = int(element) // c.examples_per_video
     rec, regime = self._record_for(rng, key, requested)
     label, weight, neg_source, neg_key, unmasked = 0, 0.0, NEGATIVE_NONE, -1, False
+    forecast = None
     if regime == sequence.REGIME_TEXT:
       window = _window(rng, rec.text_segs, k_req)
       packed = self.layout.text_only(rec.text_of(window))
@@ -307,7 +315,12 @@ class ExampleMaker:
         k_req = int(rng.integers(1, c.max_concat_video + 1))
       window = _window(rng, rec.clip_segs, k_req)
       b, e = rec.clip_range(window)
-      packed = self.layout.video_only(_subsample(rng, rec.clips[b:e], rate))
+      forecast = self._boundary(rng, rec, window, b)
+      if forecast is not None:  # the context subsampled as usual; the forecast clip kept
+        packed = self.layout.video_next(_subsample(rng, rec.clips[b:forecast], rate),
+                                        rec.clips[forecast:forecast + 1])
+      else:
+        packed = self.layout.video_only(_subsample(rng, rec.clips[b:e], rate))
     else:
       window = _window(rng, rec.pair_segs, k_req)
       b, e = rec.clip_range(window)
@@ -323,7 +336,7 @@ class ExampleMaker:
       packed = self.layout.pair(rec.text_of(window), _subsample(rng, clips, rate))
     out = packed.as_dict()
     masking = dataclasses.replace(c.masking, rate=0.0) if unmasked else c.masking
-    out.update(masking.mask_example(rng, packed.input_ids, c.vocab))
+    out.update(masking.mask_example(rng, packed.input_ids, c.vocab, forecast is not None))
     out["lva_label"] = np.int32(label)
     out["lva_weight"] = np.float32(weight)
     out["truncated"] = np.int32(packed.truncated)
@@ -332,6 +345,16 @@ class ExampleMaker:
                 rate if regime != sequence.REGIME_TEXT else 0, neg_source, neg_key)
       out.update({name: np.int32(v) for name, v in zip(DEBUG_KEYS, values)})
     return out
+
+  def _boundary(self, rng: np.random.Generator, rec: _Record, window: np.ndarray, begin: int
+                ) -> int | None:
+    """The clip a video-only example forecasts (the first of its window's last segment, with
+    clips before it), or None: a draw of `video_boundary_rate`, made only when asked for."""
+    rate = self.config.video_boundary_rate
+    if rate <= 0 or len(window) < 2 or not rng.random() < rate:
+      return None
+    first = int(rec.seg_begin[window[-1]])
+    return first if first > begin else None
 
   def _record_for(self, rng: np.random.Generator, key: int, regime: int
                   ) -> tuple[_Record, int]:

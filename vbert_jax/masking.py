@@ -44,15 +44,18 @@ def _random_text_ids(vocab: JointVocab) -> np.ndarray:
 
 def _mask_modality(rng: np.random.Generator, ids: np.ndarray, eligible: np.ndarray,
                    max_predictions: int, rate: float, mask_prob: float, random_prob: float,
-                   mask_id: int, draw_random, suffix: bool = False
+                   mask_id: int, draw_random, suffix: bool = False, last_only: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Masks one modality of `ids` in place; returns (positions, original ids, weights) slots.
 
   `suffix`: the last eligible tokens are the ones masked, all by `mask_id` (a forecast: the
-  model sees the past only), instead of a random choice split 80-10-10.
+  model sees the past only), instead of a random choice split 80-10-10. `last_only`: the last
+  eligible token alone, whatever the rate.
   """
   candidates = np.flatnonzero(eligible)
   count = num_to_predict(len(candidates), max_predictions, rate)
+  if last_only:
+    count, suffix = min(1, len(candidates), max_predictions), True
   if suffix:
     chosen = candidates[len(candidates) - count:]
   else:
@@ -75,12 +78,14 @@ def _mask_modality(rng: np.random.Generator, ids: np.ndarray, eligible: np.ndarr
 def mask_example(rng: np.random.Generator, packed_input_ids: np.ndarray, vocab: JointVocab,
                  max_predictions_text: int, max_predictions_video: int, rate: float = 0.15,
                  mask_prob: float = 0.8, random_prob: float = 0.1,
-                 video_suffix_rate: float = 0.0) -> dict[str, np.ndarray]:
+                 video_suffix_rate: float = 0.0, video_forecast: bool = False
+                 ) -> dict[str, np.ndarray]:
   """BERT masking of one packed sequence [L], per modality.
 
   With probability `video_suffix_rate` the video's masked tokens are its last ones, all
   replaced by [MASK]: the forecasting task, which random masking (a gap with both neighbours
-  in view) rarely poses.
+  in view) rarely poses. `video_forecast`: the last visual token alone is masked (the input
+  pipeline's forecast of a segment's first clip from the segments before it).
 
   Returns `input_ids` (masked copy), `mlm_positions` / `mlm_ids` (original text ids) /
   `mlm_weights` with `max_predictions_text` slots, and `mvm_positions` / `mvm_ids` (original
@@ -96,7 +101,8 @@ def mask_example(rng: np.random.Generator, packed_input_ids: np.ndarray, vocab: 
                      f"{random_prob}, video_suffix_rate={video_suffix_rate}; expected rate and "
                      f"video_suffix_rate in [0, 1] and mask_prob + random_prob <= 1")
   # Drawn only when asked for, so that recipes without it keep their random streams.
-  suffix = video_suffix_rate > 0 and bool(rng.random() < video_suffix_rate)
+  suffix = (video_suffix_rate > 0 and not video_forecast
+            and bool(rng.random() < video_suffix_rate))
   text_pool = _random_text_ids(vocab)
   # Eligibility is decided on the unmasked ids, before either modality is changed.
   is_text, is_visual = vocab.is_text(ids), vocab.is_visual(ids)
@@ -105,7 +111,7 @@ def mask_example(rng: np.random.Generator, packed_input_ids: np.ndarray, vocab: 
   mvm = _mask_modality(rng, ids, is_visual, max_predictions_video, rate, mask_prob, random_prob,
                        vocab.specials.mask,
                        lambda k: vocab.visual_offset + rng.integers(0, vocab.visual_size, size=k),
-                       suffix)
+                       suffix, video_forecast)
   mvm_ids = np.where(mvm[2] > 0, mvm[1] - vocab.visual_offset, 0).astype(np.int32)
   return {"input_ids": ids,
           "mlm_positions": mlm[0], "mlm_ids": mlm[1], "mlm_weights": mlm[2],
@@ -143,10 +149,10 @@ class MaskingConfig:
     return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m})
 
   def mask_example(self, rng: np.random.Generator, packed_input_ids: np.ndarray,
-                   vocab: JointVocab) -> dict[str, np.ndarray]:
+                   vocab: JointVocab, video_forecast: bool = False) -> dict[str, np.ndarray]:
     return mask_example(rng, packed_input_ids, vocab, self.max_predictions_text,
                         self.max_predictions_video, self.rate, self.mask_prob, self.random_prob,
-                        self.video_suffix_rate)
+                        self.video_suffix_rate, video_forecast)
 
   def mask_batch(self, rng: np.random.Generator, input_ids: np.ndarray,
                  vocab: JointVocab) -> dict[str, np.ndarray]:

@@ -239,6 +239,24 @@ class Layout:
     return _pad(tokens, segments, self.max_len, sp.pad, REGIME_VIDEO,
                 len(video) < len(visual_tokens))
 
+  def video_next(self, visual_tokens: Sequence[int], next_tokens: Sequence[int]) -> Packed:
+    """[CLS] video [>] next [SEP]: clips, then the clips after a boundary (a video-only
+    example; [>] and the text segment id mark the boundary, as in the paper's pair layout).
+    The earliest clips give way when it does not fit: a forecast needs the recent past."""
+    sp = self.specials
+    room = self.max_len - 3 - len(next_tokens)
+    if room < 1:
+      raise ValueError(f"{len(next_tokens)} clips after the boundary leave no room for the "
+                       f"clips before it in max_len={self.max_len}")
+    kept = list(visual_tokens)[-room:]
+    video = self.vocab.visual_to_joint(kept)
+    after = self.vocab.visual_to_joint(list(next_tokens))
+    tokens = [sp.cls, *video.tolist(), sp.video_sep, *after.tolist(), sp.sep]
+    segments = ([SEGMENT_TEXT] + [SEGMENT_VIDEO] * len(video) + [SEGMENT_TEXT]
+                + [SEGMENT_VIDEO] * (len(after) + 1))
+    return _pad(tokens, segments, self.max_len, sp.pad, REGIME_VIDEO,
+                len(kept) < len(visual_tokens))
+
   def video_then_text(self, visual_tokens: Sequence[int], text_ids: Sequence[int]) -> Packed:
     """[CLS] video [>] text [SEP]: the prompt order the paper's zero-shot figure shows."""
     sp = self.specials

@@ -7,6 +7,9 @@ before it) these forecasters guess what comes next:
 
 - the model: the most likely visual token after the clips so far (the forecasting prompt);
 - a bigram of the training videos' clip tokens, from the last clip's token;
+- a bigram told that a step ends: the first token of the next step most often seen after the
+  last clip's token at the training videos' boundaries (the fair comparison for a model asked
+  in the "pair" prompt, [>] before the forecast, which is told so too);
 - a forecaster told the next step (a reference, not a competitor): the token that step's first
   clip most often had in the training videos;
 - a step-level n-gram of the training narration: the (verb, noun) said next after the last two
@@ -85,6 +88,24 @@ def _first_tokens(train: Sequence) -> Callable[[str, str], int]:
   return lambda verb, noun: commonest(by_step.get((verb, noun)) or anywhere)
 
 
+def positions(video) -> list[int]:
+  """The clip index t of each boundary of a video: the first clip of every step after the
+  first that has a clip before it."""
+  return [int(step.clips[0]) for step in video.steps[1:] if int(step.clips[0]) >= 1]
+
+
+def _boundary_bigram(train: Sequence) -> Callable[[int], int]:
+  """The first token of the next step most often seen after `last` at the training videos'
+  boundaries; the commonest first token after a token never seen at one. Ties: the smaller."""
+  after: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+  for v in train:
+    for t in positions(v):
+      after[int(v.tokens[t - 1])][int(v.tokens[t])] += 1
+  anywhere = sum(after.values(), collections.Counter())
+  commonest = lambda c: min(c, key=lambda k: (-c[k], k)) if c else -1  # noqa: E731
+  return lambda last: commonest(after.get(last) or anywhere)
+
+
 def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], int],
              vocab, nearest: int) -> dict:
   """Scores at every boundary of the `held` videos. `predict(video, t)` is the model's next
@@ -94,6 +115,7 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
                 for v in train for c in range(len(v.tokens))}
   meaning_verb, meaning_noun = token_meanings(vocab, clip_truth, nearest)
   token_bigram = baselines.Bigram([v.tokens for v in train]).predict
+  boundary_bigram = _boundary_bigram(train)
   step_ngram = predictability.StepNgram(
       [[(vb, n) for _, vb, n in said_steps(v.truth)] for v in train], STEP_ORDER)
   told = _first_tokens(train)
@@ -105,7 +127,9 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
       if t < 1:
         continue
       truth = (words.VERBS.index(step.verb), words.NOUNS.index(step.noun))
-      guesses = {"model": predict(v, t), "bigram": token_bigram(int(v.tokens[t - 1]))}
+      last = int(v.tokens[t - 1])
+      guesses = {"model": predict(v, t), "bigram": token_bigram(last),
+                 "boundary_bigram": boundary_bigram(last)}
       for name, token in guesses.items():
         rows[f"{name}_token"].append(token == int(v.tokens[t]))
         rows[f"{name}_verb"].append(meaning_verb[token] == truth[0])
@@ -122,5 +146,6 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
          **{k: float(x.mean()) for k, x in hits.items()}}
   for what in ("token", "verb", "noun"):
     out[f"{what}_vs_bigram"] = _paired(hits[f"model_{what}"], hits[f"bigram_{what}"])
+  out["token_vs_boundary_bigram"] = _paired(hits["model_token"], hits["boundary_bigram_token"])
   return out
 

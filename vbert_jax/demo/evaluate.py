@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -341,6 +341,9 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
   predicted = _next_tokens(config, bundle, held)
   accuracy = float(np.mean([token == int(v.tokens[t]) for v in held
                             for t, token in predicted[v.video_id].items()]))
+  layout = config.tasks.boundary_layout
+  if layout != "video_only":  # asked after [>]: told that a step ends here
+    predicted = _next_tokens(config, bundle, held, layout, boundaries.positions)
   at_boundaries = boundaries.evaluate(held, _training(videos),
                                       lambda v, t: predicted[v.video_id][t],
                                       bundle.visual_vocab, config.vocab.nearest)
@@ -359,14 +362,17 @@ def forecasting(config: ml_collections.ConfigDict, bundle, videos: Sequence[Vide
           "boundaries": at_boundaries}
 
 
-def _next_tokens(config: ml_collections.ConfigDict, bundle, held: Sequence[Video]
+def _next_tokens(config: ml_collections.ConfigDict, bundle, held: Sequence[Video],
+                 layout: str = "video_only",
+                 where: Callable[[Video], Sequence[int]] = lambda v: range(1, len(v.tokens))
                  ) -> dict[str, dict[int, int]]:
   """The model's most likely next token after the first t clips of each held-out video, for
-  every t from 1: {video_id: {t: token}}."""
+  every t of `where(video)` (default: every t from 1), asked in the forecasting prompt's
+  `layout`: {video_id: {t: token}}."""
   keys, packed, slots = [], [], []
   for v in held:
-    for t in range(1, len(v.tokens)):
-      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, "video_only",
+    for t in where(v):
+      p, pos = prompts.forecast(bundle.layout, v.tokens[:t], 1, layout,
                                 config.tasks.forecast_context)
       keys.append((v.video_id, t))
       packed.append(p)

@@ -97,6 +97,9 @@ def boundary_rows(at: Mapping[str, Any] | None) -> list[Row]:
   se = at["token_vs_bigram"]["standard_error"]
   out = [_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
               at["bigram_token"], "token bigram", f"> bigram + 2 s.e. ({2 * se:.3f})", on)]
+  if "boundary_bigram_token" in at:
+    out.append(_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
+                    at["boundary_bigram_token"], "token bigram told that a step ends", on=on))
   if "told_step_token" in at:
     out.append(_row(f"{task}: first clip's token", "top-1", at["model_token"], None,
                     at["told_step_token"], "told the next step: its commonest first token",

@@ -215,7 +215,8 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
   """The video so far followed by `horizon` masked slots; returns (packed, slot positions).
 
   video_only: [CLS] v1 ... vN [MASK] ... [SEP] (pretraining's video-only regime);
-  pair:       [CLS] v1 ... vN [>] [MASK] ... [SEP] (the future after the separator).
+  pair:       [CLS] v1 ... vN [>] [MASK] ... [SEP] (the future after the separator: what
+              follows a boundary, as pretraining's `input.video_boundary_rate` examples ask).
   The most recent tokens are kept when the video does not fit, or when it is longer than
   `context` (None: as many as fit). A context no longer than pretraining's video-only examples
   (minus the horizon) keeps the prompt at positions the model was trained at.
@@ -238,10 +239,8 @@ def forecast(layout: sequence.Layout, visual_tokens: Sequence[int], horizon: int
     packed = layout.video_only(np.concatenate([video, np.zeros(horizon, np.int64)]))
     start = 1 + n
   else:
-    packed = layout.video_then_text(video, [0] * horizon)
+    packed = layout.video_next(video, np.zeros(horizon, np.int64))
     start = 2 + n
   positions = np.arange(start, start + horizon, dtype=np.int32)
-  # The future is video, as is the [SEP] that closes it in pretraining's layouts.
-  packed.segment_ids[start:start + horizon + 1] = sequence.SEGMENT_VIDEO
   _mask_video(packed, positions, layout.specials.mask)
   return packed, positions
