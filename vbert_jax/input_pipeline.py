@@ -167,8 +167,9 @@ class PipelineConfig:
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in ("negative_other_video", "unmasked_pair_rate", "max_concat", "max_concat_video",
-                "video_boundary_rate", "max_subsample_rate", "examples_per_video", "pack_examples", "max_example_len",
-                "read_threads", "prefetch_buffer_size", "worker_count", "worker_buffer_size"):
+                "video_boundary_rate", "max_subsample_rate", "examples_per_video",
+                "pack_examples", "max_example_len", "read_threads", "prefetch_buffer_size",
+                "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
     fields.update(overrides)
     return cls(**fields)
