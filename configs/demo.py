@@ -135,11 +135,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   # World seeds. Every setting below was chosen on worlds of the validation seeds (the full
-  # world's 0, the small world's 0-2); the test seeds never chose anything, and the figures are
-  # reported on them: `make demo` runs the first, `python -m vbert_jax.demo.worlds` all three.
-  # The end-to-end test (size=small) runs its test seed.
+  # world's 0, and since the world has recipes 0-2; the small world's 0-2); the test seeds
+  # never chose anything, and the figures are reported on them: `make demo` runs the first,
+  # `python -m vbert_jax.demo.worlds` all three. The end-to-end test (size=small) runs its test
+  # seed.
   c.world_seeds = ml_collections.ConfigDict(dict(
-      validation=(0,) if full else (0, 1, 2), test=(10, 11, 12) if full else (3,)))
+      validation=(0, 1, 2), test=(10, 11, 12) if full else (3,)))
 
   # The generated world (vbert_jax/demo/world): every round(1 / val_fraction)-th video is held out.
   # 176 videos (132 for training, 44 held out): on fewer than 108 training videos alignment

@@ -237,6 +237,16 @@ def test_results_table_puts_chance_and_baselines_beside_each_figure():
   assert len(table) == 2 + 4 + 2 + 1 + 8 + 2 + 1 + 7 + 4
 
 
+def test_alignment_auc_matches_scikit_learn():
+  from sklearn import metrics
+  rng = np.random.default_rng(0)
+  # Rounded scores, so that ties between a positive and a negative occur and count half.
+  pos, neg = np.round(rng.normal(1, 1, 40), 1), np.round(rng.normal(0, 1, 55), 1)
+  want = metrics.roc_auc_score(np.r_[np.ones(40), np.zeros(55)], np.r_[pos, neg])
+  assert evaluate.roc_auc(pos, neg) == pytest.approx(want, abs=1e-12)
+  assert evaluate.roc_auc(np.array([2.0, 3.0]), np.array([1.0, 2.0])) == 0.875
+
+
 def test_boundary_prompts_ask_after_the_separator_at_each_boundary(monkeypatch):
   asked = []
 

@@ -228,9 +228,20 @@ def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
     logits.append(np.asarray(out["lva_logits"]).reshape(-1))
   logits, labels = np.concatenate(logits), np.array(labels)
   ceiling = _token_ceiling(_training(videos), pairs, bundle.visual_vocab.size)
+  pos, neg = logits[labels == 1], logits[labels == 0]
   return {"pairs": len(labels), "positives": int(labels.sum()),
           "accuracy": float(np.mean((logits > 0) == (labels == 1))), "chance": 0.5,
-          "token_ceiling": float(np.mean((ceiling > 0) == (labels == 1)))}
+          "token_ceiling": float(np.mean((ceiling > 0) == (labels == 1))),
+          # Whether a threshold other than 0 would do better: the errors of each kind, and the
+          # area under the ROC curve (the chance that a positive outscores a negative).
+          "false_positive": float(np.mean(neg > 0)), "false_negative": float(np.mean(pos <= 0)),
+          "auc": roc_auc(pos, neg)}
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+  """P(a positive's score > a negative's), ties counting half (the Mann-Whitney statistic)."""
+  diff = np.asarray(positive, np.float64)[:, None] - np.asarray(negative, np.float64)[None, :]
+  return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
 def _token_ceiling(train: Sequence[Video], pairs: Sequence[tuple[Step, Step]],
