@@ -241,7 +241,7 @@ class Layout:
 
   def video_next(self, visual_tokens: Sequence[int], next_tokens: Sequence[int]) -> Packed:
     """[CLS] video [>] next [SEP]: clips, then the clips after a boundary (a video-only
-    example; [>] and the text segment id mark the boundary, as in the paper's pair layout).
+    example; [>] with the text segment id marks the boundary, where a pair puts its video).
     The earliest clips give way when it does not fit: a forecast needs the recent past."""
     sp = self.specials
     room = self.max_len - 3 - len(next_tokens)
