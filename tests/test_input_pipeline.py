@@ -157,9 +157,9 @@ def test_boundary_forecasts_end_at_a_segment_start_and_mask_it_alone(records):
     slots = r["mvm_positions"][r["mvm_weights"] > 0]
     # A forecast ends at the first clip of a segment, after whole segments, and asks for that
     # clip alone, hidden by [MASK].
-    last = int(r["mvm_ids"][0]) % CLIPS_PER_RECORD
     if len(slots) == 1:
       forecasts += 1
+      last = int(r["mvm_ids"][0]) % CLIPS_PER_RECORD
       assert r["debug_concat"] > 1 and slots[0] == visual[-1] and len(visual) >= 4
       assert ids[visual[-1]] == VOCAB.specials.mask
       assert last in records[r["debug_record"]]["segment_clip_begin"]

@@ -53,9 +53,10 @@ def _mask_modality(rng: np.random.Generator, ids: np.ndarray, eligible: np.ndarr
   eligible token alone, whatever the rate.
   """
   candidates = np.flatnonzero(eligible)
-  count = num_to_predict(len(candidates), max_predictions, rate)
   if last_only:
     count, suffix = min(1, len(candidates), max_predictions), True
+  else:
+    count = num_to_predict(len(candidates), max_predictions, rate)
   if suffix:
     chosen = candidates[len(candidates) - count:]
   else:

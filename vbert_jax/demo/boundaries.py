@@ -88,10 +88,15 @@ def _first_tokens(train: Sequence) -> Callable[[str, str], int]:
   return lambda verb, noun: commonest(by_step.get((verb, noun)) or anywhere)
 
 
+def _boundary_steps(video) -> list[tuple[object, int]]:
+  """(step, t) for every step after the first with a clip before it; t: its first clip."""
+  return [(step, int(step.clips[0])) for step in video.steps[1:] if int(step.clips[0]) >= 1]
+
+
 def positions(video) -> list[int]:
   """The clip index t of each boundary of a video: the first clip of every step after the
   first that has a clip before it."""
-  return [int(step.clips[0]) for step in video.steps[1:] if int(step.clips[0]) >= 1]
+  return [t for _, t in _boundary_steps(video)]
 
 
 def _boundary_bigram(train: Sequence) -> Callable[[int], int]:
@@ -122,10 +127,7 @@ def evaluate(held: Sequence, train: Sequence, predict: Callable[[object, int], i
   rows = collections.defaultdict(list)
   for v in held:
     said = said_steps(v.truth)
-    for step in v.steps[1:]:
-      t = int(step.clips[0])
-      if t < 1:
-        continue
+    for step, t in _boundary_steps(v):
       truth = (words.VERBS.index(step.verb), words.NOUNS.index(step.noun))
       last = int(v.tokens[t - 1])
       guesses = {"model": predict(v, t), "bigram": token_bigram(last),
