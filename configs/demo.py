@@ -78,7 +78,7 @@ def _pretrain(size: str) -> ml_collections.ConfigDict:
   c.loss.masked_on_negatives = False
   if size == "full":
     # Four layers, chosen on the validation worlds: they met more targets there than two
-    # (docs/demo.md), for about a minute more of pretraining.
+    # (docs/demo.md), for about a minute and a half more of pretraining.
     c.model.num_layers = 4
     # Alignment from whole sentences and clips: half the video-text examples are shown
     # unmasked, half of those with another video's clips, and train LVA alone (the rest train
