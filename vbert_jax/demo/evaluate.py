@@ -208,12 +208,15 @@ def _narration(video: Video) -> dict[int, str]:
 
 def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]) -> dict:
   """LVA accuracy on held-out (sentence, clips) pairs: each correctly narrated step once with
-  its own clips and once with those of a step that shares neither verb nor noun. Beside it,
-  the same pairs decided by `_token_ceiling`."""
+  its own clips and once with those of a step that shares neither verb nor noun (the first
+  `tasks.lva_pairs // 2` steps; 0: every one). Beside it, the same pairs decided by
+  `_token_ceiling`."""
   rng = np.random.default_rng([config.seed, 5])
   steps = [s for v in _held_out(videos) for s in v.steps]
   said = [(s, text) for v in _held_out(videos) for s in v.steps
-          if (text := _narration(v).get(s.index))][:config.tasks.lva_pairs // 2]
+          if (text := _narration(v).get(s.index))]
+  if config.tasks.lva_pairs:
+    said = said[:config.tasks.lva_pairs // 2]
   packed, labels, pairs = [], [], []
   for step, text in said:
     ids = bundle.tokenizer.encode(text)
