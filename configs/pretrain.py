@@ -144,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_concat=3, max_subsample_rate=5, negative_other_video=0.5, examples_per_video=8,
       # Share of video-text examples shown unmasked, for LVA alone (0: the paper's recipe).
       unmasked_pair_rate=0.0,
+      unmasked_word_dropout=0.0,  # chance that each word of such a pair is hidden, as noise
       max_concat_video=0,  # segments per video-only example: 1..n (0: as max_concat)
       # Video-only examples that forecast the first clip of their last segment (input_pipeline).
       video_boundary_rate=0.0,

@@ -125,6 +125,26 @@ def test_unmasked_pairs_alone_train_alignment(records):
     pipeline_config(unmasked_pair_rate=2)
 
 
+def test_unmasked_pairs_drop_words_as_noise_only(records):
+  """unmasked_word_dropout hides each text token of an unmasked pair with its probability, and
+  nothing else: the same examples without it differ only there, and nothing is predicted."""
+  runs = [rows(take(ip.make_pipeline(pipeline_config(
+      unmasked_pair_rate=1.0, unmasked_word_dropout=p, regime_weights=(0.0, 0.0, 1.0),
+      batch_size=50), records), 20)) for p in (0.3, 0.0)]
+  dropped = total = 0
+  for a, b in zip(*runs):
+    assert a["lva_weight"] == 1.0 and a["mlm_weights"].sum() == 0 and a["mvm_weights"].sum() == 0
+    diff = a["input_ids"] != b["input_ids"]
+    assert (a["input_ids"][diff] == VOCAB.specials.mask).all()
+    assert VOCAB.is_text(b["input_ids"][diff]).all()
+    dropped += diff.sum()
+    total += VOCAB.is_text(b["input_ids"]).sum()
+  # Binomial: four standard errors of the share over `total` independent draws.
+  assert abs(dropped / total - 0.3) < 4 * np.sqrt(0.3 * 0.7 / total), (dropped, total)
+  with pytest.raises(ValueError, match="unmasked_word_dropout=1.5"):
+    pipeline_config(unmasked_word_dropout=1.5)
+
+
 def test_video_only_examples_join_their_own_number_of_segments(records):
   cfg = pipeline_config(masking=masking_lib.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
                         max_concat_video=5, max_subsample_rate=1)

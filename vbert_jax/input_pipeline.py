@@ -76,6 +76,10 @@ class PipelineConfig:
   # among them), while the masked rest are positives for MLM/MVM only. 0: the paper's recipe,
   # LVA on every masked video-text example.
   unmasked_pair_rate: float = 0.0
+  # Each text token of those unmasked pairs becomes [MASK] with this probability, as input noise
+  # with nothing to predict: LVA can then not tell a training pair by its whole sentence,
+  # learned by heart, and must go by the words the clips show.
+  unmasked_word_dropout: float = 0.0
   max_concat: int = 3  # neighbouring sentences (segments) joined into one example: 1..n
   # Neighbouring segments joined into a video-only example: 1..n (0: as max_concat). Longer
   # video-only windows than sentence windows give masked clips a past to be predicted from.
@@ -109,7 +113,7 @@ class PipelineConfig:
       problems.append(f"regimes (text, video, pair)={self.regime_weights}: expected three "
                       f"non-negative numbers, not all zero")
     for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate",
-                 "video_boundary_rate"):
+                 "unmasked_word_dropout", "video_boundary_rate"):
       if not 0 <= getattr(self, name) <= 1:
         problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
     for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size",
@@ -166,8 +170,9 @@ class PipelineConfig:
         regime_weights=(config.regimes.text, config.regimes.video, config.regimes.pair),
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for key in ("negative_other_video", "unmasked_pair_rate", "max_concat", "max_concat_video",
-                "video_boundary_rate", "max_subsample_rate", "examples_per_video",
+    for key in ("negative_other_video", "unmasked_pair_rate", "unmasked_word_dropout",
+                "max_concat", "max_concat_video", "video_boundary_rate", "max_subsample_rate",
+                "examples_per_video",
                 "pack_examples", "max_example_len", "read_threads", "prefetch_buffer_size",
                 "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
@@ -336,6 +341,8 @@ class ExampleMaker:
           label = 0
       packed = self.layout.pair(rec.text_of(window), _subsample(rng, clips, rate))
     out = packed.as_dict()
+    if unmasked and c.unmasked_word_dropout > 0:  # drawn only when asked for, as above
+      _drop_words(rng, packed.input_ids, c.vocab, c.unmasked_word_dropout)
     masking = dataclasses.replace(c.masking, rate=0.0) if unmasked else c.masking
     out.update(masking.mask_example(rng, packed.input_ids, c.vocab, forecast is not None))
     out["lva_label"] = np.int32(label)
@@ -413,6 +420,13 @@ class ExampleMaker:
         b, e = other.clip_range(_window(rng, other.clip_segs, k))
         return other.clips[b:e], NEGATIVE_OTHER_VIDEO, key
     return None
+
+
+def _drop_words(rng: np.random.Generator, ids: np.ndarray, vocab: sequence.JointVocab,
+                rate: float) -> None:
+  """Each text token of `ids` becomes [MASK] with probability `rate`, in place."""
+  text = np.flatnonzero(vocab.is_text(ids))
+  ids[text[rng.random(len(text)) < rate]] = vocab.specials.mask
 
 
 def _supports(rec: _Record, regime: int) -> bool:
