@@ -222,8 +222,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # "pair" (the clip after [>]: told that a step ends there).
       boundary_layout="video_only",
       # Every correctly narrated held-out step (0; N: the first N / 2), each with its own and
-      # with another step's clips: 133-158 steps a test world, where 100 left the figure a
-      # sampling error of about 0.03 from the target it is judged by.
+      # with another step's clips: fewer would leave the figure a sampling error as large as the
+      # margin its target is judged by.
       lva_pairs=0,
       # Retrieval ranks by LVA's logits less each candidate's log-sum-exp over the queries
       # (tasks/retrieval.py dual_softmax): on the validation world it raised R@1, R@5 and R@10
