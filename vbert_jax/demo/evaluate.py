@@ -213,8 +213,8 @@ def alignment(config: ml_collections.ConfigDict, bundle, videos: Sequence[Video]
   `_token_ceiling`."""
   rng = np.random.default_rng([config.seed, 5])
   steps = [s for v in _held_out(videos) for s in v.steps]
-  said = [(s, text) for v in _held_out(videos) for s in v.steps
-          if (text := _narration(v).get(s.index))]
+  said = [(s, text) for v, told in ((v, _narration(v)) for v in _held_out(videos))
+          for s in v.steps if (text := told.get(s.index))]
   if config.tasks.lva_pairs:
     said = said[:config.tasks.lva_pairs // 2]
   packed, labels, pairs = [], [], []
