@@ -145,6 +145,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Share of video-text examples shown unmasked, for LVA alone (0: the paper's recipe).
       unmasked_pair_rate=0.0,
       unmasked_word_dropout=0.0,  # chance that each word of such a pair is hidden, as noise
+      # LVA negatives that keep the clips and change one word for another of its group
+      # (input_pipeline.PipelineConfig.word_swap_rate); swap_words: "verb, verb; noun, noun".
+      word_swap_rate=0.0, swap_words="",
       max_concat_video=0,  # segments per video-only example: 1..n (0: as max_concat)
       # Video-only examples that forecast the first clip of their last segment (input_pipeline).
       video_boundary_rate=0.0,

@@ -145,6 +145,54 @@ def test_unmasked_pairs_drop_words_as_noise_only(records):
     pipeline_config(unmasked_word_dropout=1.5)
 
 
+# Word 1 of every sentence in one group ("verbs"), word 3 in another ("nouns").
+SWAP_GROUPS = tuple(tuple(TEXT0 + 100 * r + 5 * s + j for r in range(12) for s in range(SENTENCES))
+                    for j in (1, 3))
+
+
+def test_word_swap_negatives_keep_the_clips_and_change_one_word_of_its_group(records):
+  """word_swap_rate=1: every negative is the sentence's own clips with one grouped word changed
+  for another of its group; positives and everything drawn before the choice stay as without."""
+  plain = dict(unmasked_pair_rate=1.0, regime_weights=(0.0, 0.0, 1.0), max_concat=1,
+               max_subsample_rate=1, lva_negative_rate=0.5, batch_size=50)
+  swap, base = (rows(take(ip.make_pipeline(pipeline_config(
+      **plain, word_swap_rate=rate, swap_groups=SWAP_GROUPS if rate else ()), records), 8))
+      for rate in (1.0, 0.0))
+  group_of = {i: g for g, ids in enumerate(SWAP_GROUPS) for i in ids}
+  swapped = 0
+  for a, b in zip(swap, base):
+    assert a["lva_label"] == b["lva_label"]
+    text_a, clips_a = _parts(a)
+    text_b, clips_b = _parts(b)
+    if a["lva_label"] == 1:
+      np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+      continue
+    assert a["debug_negative_source"] == ip.NEGATIVE_WORD_SWAP
+    rec, s = divmod(int(text_b[0]) - TEXT0, 100)
+    np.testing.assert_array_equal(clips_a, CLIPS_PER_RECORD * rec + 3 * (s // 5) + np.arange(3))
+    changed = np.flatnonzero(text_a != text_b)
+    assert len(changed) == 1 and changed[0] in (1, 3), (text_a, text_b)
+    assert group_of[int(text_a[changed[0]])] == group_of[int(text_b[changed[0]])]
+    swapped += 1
+  assert swapped > 100, swapped
+  with pytest.raises(ValueError, match="expected one or more groups, each of two or more"):
+    pipeline_config(word_swap_rate=0.5, swap_groups=((TEXT0,),))
+  with pytest.raises(ValueError, match="a word may be in one group only"):
+    pipeline_config(word_swap_rate=0.5, swap_groups=((TEXT0, TEXT0 + 1), (TEXT0 + 1, TEXT0 + 2)))
+
+
+def test_swap_words_are_read_with_the_configs_tokenizer(tmp_path):
+  """input.swap_words becomes text ids of one piece each; the rest are left out, not guessed."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[>]", "cut", "stir",
+                              "egg", "tomato", "fish", "##y", "pour"]) + "\n")
+  config = ml_collections.ConfigDict(dict(
+      text=dict(tokenizer="wordpiece", vocab=str(vocab), lowercase="auto"),
+      input=dict(swap_words="cut, stir, fishy; egg tomato, kiwi; pour")))
+  assert ip.swap_groups(config) == ((6, 7), (8, 9))
+
+
 def test_video_only_examples_join_their_own_number_of_segments(records):
   cfg = pipeline_config(masking=masking_lib.MaskingConfig(rate=0.0), batch_size=50, max_concat=1,
                         max_concat_video=5, max_subsample_rate=1)

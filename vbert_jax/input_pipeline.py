@@ -43,6 +43,7 @@ import zlib
 from typing import Any, Mapping, Sequence
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
@@ -50,6 +51,7 @@ from vbert_jax import masking as masking_lib
 from vbert_jax import packing
 from vbert_jax import sequence
 from vbert_jax import stream
+from vbert_jax.text import tokenizers
 
 SPLIT_CODES = {"train": 0, "eval": 1}
 # How many records an example may look at before it settles for another regime.
@@ -58,7 +60,7 @@ _MAX_TRIES = 8
 DEBUG_KEYS = ("debug_index", "debug_epoch", "debug_record", "debug_regime_requested",
               "debug_concat_requested", "debug_concat", "debug_rate", "debug_negative_source",
               "debug_negative_record")
-NEGATIVE_NONE, NEGATIVE_SAME_VIDEO, NEGATIVE_OTHER_VIDEO = -1, 0, 1
+NEGATIVE_NONE, NEGATIVE_SAME_VIDEO, NEGATIVE_OTHER_VIDEO, NEGATIVE_WORD_SWAP = -1, 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,13 @@ class PipelineConfig:
   # with nothing to predict: LVA can then not tell a training pair by its whole sentence,
   # learned by heart, and must go by the words the clips show.
   unmasked_word_dropout: float = 0.0
+  # This share of LVA negatives keeps the sentence's own clips and changes one of its words for
+  # another of the same group (`swap_groups`: text ids of interchangeable words, such as the
+  # narration's verbs, or its nouns): a negative told apart only by a word the clips show, where
+  # a negative with other clips also differs in everything else. A sentence with none of those
+  # words takes a negative of other clips.
+  word_swap_rate: float = 0.0
+  swap_groups: tuple[tuple[int, ...], ...] = ()
   max_concat: int = 3  # neighbouring sentences (segments) joined into one example: 1..n
   # Neighbouring segments joined into a video-only example: 1..n (0: as max_concat). Longer
   # video-only windows than sentence windows give masked clips a past to be predicted from.
@@ -113,9 +122,10 @@ class PipelineConfig:
       problems.append(f"regimes (text, video, pair)={self.regime_weights}: expected three "
                       f"non-negative numbers, not all zero")
     for name in ("lva_negative_rate", "negative_other_video", "unmasked_pair_rate",
-                 "unmasked_word_dropout", "video_boundary_rate"):
+                 "unmasked_word_dropout", "word_swap_rate", "video_boundary_rate"):
       if not 0 <= getattr(self, name) <= 1:
         problems.append(f"{name}={getattr(self, name)}: expected a probability in [0, 1]")
+    problems += _swap_group_problems(self)
     for name in ("max_concat", "max_subsample_rate", "examples_per_video", "batch_size",
                  "pack_examples"):
       if getattr(self, name) < 1:
@@ -171,11 +181,13 @@ class PipelineConfig:
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in ("negative_other_video", "unmasked_pair_rate", "unmasked_word_dropout",
-                "max_concat", "max_concat_video", "video_boundary_rate", "max_subsample_rate",
+                "word_swap_rate", "max_concat", "max_concat_video", "video_boundary_rate", "max_subsample_rate",
                 "examples_per_video",
                 "pack_examples", "max_example_len", "read_threads", "prefetch_buffer_size",
                 "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
+    if fields["word_swap_rate"] > 0:
+      fields["swap_groups"] = swap_groups(config)
     fields.update(overrides)
     return cls(**fields)
 
@@ -275,6 +287,10 @@ class ExampleMaker:
     self.regime_cdf = np.cumsum(config.regime_p)
     self.split_code = SPLIT_CODES[config.split]
     self.elements_per_epoch = self.num_records * config.examples_per_video
+    # Text id -> its swap group (-1: none).
+    self.swap_group = np.full(config.vocab.text_size, -1, np.int32)
+    for g, ids in enumerate(config.swap_groups):
+      self.swap_group[list(ids)] = g
 
   def record(self, key: int) -> _Record:
     return _Record(key, self.source[key], self.config.vocab)
@@ -330,16 +346,19 @@ class ExampleMaker:
     else:
       window = _window(rng, rec.pair_segs, k_req)
       b, e = rec.clip_range(window)
-      clips, label, weight = rec.clips[b:e], 1, 1.0
+      clips, text, label, weight = rec.clips[b:e], rec.text_of(window), 1, 1.0
       if c.unmasked_pair_rate > 0:  # drawn only when asked for: other recipes keep their streams
         unmasked = bool(rng.random() < c.unmasked_pair_rate)
         negative, weight = negative and unmasked, float(unmasked)
       if negative:
-        found = self._negative(rng, rec, (b, e), len(window))
-        if found is not None:
+        swapped = self._swap_word(rng, text)
+        found = None if swapped is not None else self._negative(rng, rec, (b, e), len(window))
+        if swapped is not None:
+          text, label, neg_source, neg_key = swapped, 0, NEGATIVE_WORD_SWAP, rec.key
+        elif found is not None:
           clips, neg_source, neg_key = found
           label = 0
-      packed = self.layout.pair(rec.text_of(window), _subsample(rng, clips, rate))
+      packed = self.layout.pair(text, _subsample(rng, clips, rate))
     out = packed.as_dict()
     if unmasked and c.unmasked_word_dropout > 0:  # drawn only when asked for, as above
       _drop_words(rng, packed.input_ids, c.vocab, c.unmasked_word_dropout)
@@ -381,6 +400,22 @@ class ExampleMaker:
     raise ValueError(f"input record {key} (video {first.video_id!r}): no sentences and no clips; "
                      f"expected at least one segment with text or visual tokens")
 
+  def _swap_word(self, rng: np.random.Generator, text: np.ndarray) -> np.ndarray | None:
+    """`text` with one word of a swap group changed for another of its group, or None: a draw
+    of `word_swap_rate` (made only when asked for), and None too when no word has a group."""
+    rate = self.config.word_swap_rate
+    if rate <= 0 or not rng.random() < rate:
+      return None
+    groups = self.swap_group[text]
+    where = np.flatnonzero(groups >= 0)
+    if not len(where):
+      return None
+    at = int(where[rng.integers(len(where))])
+    others = [i for i in self.config.swap_groups[groups[at]] if i != text[at]]
+    out = text.copy()
+    out[at] = others[int(rng.integers(len(others)))]
+    return out
+
   def _negative(self, rng: np.random.Generator, rec: _Record, span: tuple[int, int], k: int
                 ) -> tuple[np.ndarray, int, int] | None:
     """Visual tokens of a window that is not the sentence's: same video or another."""
@@ -420,6 +455,48 @@ class ExampleMaker:
         b, e = other.clip_range(_window(rng, other.clip_segs, k))
         return other.clips[b:e], NEGATIVE_OTHER_VIDEO, key
     return None
+
+
+def swap_groups(config: Any) -> tuple[tuple[int, ...], ...]:
+  """`config.input.swap_words` ("slide, drop, spin; tomato, egg": groups split by ";", words by
+  commas or spaces) as text ids of the config's tokenizer. A word that is not one piece of the
+  vocabulary cannot stand in for another in place, nor can a group's only word: they are left
+  out, and the log names them."""
+  tokenizer = tokenizers.load_tokenizer(config)
+  groups, left_out = [], []
+  for group in str(config.input.get("swap_words", "")).split(";"):
+    ids = []
+    for word in group.replace(",", " ").split():
+      pieces = tokenizer.encode(word)
+      if len(pieces) == 1 and pieces[0] != tokenizer.specials.unk:
+        ids.append(int(pieces[0]))
+      else:
+        left_out.append(word)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) >= 2:
+      groups.append(tuple(ids))
+    elif ids:  # a lone word has nothing to be swapped for
+      left_out.append(tokenizer.id_to_token(ids[0]))
+  if left_out:
+    logging.warning("input.swap_words: %d words are not swapped (not one piece of the text "
+                    "vocabulary, or alone in their group): %s", len(left_out), ", ".join(left_out))
+  return tuple(groups)
+
+
+def _swap_group_problems(c: PipelineConfig) -> list[str]:
+  if c.word_swap_rate <= 0:
+    return []
+  if not c.swap_groups or any(len(g) < 2 for g in c.swap_groups):
+    return [f"word_swap_rate={c.word_swap_rate} with swap groups {c.swap_groups}: expected one "
+            f"or more groups, each of two or more words (input.swap_words)"]
+  bad = sorted({i for g in c.swap_groups for i in g if not 0 <= i < c.vocab.text_size}
+               | {i for g in c.swap_groups for i in g if i in c.vocab.specials.as_tuple()})
+  if bad:
+    return [f"swap groups hold ids {bad}: expected text ids that are not special tokens"]
+  seen = [i for g in c.swap_groups for i in g]
+  if len(seen) != len(set(seen)):
+    return [f"swap groups {c.swap_groups}: a word may be in one group only"]
+  return []
 
 
 def _drop_words(rng: np.random.Generator, ids: np.ndarray, vocab: sequence.JointVocab,

@@ -4,7 +4,8 @@ world -> features -> corpus (the training videos only) -> vocab -> text -> datas
 then `evaluate` (vbert_jax.demo.evaluate) on the held-out videos. The ground truth of the world
 enters only the narration (written by the generator) and the evaluation: features come from the
 pixels, the vocabulary from the training features, the tokenizer and the dataset from the
-training narration.
+training narration. Pretraining's swap words (`input.swap_words`) are the world's word lists:
+which words are verbs and which nouns, as a tagger would tell them, never which clip shows them.
 """
 
 from __future__ import annotations
@@ -278,6 +279,9 @@ def pretrain_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
   c.init.visual_vocab = str(vocab_file)
   c.input.source, c.input.tfds_name = "tfds", TFDS_NAME
   c.input.data_dir = str((workdir / DATASET).resolve())
+  if not c.input.swap_words:  # the narration's verbs and nouns, as a tagger would find them
+    c.input.swap_words = "; ".join(", ".join(g) for g in (
+        words.VERBS, [words.VERB_ING[v] for v in words.VERBS], words.NOUNS))
   c.compilation_cache_dir = config.pretrain.compilation_cache_dir
   c.lock()
   return c
