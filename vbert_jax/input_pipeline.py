@@ -17,7 +17,8 @@ number of hosts. One example, the paper's recipe:
   4. for video-text, with probability `lva_negative_rate` a negative (`lva_label` 0): the text
      with the visual tokens of a different window, from the same video where one does not overlap
      the sentence's clips, else from another video of the dataset (`negative_other_video` sets how
-     often another video is preferred);
+     often another video is preferred), or, a share `word_swap_rate` of them, the sentence's
+     own clips with one of its verbs or nouns changed for another (`swap_groups`);
   5. its layout with `sequence.Layout` (cut to `max_example_len` tokens) and BERT masking with
      `vbert_jax.masking`;
   6. with `pack_examples` E > 1, several examples share a row (`vbert_jax.packing`): row s of
@@ -181,8 +182,8 @@ class PipelineConfig:
         lva_negative_rate=config.lva_negative_rate, seed=config.seed, split=split)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in ("negative_other_video", "unmasked_pair_rate", "unmasked_word_dropout",
-                "word_swap_rate", "max_concat", "max_concat_video", "video_boundary_rate", "max_subsample_rate",
-                "examples_per_video",
+                "word_swap_rate", "max_concat", "max_concat_video", "video_boundary_rate",
+                "max_subsample_rate", "examples_per_video",
                 "pack_examples", "max_example_len", "read_threads", "prefetch_buffer_size",
                 "worker_count", "worker_buffer_size"):
       fields[key] = inp.get(key, defaults[key])
@@ -350,14 +351,11 @@ class ExampleMaker:
       if c.unmasked_pair_rate > 0:  # drawn only when asked for: other recipes keep their streams
         unmasked = bool(rng.random() < c.unmasked_pair_rate)
         negative, weight = negative and unmasked, float(unmasked)
-      if negative:
-        swapped = self._swap_word(rng, text)
-        found = None if swapped is not None else self._negative(rng, rec, (b, e), len(window))
-        if swapped is not None:
-          text, label, neg_source, neg_key = swapped, 0, NEGATIVE_WORD_SWAP, rec.key
-        elif found is not None:
-          clips, neg_source, neg_key = found
-          label = 0
+      if negative and (swapped := self._swap_word(rng, text)) is not None:
+        text, label, neg_source, neg_key = swapped, 0, NEGATIVE_WORD_SWAP, rec.key
+      elif negative and (found := self._negative(rng, rec, (b, e), len(window))) is not None:
+        clips, neg_source, neg_key = found
+        label = 0
       packed = self.layout.pair(text, _subsample(rng, clips, rate))
     out = packed.as_dict()
     if unmasked and c.unmasked_word_dropout > 0:  # drawn only when asked for, as above
