@@ -177,6 +177,8 @@ def test_word_swap_negatives_keep_the_clips_and_change_one_word_of_its_group(rec
   assert swapped > 100, swapped
   with pytest.raises(ValueError, match="expected one or more groups, each of two or more"):
     pipeline_config(word_swap_rate=0.5, swap_groups=((TEXT0,),))
+  with pytest.raises(ValueError, match=r"hold ids \[101, 40000\]: expected text ids that are"):
+    pipeline_config(word_swap_rate=0.5, swap_groups=((VOCAB.specials.cls, 40000, TEXT0),))
   with pytest.raises(ValueError, match="a word may be in one group only"):
     pipeline_config(word_swap_rate=0.5, swap_groups=((TEXT0, TEXT0 + 1), (TEXT0 + 1, TEXT0 + 2)))
 

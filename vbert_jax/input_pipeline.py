@@ -487,12 +487,11 @@ def _swap_group_problems(c: PipelineConfig) -> list[str]:
   if not c.swap_groups or any(len(g) < 2 for g in c.swap_groups):
     return [f"word_swap_rate={c.word_swap_rate} with swap groups {c.swap_groups}: expected one "
             f"or more groups, each of two or more words (input.swap_words)"]
-  bad = sorted({i for g in c.swap_groups for i in g if not 0 <= i < c.vocab.text_size}
-               | {i for g in c.swap_groups for i in g if i in c.vocab.specials.as_tuple()})
+  ids, specials = [i for g in c.swap_groups for i in g], set(c.vocab.specials.as_tuple())
+  bad = sorted({i for i in ids if not 0 <= i < c.vocab.text_size or i in specials})
   if bad:
     return [f"swap groups hold ids {bad}: expected text ids that are not special tokens"]
-  seen = [i for g in c.swap_groups for i in g]
-  if len(seen) != len(set(seen)):
+  if len(ids) != len(set(ids)):
     return [f"swap groups {c.swap_groups}: a word may be in one group only"]
   return []
 
